@@ -1,0 +1,39 @@
+"""convgru_triton: a fast, correct ConvGRU for PyTorch.
+
+Fused Triton kernels for the gate math (forward and backward) around cuDNN
+convolutions on CUDA; the same equations in eager PyTorch everywhere else.
+
+    >>> from convgru_triton import ConvGRU
+    >>> gru = ConvGRU(8, 16, kernel_size=3, num_layers=2)
+"""
+
+from ._backend import BackendChoice, explain_backend, triton_available
+from .functional import conv_gru, conv_gru_cell
+from .modules import (
+    ConvGRU,
+    ConvGRU1d,
+    ConvGRU2d,
+    ConvGRU3d,
+    ConvGRUCell,
+    ConvGRUCell1d,
+    ConvGRUCell2d,
+    ConvGRUCell3d,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendChoice",
+    "ConvGRU",
+    "ConvGRU1d",
+    "ConvGRU2d",
+    "ConvGRU3d",
+    "ConvGRUCell",
+    "ConvGRUCell1d",
+    "ConvGRUCell2d",
+    "ConvGRUCell3d",
+    "conv_gru",
+    "conv_gru_cell",
+    "explain_backend",
+    "triton_available",
+]

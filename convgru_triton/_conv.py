@@ -1,0 +1,167 @@
+"""'Same'-padded convolutions shared by every backend.
+
+A ConvGRU convolves both the input and the hidden state with stride 1 and
+enough padding that the spatial size never changes ('same' padding), so the
+state can be fed back step after step. This module owns that convention:
+which padding each side gets (also for even kernels and dilation), the four
+``padding_mode`` values of :class:`torch.nn.Conv2d`, and the matching
+backward used by the fused autograd function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+IntOrTuple = Union[int, Sequence[int]]
+
+
+def _to_tuple(name: str, value: IntOrTuple, dims: int) -> Tuple[int, ...]:
+    """Expand an int to a ``dims``-tuple and check every entry is a positive int."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+    if isinstance(value, int):
+        values = (value,) * dims
+    else:
+        try:
+            values = tuple(value)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an int or a tuple of {dims} ints, got {type(value).__name__}"
+            ) from None
+        if len(values) != dims:
+            raise ValueError(f"{name} must have {dims} entries for a {dims}-d ConvGRU, got {value!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must contain ints, got {value!r}")
+        if v < 1:
+            raise ValueError(f"{name} entries must be positive, got {value!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Static description of a 'same' convolution: stride 1, no groups.
+
+    Attributes:
+        kernel_size: one size per spatial dim, e.g. ``(3, 3)`` or ``(1, 5)``.
+        dilation: one dilation per spatial dim.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+
+    Along a dim with kernel ``k`` and dilation ``d`` the total padding is
+    ``d * (k - 1)``; the left side gets ``total // 2`` and the right side the
+    rest, the split :func:`torch.nn.functional.conv2d` uses for ``padding='same'``.
+    """
+
+    kernel_size: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def create(
+        cls, dims: int, kernel_size: IntOrTuple, dilation: IntOrTuple = 1, padding_mode: str = "zeros"
+    ) -> "ConvSpec":
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        return cls(_to_tuple("kernel_size", kernel_size, dims), _to_tuple("dilation", dilation, dims), padding_mode)
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def pad_per_dim(self) -> Tuple[Tuple[int, int], ...]:
+        """(left, right) padding of each spatial dim, first spatial dim first."""
+        pads = []
+        for k, d in zip(self.kernel_size, self.dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+
+    @property
+    def conv_padding(self) -> Optional[Tuple[int, ...]]:
+        """The ``padding`` argument of ``convNd`` when the convolution can pad by
+        itself (zero padding, same amount on both sides), else ``None``."""
+        pads = self.pad_per_dim
+        if self.padding_mode == "zeros" and all(left == right for left, right in pads):
+            return tuple(left for left, _ in pads)
+        return None
+
+    @property
+    def f_pad(self) -> Tuple[int, ...]:
+        """The ``pad`` argument of :func:`torch.nn.functional.pad` (last dim first)."""
+        flat = []
+        for left, right in reversed(self.pad_per_dim):
+            flat += [left, right]
+        return tuple(flat)
+
+    def check_spatial_size(self, spatial: Sequence[int], argument: str) -> None:
+        """Reflect padding needs every padded side smaller than the size it pads."""
+        if self.padding_mode != "reflect":
+            return
+        for size, (left, right) in zip(spatial, self.pad_per_dim):
+            if max(left, right) >= size:
+                raise ValueError(
+                    f"padding_mode='reflect' needs every spatial size of {argument} larger than the "
+                    f"padding {max(left, right)}, got spatial size {tuple(spatial)}"
+                )
+
+
+def _pad(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    return F.pad(x, spec.f_pad, mode=mode)
+
+
+def conv_same(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Convolve ``x`` (N, C_in, *S) with ``weight`` (C_out, C_in, *k), no bias,
+    keeping the spatial size S. Differentiable with ordinary autograd."""
+    conv = _CONV_FUNCTIONS[spec.dims]
+    padding = spec.conv_padding
+    if padding is not None:
+        return conv(x, weight, None, 1, padding, spec.dilation)
+    return conv(_pad(x, spec), weight, None, 1, 0, spec.dilation)
+
+
+def conv_same_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    spec: ConvSpec,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of :func:`conv_same` with respect to ``x`` and ``weight``.
+
+    One ``aten.convolution_backward`` call computes both (cuDNN on CUDA). When
+    the padding is not done by the convolution itself, the padded input is
+    rebuilt (a cheap copy) and the gradient is carried back through the pad.
+    """
+    if not (need_input_grad or need_weight_grad):
+        return None, None
+    padding = spec.conv_padding
+    conv_input = x if padding is not None else _pad(x, spec)
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_output,
+        conv_input,
+        weight,
+        None,
+        [1] * spec.dims,
+        list(padding) if padding is not None else [0] * spec.dims,
+        list(spec.dilation),
+        False,
+        [0] * spec.dims,
+        1,
+        [need_input_grad, need_weight_grad, False],
+    )
+    if need_input_grad and padding is None:
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(True)
+            (grad_input,) = torch.autograd.grad(_pad(x_leaf, spec), x_leaf, grad_input)
+    return grad_input, grad_weight

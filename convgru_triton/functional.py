@@ -1,0 +1,295 @@
+"""Functional forms of the ConvGRU: :func:`conv_gru_cell` (one step) and
+:func:`conv_gru` (a sequence through stacked, optionally bidirectional layers).
+
+Per step, with ``*`` a 'same'-padded convolution and gate order (r, z, n)::
+
+    r  = sigmoid(W_ir * x + b_ir + W_hr * h + b_hr)
+    z  = sigmoid(W_iz * x + b_iz + W_hz * h + b_hz)
+    n  = tanh(W_in * x + b_in + W_hn * (r * h) + b_hn)     reset_after=False
+    n  = tanh(W_in * x + b_in + r * (W_hn * h + b_hn))     reset_after=True
+    h' = (1 - z) * h + z * n
+
+The update gate weights the new candidate (as in RAFT); torch.nn.GRU's update
+gate is ``1 - z``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import select_backend
+from ._conv import ConvSpec, conv_same
+from .ops.naive import conv_gru_cell_ref
+
+Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def _cell_implementation(device: torch.device, backend: str):
+    if select_backend(device, backend).name == "triton":
+        from .ops.conv_gru_cell import conv_gru_cell_triton
+
+        return conv_gru_cell_triton
+    return conv_gru_cell_ref
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _check_floating(name: str, t: Optional[torch.Tensor]) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_params(params: Params, dims: int, where: str) -> Tuple[int, int]:
+    """Validate one cell's weights; returns (input_channels, hidden_channels)."""
+    weight_ih, weight_hh, bias_ih, bias_hh = params
+    for name, t in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), params):
+        _check_floating(f"{where}{name}", t)
+    if weight_ih.dim() != dims + 2 or weight_hh.dim() != dims + 2:
+        raise ValueError(
+            f"{where}weight_ih and weight_hh must have {dims + 2} dims (3*hidden, channels, *kernel), "
+            f"got shapes {_fmt(weight_ih.shape)} and {_fmt(weight_hh.shape)}"
+        )
+    gates, hidden = weight_hh.shape[0], weight_hh.shape[1]
+    if gates != 3 * hidden or weight_ih.shape[0] != gates:
+        raise ValueError(
+            f"{where}weight_hh must have shape (3*hidden, hidden, *kernel) and weight_ih (3*hidden, "
+            f"input_channels, *kernel), got {_fmt(weight_hh.shape)} and {_fmt(weight_ih.shape)}"
+        )
+    if weight_ih.shape[2:] != weight_hh.shape[2:]:
+        raise ValueError(
+            f"{where}weight_ih and weight_hh must share the kernel size, got "
+            f"{tuple(weight_ih.shape[2:])} and {tuple(weight_hh.shape[2:])}"
+        )
+    if (bias_ih is None) != (bias_hh is None):
+        raise ValueError(f"{where}bias_ih and bias_hh must both be given or both be None")
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if b is not None and tuple(b.shape) != (gates,):
+            raise ValueError(f"{where}{name} must have shape ({gates},), got {_fmt(b.shape)}")
+    for name, t in zip(("weight_hh", "bias_ih", "bias_hh"), params[1:]):
+        if t is not None and (t.dtype != weight_ih.dtype or t.device != weight_ih.device):
+            raise ValueError(
+                f"{where}{name} must match weight_ih's dtype and device ({weight_ih.dtype}, {weight_ih.device}), "
+                f"got ({t.dtype}, {t.device})"
+            )
+    return weight_ih.shape[1], hidden
+
+
+def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def _zeros_state(gates_x: torch.Tensor, hidden: int) -> torch.Tensor:
+    """A zero state (N, H, *S) in the layout of the gate pre-activations."""
+    shape = (gates_x.shape[0], hidden) + tuple(gates_x.shape[2:])
+    fmt = torch.contiguous_format
+    if gates_x.dim() in (4, 5) and gates_x.stride(1) == 1 and not gates_x.is_contiguous():
+        fmt = torch.channels_last if gates_x.dim() == 4 else torch.channels_last_3d
+    return torch.zeros(shape, dtype=gates_x.dtype, device=gates_x.device, memory_format=fmt)
+
+
+def conv_gru_cell(
+    input: torch.Tensor,
+    hx: Optional[torch.Tensor],
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: Optional[torch.Tensor] = None,
+    bias_hh: Optional[torch.Tensor] = None,
+    *,
+    reset_after: bool = False,
+    padding_mode: str = "zeros",
+    dilation=1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One ConvGRU step. Functional form of :class:`~convgru_triton.ConvGRUCell2d`
+    (and its 1-D and 3-D siblings; the number of spatial dims comes from the weights).
+
+    Args:
+        input: (N, C_in, *S) or unbatched (C_in, *S).
+        hx: (N, H, *S) or unbatched (H, *S); ``None`` means zeros.
+        weight_ih: (3H, C_in, *k), gate order (r, z, n).
+        weight_hh: (3H, H, *k).
+        bias_ih, bias_hh: (3H,), or both ``None``.
+        reset_after: where the reset gate applies, see the module docstring.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        dilation: int or one int per spatial dim.
+        backend: ``'auto'``, ``'torch'`` or ``'triton'``.
+
+    Returns:
+        h': the new state, shaped like ``hx``.
+    """
+    _check_floating("input", input)
+    _check_floating("hx", hx)
+    dims = weight_ih.dim() - 2 if isinstance(weight_ih, torch.Tensor) else 0
+    if dims not in (1, 2, 3):
+        raise ValueError(f"weight_ih must have 3, 4 or 5 dims (1-D, 2-D or 3-D ConvGRU), got {weight_ih.dim()}")
+    in_channels, hidden = _check_params((weight_ih, weight_hh, bias_ih, bias_hh), dims, "")
+    spec = ConvSpec.create(dims, tuple(weight_ih.shape[2:]), dilation, padding_mode)
+    if input.dim() not in (dims + 1, dims + 2):
+        raise ValueError(
+            f"input must have {dims + 2} dims (N, C_in, *spatial) or {dims + 1} dims unbatched for a "
+            f"{dims}-D ConvGRU cell, got shape {_fmt(input.shape)}"
+        )
+    batched = input.dim() == dims + 2
+    if not batched:
+        input = input.unsqueeze(0)
+        if hx is not None:
+            if hx.dim() != dims + 1:
+                raise ValueError(f"hx must have {dims + 1} dims for unbatched input, got shape {_fmt(hx.shape)}")
+            hx = hx.unsqueeze(0)
+    if input.shape[1] != in_channels:
+        raise ValueError(f"input must have {in_channels} channels (dim {1 if batched else 0}), got shape "
+                         f"{_fmt(input.shape if batched else input.shape[1:])}")
+    _check_same_kind("input", input, "weight_ih", weight_ih)
+    expected_h = (input.shape[0], hidden) + tuple(input.shape[2:])
+    if hx is not None:
+        _check_same_kind("hx", hx, "input", input)
+        if tuple(hx.shape) != expected_h:
+            raise ValueError(f"hx must have shape {_fmt(expected_h)}, got {_fmt(hx.shape)}")
+    spec.check_spatial_size(input.shape[2:], "input")
+    cell = _cell_implementation(input.device, backend)
+    gates_x = conv_same(input, weight_ih, spec)
+    if hx is None:
+        hx = _zeros_state(gates_x, hidden)
+    h_new = cell(gates_x, hx, weight_hh, bias_ih, bias_hh, spec, reset_after)
+    return h_new if batched else h_new.squeeze(0)
+
+
+def conv_gru(
+    input: torch.Tensor,
+    hx: Optional[torch.Tensor],
+    params: Sequence[Params],
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    reset_after: bool = False,
+    padding_mode: str = "zeros",
+    dilation=1,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A sequence through a stacked ConvGRU. Functional form of
+    :class:`~convgru_triton.ConvGRU2d` (and its 1-D and 3-D siblings).
+
+    Args:
+        input: (T, N, C_in, *S), (N, T, C_in, *S) with ``batch_first``, or
+            unbatched (T, C_in, *S).
+        hx: (L * D, N, H, *S), unbatched (L * D, H, *S), or ``None`` for zeros;
+            L = ``num_layers``, D = 2 if ``bidirectional`` else 1.
+        params: L * D tuples ``(weight_ih, weight_hh, bias_ih, bias_hh)``,
+            layer-major, forward direction before reverse.
+        dropout: probability of zeroing each element of every layer's output
+            but the last, when ``training``.
+        Others as in :func:`conv_gru_cell`.
+
+    Returns:
+        ``(output, h_n)``: output (T, N, D * H, *S) (batch first if
+        ``batch_first``), the last layer's state at every step; h_n
+        (L * D, N, H, *S), every layer's final state.
+    """
+    _check_floating("input", input)
+    _check_floating("hx", hx)
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if not 0.0 <= float(dropout) <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
+    directions = 2 if bidirectional else 1
+    params = list(params)
+    if len(params) != num_layers * directions:
+        raise ValueError(
+            f"params must hold num_layers * num_directions = {num_layers * directions} tuples, got {len(params)}"
+        )
+    first_weight = params[0][0]
+    dims = first_weight.dim() - 2 if isinstance(first_weight, torch.Tensor) else 0
+    if dims not in (1, 2, 3):
+        raise ValueError(f"weight_ih must have 3, 4 or 5 dims (1-D, 2-D or 3-D ConvGRU), got {first_weight.dim()}")
+    shapes = []
+    for i, p in enumerate(params):
+        layer, direction = divmod(i, directions)
+        where = f"params[{i}] (layer {layer}{', reverse' if direction else ''}): "
+        shapes.append(_check_params(tuple(p), dims, where))
+    hidden = shapes[0][1]
+    for i, (c_in, h) in enumerate(shapes):
+        expected_in = shapes[0][0] if i < directions else hidden * directions
+        if h != hidden or c_in != expected_in:
+            raise ValueError(
+                f"params[{i}] must map {expected_in} input channels to {hidden} hidden channels, "
+                f"got {c_in} -> {h}"
+            )
+    spec = ConvSpec.create(dims, tuple(first_weight.shape[2:]), dilation, padding_mode)
+
+    if input.dim() not in (dims + 2, dims + 3):
+        raise ValueError(
+            f"input must have {dims + 3} dims ({'N, T' if batch_first else 'T, N'}, C_in, *spatial) or "
+            f"{dims + 2} dims unbatched (T, C_in, *spatial) for a {dims}-D ConvGRU, got shape {_fmt(input.shape)}"
+        )
+    batched = input.dim() == dims + 3
+    if not batched:
+        input = input.unsqueeze(1)
+        if hx is not None:
+            if hx.dim() != dims + 2:
+                raise ValueError(f"hx must have {dims + 2} dims for unbatched input, got shape {_fmt(hx.shape)}")
+            hx = hx.unsqueeze(1)
+    elif batch_first:
+        input = input.transpose(0, 1)
+    steps, batch = input.shape[0], input.shape[1]
+    if steps == 0:
+        raise ValueError("input must hold at least one time step, got sequence length 0")
+    if input.shape[2] != shapes[0][0]:
+        raise ValueError(f"input must have {shapes[0][0]} channels, got {input.shape[2]} (shape {_fmt(input.shape)})")
+    _check_same_kind("input", input, "weight_ih", first_weight)
+    spatial = tuple(input.shape[3:])
+    expected_h = (num_layers * directions, batch, hidden) + spatial
+    if hx is not None:
+        _check_same_kind("hx", hx, "input", input)
+        if tuple(hx.shape) != expected_h:
+            shown = expected_h if batched else expected_h[:1] + expected_h[2:]
+            got = hx.shape if batched else hx.shape[:1] + hx.shape[2:]
+            raise ValueError(f"hx must have shape {_fmt(shown)}, got {_fmt(got)}")
+    spec.check_spatial_size(spatial, "input")
+
+    cell = _cell_implementation(input.device, backend)
+    layer_input = input
+    final_states: List[torch.Tensor] = []
+    for layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            weight_ih, weight_hh, bias_ih, bias_hh = params[index]
+            # The input convolution does not depend on the state: one batched
+            # convolution over all T * N frames instead of T small ones.
+            frames = layer_input.reshape((steps * batch,) + tuple(layer_input.shape[2:]))
+            gates_x = conv_same(frames, weight_ih, spec).unflatten(0, (steps, batch))
+            h = hx[index] if hx is not None else _zeros_state(gates_x[0], hidden)
+            outputs: List[Optional[torch.Tensor]] = [None] * steps
+            order = range(steps - 1, -1, -1) if direction == 1 else range(steps)
+            for t in order:
+                h = cell(gates_x[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
+                outputs[t] = h
+            direction_outputs.append(torch.stack(outputs))
+            final_states.append(h)
+        layer_output = direction_outputs[0] if directions == 1 else torch.cat(direction_outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_output = F.dropout(layer_output, p=dropout, training=True)
+        layer_input = layer_output
+
+    output = layer_input
+    h_n = torch.stack(final_states)
+    if not batched:
+        return output.squeeze(1), h_n.squeeze(1)
+    if batch_first:
+        output = output.transpose(0, 1)
+    return output, h_n
