@@ -46,8 +46,10 @@ from .._conv import ConvSpec, conv_same, conv_same_backward
 
 @triton.jit
 def _sigmoid(x):
-    # exp(-x) overflows to inf for x << 0, which gives exactly 0: no NaN.
-    return 1.0 / (1.0 + tl.exp(-x))
+    # exp(-|x|) lies in (0, 1]: no overflow for any x, and full relative
+    # precision for x << 0 where 1 / (1 + exp(-x)) would only round to 0.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 @triton.jit

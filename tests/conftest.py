@@ -1,0 +1,36 @@
+"""Test set-up shared by every test module.
+
+Without a GPU the Triton kernels run on CPU tensors under the Triton
+interpreter, which must be switched on before ``triton`` is first imported;
+with a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Fill every buffer the fused kernels write with NaN before they write it,
+    so an element a kernel forgets to write fails the comparison."""
+    from convgru_triton.ops import conv_gru_cell as op
+
+    allocate = op._empty
+
+    def poisoned(*args, **kwargs):
+        return allocate(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(op, "_empty", poisoned)
