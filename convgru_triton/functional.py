@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ._backend import select_backend
 from ._conv import ConvSpec, conv_same
+from ._layout import empty_in_layout, is_channels_last
 from .ops.naive import conv_gru_cell_ref
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -93,10 +94,7 @@ def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
 def _zeros_state(gates_x: torch.Tensor, hidden: int) -> torch.Tensor:
     """A zero state (N, H, *S) in the layout of the gate pre-activations."""
     shape = (gates_x.shape[0], hidden) + tuple(gates_x.shape[2:])
-    fmt = torch.contiguous_format
-    if gates_x.dim() in (4, 5) and gates_x.stride(1) == 1 and not gates_x.is_contiguous():
-        fmt = torch.channels_last if gates_x.dim() == 4 else torch.channels_last_3d
-    return torch.zeros(shape, dtype=gates_x.dtype, device=gates_x.device, memory_format=fmt)
+    return empty_in_layout(shape, gates_x.dtype, gates_x.device, is_channels_last(gates_x)).zero_()
 
 
 def conv_gru_cell(

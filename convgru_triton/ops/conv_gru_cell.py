@@ -38,6 +38,7 @@ import triton.language as tl
 
 from .. import _tuning
 from .._conv import ConvSpec, conv_same, conv_same_backward
+from .._layout import empty_in_layout, is_channels_last
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -291,25 +292,13 @@ def _gru_reset_gate_bwd_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    """True for a 4-D/5-D tensor stored channels_last (channels innermost)."""
-    if t.dim() == 4:
-        return t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    if t.dim() == 5:
-        return t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
-    return False
-
-
 def _empty(shape, like: torch.Tensor, channels_last: Optional[bool] = None) -> torch.Tensor:
     """Uninitialised kernel output of ``shape``, dtype and device of ``like``, stored
     channels_last when ``channels_last`` (default: when ``like`` is).
     The tests replace this function to poison every kernel output with NaN."""
     if channels_last is None:
-        channels_last = _is_channels_last(like)
-    fmt = torch.contiguous_format
-    if channels_last:
-        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+        channels_last = is_channels_last(like)
+    return empty_in_layout(shape, like.dtype, like.device, channels_last)
 
 
 def _ncs(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
@@ -498,7 +487,7 @@ class ConvGRUCellFunction(torch.autograd.Function):
         ctx.spec = spec
         ctx.reset_after = reset_after
         ctx.has_bias = bias_ih is not None
-        ctx.gates_x_channels_last = _is_channels_last(gates_x)
+        ctx.gates_x_channels_last = is_channels_last(gates_x)
         return h_new
 
     @staticmethod

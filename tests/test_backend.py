@@ -1,0 +1,146 @@
+"""Backend selection: the rules, the forcing argument and variable, the report,
+and a package that works without Triton."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import convgru_triton
+from convgru_triton import ConvGRU, ConvGRUCell1d, explain_backend
+from convgru_triton._backend import ENV_VAR, select_backend
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_auto_uses_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    choice = select_backend(torch.device("cpu"))
+    assert choice.name == "torch"
+    assert "cpu" in choice.reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU rule is tested above")
+def test_auto_uses_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert select_backend(torch.device("cuda")).name == "triton"
+
+
+def test_argument_forces_backend(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert select_backend("cpu", "torch").name == "torch"
+    choice = select_backend("cpu", "triton")  # the interpreter is on in the tests
+    assert choice.name == "triton" and "backend='triton'" in choice.reason
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert select_backend("cpu").name == "triton"
+    assert "CONVGRU_TRITON_BACKEND=triton" in select_backend("cpu").reason
+    # The argument wins over the variable.
+    assert select_backend("cpu", "torch").name == "torch"
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="CONVGRU_TRITON_BACKEND.*'cuda'"):
+        select_backend("cpu")
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of .*got 'fast'"):
+        ConvGRU(2, 3, 3, backend="fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        select_backend("cpu", "gpu")
+
+
+def test_explain_backend_reports_module_choice(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert explain_backend(ConvGRU(2, 3, 3)).name == "torch"
+    forced = explain_backend(ConvGRUCell1d(2, 3, 3, backend="triton"))
+    assert forced.name == "triton"
+    assert "triton" in str(forced)
+
+
+def test_env_variable_switches_module_to_kernels(monkeypatch):
+    """CONVGRU_TRITON_BACKEND=triton makes an 'auto' module run the kernels."""
+    from convgru_triton.ops import conv_gru_cell as op
+
+    calls = []
+    original = op.ConvGRUCellFunction.apply
+    monkeypatch.setattr(op.ConvGRUCellFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    model = ConvGRU(2, 3, 3)
+    x = torch.randn(2, 1, 2, 4, 4)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    model(x)
+    assert calls == []
+    monkeypatch.setenv(ENV_VAR, "triton")
+    model(x)
+    assert len(calls) == 2
+
+
+def test_forced_triton_on_cpu_without_interpreter_raises():
+    result = _run_python(
+        """
+        import torch
+        from convgru_triton import ConvGRUCell
+        cell = ConvGRUCell(2, 3, 3, backend="triton")
+        try:
+            cell(torch.randn(1, 2, 4, 4))
+        except RuntimeError as e:
+            print("ERROR:", e)
+        """,
+        TRITON_INTERPRET=None,
+        CONVGRU_TRITON_BACKEND=None,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ERROR:" in result.stdout and "need CUDA tensors" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_package_works_without_triton():
+    """With ``import triton`` failing (as on macOS), the package imports, reports
+    why, runs on the eager path, and a forced Triton backend fails clearly."""
+    result = _run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch
+        import convgru_triton
+        from convgru_triton import ConvGRU, explain_backend
+        assert not convgru_triton.triton_available()
+        model = ConvGRU(2, 3, 3)
+        out, h = model(torch.randn(2, 1, 2, 5, 5))
+        out.sum().backward()
+        print("REASON:", explain_backend(model, torch.device("cuda")))
+        try:
+            ConvGRU(2, 3, 3, backend="triton")(torch.randn(2, 1, 2, 5, 5))
+        except RuntimeError as e:
+            print("ERROR:", e)
+        """,
+        TRITON_INTERPRET="1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "REASON: torch: Triton cannot be used (ModuleNotFoundError" in result.stdout
+    assert "ERROR: the Triton backend was forced" in result.stdout
+
+
+def test_public_api_is_small():
+    assert set(convgru_triton.__all__) == {
+        "BackendChoice", "ConvGRU", "ConvGRU1d", "ConvGRU2d", "ConvGRU3d", "ConvGRUCell", "ConvGRUCell1d",
+        "ConvGRUCell2d", "ConvGRUCell3d", "conv_gru", "conv_gru_cell", "explain_backend", "triton_available",
+    }
+    for name in convgru_triton.__all__:
+        assert getattr(convgru_triton, name).__doc__, name
