@@ -42,19 +42,19 @@ def test_auto_uses_triton_on_cuda(monkeypatch):
     assert select_backend(torch.device("cuda")).name == "triton"
 
 
-def test_argument_forces_backend(monkeypatch):
+def test_argument_forces_backend(monkeypatch, device):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert select_backend("cpu", "torch").name == "torch"
-    choice = select_backend("cpu", "triton")  # the interpreter is on in the tests
+    assert select_backend(device, "torch").name == "torch"
+    choice = select_backend(device, "triton")  # CUDA, or the interpreter on CPU
     assert choice.name == "triton" and "backend='triton'" in choice.reason
 
 
-def test_environment_variable_forces_backend(monkeypatch):
+def test_environment_variable_forces_backend(monkeypatch, device):
     monkeypatch.setenv(ENV_VAR, "triton")
-    assert select_backend("cpu").name == "triton"
-    assert "CONVGRU_TRITON_BACKEND=triton" in select_backend("cpu").reason
+    assert select_backend(device).name == "triton"
+    assert "CONVGRU_TRITON_BACKEND=triton" in select_backend(device).reason
     # The argument wins over the variable.
-    assert select_backend("cpu", "torch").name == "torch"
+    assert select_backend(device, "torch").name == "torch"
     monkeypatch.setenv(ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="CONVGRU_TRITON_BACKEND.*'cuda'"):
         select_backend("cpu")
@@ -67,23 +67,24 @@ def test_bad_backend_name():
         select_backend("cpu", "gpu")
 
 
-def test_explain_backend_reports_module_choice(monkeypatch):
+def test_explain_backend_reports_module_choice(monkeypatch, device):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert explain_backend(ConvGRU(2, 3, 3)).name == "torch"
-    forced = explain_backend(ConvGRUCell1d(2, 3, 3, backend="triton"))
+    assert explain_backend(ConvGRU(2, 3, 3)).name == "torch"  # parameters on the CPU
+    assert explain_backend(ConvGRU(2, 3, 3, backend="torch"), device).name == "torch"
+    forced = explain_backend(ConvGRUCell1d(2, 3, 3, backend="triton", device=device))
     assert forced.name == "triton"
     assert "triton" in str(forced)
 
 
-def test_env_variable_switches_module_to_kernels(monkeypatch):
+def test_env_variable_switches_module_to_kernels(monkeypatch, device):
     """CONVGRU_TRITON_BACKEND=triton makes an 'auto' module run the kernels."""
     from convgru_triton.ops import conv_gru_cell as op
 
     calls = []
     original = op.ConvGRUCellFunction.apply
     monkeypatch.setattr(op.ConvGRUCellFunction, "apply", lambda *a: calls.append(1) or original(*a))
-    model = ConvGRU(2, 3, 3)
-    x = torch.randn(2, 1, 2, 4, 4)
+    model = ConvGRU(2, 3, 3, device=device)
+    x = torch.randn(2, 1, 2, 4, 4, device=device)
     monkeypatch.setenv(ENV_VAR, "torch")
     model(x)
     assert calls == []
