@@ -37,7 +37,7 @@ def _cell_implementation(device: torch.device, backend: str):
 
 
 def _fmt(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return str(tuple(shape))
 
 
 def _check_floating(name: str, t: Optional[torch.Tensor]) -> None:
@@ -235,6 +235,7 @@ def conv_gru(
             f"{dims + 2} dims unbatched (T, C_in, *spatial) for a {dims}-D ConvGRU, got shape {_fmt(input.shape)}"
         )
     batched = input.dim() == dims + 3
+    given_shape = tuple(input.shape)
     if not batched:
         input = input.unsqueeze(1)
         if hx is not None:
@@ -247,7 +248,7 @@ def conv_gru(
     if steps == 0:
         raise ValueError("input must hold at least one time step, got sequence length 0")
     if input.shape[2] != shapes[0][0]:
-        raise ValueError(f"input must have {shapes[0][0]} channels, got {input.shape[2]} (shape {_fmt(input.shape)})")
+        raise ValueError(f"input must have {shapes[0][0]} channels, got {input.shape[2]} (shape {_fmt(given_shape)})")
     _check_same_kind("input", input, "weight_ih", first_weight)
     spatial = tuple(input.shape[3:])
     expected_h = (num_layers * directions, batch, hidden) + spatial
