@@ -12,7 +12,6 @@ is how the kernels are tested without a GPU.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -40,16 +39,25 @@ def check_backend_name(backend: str, argument: str = "backend") -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+# Filled by the first call of triton_import_error(): "" when Triton works, else
+# why not. A plain global rather than functools.lru_cache, which torch.compile
+# warns about when it traces a module's forward into this function.
+_triton_error: Optional[str] = None
+
+
 def triton_import_error() -> Optional[str]:
     """``None`` when Triton and the fused kernels import, else why not."""
-    try:
-        import triton  # noqa: F401
+    global _triton_error
+    if _triton_error is None:
+        try:
+            import triton  # noqa: F401
 
-        from .ops import conv_gru_cell  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken Triton install
-        return f"{type(exc).__name__}: {exc}"
-    return None
+            from .ops import conv_gru_cell  # noqa: F401
+
+            _triton_error = ""
+        except Exception as exc:  # ImportError, or a broken Triton install
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_error or None
 
 
 def triton_available() -> bool:
@@ -80,6 +88,8 @@ def select_backend(device: torch.device, backend: str = "auto") -> BackendChoice
     name, why = _requested(backend)
     if name == "torch":
         return BackendChoice("torch", f"forced: {why}")
+    if name == "auto" and device.type != "cuda":
+        return BackendChoice("torch", f"tensors are on {device.type}; the Triton kernels run only on CUDA")
     error = triton_import_error()
     if name == "triton":
         if error is not None:
@@ -92,8 +102,6 @@ def select_backend(device: torch.device, backend: str = "auto") -> BackendChoice
             )
         where = "on CUDA" if device.type == "cuda" else "on the CPU under the Triton interpreter"
         return BackendChoice("triton", f"forced: {why}; kernels run {where}")
-    if device.type != "cuda":
-        return BackendChoice("torch", f"tensors are on {device.type}; the Triton kernels run only on CUDA")
     if error is not None:
         return BackendChoice("torch", f"Triton cannot be used ({error})")
     return BackendChoice("triton", "CUDA tensors and Triton is available")

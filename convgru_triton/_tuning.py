@@ -27,7 +27,19 @@ class LaunchConfig:
 DEFAULT_CONFIG = LaunchConfig(block_size=1024, num_warps=4)
 
 
-def launch_config(kernel: str, dtype: torch.dtype, numel: int) -> LaunchConfig:
-    """Configuration for ``kernel`` (e.g. ``"gru_reset_after_fwd"``) on ``numel``
-    elements of ``dtype``. Pure Python with no I/O, so it is cheap per launch."""
+# The kernels that read their configuration here (names as in ops/conv_gru_cell.py,
+# without the leading underscore and the _kernel suffix).
+KERNELS = (
+    "gru_reset_after_fwd",
+    "gru_reset_after_bwd",
+    "gru_reset_gate_fwd",
+    "gru_update_fwd",
+    "gru_update_bwd",
+    "gru_reset_gate_bwd",
+)
+
+
+def launch_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.device) -> LaunchConfig:
+    """Configuration for ``kernel`` (one of :data:`KERNELS`) on a state of ``numel``
+    elements of ``dtype`` on ``device``. Pure Python with no I/O, so it is cheap per launch."""
     return DEFAULT_CONFIG

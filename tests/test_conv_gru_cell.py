@@ -97,7 +97,7 @@ def test_without_bias(device, reset_after):
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 def test_every_block_size(device, monkeypatch, block_size, reset_after):
     """Planes of 3 * 7 * 9 = 189 elements cut by blocks that do not divide them."""
-    monkeypatch.setattr(_tuning, "launch_config", lambda *a: _tuning.LaunchConfig(block_size, 2))
+    monkeypatch.setattr(_tuning, "launch_config", lambda *a, **k: _tuning.LaunchConfig(block_size, 2))
     spec = ConvSpec.create(2, 3)
     args = _inputs(device, torch.float64, 3, 3, (7, 9), (3, 3))
     _compare(device, torch.float64, *args, spec, reset_after)

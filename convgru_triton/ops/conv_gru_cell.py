@@ -332,7 +332,7 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
             f"the fused kernels support fewer than 2**31 per sample"
         )
     channels_last = out.dim() > 3 and hidden > 1 and out.stride(1) == 1
-    cfg = _tuning.launch_config(kernel, out.dtype, out.numel())
+    cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
     grid = (batch * triton.cdiv(plane, cfg.block_size),)
     meta = dict(
         CHANNELS_LAST=channels_last,
