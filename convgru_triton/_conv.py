@@ -141,7 +141,8 @@ def conv_same_backward(
 
     One ``aten.convolution_backward`` call computes both (cuDNN on CUDA). When
     the padding is not done by the convolution itself, the padded input is
-    rebuilt (a cheap copy) and the gradient is carried back through the pad.
+    rebuilt (a cheap copy) and the gradient is carried back through the pad
+    by :func:`_pad_backward`.
     """
     if not (need_input_grad or need_weight_grad):
         return None, None
@@ -161,7 +162,37 @@ def conv_same_backward(
         [need_input_grad, need_weight_grad, False],
     )
     if need_input_grad and padding is None:
-        with torch.enable_grad():
-            x_leaf = x.detach().requires_grad_(True)
-            (grad_input,) = torch.autograd.grad(_pad(x_leaf, spec), x_leaf, grad_input)
+        grad_input = _pad_backward(grad_input, spec)
     return grad_input, grad_weight
+
+
+def _pad_backward(grad: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Gradient of :func:`_pad`: each padded element's gradient goes back to the
+    input element it was copied from. Written out rather than left to autograd
+    because it runs inside custom operators, below the autograd dispatch.
+    Deterministic: every sum has a fixed order (no atomics on repeated indices)."""
+    mode = spec.padding_mode
+    for axis, (left, right) in enumerate(spec.pad_per_dim):
+        dim = 2 + axis
+        size = grad.shape[dim] - left - right
+        inner = grad.narrow(dim, left, size)
+        if mode == "zeros" or (left == 0 and right == 0):
+            grad = inner
+            continue
+        inner = inner.clone()
+        left_pad, right_pad = grad.narrow(dim, 0, left), grad.narrow(dim, left + size, right)
+        if mode == "replicate":
+            inner.narrow(dim, 0, 1).add_(left_pad.sum(dim, keepdim=True))
+            inner.narrow(dim, size - 1, 1).add_(right_pad.sum(dim, keepdim=True))
+        else:
+            if mode == "reflect":  # pad position p <- input left - p; right pad j <- size - 2 - j
+                from_left = torch.arange(left, 0, -1, device=grad.device)
+                from_right = torch.arange(size - 2, size - 2 - right, -1, device=grad.device)
+            else:  # circular: left pad p <- size - left + p; right pad j <- j
+                from_left = torch.arange(size - left, size, device=grad.device)
+                from_right = torch.arange(0, right, device=grad.device)
+            # Within one pad the source indices are distinct, so index_add_ is exact.
+            inner.index_add_(dim, from_left, left_pad)
+            inner.index_add_(dim, from_right, right_pad)
+        grad = inner
+    return grad

@@ -14,15 +14,13 @@ import torch
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
-    """True for a 4-D or 5-D tensor stored channels_last (channels innermost)
-    that is not also plain contiguous (as when C or every spatial size is 1)."""
-    if t.dim() == 4:
-        fmt = torch.channels_last
-    elif t.dim() == 5:
-        fmt = torch.channels_last_3d
-    else:
+    """True for a 4-D or 5-D tensor whose channels are innermost (stride 1):
+    channels_last, or a view of such a tensor (a time step of a sequence, a
+    crop), as opposed to contiguous. Outputs computed from it are allocated
+    channels_last. Tensors where the two layouts coincide count as contiguous."""
+    if t.dim() not in (4, 5) or t.shape[1] < 2:
         return False
-    return t.is_contiguous(memory_format=fmt) and not t.is_contiguous()
+    return t.stride(1) == 1 and t[0, 0].numel() > 1
 
 
 def empty_in_layout(
@@ -35,3 +33,24 @@ def empty_in_layout(
     elif channels_last and len(shape) == 5:
         fmt = torch.channels_last_3d
     return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=fmt)
+
+
+def frames_channels_last(t: torch.Tensor) -> bool:
+    """True when every frame ``t[i]`` of a (B, N, C, *S) tensor is channels_last."""
+    return t.shape[0] > 0 and is_channels_last(t[0])
+
+
+def stack_frames(frames: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(frames)`` of (N, C, *S) tensors that stays channels_last
+    when the frames are (torch.stack itself returns a contiguous tensor)."""
+    if not is_channels_last(frames[0]):
+        return torch.stack(list(frames))
+    return torch.stack([f.movedim(1, -1) for f in frames]).movedim(-1, 2)
+
+
+def cat_channels(sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (T, N, C_i, *S) tensors along channels, keeping channels_last
+    frames channels_last (torch.cat on dim 2 would return a contiguous tensor)."""
+    if not frames_channels_last(sequences[0]):
+        return torch.cat(list(sequences), dim=2)
+    return torch.cat([s.movedim(2, -1) for s in sequences], dim=-1).movedim(-1, 2)

@@ -22,18 +22,10 @@ import torch.nn.functional as F
 
 from ._backend import select_backend
 from ._conv import ConvSpec, conv_same
-from ._layout import empty_in_layout, is_channels_last
-from .ops.naive import conv_gru_cell_ref
+from ._layout import cat_channels, empty_in_layout, is_channels_last, stack_frames
+from .ops.conv_gru import conv_gru_sequence
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
-def _cell_implementation(device: torch.device, backend: str):
-    if select_backend(device, backend).name == "triton":
-        from .ops.conv_gru_cell import conv_gru_cell_triton
-
-        return conv_gru_cell_triton
-    return conv_gru_cell_ref
 
 
 def _fmt(shape) -> str:
@@ -97,6 +89,19 @@ def _zeros_state(gates_x: torch.Tensor, hidden: int) -> torch.Tensor:
     return empty_in_layout(shape, gates_x.dtype, gates_x.device, is_channels_last(gates_x)).zero_()
 
 
+def _conv_frames(sequence: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """The convolution of every frame of a (T, N, C, *S) sequence as one batched
+    call, returned as (T, N, C_out, *S). The frames are merged in the order they
+    are stored (time-major, or batch-major for a transposed batch_first input),
+    so that merging is a view and the layout (e.g. channels_last) is kept."""
+    steps, batch = sequence.shape[:2]
+    if steps > 1 and batch > 1 and sequence.stride(1) == steps * sequence.stride(0):
+        # Batch-major storage, e.g. a batch_first input seen as (T, N, ...).
+        by_batch = sequence.transpose(0, 1).flatten(0, 1)
+        return conv_same(by_batch, weight, spec).unflatten(0, (batch, steps)).transpose(0, 1)
+    return conv_same(sequence.flatten(0, 1), weight, spec).unflatten(0, (steps, batch))
+
+
 def conv_gru_cell(
     input: torch.Tensor,
     hx: Optional[torch.Tensor],
@@ -156,11 +161,16 @@ def conv_gru_cell(
         if tuple(hx.shape) != expected_h:
             raise ValueError(f"hx must have shape {_fmt(expected_h)}, got {_fmt(hx.shape)}")
     spec.check_spatial_size(input.shape[2:], "input")
-    cell = _cell_implementation(input.device, backend)
+    use_triton = select_backend(input.device, backend).name == "triton"
     gates_x = conv_same(input, weight_ih, spec)
     if hx is None:
         hx = _zeros_state(gates_x, hidden)
-    h_new = cell(gates_x, hx, weight_hh, bias_ih, bias_hh, spec, reset_after)
+    # One step is a sequence of length 1: the same operator and kernels.
+    # squeeze(0), not [0]: its backward keeps the gradient's layout, where
+    # select's backward would build a contiguous zero tensor.
+    h_new = conv_gru_sequence(
+        gates_x.unsqueeze(0), hx, weight_hh, bias_ih, bias_hh, spec, reset_after, False, use_triton
+    ).squeeze(0)
     return h_new if batched else h_new.squeeze(0)
 
 
@@ -260,7 +270,7 @@ def conv_gru(
             raise ValueError(f"hx must have shape {_fmt(shown)}, got {_fmt(got)}")
     spec.check_spatial_size(spatial, "input")
 
-    cell = _cell_implementation(input.device, backend)
+    use_triton = select_backend(input.device, backend).name == "triton"
     layer_input = input
     final_states: List[torch.Tensor] = []
     for layer in range(num_layers):
@@ -270,23 +280,23 @@ def conv_gru(
             weight_ih, weight_hh, bias_ih, bias_hh = params[index]
             # The input convolution does not depend on the state: one batched
             # convolution over all T * N frames instead of T small ones.
-            frames = layer_input.reshape((steps * batch,) + tuple(layer_input.shape[2:]))
-            gates_x = conv_same(frames, weight_ih, spec).unflatten(0, (steps, batch))
-            h = hx[index] if hx is not None else _zeros_state(gates_x[0], hidden)
-            outputs: List[Optional[torch.Tensor]] = [None] * steps
-            order = range(steps - 1, -1, -1) if direction == 1 else range(steps)
-            for t in order:
-                h = cell(gates_x[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
-                outputs[t] = h
-            direction_outputs.append(torch.stack(outputs))
-            final_states.append(h)
-        layer_output = direction_outputs[0] if directions == 1 else torch.cat(direction_outputs, dim=2)
+            gates_x = _conv_frames(layer_input, weight_ih, spec)
+            h0 = hx[index] if hx is not None else _zeros_state(gates_x[0], hidden)
+            # The whole time loop is one operator (one autograd node, one
+            # opaque node for torch.compile) per layer and direction.
+            reverse = direction == 1
+            states = conv_gru_sequence(
+                gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton
+            )
+            direction_outputs.append(states)
+            final_states.append(states[0] if reverse else states[-1])
+        layer_output = direction_outputs[0] if directions == 1 else cat_channels(direction_outputs)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_output = F.dropout(layer_output, p=dropout, training=True)
         layer_input = layer_output
 
     output = layer_input
-    h_n = torch.stack(final_states)
+    h_n = stack_frames(final_states)
     if not batched:
         return output.squeeze(1), h_n.squeeze(1)
     if batch_first:

@@ -24,13 +24,14 @@ def device() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
-    """Fill every buffer the fused kernels write with NaN before they write it,
-    so an element a kernel forgets to write fails the comparison."""
-    from convgru_triton.ops import conv_gru_cell as op
+    """Fill every buffer the fused kernels and the sequence operator write with
+    NaN before they write it, so an element left unwritten fails the comparison."""
+    from convgru_triton.ops import conv_gru, conv_gru_cell
 
-    allocate = op._empty
+    for module, allocator in ((conv_gru_cell, "_empty"), (conv_gru, "_empty_frames")):
+        allocate = getattr(module, allocator)
 
-    def poisoned(*args, **kwargs):
-        return allocate(*args, **kwargs).fill_(float("nan"))
+        def poisoned(*args, _allocate=allocate, **kwargs):
+            return _allocate(*args, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(op, "_empty", poisoned)
+        monkeypatch.setattr(module, allocator, poisoned)

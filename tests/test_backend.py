@@ -78,11 +78,11 @@ def test_explain_backend_reports_module_choice(monkeypatch, device):
 
 def test_env_variable_switches_module_to_kernels(monkeypatch, device):
     """CONVGRU_TRITON_BACKEND=triton makes an 'auto' module run the kernels."""
-    from convgru_triton.ops import conv_gru_cell as op
+    from convgru_triton.ops import conv_gru_cell as kernels
 
     calls = []
-    original = op.ConvGRUCellFunction.apply
-    monkeypatch.setattr(op.ConvGRUCellFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    original = kernels._reset_gate_fwd
+    monkeypatch.setattr(kernels, "_reset_gate_fwd", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = ConvGRU(2, 3, 3, device=device)
     x = torch.randn(2, 1, 2, 4, 4, device=device)
     monkeypatch.setenv(ENV_VAR, "torch")
@@ -141,7 +141,8 @@ def test_package_works_without_triton():
 def test_public_api_is_small():
     assert set(convgru_triton.__all__) == {
         "BackendChoice", "ConvGRU", "ConvGRU1d", "ConvGRU2d", "ConvGRU3d", "ConvGRUCell", "ConvGRUCell1d",
-        "ConvGRUCell2d", "ConvGRUCell3d", "conv_gru", "conv_gru_cell", "explain_backend", "triton_available",
+        "ConvGRUCell2d", "ConvGRUCell3d", "SepConvGRUCell2d", "conv_gru", "conv_gru_cell", "explain_backend",
+        "triton_available",
     }
     for name in convgru_triton.__all__:
         assert getattr(convgru_triton, name).__doc__, name

@@ -1,8 +1,10 @@
 """The fused ConvGRU step (Triton kernels + autograd) against its reference.
 
-``conv_gru_cell_triton`` and ``conv_gru_cell_ref`` take the same arguments;
-every output and every gradient must agree. On CPU the kernels run under the
-Triton interpreter, on a GPU compiled.
+One step through the sequence operator with the Triton gate math
+(:func:`fused_step`) and ``conv_gru_cell_ref`` take the same arguments; every
+output and every gradient must agree. The launchers are also checked one by
+one against their ``*_ref`` twins. On CPU the kernels run under the Triton
+interpreter, on a GPU compiled.
 """
 
 import pytest
@@ -11,12 +13,21 @@ import torch
 from convgru_triton import _tuning
 from convgru_triton._conv import ConvSpec
 from convgru_triton.ops import conv_gru_cell as op
+from convgru_triton.ops.conv_gru import conv_gru_sequence
 from convgru_triton.ops.naive import (
     conv_gru_cell_ref,
-    gru_gates_reset_after_ref,
-    gru_reset_gate_ref,
-    gru_update_ref,
+    gru_reset_after_bwd_ref,
+    gru_reset_after_fwd_ref,
+    gru_reset_gate_bwd_ref,
+    gru_reset_gate_fwd_ref,
+    gru_update_bwd_ref,
+    gru_update_fwd_ref,
 )
+
+
+def fused_step(gates_x, h, weight_hh, bias_ih, bias_hh, spec, reset_after):
+    """One step: the sequence operator over T = 1 with the Triton gate kernels."""
+    return conv_gru_sequence(gates_x.unsqueeze(0), h, weight_hh, bias_ih, bias_hh, spec, reset_after, False, True)[0]
 
 TOLERANCE = {
     torch.float64: dict(atol=1e-10, rtol=1e-8),
@@ -47,7 +58,7 @@ def _compare(device, dtype, gates_x, h, weight_hh, bias_ih, bias_hh, spec, reset
                 for t in (gates_x, h, weight_hh, bias_ih, bias_hh)]
     leaves_r = [t.detach().clone().to(torch.float64 if dtype != torch.float64 else dtype).requires_grad_(True)
                 if t is not None else None for t in (gates_x, h, weight_hh, bias_ih, bias_hh)]
-    out_t = op.conv_gru_cell_triton(*leaves_t, spec, reset_after)
+    out_t = fused_step(*leaves_t, spec, reset_after)
     out_r = conv_gru_cell_ref(*leaves_r, spec, reset_after)
     tol = TOLERANCE[dtype]
     assert out_t.dtype == dtype and out_t.shape == h.shape
@@ -147,7 +158,7 @@ def test_expanded_incoming_gradient(device, reset_after):
     spec = ConvSpec.create(2, 3)
     args = _inputs(device, torch.float64, 2, 3, (5, 5), (3, 3))
     leaves = [t.clone().requires_grad_(True) for t in args]
-    op.conv_gru_cell_triton(*leaves, spec, reset_after).sum().backward()
+    fused_step(*leaves, spec, reset_after).sum().backward()
     ref_leaves = [t.clone().requires_grad_(True) for t in args]
     conv_gru_cell_ref(*ref_leaves, spec, reset_after).sum().backward()
     for a, b in zip(leaves, ref_leaves):
@@ -159,7 +170,7 @@ def test_only_some_inputs_need_grad(device):
     gates_x, h, weight_hh, bias_ih, bias_hh = _inputs(device, torch.float64, 2, 3, (5, 5), (3, 3))
     for reset_after in (False, True):
         w = weight_hh.clone().requires_grad_(True)
-        (g_w,) = torch.autograd.grad(op.conv_gru_cell_triton(gates_x, h, w, bias_ih, bias_hh, spec, reset_after).sum(), w)
+        (g_w,) = torch.autograd.grad(fused_step(gates_x, h, w, bias_ih, bias_hh, spec, reset_after).sum(), w)
         w_ref = weight_hh.clone().requires_grad_(True)
         (g_ref,) = torch.autograd.grad(conv_gru_cell_ref(gates_x, h, w_ref, bias_ih, bias_hh, spec, reset_after).sum(), w_ref)
         torch.testing.assert_close(g_w, g_ref)
@@ -170,7 +181,7 @@ def test_no_grad_forward(device):
     args = _inputs(device, torch.float32, 2, 3, (5, 7), (3, 3))
     for reset_after in (False, True):
         with torch.no_grad():
-            out = op.conv_gru_cell_triton(*args, spec, reset_after)
+            out = fused_step(*args, spec, reset_after)
         torch.testing.assert_close(out, conv_gru_cell_ref(*args, spec, reset_after), atol=2e-5, rtol=2e-5)
 
 
@@ -197,17 +208,17 @@ def test_gradcheck(device, reset_after):
     args = _inputs(device, torch.float64, 2, 2, (4, 3), (3, 2))
     leaves = tuple(t.requires_grad_(True) for t in args)
     assert torch.autograd.gradcheck(
-        lambda *xs: op.conv_gru_cell_triton(*xs, spec, reset_after), leaves, eps=1e-6, atol=1e-6
+        lambda *xs: fused_step(*xs, spec, reset_after), leaves, eps=1e-6, atol=1e-6, fast_mode=True
     )
 
 
 def test_double_backward_raises(device):
     spec = ConvSpec.create(2, 3)
     args = [t.requires_grad_(True) for t in _inputs(device, torch.float64, 1, 2, (4, 4), (3, 3))]
-    out = op.conv_gru_cell_triton(*args, spec, True)
+    out = fused_step(*args, spec, True)
     v = torch.ones_like(out, requires_grad=True)  # as gradgradcheck does
     (g,) = torch.autograd.grad(out, args[1], v, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         g.sum().backward()
 
 
@@ -221,7 +232,7 @@ def test_saturated_pre_activations(device, reset_after):
     h = torch.tensor([[[0.5, -0.25, 0.75, 1.0, -1.0, 0.1]]], device=device)
     gates_x = values.repeat(3).view(1, 3, 6).to(device)
     weight_hh = torch.zeros(3 * hidden, hidden, 1, device=device)
-    out = op.conv_gru_cell_triton(gates_x, h, weight_hh, None, None, spec, reset_after)
+    out = fused_step(gates_x, h, weight_hh, None, None, spec, reset_after)
     ref = conv_gru_cell_ref(gates_x, h, weight_hh, None, None, spec, reset_after)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, ref)
@@ -230,7 +241,7 @@ def test_saturated_pre_activations(device, reset_after):
 
     gates_nan = gates_x.clone()
     gates_nan[0, 2, 5] = float("nan")
-    out_nan = op.conv_gru_cell_triton(gates_nan, h, weight_hh, None, None, spec, reset_after)
+    out_nan = fused_step(gates_nan, h, weight_hh, None, None, spec, reset_after)
     assert torch.isnan(out_nan[0, 0, 5]) and not torch.isnan(out_nan[0, 0, :5]).any()
 
 
@@ -239,7 +250,7 @@ def test_empty_batch(device):
     gates_x, h, weight_hh, bias_ih, bias_hh = _inputs(device, torch.float32, 0, 3, (4, 4), (3, 3))
     for reset_after in (False, True):
         h_ = h.clone().requires_grad_(True)
-        out = op.conv_gru_cell_triton(gates_x, h_, weight_hh, bias_ih, bias_hh, spec, reset_after)
+        out = fused_step(gates_x, h_, weight_hh, bias_ih, bias_hh, spec, reset_after)
         assert out.shape == (0, 3, 4, 4)
         out.sum().backward()
         assert h_.grad.shape == h_.shape
@@ -263,15 +274,23 @@ def test_reset_after_launchers_sum_two_incoming_gradients(device):
     gx, gh, h = rand(n, 3 * hidden, *spatial), rand(n, 3 * hidden, *spatial), rand(n, hidden, *spatial)
     b_ih, b_hh = rand(3 * hidden), rand(3 * hidden)
     h_new, saved = op._reset_after_fwd(gx, gh, h, b_ih, b_hh, save=True)
-    torch.testing.assert_close(h_new, gru_gates_reset_after_ref(gx, gh, h, b_ih, b_hh))
+    ref_h_new, r, z, cand, hn = gru_reset_after_fwd_ref(gx, gh, h, b_ih, b_hh)
+    torch.testing.assert_close(h_new, ref_h_new)
+    torch.testing.assert_close(saved[0], torch.cat([r, z, cand], 1))
+    torch.testing.assert_close(saved[1], hn)
 
     g1, g2 = rand(n, hidden, *spatial), rand(n, hidden, *spatial)
     d_gx, d_gh, d_h = op._reset_after_bwd(g1, g2, saved, h, channels_last=False)
-    leaves = [t.clone().requires_grad_(True) for t in (gx, gh, h)]
-    ref_gx, ref_gh, ref_h = torch.autograd.grad(gru_gates_reset_after_ref(*leaves, b_ih, b_hh), leaves, g1 + g2)
+    ref_gx, ref_gh, ref_h = gru_reset_after_bwd_ref(g1 + g2, r, z, cand, hn, h)
     torch.testing.assert_close(d_gx, ref_gx)
     torch.testing.assert_close(d_gh, ref_gh)
-    torch.testing.assert_close(d_h, ref_h)  # the direct part: gh depends on h only through the convolution
+    torch.testing.assert_close(d_h, ref_h)
+
+    # The backward ref is the derivative of the forward ref.
+    leaves = [t.clone().requires_grad_(True) for t in (gx, gh, h)]
+    auto = torch.autograd.grad(gru_reset_after_fwd_ref(*leaves, b_ih, b_hh)[0], leaves, g1 + g2)
+    for got, want in zip((ref_gx, ref_gh, ref_h), auto):  # d_h: the direct part, gh depends on h via the conv only
+        torch.testing.assert_close(got, want)
 
 
 def test_reset_before_launchers_sum_two_incoming_gradients(device):
@@ -280,33 +299,44 @@ def test_reset_before_launchers_sum_two_incoming_gradients(device):
                           rand(n, hidden, *spatial), rand(n, hidden, *spatial))
     b_ih, b_hh = rand(3 * hidden), rand(3 * hidden)
     gates, rh = op._reset_gate_fwd(gx, gh_rz, h, b_ih, b_hh)
-    r_ref, z_ref, rh_ref = gru_reset_gate_ref(gx, gh_rz, h, b_ih, b_hh)
-    torch.testing.assert_close(gates[:, :hidden], r_ref)
-    torch.testing.assert_close(gates[:, hidden : 2 * hidden], z_ref)
-    torch.testing.assert_close(rh, rh_ref)
+    r, z, ref_rh = gru_reset_gate_fwd_ref(gx, gh_rz, h, b_ih, b_hh)
+    torch.testing.assert_close(gates[:, :hidden], r)
+    torch.testing.assert_close(gates[:, hidden : 2 * hidden], z)
+    torch.testing.assert_close(rh, ref_rh)
     h_new = op._update_fwd(gx, gh_n, gates, h, b_ih, b_hh, save=True)
-    torch.testing.assert_close(h_new, gru_update_ref(gx, gh_n, z_ref, h, b_ih, b_hh))
+    ref_h_new, cand = gru_update_fwd_ref(gx, gh_n, z, h, b_ih, b_hh)
+    torch.testing.assert_close(h_new, ref_h_new)
+    torch.testing.assert_close(gates[:, 2 * hidden :], cand)
 
     # Backward of the update half, fed two incoming gradients.
     g1, g2 = rand(n, hidden, *spatial), rand(n, hidden, *spatial)
     d_gates = torch.full_like(gx, float("nan"))
     d_h = op._update_bwd(g1, g2, gates, h, d_gates)
-    leaves = [t.clone().requires_grad_(True) for t in (gx, gh_n, z_ref, h)]
-    ref = torch.autograd.grad(gru_update_ref(leaves[0], leaves[1], leaves[2], leaves[3], b_ih, b_hh), leaves, g1 + g2)
-    ref_gx, ref_ghn, ref_z, ref_h = ref
-    torch.testing.assert_close(d_gates[:, 2 * hidden :], ref_gx[:, 2 * hidden :])
-    torch.testing.assert_close(d_gates[:, 2 * hidden :], ref_ghn)
-    z = z_ref
-    torch.testing.assert_close(d_gates[:, hidden : 2 * hidden], ref_z * z * (1 - z))
+    ref_az, ref_an, ref_h = gru_update_bwd_ref(g1 + g2, z, cand, h)
+    torch.testing.assert_close(d_gates[:, hidden : 2 * hidden], ref_az)
+    torch.testing.assert_close(d_gates[:, 2 * hidden :], ref_an)
     torch.testing.assert_close(d_h, ref_h)
+    leaves = [t.clone().requires_grad_(True) for t in (gx, gh_n, z, h)]
+    auto_gx, auto_ghn, auto_z, auto_h = torch.autograd.grad(
+        gru_update_fwd_ref(leaves[0], leaves[1], leaves[2], leaves[3], b_ih, b_hh)[0], leaves, g1 + g2
+    )
+    torch.testing.assert_close(ref_an, auto_gx[:, 2 * hidden :])
+    torch.testing.assert_close(ref_an, auto_ghn)
+    torch.testing.assert_close(ref_az, auto_z * z * (1 - z))
+    torch.testing.assert_close(ref_h, auto_h)
 
     # Backward of the reset half: d(r*h) -> d a_r, and d h += d(r*h) * r.
     d_rh = rand(n, hidden, *spatial)
     d_h_before = d_h.clone()
     op._reset_gate_bwd(d_rh, gates, h, d_gates, d_h)
-    r = r_ref
-    torch.testing.assert_close(d_gates[:, :hidden], d_rh * h * r * (1 - r))
-    torch.testing.assert_close(d_h, d_h_before + d_rh * r)
+    ref_ar, ref_h_add = gru_reset_gate_bwd_ref(d_rh, r, h)
+    torch.testing.assert_close(d_gates[:, :hidden], ref_ar)
+    torch.testing.assert_close(d_h, d_h_before + ref_h_add)
+    leaves = [t.clone().requires_grad_(True) for t in (gx, gh_rz, h)]
+    _, _, rh_auto = gru_reset_gate_fwd_ref(*leaves, b_ih, b_hh)
+    auto_gx, _, auto_h = torch.autograd.grad(rh_auto, leaves, d_rh)
+    torch.testing.assert_close(ref_ar, auto_gx[:, :hidden])
+    torch.testing.assert_close(ref_h_add, auto_h)
 
 
 def test_launch_grid_covers_int64_offsets():

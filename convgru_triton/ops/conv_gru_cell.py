@@ -1,21 +1,23 @@
-"""Fused ConvGRU step: Triton gate kernels, their launchers and the autograd function.
+"""Fused ConvGRU step: the Triton gate kernels and their launchers.
 
 One step of a ConvGRU is two kinds of work: convolutions (left to cuDNN via
 :mod:`torch.nn.functional`) and elementwise gate math (bias add, sigmoid, tanh,
 the reset product and the interpolation of the new state), fused here into one
-Triton kernel per phase. Reference: :func:`convgru_triton.ops.naive.conv_gru_cell_ref`.
+Triton kernel per phase. Each kernel's reference is the ``*_ref`` function of the
+same name in :mod:`convgru_triton.ops.naive`; the operator that runs them step
+after step, with autograd, is :mod:`convgru_triton.ops.conv_gru`.
 
 Kernels (``_fwd_kernel``/``_bwd_kernel`` pairs) and what each reads and writes,
 per element of the (N, H, *S) state (``gx``/``gh`` are pre-activations, gate order
 (r, z, n), ``g`` the gradient flowing into ``h'``):
 
 ``reset_after=True`` (one hidden convolution ``gh = W_h * h`` with 3H outputs):
-    * ``_gru_reset_after_fwd_kernel``: gx, gh, h -> h', saved ``(r, z, n, gh_n + b_hn)``.
-    * ``_gru_reset_after_bwd_kernel``: g, saved, h -> d gx, d gh, the direct part of d h.
+    * ``_gru_reset_after_fwd_kernel``: gx, gh, h -> h', gates ``(r, z, n)``, aux ``gh_n + b_hn``.
+    * ``_gru_reset_after_bwd_kernel``: g, gates, aux, h -> d gx, d gh, the direct part of d h.
 
 ``reset_after=False`` (``gh_rz = W_hrz * h``, then ``gh_n = W_hn * (r * h)``):
-    * ``_gru_reset_gate_fwd_kernel``: gx, gh_rz, h -> r, z, r * h.
-    * ``_gru_update_fwd_kernel``: gx, gh_n, z, h -> h', saved n.
+    * ``_gru_reset_gate_fwd_kernel``: gx, gh_rz, h -> gates ``(r, z)``, aux ``r * h``.
+    * ``_gru_update_fwd_kernel``: gx, gh_n, z, h -> h', gates ``n``.
     * ``_gru_update_bwd_kernel``: g, z, n, h -> d a_z, d a_n, the direct part of d h.
     * ``_gru_reset_gate_bwd_kernel``: d(r * h), r, h -> d a_r, adds ``d(r * h) * r`` to d h.
 
@@ -37,7 +39,6 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from .._conv import ConvSpec, conv_same, conv_same_backward
 from .._layout import empty_in_layout, is_channels_last
 
 # ----------------------------------------------------------------------------
@@ -93,7 +94,8 @@ def _gru_reset_after_fwd_kernel(
     h_ptr, h_sn, h_sc, h_ss,
     bias_ih_ptr, bias_hh_ptr,
     h_new_ptr, hn_sn, hn_sc, hn_ss,
-    saved_ptr, sv_sn, sv_sc, sv_ss,
+    gates_ptr, gt_sn, gt_sc, gt_ss,
+    aux_ptr, ax_sn, ax_sc, ax_ss,
     plane_size, inner_size, hidden,
     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
@@ -122,20 +124,20 @@ def _gru_reset_after_fwd_kernel(
     h_new = h + z * (cand - h)
     tl.store(h_new_ptr + n * hn_sn + c * hn_sc + s * hn_ss, h_new.to(h_new_ptr.dtype.element_ty), mask=mask)
     if SAVE:
-        sv = saved_ptr + n * sv_sn + c * sv_sc + s * sv_ss
-        sv_gate = hidden * sv_sc
-        ty = saved_ptr.dtype.element_ty
-        tl.store(sv, r.to(ty), mask=mask)
-        tl.store(sv + sv_gate, z.to(ty), mask=mask)
-        tl.store(sv + 2 * sv_gate, cand.to(ty), mask=mask)
-        tl.store(sv + 3 * sv_gate, h_n.to(ty), mask=mask)
+        gt = gates_ptr + n * gt_sn + c * gt_sc + s * gt_ss
+        ty = gates_ptr.dtype.element_ty
+        tl.store(gt, r.to(ty), mask=mask)
+        tl.store(gt + hidden * gt_sc, z.to(ty), mask=mask)
+        tl.store(gt + 2 * hidden * gt_sc, cand.to(ty), mask=mask)
+        tl.store(aux_ptr + n * ax_sn + c * ax_sc + s * ax_ss, h_n.to(aux_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gru_reset_after_bwd_kernel(
     grad_ptr, g_sn, g_sc, g_ss,
     grad2_ptr, g2_sn, g2_sc, g2_ss,
-    saved_ptr, sv_sn, sv_sc, sv_ss,
+    gates_ptr, gt_sn, gt_sc, gt_ss,
+    aux_ptr, ax_sn, ax_sc, ax_ss,
     h_ptr, h_sn, h_sc, h_ss,
     d_gx_ptr, dx_sn, dx_sc, dx_ss,
     d_gh_ptr, dh_sn, dh_sc, dh_ss,
@@ -148,12 +150,11 @@ def _gru_reset_after_bwd_kernel(
     g = tl.load(grad_ptr + n * g_sn + c * g_sc + s * g_ss, mask=mask).to(COMPUTE)
     if HAS_GRAD2:
         g += tl.load(grad2_ptr + n * g2_sn + c * g2_sc + s * g2_ss, mask=mask).to(COMPUTE)
-    sv = saved_ptr + n * sv_sn + c * sv_sc + s * sv_ss
-    sv_gate = hidden * sv_sc
-    r = tl.load(sv, mask=mask).to(COMPUTE)
-    z = tl.load(sv + sv_gate, mask=mask).to(COMPUTE)
-    cand = tl.load(sv + 2 * sv_gate, mask=mask).to(COMPUTE)
-    h_n = tl.load(sv + 3 * sv_gate, mask=mask).to(COMPUTE)
+    gt = gates_ptr + n * gt_sn + c * gt_sc + s * gt_ss
+    r = tl.load(gt, mask=mask).to(COMPUTE)
+    z = tl.load(gt + hidden * gt_sc, mask=mask).to(COMPUTE)
+    cand = tl.load(gt + 2 * hidden * gt_sc, mask=mask).to(COMPUTE)
+    h_n = tl.load(aux_ptr + n * ax_sn + c * ax_sc + s * ax_ss, mask=mask).to(COMPUTE)
     h = tl.load(h_ptr + n * h_sn + c * h_sc + s * h_ss, mask=mask).to(COMPUTE)
 
     d_an = g * z * (1.0 - cand * cand)
@@ -289,6 +290,10 @@ def _gru_reset_gate_bwd_kernel(
 
 # ----------------------------------------------------------------------------
 # Launchers
+#
+# Each launcher writes into the buffers it is given (keyword arguments) so that
+# the sequence operator can hand it slices of its (T, N, C, *S) outputs; a buffer
+# left out is allocated. Buffers are (N, C, *S) with any strides.
 # ----------------------------------------------------------------------------
 
 
@@ -299,6 +304,10 @@ def _empty(shape, like: torch.Tensor, channels_last: Optional[bool] = None) -> t
     if channels_last is None:
         channels_last = is_channels_last(like)
     return empty_in_layout(shape, like.dtype, like.device, channels_last)
+
+
+def _gates_shape(h: torch.Tensor, slots: int) -> Tuple[int, ...]:
+    return (h.shape[0], slots * h.shape[1]) + tuple(h.shape[2:])
 
 
 def _ncs(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
@@ -343,51 +352,58 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
     return grid, (plane, hidden if channels_last else spatial, hidden), meta
 
 
-def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool):
-    """Launch ``_gru_reset_after_fwd_kernel``: returns ``(h_new, saved)`` with
-    ``saved`` (N, 4H, *S) = (r, z, n, gh_n + b_hn), or ``None`` unless ``save``."""
+def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool, *, h_new=None, gates=None, aux=None):
+    """Launch ``_gru_reset_after_fwd_kernel``. Returns ``(h_new, saved)``: with
+    ``save``, ``saved = (gates, aux)``, gates (N, 3H, *S) = (r, z, n) and aux
+    (N, H, *S) = ``gh_n + b_hn``, what the backward needs; else ``None``."""
     hidden = h.shape[1]
-    h_new = _empty(h.shape, h)
-    saved = _empty((h.shape[0], 4 * hidden) + h.shape[2:], h) if save else None
+    h_new = _empty(h.shape, h) if h_new is None else h_new
+    if save:
+        gates = _empty(_gates_shape(h, 3), h) if gates is None else gates
+        aux = _empty(h.shape, h) if aux is None else aux
+    saved = (gates, aux) if save else None
     if h.numel() == 0:
         return h_new, saved
     grid, sizes, meta = _grid_and_meta("gru_reset_after_fwd", h_new, hidden)
     has_bias = bias_ih is not None
+    unused = (h_new, 0, 0, 0)
     _gru_reset_after_fwd_kernel[grid](
         *_ncs(gates_x), *_ncs(gates_h), *_ncs(h),
         bias_ih if has_bias else h, bias_hh if has_bias else h,
-        *_ncs(h_new), *(_ncs(saved) if save else (h_new, 0, 0, 0)),
+        *_ncs(h_new), *(_ncs(gates) if save else unused), *(_ncs(aux) if save else unused),
         *sizes, HAS_BIAS=has_bias, SAVE=save, **meta,
     )
     return h_new, saved
 
 
-def _reset_after_bwd(grad, grad2, saved, h, channels_last: bool):
+def _reset_after_bwd(grad, grad2, saved, h, channels_last: bool, *, d_gx=None, d_gh=None, d_h=None):
     """Launch ``_gru_reset_after_bwd_kernel``: returns ``(d_gates_x, d_gates_h,
-    d_h_direct)`` from the summed incoming gradient ``grad (+ grad2)``."""
+    d_h_direct)`` from the incoming gradient ``grad + grad2`` (``grad2`` may be
+    ``None``) and the ``saved`` pair of :func:`_reset_after_fwd`. Gate gradients
+    it allocates are channels_last when ``channels_last``."""
+    gates, aux = saved
     hidden = h.shape[1]
-    gates_shape = (h.shape[0], 3 * hidden) + h.shape[2:]
-    d_gx = _empty(gates_shape, h, channels_last)
-    d_gh = _empty(gates_shape, h, channels_last)
-    d_h = _empty(h.shape, h)
+    d_gx = _empty(_gates_shape(h, 3), h, channels_last) if d_gx is None else d_gx
+    d_gh = _empty(_gates_shape(h, 3), h, channels_last) if d_gh is None else d_gh
+    d_h = _empty(h.shape, h) if d_h is None else d_h
     if h.numel() == 0:
         return d_gx, d_gh, d_h
     grid, sizes, meta = _grid_and_meta("gru_reset_after_bwd", d_h, hidden)
     _gru_reset_after_bwd_kernel[grid](
         *_ncs(grad), *(_ncs(grad2) if grad2 is not None else (grad, 0, 0, 0)),
-        *_ncs(saved), *_ncs(h), *_ncs(d_gx), *_ncs(d_gh), *_ncs(d_h),
+        *_ncs(gates), *_ncs(aux), *_ncs(h), *_ncs(d_gx), *_ncs(d_gh), *_ncs(d_h),
         *sizes, HAS_GRAD2=grad2 is not None, **meta,
     )
     return d_gx, d_gh, d_h
 
 
-def _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh):
+def _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh, *, gates=None, rh=None):
     """Launch ``_gru_reset_gate_fwd_kernel``: returns ``(gates, rh)`` where
     ``gates`` (N, 3H, *S) holds r and z in its first two slots (n is written
     by the update kernel) and ``rh = r * h``."""
     hidden = h.shape[1]
-    gates = _empty((h.shape[0], 3 * hidden) + h.shape[2:], h)
-    rh = _empty(h.shape, h)
+    gates = _empty(_gates_shape(h, 3), h) if gates is None else gates
+    rh = _empty(h.shape, h) if rh is None else rh
     if h.numel() == 0:
         return gates, rh
     grid, sizes, meta = _grid_and_meta("gru_reset_gate_fwd", rh, hidden)
@@ -400,11 +416,11 @@ def _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh):
     return gates, rh
 
 
-def _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save: bool):
+def _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save: bool, *, h_new=None):
     """Launch ``_gru_update_fwd_kernel``: returns ``h_new``; with ``save`` also
     writes n into the third slot of ``gates``."""
     hidden = h.shape[1]
-    h_new = _empty(h.shape, h)
+    h_new = _empty(h.shape, h) if h_new is None else h_new
     if h.numel() == 0:
         return h_new
     grid, sizes, meta = _grid_and_meta("gru_update_fwd", h_new, hidden)
@@ -417,11 +433,11 @@ def _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save: bool):
     return h_new
 
 
-def _update_bwd(grad, grad2, gates, h, d_gates):
+def _update_bwd(grad, grad2, gates, h, d_gates, *, d_h=None):
     """Launch ``_gru_update_bwd_kernel``: writes d a_z and d a_n into slots 1 and 2
-    of ``d_gates`` and returns the direct part of d h."""
+    of ``d_gates`` and returns the direct part of d h, from ``grad + grad2``."""
     hidden = h.shape[1]
-    d_h = _empty(h.shape, h)
+    d_h = _empty(h.shape, h) if d_h is None else d_h
     if h.numel() == 0:
         return d_h
     grid, sizes, meta = _grid_and_meta("gru_update_bwd", d_h, hidden)
@@ -443,100 +459,3 @@ def _reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
     _gru_reset_gate_bwd_kernel[grid](
         *_ncs(d_rh), *_ncs(gates), *_ncs(h), *_ncs(d_gates), *_ncs(d_h), *sizes, **meta,
     )
-
-
-# ----------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------
-
-
-def _bias_grad(d_pre: torch.Tensor) -> torch.Tensor:
-    """Sum of a pre-activation gradient (N, C, *S) over everything but channels."""
-    dims = [0] + list(range(2, d_pre.dim()))
-    return d_pre.sum(dim=dims)
-
-
-class ConvGRUCellFunction(torch.autograd.Function):
-    """One ConvGRU step after the input convolution, with fused gate kernels.
-
-    ``forward(gates_x, h, weight_hh, bias_ih, bias_hh, spec, reset_after) -> h_new``
-    with the shapes of :func:`convgru_triton.ops.naive.conv_gru_cell_ref`.
-
-    Saved for backward: ``h``, ``weight_hh`` and the gate activations
-    (``reset_after=True``: r, z, n and ``W_hn*h + b_hn``, 4H channels;
-    ``reset_after=False``: r, z, n and ``r * h``, 4H channels).
-    The backward is not itself differentiable (double backward raises).
-    """
-
-    @staticmethod
-    def forward(ctx, gates_x, h, weight_hh, bias_ih, bias_hh, spec: ConvSpec, reset_after: bool):
-        save = any(ctx.needs_input_grad[:5])
-        hidden = h.shape[1]
-        if reset_after:
-            gates_h = conv_same(h, weight_hh, spec)
-            h_new, saved = _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save)
-            if save:
-                ctx.save_for_backward(h, weight_hh, saved)
-        else:
-            gates_h_rz = conv_same(h, weight_hh[: 2 * hidden], spec)
-            gates, rh = _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh)
-            gates_h_n = conv_same(rh, weight_hh[2 * hidden :], spec)
-            h_new = _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save)
-            if save:
-                ctx.save_for_backward(h, weight_hh, gates, rh)
-        ctx.spec = spec
-        ctx.reset_after = reset_after
-        ctx.has_bias = bias_ih is not None
-        ctx.gates_x_channels_last = is_channels_last(gates_x)
-        return h_new
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h_new):
-        spec = ctx.spec
-        need_gx, need_h, need_w, need_bih, need_bhh = ctx.needs_input_grad[:5]
-        if ctx.reset_after:
-            h, weight_hh, saved = ctx.saved_tensors
-            d_gx, d_gh, d_h = _reset_after_bwd(grad_h_new, None, saved, h, ctx.gates_x_channels_last)
-            d_h_conv, d_weight_hh = conv_same_backward(d_gh, h, weight_hh, spec, need_h, need_w)
-            d_bias_hh = _bias_grad(d_gh) if need_bhh else None
-        else:
-            h, weight_hh, gates, rh = ctx.saved_tensors
-            hidden = h.shape[1]
-            d_gx = _empty((h.shape[0], 3 * hidden) + h.shape[2:], h, ctx.gates_x_channels_last)
-            d_h = _update_bwd(grad_h_new, None, gates, h, d_gx)
-            d_an = d_gx[:, 2 * hidden :]
-            d_rh, d_weight_hn = conv_same_backward(d_an, rh, weight_hh[2 * hidden :], spec, True, need_w)
-            _reset_gate_bwd(d_rh, gates, h, d_gx, d_h)
-            d_h_conv, d_weight_hrz = conv_same_backward(
-                d_gx[:, : 2 * hidden], h, weight_hh[: 2 * hidden], spec, need_h, need_w
-            )
-            d_weight_hh = torch.cat([d_weight_hrz, d_weight_hn]) if need_w else None
-            # Both biases are added to the same pre-activations in this formulation.
-            d_bias_hh = _bias_grad(d_gx) if need_bhh else None
-        if need_h:
-            d_h += d_h_conv
-        d_bias_ih = _bias_grad(d_gx) if need_bih else None
-        return (
-            d_gx if need_gx else None,
-            d_h if need_h else None,
-            d_weight_hh,
-            d_bias_ih,
-            d_bias_hh,
-            None,
-            None,
-        )
-
-
-def conv_gru_cell_triton(
-    gates_x: torch.Tensor,
-    h: torch.Tensor,
-    weight_hh: torch.Tensor,
-    bias_ih: Optional[torch.Tensor],
-    bias_hh: Optional[torch.Tensor],
-    spec: ConvSpec,
-    reset_after: bool,
-) -> torch.Tensor:
-    """Fused twin of :func:`~convgru_triton.ops.naive.conv_gru_cell_ref` (same
-    arguments, same result) running the Triton kernels."""
-    return ConvGRUCellFunction.apply(gates_x, h, weight_hh, bias_ih, bias_hh, spec, reset_after)
