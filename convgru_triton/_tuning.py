@@ -1,31 +1,77 @@
-"""Launch configurations of the fused gate kernels.
+"""Launch configurations of the fused gate kernels: the tuning registry.
 
 The gate kernels are elementwise and memory-bound: one program handles
-``block_size`` consecutive elements of one sample's (channel x spatial) plane.
-This module is the single place the launchers ask for their configuration, so
-that a per-GPU registry can replace the defaults without touching a kernel.
+``block_size`` consecutive elements of one sample's (channel x spatial) plane
+with ``num_warps`` warps. The best choice depends on the GPU, the dtype and the
+size of the state, so the launchers ask :func:`launch_config` for it.
+
+Where a configuration comes from, for a CUDA device (first match wins):
+
+1. ``$CONVGRU_TRITON_TUNING_DIR/<gpu>.json`` when that variable is set,
+2. ``$XDG_CACHE_HOME/convgru_triton/tuning/<gpu>.json`` (default
+   ``~/.cache/convgru_triton/tuning``), where ``python -m convgru_triton.tune``
+   writes,
+3. ``convgru_triton/tuning_configs/<gpu>.json`` shipped with the package,
+4. :data:`DEFAULT_CONFIG`, sound on any GPU.
+
+``<gpu>`` is the normalized device name (:func:`normalize_device_name`). A file
+is used for a (kernel, dtype) pair when it has entries for that pair, and then
+its entry of the nearest size (in log2 of the element count) is taken; files
+further down the list are not mixed in for that pair. A file that cannot be read
+or parsed, that breaks the schema or holds an invalid value, that was tuned
+for another GPU or with another Triton major.minor version is skipped with one
+:class:`TuningFileWarning` naming it. Block sizes never change results (the
+kernels mask their tail), so any valid file gives correct results.
+
+Every look-up is cached in memory per (device, kernel, dtype, size class): after
+the first launch of a kernel on a device there is no file access and no JSON
+parsing, only a dict look-up. Files and environment variables are read again
+after :func:`clear_cache`. Non-CUDA devices (the Triton interpreter on CPU) get
+:data:`DEFAULT_CONFIG` without any look-up. Under ``torch.compile`` the look-up
+runs once at trace time and its result is a constant of the graph.
+
+This module imports neither Triton nor the kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+# ----------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------
+
+#: Triton's own default on NVIDIA GPUs. The gate kernels have no loops, so the
+#: number of software-pipelining stages hardly matters for them.
+DEFAULT_NUM_STAGES = 3
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """``block_size`` elements per program (a power of two), ``num_warps`` warps."""
+    """``block_size`` elements per program (a power of two), ``num_warps`` warps,
+    ``num_stages`` pipelining stages."""
 
     block_size: int
     num_warps: int
+    num_stages: int = DEFAULT_NUM_STAGES
+
+    def __str__(self) -> str:
+        return f"block {self.block_size}, {self.num_warps} warps, {self.num_stages} stages"
 
 
 # Sound on any GPU: 8 elements per thread with 4 warps keeps loads wide enough
 # for float32 and half precision alike; the interpreter (CPU) also prefers few,
 # large programs.
 DEFAULT_CONFIG = LaunchConfig(block_size=1024, num_warps=4)
-
 
 # The kernels that read their configuration here (names as in ops/conv_gru_cell.py,
 # without the leading underscore and the _kernel suffix).
@@ -38,8 +84,381 @@ KERNELS = (
     "gru_reset_gate_bwd",
 )
 
+#: dtypes a tuning file may hold entries for, by their name in the file.
+DTYPES: Dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+#: Valid values in a tuning file.
+MIN_BLOCK_SIZE = 16
+MAX_BLOCK_SIZE = 16384
+NUM_WARPS = (1, 2, 4, 8, 16, 32)
+NUM_STAGES = tuple(range(1, 9))
+
+#: Version of the tuning-file layout this module reads and the tuner writes.
+SCHEMA_VERSION = 1
+
+ENV_DIR = "CONVGRU_TRITON_TUNING_DIR"
+#: The shipped files (a folder of the package); a module attribute so tests can move it.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning_configs")
+
+
+class TuningFileWarning(UserWarning):
+    """A tuning file was skipped (unreadable, corrupt, invalid, another GPU's or
+    stale); the configurations come from the next source, at worst the defaults."""
+
+
+def normalize_device_name(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``: lower case, every
+    run of other characters than letters and digits one underscore. Also the
+    file name (without ``.json``) of the GPU's tuning file."""
+    key = re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+    return key or "unknown_gpu"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"`` (the name used in tuning files)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        return str(dtype).replace("torch.", "")
+
+
+def size_class(numel: int) -> int:
+    """``ceil(log2(numel))``: the size classes are the powers of two, and sizes are
+    compared by their class (a state of 3000 elements is in class 12, 4096)."""
+    return max(0, (numel - 1).bit_length())
+
+
+def user_cache_dir() -> str:
+    """Where the tuner writes and the registry looks second:
+    ``$XDG_CACHE_HOME/convgru_triton/tuning`` or ``~/.cache/convgru_triton/tuning``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "convgru_triton", "tuning")
+
+
+def user_tuning_dir() -> str:
+    """The folder the tuner writes to by default: ``$CONVGRU_TRITON_TUNING_DIR``
+    when set, else :func:`user_cache_dir`."""
+    return os.environ.get(ENV_DIR) or user_cache_dir()
+
+
+def tuning_file_name(device_name: str) -> str:
+    return normalize_device_name(device_name) + ".json"
+
+
+def triton_version() -> Optional[str]:
+    """The installed Triton's version without importing it (``None`` if unknown)."""
+    module = sys.modules.get("triton")
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("triton")
+    except Exception:
+        return None
+
+
+def _major_minor(version: Optional[str]) -> Optional[Tuple[int, int]]:
+    match = re.match(r"\s*(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+# ----------------------------------------------------------------------------
+# Reading and checking a tuning file
+# ----------------------------------------------------------------------------
+
+
+class TuningFileError(ValueError):
+    """What is wrong with a tuning file (the message of the warning)."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TuningFileError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not 1024.0
+
+
+def check_config_values(block_size: Any, num_warps: Any, num_stages: Any = DEFAULT_NUM_STAGES) -> LaunchConfig:
+    """A :class:`LaunchConfig` from the values, or :class:`TuningFileError` saying
+    which one is out of range."""
+    _require(
+        _is_int(block_size) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0,
+        f"block_size must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}, got {block_size!r}",
+    )
+    _require(_is_int(num_warps) and num_warps in NUM_WARPS, f"num_warps must be one of {NUM_WARPS}, got {num_warps!r}")
+    _require(
+        _is_int(num_stages) and num_stages in NUM_STAGES,
+        f"num_stages must be an integer from {NUM_STAGES[0]} to {NUM_STAGES[-1]}, got {num_stages!r}",
+    )
+    return LaunchConfig(block_size, num_warps, num_stages)
+
+
+# (kernel, dtype name) -> [(size class, config)] sorted by size class
+Table = Dict[Tuple[str, str], List[Tuple[int, LaunchConfig]]]
+
+
+def parse_document(doc: Any, device_key: Optional[str] = None) -> Table:
+    """Check a parsed tuning file against the schema and return its table.
+
+    Raises :class:`TuningFileError` on the first problem. ``device_key``, when
+    given, must match the file's ``device``. Does not check the Triton version
+    (see :func:`check_triton_version`).
+    """
+    _require(isinstance(doc, dict), f"the top level must be a JSON object, got {type(doc).__name__}")
+    _require(
+        doc.get("schema") == SCHEMA_VERSION and _is_int(doc.get("schema")),
+        f"'schema' must be {SCHEMA_VERSION}, got {doc.get('schema')!r}",
+    )
+    for field in ("device", "triton_version", "torch_version", "created"):
+        _require(isinstance(doc.get(field), str) and doc[field], f"'{field}' must be a non-empty string")
+    _require(
+        normalize_device_name(doc["device"]) == doc["device"],
+        f"'device' must be a normalized device name, got {doc['device']!r}",
+    )
+    if device_key is not None:
+        _require(doc["device"] == device_key, f"it was tuned for {doc['device']!r}, this GPU is {device_key!r}")
+    _require(
+        _major_minor(doc["triton_version"]) is not None,
+        f"'triton_version' {doc['triton_version']!r} is not a version number",
+    )
+    entries = doc.get("entries")
+    _require(isinstance(entries, list), "'entries' must be a list")
+    table: Table = {}
+    seen = set()
+    for i, entry in enumerate(entries):
+        where = f"entries[{i}]"
+        _require(isinstance(entry, dict), f"{where} must be an object")
+        kernel, dtype, numel = entry.get("kernel"), entry.get("dtype"), entry.get("numel")
+        _require(kernel in KERNELS, f"{where}: unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+        _require(dtype in DTYPES, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        _require(_is_int(numel) and numel > 0, f"{where}: 'numel' must be a positive integer, got {numel!r}")
+        try:
+            cfg = check_config_values(
+                entry.get("block_size"), entry.get("num_warps"), entry.get("num_stages", DEFAULT_NUM_STAGES)
+            )
+        except TuningFileError as exc:
+            raise TuningFileError(f"{where}: {exc}") from None
+        for field in ("time_ms", "gb_per_s"):  # informative, but must be numbers if present
+            value = entry.get(field)
+            _require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                f"{where}: '{field}' must be a number",
+            )
+        key = (kernel, dtype, size_class(numel))
+        _require(key not in seen, f"{where}: a second entry for {kernel}, {dtype}, size class 2**{key[2]}")
+        seen.add(key)
+        table.setdefault((kernel, dtype), []).append((key[2], cfg))
+    for rows in table.values():
+        rows.sort(key=lambda row: row[0])
+    return table
+
+
+def check_triton_version(doc_version: str, installed: Optional[str]) -> None:
+    """:class:`TuningFileError` when a file tuned with Triton ``doc_version`` is
+    stale for the ``installed`` one (another major.minor version)."""
+    have = _major_minor(installed)
+    if have is not None and _major_minor(doc_version) != have:
+        raise TuningFileError(
+            f"it is stale: tuned with Triton {doc_version}, this is Triton {installed} "
+            f"(rerun `python -m convgru_triton.tune`)"
+        )
+
+
+def nearest(rows: List[Tuple[int, LaunchConfig]], cls: int) -> LaunchConfig:
+    """The configuration of the size class nearest to ``cls`` (the larger one on a tie)."""
+    best = min(rows, key=lambda row: (abs(row[0] - cls), -row[0]))
+    return best[1]
+
+
+# ----------------------------------------------------------------------------
+# The registry and its in-memory caches
+# ----------------------------------------------------------------------------
+
+# path -> table, or None when the file is absent or was skipped. Read once each.
+_FILES: Dict[str, Optional[Table]] = {}
+# paths already warned about (one warning per file)
+_WARNED: set = set()
+# (device, kernel, dtype, size class) -> config: the per-launch cache
+_CACHE: Dict[Tuple[Any, str, torch.dtype, int], LaunchConfig] = {}
+# CUDA device index -> normalized device name
+_DEVICE_NAMES: Dict[int, str] = {}
+# set by forced_config(): every launch uses this configuration
+_FORCED: Optional[LaunchConfig] = None
+
+
+def clear_cache() -> None:
+    """Forget every file, look-up and device name read so far (and which files
+    were warned about): the next launches read the files and environment again.
+    The tuner calls it after writing a file."""
+    _FILES.clear()
+    _WARNED.clear()
+    _CACHE.clear()
+    _DEVICE_NAMES.clear()
+
+
+def _warn(path: str, problem: str) -> None:
+    if path in _WARNED:
+        return
+    _WARNED.add(path)
+    warnings.warn(
+        f"convgru_triton: not using the tuning file {path}: {problem}. The fused kernels take their "
+        f"launch configurations from the next source instead (at worst the built-in defaults).",
+        TuningFileWarning,
+        stacklevel=3,
+    )
+
+
+def _load(path: str, device_key: str, explicit: bool = False) -> Optional[Table]:
+    """The table of the file at ``path`` (read once), or ``None`` when there is no
+    such file or it is skipped (with a warning). A missing file is normal (no
+    tuning for this GPU) unless ``explicit``: the user pointed at its folder."""
+    if path in _FILES:
+        return _FILES[path]
+    table = None
+    if not os.path.lexists(path):
+        if explicit:
+            _warn(path, f"{ENV_DIR} is set but there is no file for this GPU in that folder")
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            _warn(path, f"it cannot be read ({type(exc).__name__}: {exc.strerror or exc})")
+        else:
+            try:
+                doc = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                _warn(path, f"it is not valid JSON ({exc})")
+            else:
+                try:
+                    table = parse_document(doc, device_key)
+                    check_triton_version(doc["triton_version"], triton_version())
+                except TuningFileError as exc:
+                    table = None
+                    _warn(path, str(exc))
+    _FILES[path] = table
+    return table
+
+
+def source_paths(device_key: str) -> List[Tuple[str, str]]:
+    """``(origin, path)`` of the files consulted for a GPU, in order of precedence."""
+    name = device_key + ".json"
+    paths = []
+    env_dir = os.environ.get(ENV_DIR)
+    if env_dir:
+        paths.append((ENV_DIR, os.path.join(env_dir, name)))
+    paths.append(("user cache", os.path.join(user_cache_dir(), name)))
+    paths.append(("shipped", os.path.join(SHIPPED_DIR, name)))
+    return paths
+
+
+def resolve(device_key: str, kernel: str, dtype: torch.dtype, numel: int) -> Tuple[LaunchConfig, str]:
+    """Uncached look-up for a GPU (normalized name): the configuration and where it
+    came from (a file's path, or ``"defaults"``). Loads files it has not read yet."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; the tuned kernels are {KERNELS}")
+    pair = (kernel, dtype_name(dtype))
+    cls = size_class(numel)
+    for origin, path in source_paths(device_key):
+        table = _load(path, device_key, explicit=origin == ENV_DIR)
+        rows = table.get(pair) if table is not None else None
+        if rows:
+            return nearest(rows, cls), path
+    return DEFAULT_CONFIG, "defaults"
+
+
+def _device_key(device: torch.device) -> Optional[str]:
+    """The normalized name of a CUDA device (asked once per device), ``None`` for
+    other devices, which always get the defaults."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = _DEVICE_NAMES.get(index)
+    if key is None:
+        key = _DEVICE_NAMES[index] = normalize_device_name(torch.cuda.get_device_name(index))
+    return key
+
+
+def _lookup(kernel: str, dtype: torch.dtype, cls: int, device: torch.device) -> LaunchConfig:
+    key = _device_key(device)
+    if key is None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; the tuned kernels are {KERNELS}")
+        return DEFAULT_CONFIG
+    # 1 << cls stands for every size of the class: they share one cache entry.
+    return resolve(key, kernel, dtype, 1 << cls)[0]
+
+
+def _lookup_cached(kernel: str, dtype: torch.dtype, cls: int, device: torch.device) -> LaunchConfig:
+    key = (device, kernel, dtype, cls)
+    cfg = _CACHE.get(key)
+    if cfg is None:
+        cfg = _CACHE[key] = _lookup(kernel, dtype, cls, device)
+    return cfg
+
+
+# torch.compile: run the look-up when tracing and bake its result into the graph
+# (it may read files the first time, which Dynamo cannot trace).
+_assume_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", None) or (lambda fn: fn)
+_lookup_traced = _assume_constant(_lookup_cached)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
+
 
 def launch_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.device) -> LaunchConfig:
     """Configuration for ``kernel`` (one of :data:`KERNELS`) on a state of ``numel``
-    elements of ``dtype`` on ``device``. Pure Python with no I/O, so it is cheap per launch."""
-    return DEFAULT_CONFIG
+    elements of ``dtype`` on ``device``. After the first call for a (device, kernel,
+    dtype, size class) it is a dict look-up: no I/O per launch."""
+    forced = _FORCED
+    if forced is not None:
+        return forced
+    cls = size_class(numel)
+    if _is_compiling():
+        return _lookup_traced(kernel, dtype, cls, device)
+    return _lookup_cached(kernel, dtype, cls, device)
+
+
+def explain_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.device) -> str:
+    """Which configuration ``kernel`` gets and from where, e.g.
+    ``"block 2048, 8 warps, 3 stages from /home/u/.cache/convgru_triton/tuning/nvidia_a100.json"``."""
+    if _FORCED is not None:
+        return f"{_FORCED} (forced)"
+    key = _device_key(torch.device(device))
+    if key is None:
+        return f"{DEFAULT_CONFIG} from defaults ({torch.device(device).type} device)"
+    cfg, source = resolve(key, kernel, dtype, numel)
+    return f"{cfg} from {source}"
+
+
+@contextlib.contextmanager
+def forced_config(cfg: LaunchConfig) -> Iterator[LaunchConfig]:
+    """Within the block every kernel launch uses ``cfg`` (the tuner and the tests
+    use it; not thread-safe)::
+
+        with forced_config(LaunchConfig(2048, 8)):
+            ...  # launches
+    """
+    global _FORCED
+    if not isinstance(cfg, LaunchConfig):
+        raise TypeError(f"forced_config takes a LaunchConfig, got {type(cfg).__name__}")
+    previous = _FORCED
+    _FORCED = cfg
+    try:
+        yield cfg
+    finally:
+        _FORCED = previous

@@ -1,0 +1,774 @@
+"""Tune the fused gate kernels for this GPU and write its tuning file.
+
+    python -m convgru_triton.tune              # tune the current GPU, write the user file
+    python -m convgru_triton.tune --dry-run    # show what would be tuned (works anywhere)
+    convgru-triton-tune --dtypes float16 --max-size 2^24 --output my_gpu.json
+
+For every kernel, dtype and state size of a ladder, each candidate launch
+configuration is run once and its outputs are compared with the reference
+(:mod:`convgru_triton.ops.naive`); candidates that fail to compile, run out of
+resources or give a wrong result are skipped, the others are timed with
+``triton.testing.do_bench``. The fastest per (kernel, dtype, size) goes into
+``<gpu>.json``, written atomically (temporary file + rename) to
+``$CONVGRU_TRITON_TUNING_DIR`` or ``~/.cache/convgru_triton/tuning`` unless
+``--output`` says where; :mod:`convgru_triton._tuning` reads it from there on.
+Entries of an existing valid file for the same GPU and Triton version that this
+run does not re-tune are kept.
+
+Exit status: 0 on success, 2 when there is no CUDA GPU or Triton (a dry run
+works without them), 1 when nothing could be tuned or the file not be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _tuning
+from ._tuning import KERNELS, LaunchConfig
+
+DEFAULT_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_BLOCK_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192)
+DEFAULT_NUM_WARPS = (1, 2, 4, 8, 16)
+DEFAULT_NUM_STAGES = (_tuning.DEFAULT_NUM_STAGES,)
+DEFAULT_MIN_SIZE = 2**16
+DEFAULT_MAX_SIZE = 2**28
+# Elements per thread of a candidate: at least one, at most this many (more
+# only spills registers for an elementwise kernel).
+MAX_ELEMENTS_PER_THREAD = 64
+
+# Elements of the state's size read + written per element by each kernel, as the
+# tuner launches it (forward kernels saving for backward, one incoming gradient).
+ELEMENTS_MOVED = {
+    "gru_reset_after_fwd": 7 + 5,  # gx 3, gh 3, h | h', saved 4
+    "gru_reset_after_bwd": 6 + 7,  # g, saved 4, h | d gx 3, d gh 3, d h
+    "gru_reset_gate_fwd": 5 + 3,  # gx 2, gh 2, h | r, z, r*h
+    "gru_update_fwd": 4 + 2,  # gx_n, gh_n, z, h | h', n
+    "gru_update_bwd": 4 + 3,  # g, z, n, h | d a_z, d a_n, d h
+    "gru_reset_gate_bwd": 4 + 2,  # d(r*h), r, h, d h | d a_r, d h
+}
+
+# Largest difference from the reference a candidate may have (the kernels compute
+# in float32; the backward kernels read gates rounded to the storage dtype).
+TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 8e-2,
+}
+
+Timer = Callable[[Callable[[], Any]], float]
+
+
+# ----------------------------------------------------------------------------
+# Plan: sizes and candidate configurations
+# ----------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"2^20"``, ``"2**20"`` -> 1048576."""
+    match = re.fullmatch(r"\s*2\s*(?:\^|\*\*)\s*(\d+)\s*", text)
+    try:
+        value = 2 ** int(match.group(1)) if match else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1048576 or 2^20)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return value
+
+
+def size_ladder(min_size: int, max_size: int, step: int = 2) -> List[int]:
+    """Powers of two from ``min_size`` to ``max_size`` (rounded up to powers of
+    two), ``step`` apart in the exponent; the largest is always included."""
+    lo, hi = _tuning.size_class(min_size), _tuning.size_class(max_size)
+    if hi < lo:
+        raise ValueError(f"max size {max_size} is below min size {min_size}")
+    exponents = list(range(lo, hi + 1, max(1, step)))
+    if exponents[-1] != hi:
+        exponents.append(hi)
+    return [2**e for e in exponents]
+
+
+def candidate_configs(
+    block_sizes: Iterable[int] = DEFAULT_BLOCK_SIZES,
+    num_warps: Iterable[int] = DEFAULT_NUM_WARPS,
+    num_stages: Iterable[int] = DEFAULT_NUM_STAGES,
+) -> List[LaunchConfig]:
+    """Valid combinations with 1 to ``MAX_ELEMENTS_PER_THREAD`` elements per thread."""
+    configs = []
+    for block in block_sizes:
+        for warps in num_warps:
+            for stages in num_stages:
+                cfg = _tuning.check_config_values(block, warps, stages)
+                per_thread = block / (32 * warps)
+                if 1 <= per_thread <= MAX_ELEMENTS_PER_THREAD:
+                    configs.append(cfg)
+    return configs
+
+
+def _fmt_size(numel: int) -> str:
+    return f"2^{numel.bit_length() - 1}" if numel & (numel - 1) == 0 else str(numel)
+
+
+def _fmt_cfg(cfg: LaunchConfig) -> str:
+    return f"{cfg.block_size}x{cfg.num_warps}w/{cfg.num_stages}s"
+
+
+# ----------------------------------------------------------------------------
+# Cases: inputs, one launch, the reference check
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One kernel on one state size and dtype: ``run()`` launches it once (with
+    whatever configuration the registry gives, i.e. the forced one) and returns
+    its outputs; ``reset()`` restores buffers a launch writes in place;
+    ``check(outputs)`` is ``None`` or what differs from the reference."""
+
+    kernel: str
+    dtype: torch.dtype
+    numel: int
+    device: torch.device
+    run: Callable[[], Any]
+    check: Callable[[Any], Optional[str]]
+    reset: Callable[[], None] = lambda: None
+
+
+def state_shape(numel: int) -> Tuple[int, int, int]:
+    """(N, H, S) of a state of ``numel`` elements: 2 samples of 32 channels when it divides."""
+    for n, h in ((2, 32), (2, 8), (1, 4), (1, 1)):
+        if numel % (n * h) == 0:
+            return n, h, numel // (n * h)
+    raise AssertionError("unreachable")
+
+
+def _compare(pairs: Sequence[Tuple[str, torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> Optional[str]:
+    """``None`` when every actual tensor is within ``tol * (1 + |expected|)`` of
+    its expected one (``tol`` by dtype), else what is wrong with the first that is not."""
+    tol = TOLERANCE.get(dtype, 1e-2)
+    for name, actual, expected in pairs:
+        actual = actual.to(expected.dtype)
+        finite = torch.isfinite(actual)
+        if not finite.all():
+            return f"{name}: {int((~finite).sum())} elements not finite (not written?)"
+        diff = (actual - expected).abs()
+        if (diff > tol * (1 + expected.abs())).any():
+            return f"{name}: differs from the reference by up to {diff.max().item():.3g}"
+    return None
+
+
+def build_case(
+    kernel: str,
+    dtype: torch.dtype,
+    numel: int,
+    device: torch.device,
+    seed: int = 0,
+    shape: Optional[Tuple[int, int, int]] = None,
+) -> Case:
+    """Inputs, launch and reference check of ``kernel`` (one of :data:`KERNELS`) on
+    a state of ``numel`` elements (shaped (N, H, S) = ``shape`` or :func:`state_shape`);
+    the reference is the kernel's ``*_ref`` twin in :mod:`convgru_triton.ops.naive`,
+    run in float32 (float64 for float64) on the same, storage-dtype inputs."""
+    from .ops import conv_gru_cell as op
+    from .ops import naive
+
+    n, hd, s = shape if shape is not None else state_shape(numel)
+    if n * hd * s != numel:
+        raise ValueError(f"shape {shape} does not have {numel} elements")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, activation=None):
+        t = torch.randn(*shape, generator=gen, device=device, dtype=ref_dtype)
+        return (activation(t) if activation is not None else t).to(dtype)
+
+    def state(activation=None):
+        return rand(n, hd, s, activation=activation)
+
+    def gates(slots, activation=None):
+        return rand(n, slots * hd, s, activation=activation)
+
+    def ref(*ts):
+        return [t.to(ref_dtype) if t is not None else None for t in ts]
+
+    def compare(*pairs):
+        return _compare(pairs, dtype)
+
+    def slot(t, i):
+        return t[:, i * hd : (i + 1) * hd]
+
+    if kernel == "gru_reset_after_fwd":
+        gx, gh, h, bih, bhh = gates(3), gates(3), state(), rand(3 * hd), rand(3 * hd)
+        h_ref, r_ref, z_ref, n_ref, hn_ref = naive.gru_reset_after_fwd_ref(*ref(gx, gh, h, bih, bhh))
+
+        def run():
+            return op._reset_after_fwd(gx, gh, h, bih, bhh, True)
+
+        def check(out):
+            h_new, (g, aux) = out
+            return compare(("h'", h_new, h_ref), ("r", slot(g, 0), r_ref), ("z", slot(g, 1), z_ref),
+                           ("n", slot(g, 2), n_ref), ("W_hn*h + b_hn", aux, hn_ref))
+
+        return Case(kernel, dtype, numel, device, run, check)
+
+    if kernel == "gru_reset_after_bwd":
+        g, h, aux = state(), state(), state()
+        saved_gates = torch.cat([state(torch.sigmoid), state(torch.sigmoid), state(torch.tanh)], dim=1)
+        r, z, cand = (slot(saved_gates, i) for i in range(3))
+        d_gx_ref, d_gh_ref, d_h_ref = naive.gru_reset_after_bwd_ref(*ref(g, r, z, cand, aux, h))
+
+        def run():
+            return op._reset_after_bwd(g, None, (saved_gates, aux), h, False)
+
+        def check(out):
+            d_gx, d_gh, d_h = out
+            return compare(("d gates_x", d_gx, d_gx_ref), ("d gates_h", d_gh, d_gh_ref), ("d h", d_h, d_h_ref))
+
+        return Case(kernel, dtype, numel, device, run, check)
+
+    if kernel == "gru_reset_gate_fwd":
+        gx, gh_rz, h, bih, bhh = gates(3), gates(2), state(), rand(3 * hd), rand(3 * hd)
+        r_ref, z_ref, rh_ref = naive.gru_reset_gate_fwd_ref(*ref(gx, gh_rz, h, bih, bhh))
+
+        def run():
+            return op._reset_gate_fwd(gx, gh_rz, h, bih, bhh)
+
+        def check(out):
+            g, rh = out
+            return compare(("r", slot(g, 0), r_ref), ("z", slot(g, 1), z_ref), ("r*h", rh, rh_ref))
+
+        return Case(kernel, dtype, numel, device, run, check)
+
+    if kernel == "gru_update_fwd":
+        gx, gh_n, h, bih, bhh = gates(3), state(), state(), rand(3 * hd), rand(3 * hd)
+        saved_gates = gates(3, torch.sigmoid)
+        h_ref, n_ref = naive.gru_update_fwd_ref(*ref(gx, gh_n, slot(saved_gates, 1), h, bih, bhh))
+
+        def run():
+            return op._update_fwd(gx, gh_n, saved_gates, h, bih, bhh, True)
+
+        def reset():
+            slot(saved_gates, 2).fill_(float("nan"))
+
+        def check(h_new):
+            return compare(("h'", h_new, h_ref), ("n", slot(saved_gates, 2), n_ref))
+
+        return Case(kernel, dtype, numel, device, run, check, reset)
+
+    if kernel == "gru_update_bwd":
+        g, h = state(), state()
+        saved_gates = torch.cat([state(torch.sigmoid), state(torch.sigmoid), state(torch.tanh)], dim=1)
+        d_az_ref, d_an_ref, d_h_ref = naive.gru_update_bwd_ref(*ref(g, slot(saved_gates, 1), slot(saved_gates, 2), h))
+        d_gates = torch.empty(n, 3 * hd, s, device=device, dtype=dtype)
+
+        def run():
+            return op._update_bwd(g, None, saved_gates, h, d_gates)
+
+        def reset():
+            d_gates.fill_(float("nan"))
+
+        def check(d_h):
+            return compare(("d a_z", slot(d_gates, 1), d_az_ref), ("d a_n", slot(d_gates, 2), d_an_ref),
+                           ("d h", d_h, d_h_ref))
+
+        return Case(kernel, dtype, numel, device, run, check, reset)
+
+    if kernel == "gru_reset_gate_bwd":
+        d_rh, h, d_h_in = state(), state(), state()
+        saved_gates = gates(3, torch.sigmoid)
+        d_ar_ref, d_h_part = naive.gru_reset_gate_bwd_ref(*ref(d_rh, slot(saved_gates, 0), h))
+        d_h_ref = d_h_in.to(ref_dtype) + d_h_part
+        d_gates = torch.empty(n, 3 * hd, s, device=device, dtype=dtype)
+        d_h = d_h_in.clone()  # the kernel adds to it in place
+
+        def run():
+            op._reset_gate_bwd(d_rh, saved_gates, h, d_gates, d_h)
+            return d_h
+
+        def reset():
+            d_gates.fill_(float("nan"))
+            d_h.copy_(d_h_in)
+
+        def check(d_h_out):
+            return compare(("d a_r", slot(d_gates, 0), d_ar_ref), ("d h", d_h_out, d_h_ref))
+
+        return Case(kernel, dtype, numel, device, run, check, reset)
+
+    raise ValueError(f"unknown kernel {kernel!r}; the tuned kernels are {KERNELS}")
+
+
+# ----------------------------------------------------------------------------
+# Search
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    """One candidate: its time in ms, or why it was skipped."""
+
+    config: LaunchConfig
+    ms: Optional[float] = None
+    skipped: Optional[str] = None
+
+
+@dataclass
+class Result:
+    kernel: str
+    dtype: torch.dtype
+    numel: int
+    bytes_moved: int
+    trials: List[Trial] = field(default_factory=list)
+
+    @property
+    def best(self) -> Optional[Trial]:
+        timed = [t for t in self.trials if t.ms is not None]
+        return min(timed, key=lambda t: t.ms) if timed else None
+
+    def gb_per_s(self, trial: Optional[Trial]) -> Optional[float]:
+        if trial is None or trial.ms is None or not self.bytes_moved:
+            return None
+        return self.bytes_moved / (trial.ms * 1e-3) / 1e9
+
+    @property
+    def default(self) -> Optional[Trial]:
+        return next((t for t in self.trials if t.config == _tuning.DEFAULT_CONFIG and t.ms is not None), None)
+
+
+@contextlib.contextmanager
+def _poisoned_outputs():
+    """Fill every buffer the launchers allocate with NaN first, so that an element
+    a candidate does not write cannot pass the check with a stale correct value."""
+    from .ops import conv_gru_cell as op
+
+    allocate = getattr(op, "_empty", None)
+    if allocate is None:
+        yield
+        return
+
+    def poisoned(*args, **kwargs):
+        t = allocate(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    op._empty = poisoned
+    try:
+        yield
+    finally:
+        op._empty = allocate
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+
+
+def search(case: Case, candidates: Sequence[LaunchConfig], timer: Timer) -> List[Trial]:
+    """Check, then time, every candidate on ``case``; a candidate that raises
+    (compilation, resources, launch) or gives a wrong result is skipped with the reason."""
+    trials = []
+    for cfg in candidates:
+        trial = Trial(cfg)
+        trials.append(trial)
+        try:
+            with _tuning.forced_config(cfg):
+                case.reset()
+                with _poisoned_outputs():
+                    out = case.run()
+                _synchronize(case.device)
+                problem = case.check(out)
+        except Exception as exc:  # CompilationError, OutOfResources, CUDA errors, ...
+            trial.skipped = f"failed: {_reason(exc)}"
+            continue
+        if problem:
+            trial.skipped = f"wrong result: {problem}"
+            continue
+        try:
+            with _tuning.forced_config(cfg):
+                ms = float(timer(case.run))
+        except Exception as exc:
+            trial.skipped = f"failed while timing: {_reason(exc)}"
+            continue
+        if not (math.isfinite(ms) and ms > 0):
+            trial.skipped = f"bad timing {ms!r}"
+            continue
+        trial.ms = ms
+    return trials
+
+
+class _Progress:
+    """tqdm when installed, else one line per step on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"[{self.done:>{len(str(self.total))}}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def tune(
+    kernels: Sequence[str],
+    dtypes: Sequence[torch.dtype],
+    sizes: Sequence[int],
+    candidates: Sequence[LaunchConfig],
+    device: torch.device,
+    timer: Timer,
+    progress: bool = True,
+) -> List[Result]:
+    """Search every (kernel, dtype, size); a size whose buffers do not fit is skipped."""
+    results = []
+    bar = _Progress(len(kernels) * len(dtypes) * len(sizes), progress)
+    try:
+        for dtype in dtypes:
+            for kernel in kernels:
+                for numel in sizes:
+                    label = f"{kernel} {_tuning.dtype_name(dtype)} {_fmt_size(numel)}"
+                    result = Result(kernel, dtype, numel, ELEMENTS_MOVED[kernel] * numel * _itemsize(dtype))
+                    need, free = _memory_needed(kernel, dtype, numel), _memory_free(device)
+                    if free is not None and need > free:
+                        bar.step(f"{label}: skipped, needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+                        continue
+                    try:
+                        case = build_case(kernel, dtype, numel, device)
+                    except torch.cuda.OutOfMemoryError as exc:
+                        bar.step(f"{label}: skipped, out of memory ({_reason(exc)})")
+                        _free(device)
+                        continue
+                    result.trials = search(case, candidates, timer)
+                    del case
+                    _free(device)
+                    results.append(result)
+                    best = result.best
+                    if best is None:
+                        bar.step(f"{label}: no candidate ran ({result.trials[0].skipped if result.trials else 'none'})")
+                    else:
+                        ran = sum(t.ms is not None for t in result.trials)
+                        bar.step(
+                            f"{label}: {_fmt_cfg(best.config)} {best.ms * 1e3:.1f} us "
+                            f"{result.gb_per_s(best):.0f} GB/s ({ran}/{len(result.trials)} candidates ran)"
+                        )
+    finally:
+        bar.close()
+    return results
+
+
+def _memory_needed(kernel: str, dtype: torch.dtype, numel: int) -> int:
+    """Rough upper bound of the memory a case takes: its buffers in the storage
+    dtype, the reference outputs and the comparison's temporaries in float32."""
+    return numel * (ELEMENTS_MOVED[kernel] * (_itemsize(dtype) + 4) + 4 * 4)
+
+
+def _memory_free(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.mem_get_info(device)[0]
+    except Exception:
+        return None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------
+# Output: table, document, atomic write
+# ----------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[Result]) -> str:
+    head = ("kernel", "dtype", "size", "block", "warps", "stages", "time us", "GB/s", "default us", "speedup", "ran")
+    rows = [head]
+    for r in results:
+        best, default = r.best, r.default
+        ran = f"{sum(t.ms is not None for t in r.trials)}/{len(r.trials)}"
+        if best is None:
+            rows.append((r.kernel, _tuning.dtype_name(r.dtype), _fmt_size(r.numel)) + ("-",) * 7 + (ran,))
+            continue
+        rows.append((
+            r.kernel, _tuning.dtype_name(r.dtype), _fmt_size(r.numel),
+            str(best.config.block_size), str(best.config.num_warps), str(best.config.num_stages),
+            f"{best.ms * 1e3:.2f}", f"{r.gb_per_s(best):.0f}",
+            f"{default.ms * 1e3:.2f}" if default else "-",
+            f"{default.ms / best.ms:.2f}x" if default else "-",
+            ran,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def make_document(
+    results: Sequence[Result], device_name: str, existing: Optional[dict] = None, triton_version: Optional[str] = None
+) -> dict:
+    """The tuning file for ``results``; entries of ``existing`` (a valid file for the
+    same GPU and Triton version) that this run did not tune are kept."""
+    key = _tuning.normalize_device_name(device_name)
+    version = triton_version or _tuning.triton_version() or "unknown"
+    entries: Dict[Tuple[str, str, int], dict] = {}
+    if existing is not None:
+        try:
+            _tuning.parse_document(existing, key)
+            _tuning.check_triton_version(existing["triton_version"], version)
+            for e in existing["entries"]:
+                entries[(e["kernel"], e["dtype"], _tuning.size_class(e["numel"]))] = dict(e)
+        except (_tuning.TuningFileError, KeyError):
+            entries = {}
+    for r in results:
+        best = r.best
+        if best is None:
+            continue
+        entry = {
+            "kernel": r.kernel,
+            "dtype": _tuning.dtype_name(r.dtype),
+            "numel": r.numel,
+            "block_size": best.config.block_size,
+            "num_warps": best.config.num_warps,
+            "num_stages": best.config.num_stages,
+            "time_ms": round(best.ms, 6),
+        }
+        gbps = r.gb_per_s(best)
+        if gbps is not None:
+            entry["gb_per_s"] = round(gbps, 1)
+        entries[(r.kernel, entry["dtype"], _tuning.size_class(r.numel))] = entry
+    order = {k: i for i, k in enumerate(KERNELS)}
+    doc = {
+        "schema": _tuning.SCHEMA_VERSION,
+        "device": key,
+        "device_name": device_name,
+        "triton_version": version,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": "python -m convgru_triton.tune",
+        "entries": [entries[k] for k in sorted(entries, key=lambda k: (order.get(k[0], 99), k[1], k[2]))],
+    }
+    _tuning.parse_document(doc, key)  # what we write must be what we read
+    return doc
+
+
+def write_atomic(path: str, doc: dict) -> None:
+    """Write ``doc`` as JSON to ``path`` through a temporary file in the same folder
+    and a rename: readers see the old file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_existing(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def _list(kind: Callable[[str], Any], choices: Optional[Sequence[str]] = None):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        if choices is not None:
+            bad = [t for t in items if t not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)} (choose from {', '.join(choices)})")
+        try:
+            return [kind(t) for t in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m convgru_triton.tune",
+        description="Tune the block size, warps and stages of the fused ConvGRU gate kernels on this GPU "
+        "and write its tuning file, which the package then uses.",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be tuned and where it would be written")
+    p.add_argument("--output", "-o", help="file (or folder) to write; default: "
+                   f"${_tuning.ENV_DIR} or {_tuning.user_cache_dir()}, file <gpu>.json")
+    p.add_argument("--device", default=None, help="CUDA device to tune (default: the current one)")
+    p.add_argument("--kernels", type=_list(str, KERNELS), default=list(KERNELS), help="comma-separated (default: all)")
+    p.add_argument("--dtypes", type=_list(str, list(_tuning.DTYPES)), default=list(DEFAULT_DTYPES),
+                   help="comma-separated (default: float32,float16,bfloat16)")
+    p.add_argument("--min-size", type=parse_size, default=DEFAULT_MIN_SIZE,
+                   help="smallest state, elements (default 2^16)")
+    p.add_argument("--max-size", type=parse_size, default=DEFAULT_MAX_SIZE,
+                   help="largest state, elements (default 2^28)")
+    p.add_argument("--size-step", type=int, default=2,
+                   help="exponent step of the size ladder (default 2: 2^16, 2^18, ...)")
+    p.add_argument("--block-sizes", type=_list(int), default=list(DEFAULT_BLOCK_SIZES))
+    p.add_argument("--num-warps", type=_list(int), default=list(DEFAULT_NUM_WARPS))
+    p.add_argument("--num-stages", type=_list(int), default=list(DEFAULT_NUM_STAGES))
+    p.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up per candidate, ms (default 10)")
+    p.add_argument("--rep", type=float, default=50.0, help="do_bench measuring time per candidate, ms (default 50)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    return p
+
+
+def _default_output(device_key: str) -> str:
+    return os.path.join(_tuning.user_tuning_dir(), device_key + ".json")
+
+
+def _registry_reads(path: str, device_key: str) -> bool:
+    wanted = os.path.abspath(path)
+    return any(os.path.abspath(p) == wanted for _, p in _tuning.source_paths(device_key))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sizes = size_ladder(args.min_size, args.max_size, args.size_step)
+        candidates = candidate_configs(args.block_sizes, args.num_warps, args.num_stages)
+    except (ValueError, _tuning.TuningFileError) as exc:
+        parser.error(str(exc))
+    if not candidates:
+        parser.error("no valid candidate: every block size / warps pair gives less than 1 "
+                     f"or more than {MAX_ELEMENTS_PER_THREAD} elements per thread")
+    dtypes = [_tuning.DTYPES[d] for d in args.dtypes]
+    try:
+        device = torch.device(args.device or "cuda")
+    except RuntimeError:
+        device = None
+    if device is None or device.type != "cuda":
+        parser.error(f"--device must be a CUDA device such as cuda:1, got {args.device!r}")
+    cuda = torch.cuda.is_available()
+
+    if args.dry_run:
+        if cuda:
+            name = torch.cuda.get_device_name(device)
+            key = _tuning.normalize_device_name(name)
+            where = f"GPU: {name}"
+        else:
+            key = "<gpu>"
+            where = "GPU: none visible here (a real run needs one; this is the plan only)"
+        output = args.output or _default_output(key)
+        n_cases = len(args.kernels) * len(dtypes) * len(sizes)
+        print(where)
+        print(f"kernels ({len(args.kernels)}): {', '.join(args.kernels)}")
+        print(f"dtypes ({len(dtypes)}): {', '.join(args.dtypes)}")
+        print(f"sizes ({len(sizes)}): {', '.join(_fmt_size(s) for s in sizes)} elements of the state")
+        print(f"candidates ({len(candidates)}): {' '.join(_fmt_cfg(c) for c in candidates)}")
+        n_runs = n_cases * len(candidates)
+        minutes = n_runs * (args.warmup + args.rep) / 60e3
+        print(f"benchmarks: {n_cases} cases x {len(candidates)} candidates = {n_runs}, "
+              f"about {minutes:.0f} min of timing plus compilation")
+        print(f"would write: {output}")
+        return 0
+
+    if not cuda:
+        print("convgru_triton.tune: no CUDA GPU is visible (torch.cuda.is_available() is False), and the "
+              "configurations are tuned on the GPU they are for. Run it on that GPU, or use --dry-run to see the plan.",
+              file=sys.stderr)
+        return 2
+    try:
+        import triton.testing
+
+        from .ops import conv_gru_cell  # noqa: F401
+    except Exception as exc:
+        print(f"convgru_triton.tune: Triton or the fused kernels do not import ({_reason(exc)}); nothing to tune.",
+              file=sys.stderr)
+        return 2
+
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):
+        print("convgru_triton.tune: TRITON_INTERPRET is set, so the kernels would run in the Triton interpreter "
+              "and the timings would mean nothing; unset it to tune.", file=sys.stderr)
+        return 2
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = torch.cuda.get_device_name(device)
+    key = _tuning.normalize_device_name(name)
+    output = args.output or _default_output(key)
+    if os.path.isdir(output):
+        output = os.path.join(output, key + ".json")
+    if torch.bfloat16 in dtypes and not torch.cuda.is_bf16_supported():
+        print(f"{name} has no bfloat16: not tuning it", file=sys.stderr)
+        dtypes.remove(torch.bfloat16)
+
+    print(f"tuning {len(args.kernels)} kernels x {len(dtypes)} dtypes x {len(sizes)} sizes x {len(candidates)} "
+          f"candidates on {name} (Triton {_tuning.triton_version()}, torch {torch.__version__})", file=sys.stderr)
+
+    def timer(fn):
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    torch.cuda.set_device(device)
+    results = tune(args.kernels, dtypes, sizes, candidates, device, timer, progress=not args.quiet)
+    print(format_table(results))
+    if not any(r.best is not None for r in results):
+        print("convgru_triton.tune: no configuration could be tuned; nothing written", file=sys.stderr)
+        return 1
+    doc = make_document(results, name, _read_existing(output))
+    try:
+        write_atomic(output, doc)
+    except OSError as exc:
+        print(f"convgru_triton.tune: cannot write {output}: {exc}", file=sys.stderr)
+        return 1
+    _tuning.clear_cache()
+    print(f"wrote {output} ({len(doc['entries'])} entries)")
+    if not _registry_reads(output, key):
+        folder = os.path.dirname(os.path.abspath(output))
+        print(f"note: the package does not look there; set {_tuning.ENV_DIR}={folder} "
+              f"(with the file named {key}.json) or copy it to {_default_output(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

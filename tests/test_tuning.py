@@ -1,0 +1,700 @@
+"""The tuning registry (convgru_triton._tuning) and the tuner (convgru_triton.tune).
+
+Everything here runs on CPU: a fake GPU name stands in for a CUDA device, the
+tuner's timer is injected, and the kernels run under the Triton interpreter.
+"""
+
+import builtins
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from convgru_triton import _tuning, tune
+from convgru_triton._tuning import DEFAULT_CONFIG, KERNELS, LaunchConfig, TuningFileWarning
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_GPU = "fake_gpu_9000"
+GPU = torch.device("cuda", 0)  # only a key here: _device_key is replaced in the registry fixture
+
+
+def _doc(entries, **fields):
+    doc = {
+        "schema": _tuning.SCHEMA_VERSION,
+        "device": FAKE_GPU,
+        "device_name": "Fake GPU 9000",
+        "triton_version": _tuning.triton_version() or "3.0.0",
+        "torch_version": torch.__version__,
+        "created": "2026-01-01T00:00:00+00:00",
+        "entries": entries,
+    }
+    doc.update(fields)
+    return doc
+
+
+def _entry(block, warps, numel=2**20, kernel="gru_reset_after_fwd", dtype="float32", **fields):
+    entry = dict(kernel=kernel, dtype=dtype, numel=numel, block_size=block, num_warps=warps)
+    entry.update(fields)
+    return entry
+
+
+class Registry:
+    """The three folders of a test, each empty at first; the environment variable
+    points at the first one once a file is written there (or ``use_env()``)."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.env = tmp_path / "env"
+        self.cache = tmp_path / "xdg" / "convgru_triton" / "tuning"
+        self.shipped = tmp_path / "shipped"
+        for folder in (self.env, self.cache, self.shipped):
+            folder.mkdir(parents=True)
+
+    def use_env(self):
+        self.monkeypatch.setenv(_tuning.ENV_DIR, str(self.env))
+
+    def write(self, folder, doc, name=FAKE_GPU + ".json"):
+        if folder == self.env:
+            self.use_env()
+        path = folder / name
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        return path
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    reg = Registry(tmp_path, monkeypatch)
+    monkeypatch.delenv(_tuning.ENV_DIR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(_tuning, "SHIPPED_DIR", str(reg.shipped))
+    monkeypatch.setattr(_tuning, "_device_key", lambda device: FAKE_GPU if device.type == "cuda" else None)
+    _tuning.clear_cache()
+    yield reg
+    _tuning.clear_cache()
+
+
+def lookup(kernel="gru_reset_after_fwd", dtype=torch.float32, numel=2**20):
+    return _tuning.launch_config(kernel, dtype, numel, GPU)
+
+
+# ----------------------------------------------------------------------------
+# Names, sizes, nearest bucket
+# ----------------------------------------------------------------------------
+
+
+def test_normalize_device_name():
+    assert _tuning.normalize_device_name("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+    assert _tuning.normalize_device_name("  NVIDIA GeForce RTX 4090 ") == "nvidia_geforce_rtx_4090"
+    assert _tuning.normalize_device_name("AMD Instinct MI300X (gfx942)") == "amd_instinct_mi300x_gfx942"
+    assert _tuning.normalize_device_name("???") == "unknown_gpu"
+
+
+def test_size_class():
+    assert [_tuning.size_class(n) for n in (1, 2, 3, 4, 5, 1024, 1025, 3000)] == [0, 1, 2, 2, 3, 10, 11, 12]
+
+
+def test_nearest_bucket(registry):
+    entries = [_entry(128, 1, numel=2**16), _entry(512, 2, numel=2**20), _entry(4096, 8, numel=2**24)]
+    registry.write(registry.shipped, _doc(entries))
+    assert lookup(numel=2**16) == LaunchConfig(128, 1)
+    assert lookup(numel=2**16 + 1) == LaunchConfig(128, 1)  # class 17: nearest 16
+    assert lookup(numel=2**18) == LaunchConfig(512, 2)  # class 18: a tie of 16 and 20, the larger wins
+    assert lookup(numel=3 * 2**19) == LaunchConfig(512, 2)  # class 21
+    assert lookup(numel=2**23) == LaunchConfig(4096, 8)  # class 23
+    assert lookup(numel=2**30) == LaunchConfig(4096, 8)  # above the ladder
+    assert lookup(numel=5) == LaunchConfig(128, 1)  # below it
+    # Another kernel or dtype without entries: the defaults.
+    assert lookup(kernel="gru_update_bwd") == DEFAULT_CONFIG
+    assert lookup(dtype=torch.float16) == DEFAULT_CONFIG
+
+
+def test_num_stages_read_and_defaulted(registry):
+    entries = [_entry(256, 2, num_stages=1), _entry(256, 2, dtype="float16")]
+    registry.write(registry.shipped, _doc(entries))
+    assert lookup() == LaunchConfig(256, 2, 1)
+    assert lookup(dtype=torch.float16) == LaunchConfig(256, 2, _tuning.DEFAULT_NUM_STAGES)
+
+
+# ----------------------------------------------------------------------------
+# Precedence and defaults
+# ----------------------------------------------------------------------------
+
+
+def test_precedence(registry, monkeypatch):
+    env = registry.write(registry.env, _doc([_entry(2048, 8)]))
+    cache = registry.write(registry.cache, _doc([_entry(512, 4)]))
+    shipped = registry.write(registry.shipped, _doc([_entry(256, 2)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lookup() == LaunchConfig(2048, 8)
+        assert _tuning.explain_config("gru_reset_after_fwd", torch.float32, 2**20, GPU).endswith(str(env))
+
+        env.unlink()
+        monkeypatch.delenv(_tuning.ENV_DIR)
+        _tuning.clear_cache()
+        assert lookup() == LaunchConfig(512, 4)
+        assert _tuning.explain_config("gru_reset_after_fwd", torch.float32, 2**20, GPU).endswith(str(cache))
+
+        cache.unlink()
+        _tuning.clear_cache()
+        assert lookup() == LaunchConfig(256, 2)
+        assert _tuning.explain_config("gru_reset_after_fwd", torch.float32, 2**20, GPU).endswith(str(shipped))
+
+        shipped.unlink()
+        _tuning.clear_cache()
+        assert lookup() == DEFAULT_CONFIG
+        assert _tuning.explain_config("gru_reset_after_fwd", torch.float32, 2**20, GPU).endswith("defaults")
+
+
+def test_precedence_is_per_kernel_and_dtype(registry):
+    """A file without entries for a (kernel, dtype) leaves it to the next source,
+    and sizes of different files are not mixed for one pair."""
+    registry.write(registry.env, _doc([_entry(2048, 8, dtype="float16", numel=2**16)]))
+    registry.write(registry.cache, _doc([_entry(512, 4, dtype="float16", numel=2**20), _entry(128, 1)]))
+    registry.write(registry.shipped, _doc([_entry(256, 2, kernel="gru_update_fwd")]))
+    assert lookup(dtype=torch.float16, numel=2**20) == LaunchConfig(2048, 8)  # env, although cache has 2**20
+    assert lookup(dtype=torch.float32) == LaunchConfig(128, 1)  # cache
+    assert lookup(kernel="gru_update_fwd") == LaunchConfig(256, 2)  # shipped
+    assert lookup(kernel="gru_update_bwd") == DEFAULT_CONFIG
+
+
+def test_defaults_without_files(registry):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file anywhere is normal: no warning
+        for kernel in KERNELS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                assert _tuning.launch_config(kernel, dtype, 12345, GPU) == DEFAULT_CONFIG
+
+
+def test_defaults_are_sound():
+    cfg = DEFAULT_CONFIG
+    assert _tuning.check_config_values(cfg.block_size, cfg.num_warps, cfg.num_stages) == cfg
+    assert cfg.block_size >= 32 * cfg.num_warps
+
+
+def test_cpu_device_gets_defaults_without_io(monkeypatch):
+    """The interpreter (non-CUDA tensors) never looks at a file or the GPU name."""
+    _tuning.clear_cache()
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("file access")
+
+    monkeypatch.setattr(builtins, "open", no_io)
+    monkeypatch.setattr(os.path, "lexists", no_io)
+    monkeypatch.setattr(torch.cuda, "get_device_name", no_io)
+    for kernel in KERNELS:
+        assert _tuning.launch_config(kernel, torch.float32, 1000, torch.device("cpu")) == DEFAULT_CONFIG
+    _tuning.clear_cache()
+
+
+def test_unknown_kernel_is_an_error(registry):
+    with pytest.raises(ValueError, match="unknown kernel"):
+        lookup(kernel="gru_nonsense")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        _tuning.launch_config("gru_nonsense", torch.float32, 10, torch.device("cpu"))
+
+
+def test_env_folder_without_file_warns_once(registry):
+    registry.use_env()
+    with pytest.warns(TuningFileWarning, match="no file for this GPU") as record:
+        assert lookup() == DEFAULT_CONFIG
+        assert lookup(kernel="gru_update_fwd") == DEFAULT_CONFIG
+    assert len([w for w in record if issubclass(w.category, TuningFileWarning)]) == 1
+    assert str(registry.env / (FAKE_GPU + ".json")) in str(record[0].message)
+
+
+# ----------------------------------------------------------------------------
+# Broken files: one warning naming the file, then the defaults
+# ----------------------------------------------------------------------------
+
+VALID = _doc([_entry(256, 2)])
+
+BROKEN = {
+    "empty": "",
+    "corrupt-json": '{"schema": 1, "entries": [',
+    "not-utf8": b"\xff\xfe\x00garbage".decode("latin-1"),
+    "top-level-list": "[]",
+    "wrong-schema": _doc([_entry(256, 2)], schema=2),
+    "schema-as-bool": _doc([_entry(256, 2)], schema=True),
+    "no-entries": {k: v for k, v in VALID.items() if k != "entries"},
+    "entries-not-list": _doc({"gru_reset_after_fwd": 1}),
+    "entry-not-object": _doc([[256, 2]]),
+    "no-triton-version": {k: v for k, v in VALID.items() if k != "triton_version"},
+    "bad-triton-version": _doc([_entry(256, 2)], triton_version="main"),
+    "stale-triton-version": _doc([_entry(256, 2)], triton_version="2.0.0"),
+    "other-gpu": _doc([_entry(256, 2)], device="nvidia_a100_sxm4_40gb"),
+    "device-not-normalized": _doc([_entry(256, 2)], device="Fake GPU 9000"),
+    "block-not-power-of-two": _doc([_entry(1000, 2)]),
+    "block-too-small": _doc([_entry(8, 1)]),
+    "block-too-large": _doc([_entry(2**20, 4)]),
+    "block-float": _doc([_entry(1024.0, 4)]),
+    "block-string": _doc([_entry("1024", 4)]),
+    "block-bool": _doc([_entry(True, 4)]),
+    "warps-3": _doc([_entry(1024, 3)]),
+    "warps-64": _doc([_entry(1024, 64)]),
+    "stages-0": _doc([_entry(1024, 4, num_stages=0)]),
+    "unknown-kernel": _doc([_entry(1024, 4, kernel="gru_magic")]),
+    "unknown-dtype": _doc([_entry(1024, 4, dtype="int8")]),
+    "numel-zero": _doc([_entry(1024, 4, numel=0)]),
+    "numel-missing": _doc([{k: v for k, v in _entry(1024, 4).items() if k != "numel"}]),
+    "time-not-number": _doc([_entry(1024, 4, time_ms="fast")]),
+    "duplicate-entry": _doc([_entry(1024, 4), _entry(512, 4)]),
+}
+
+
+@pytest.mark.parametrize("content", list(BROKEN.values()), ids=list(BROKEN))
+def test_broken_file_warns_once_and_falls_back(registry, content):
+    path = registry.write(registry.env, content if isinstance(content, str) else json.dumps(content))
+    with pytest.warns(TuningFileWarning) as record:
+        for kernel in KERNELS:
+            for numel in (10, 2**20):
+                assert _tuning.launch_config(kernel, torch.float32, numel, GPU) == DEFAULT_CONFIG
+    ours = [w for w in record if issubclass(w.category, TuningFileWarning)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert str(path) in str(ours[0].message)
+
+
+def test_broken_file_falls_through_to_the_next_source(registry):
+    bad = registry.write(registry.env, "{corrupt")
+    registry.write(registry.shipped, VALID)
+    with pytest.warns(TuningFileWarning, match="not valid JSON") as record:
+        assert lookup() == LaunchConfig(256, 2)
+    assert str(bad) in str(record[0].message)
+
+
+def test_stale_file_names_both_versions(registry):
+    path = registry.write(registry.cache, _doc([_entry(256, 2)], triton_version="1.1.0"))
+    with pytest.warns(TuningFileWarning, match="stale") as record:
+        assert lookup() == DEFAULT_CONFIG
+    message = str(record[0].message)
+    assert str(path) in message and "1.1.0" in message
+
+
+def test_same_minor_version_is_not_stale(registry):
+    mm = _tuning._major_minor(_tuning.triton_version())
+    if mm is None:
+        pytest.skip("the installed Triton's version is unknown")
+    registry.write(registry.env, _doc([_entry(256, 2)], triton_version=f"{mm[0]}.{mm[1]}.99+local"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lookup() == LaunchConfig(256, 2)
+
+
+def test_directory_in_place_of_file(registry):
+    registry.use_env()
+    path = registry.env / (FAKE_GPU + ".json")
+    path.mkdir()
+    with pytest.warns(TuningFileWarning, match="cannot be read") as record:
+        assert lookup() == DEFAULT_CONFIG
+    assert str(path) in str(record[0].message)
+
+
+def test_unreadable_file(registry):
+    path = registry.write(registry.env, VALID)
+    os.chmod(path, 0)
+    try:
+        try:
+            with open(path, "rb"):
+                pytest.skip("permission bits do not stop this user (root) from reading; "
+                            "test_directory_in_place_of_file covers an unreadable file")
+        except PermissionError:
+            pass
+        with pytest.warns(TuningFileWarning, match="cannot be read") as record:
+            assert lookup() == DEFAULT_CONFIG
+        assert str(path) in str(record[0].message)
+    finally:
+        path.chmod(0o644)
+
+
+def test_warning_again_after_clear_cache(registry):
+    registry.write(registry.env, "{")
+    with pytest.warns(TuningFileWarning):
+        lookup()
+    _tuning.clear_cache()
+    with pytest.warns(TuningFileWarning):
+        lookup()
+
+
+# ----------------------------------------------------------------------------
+# Caching: no I/O per launch, torch.compile
+# ----------------------------------------------------------------------------
+
+
+def test_no_io_after_first_lookup(registry, monkeypatch):
+    registry.write(registry.env, _doc([_entry(128, 1, numel=2**16), _entry(2048, 8, numel=2**24)]))
+    assert lookup(numel=2**16) == LaunchConfig(128, 1)
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("I/O or parsing in a cached look-up")
+
+    for target, name in ((builtins, "open"), (os.path, "lexists"), (os.path, "exists"), (os, "stat"),
+                         (json, "loads"), (json, "load"), (torch.cuda, "get_device_name")):
+        monkeypatch.setattr(target, name, no_io)
+    for _ in range(100):
+        assert lookup(numel=2**16) == LaunchConfig(128, 1)
+    # A new size class reuses the parsed file: still no I/O.
+    assert lookup(numel=2**24 + 1) == LaunchConfig(2048, 8)
+    assert lookup(numel=2**16 - 7) == LaunchConfig(128, 1)
+
+
+def test_lookup_is_fast_when_cached(registry):
+    import time
+
+    registry.write(registry.shipped, VALID)
+    lookup()
+    start = time.perf_counter()
+    for _ in range(10000):
+        lookup()
+    per_call = (time.perf_counter() - start) / 10000
+    assert per_call < 50e-6, f"{per_call * 1e6:.1f} us per cached look-up"
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_traces_the_lookup(registry, dynamic):
+    """fullgraph: the first look-up (which reads a file) happens while Dynamo traces."""
+    torch._dynamo.reset()
+    registry.write(registry.shipped, _doc([_entry(128, 1, numel=2**6), _entry(2048, 8, numel=2**12)]))
+
+    def fn(x):
+        cfg = _tuning.launch_config("gru_reset_after_fwd", x.dtype, x.numel(), GPU)
+        return x * cfg.block_size + cfg.num_warps
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager", dynamic=dynamic)
+    for numel, cfg in ((64, LaunchConfig(128, 1)), (4096, LaunchConfig(2048, 8)), (4000, LaunchConfig(2048, 8))):
+        x = torch.randn(numel)
+        torch.testing.assert_close(compiled(x), x * cfg.block_size + cfg.num_warps)
+        torch.testing.assert_close(fn(x), x * cfg.block_size + cfg.num_warps)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------
+# Forced configurations
+# ----------------------------------------------------------------------------
+
+
+def test_forced_config(registry):
+    registry.write(registry.shipped, VALID)
+    forced = LaunchConfig(4096, 16, 2)
+    with _tuning.forced_config(forced):
+        assert lookup() == forced
+        assert _tuning.launch_config("gru_update_bwd", torch.float16, 7, torch.device("cpu")) == forced
+        with _tuning.forced_config(LaunchConfig(128, 1)):
+            assert lookup() == LaunchConfig(128, 1)
+        assert lookup() == forced
+    assert lookup() == LaunchConfig(256, 2)
+    with pytest.raises(RuntimeError):
+        with _tuning.forced_config(forced):
+            raise RuntimeError("boom")
+    assert lookup() == LaunchConfig(256, 2)
+    with pytest.raises(TypeError):
+        with _tuning.forced_config((1024, 4)):
+            pass
+
+
+# ----------------------------------------------------------------------------
+# The tuning file the tuner writes
+# ----------------------------------------------------------------------------
+
+
+def _result(kernel, dtype, numel, *timed):
+    r = tune.Result(kernel, dtype, numel, tune.ELEMENTS_MOVED[kernel] * numel * 4)
+    r.trials = [tune.Trial(cfg, ms) for cfg, ms in timed]
+    return r
+
+
+def test_document_round_trip(registry):
+    results = [
+        _result("gru_reset_after_fwd", torch.float32, 2**16, (LaunchConfig(256, 2), 0.5), (DEFAULT_CONFIG, 0.7)),
+        _result("gru_reset_after_fwd", torch.float32, 2**20, (LaunchConfig(2048, 8), 0.5), (DEFAULT_CONFIG, 0.9)),
+        _result("gru_update_bwd", torch.float16, 2**16, (LaunchConfig(512, 4, 1), 0.5)),
+        _result("gru_update_fwd", torch.float16, 2**16, (LaunchConfig(512, 4), None)),  # nothing ran: no entry
+    ]
+    doc = tune.make_document(results, "Fake GPU 9000")
+    assert doc["device"] == FAKE_GPU and doc["device_name"] == "Fake GPU 9000"
+    assert len(doc["entries"]) == 3
+    entry = doc["entries"][0]
+    assert entry["gb_per_s"] == pytest.approx(12 * 2**16 * 4 / 0.5e-3 / 1e9, abs=0.05)
+    tune.write_atomic(str(registry.cache / (FAKE_GPU + ".json")), doc)
+    assert lookup(numel=2**16) == LaunchConfig(256, 2)
+    assert lookup(numel=2**21) == LaunchConfig(2048, 8)
+    assert lookup(kernel="gru_update_bwd", dtype=torch.float16) == LaunchConfig(512, 4, 1)
+    assert lookup(kernel="gru_update_fwd", dtype=torch.float16) == DEFAULT_CONFIG
+
+
+def test_document_keeps_entries_it_did_not_retune():
+    old = tune.make_document(
+        [_result("gru_reset_after_fwd", torch.float32, 2**16, (LaunchConfig(256, 2), 1.0)),
+         _result("gru_reset_after_fwd", torch.float16, 2**16, (LaunchConfig(256, 2), 1.0))],
+        "Fake GPU 9000",
+    )
+    new = tune.make_document(
+        [_result("gru_reset_after_fwd", torch.float16, 2**16, (LaunchConfig(4096, 16), 1.0))], "Fake GPU 9000", old
+    )
+    got = {(e["dtype"], e["block_size"]) for e in new["entries"]}
+    assert got == {("float32", 256), ("float16", 4096)}
+    # An existing file of another GPU or Triton version is not merged.
+    stale = dict(old, triton_version="1.0.0")
+    assert len(tune.make_document([], "Fake GPU 9000", stale)["entries"]) == 0
+    assert len(tune.make_document([], "Other GPU", old)["entries"]) == 0
+
+
+def test_atomic_write(tmp_path):
+    path = tmp_path / "sub" / "gpu.json"
+    tune.write_atomic(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    tune.write_atomic(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert os.listdir(path.parent) == ["gpu.json"]
+
+
+@pytest.mark.parametrize("where", ["json.dump", "os.replace", "os.fsync"])
+def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch, where):
+    path = tmp_path / "gpu.json"
+    path.write_text('{"old": true}')
+
+    def interrupted(*args, **kwargs):
+        if where == "json.dump":  # half a file written, then the interruption
+            args[1].write('{"new": ')
+        raise KeyboardInterrupt
+
+    module, name = where.split(".")
+    monkeypatch.setattr({"json": json, "os": os}[module], name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune.write_atomic(str(path), {"new": True})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"old": True}
+    assert os.listdir(tmp_path) == ["gpu.json"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------
+# The tuner's search loop
+# ----------------------------------------------------------------------------
+
+
+def _fake_case(run=None, check=None):
+    return tune.Case("gru_update_fwd", torch.float32, 1024, torch.device("cpu"),
+                     run=run or (lambda: "out"), check=check or (lambda out: None))
+
+
+def test_search_picks_the_fastest_and_skips_failures():
+    times = {128: 3.0, 256: 1.5, 512: 0.5, 1024: 2.0, 2048: 0.1, 4096: 0.2}
+    seen = []
+
+    def active():  # what a launcher would get from the registry right now
+        return _tuning.launch_config("gru_update_fwd", torch.float32, 1024, torch.device("cpu"))
+
+    def run():
+        cfg = active()
+        if cfg.block_size == 512:
+            raise RuntimeError("out of resources: shared memory")
+        return cfg
+
+    def check(out):
+        return "h': differs" if out.block_size == 2048 else None
+
+    def timer(fn):
+        cfg = active()
+        seen.append(cfg.block_size)
+        if cfg.block_size == 4096:
+            raise RuntimeError("illegal instruction")
+        return times[cfg.block_size]
+
+    candidates = [LaunchConfig(b, 4) for b in times]
+    result = tune.Result("gru_update_fwd", torch.float32, 1024, 6 * 1024 * 4)
+    result.trials = tune.search(_fake_case(run, check), candidates, timer)
+    assert result.best.config == LaunchConfig(256, 4)
+    assert seen == [128, 256, 1024, 4096]  # neither the failing nor the wrong candidate is timed
+    skipped = {t.config.block_size: t.skipped for t in result.trials if t.skipped}
+    assert set(skipped) == {512, 2048, 4096}
+    assert "out of resources" in skipped[512] and "wrong result" in skipped[2048] and "timing" in skipped[4096]
+    assert result.default.ms == 2.0
+    table = tune.format_table([result])
+    assert "1.33x" in table  # the default (1024, 4 warps) took 2.0 ms, the best 1.5 ms
+    assert _tuning._FORCED is None  # nothing left forced
+
+
+def test_search_with_nothing_that_runs():
+    def run():
+        raise RuntimeError("compilation failed")
+
+    trials = tune.search(_fake_case(run), [LaunchConfig(128, 4), LaunchConfig(256, 4)], lambda fn: 1.0)
+    result = tune.Result("gru_update_fwd", torch.float32, 1024, 1)
+    result.trials = trials
+    assert result.best is None and all("compilation failed" in t.skipped for t in trials)
+    assert tune.make_document([result], "Fake GPU 9000")["entries"] == []
+
+
+def test_candidates_and_ladder():
+    cands = tune.candidate_configs()
+    assert DEFAULT_CONFIG in cands
+    for c in cands:
+        assert 1 <= c.block_size // (32 * c.num_warps) <= tune.MAX_ELEMENTS_PER_THREAD
+    assert {c.block_size for c in cands} == set(tune.DEFAULT_BLOCK_SIZES)
+    assert tune.size_ladder(2**16, 2**28) == [2**e for e in range(16, 29, 2)]
+    assert tune.size_ladder(2**16, 2**21) == [2**16, 2**18, 2**20, 2**21]
+    assert tune.size_ladder(1000, 1000) == [1024]
+    assert tune.parse_size("2^20") == tune.parse_size("2**20") == tune.parse_size("1048576") == 2**20
+
+
+def test_tune_end_to_end_with_the_interpreter():
+    """The real cases (inputs, launchers, reference checks) with an injected timer."""
+    candidates = [LaunchConfig(128, 4), LaunchConfig(1024, 4)]
+
+    def timer(fn):  # pretend the small block is faster
+        active = _tuning.launch_config(KERNELS[0], torch.float32, 1, torch.device("cpu"))
+        return {128: 1.0, 1024: 2.0}[active.block_size]
+
+    results = tune.tune(KERNELS, [torch.float32], [2**10], candidates, torch.device("cpu"), timer, progress=False)
+    assert [r.kernel for r in results] == list(KERNELS)
+    for r in results:
+        assert [t.skipped for t in r.trials] == [None, None], r.kernel
+        assert r.best.config == LaunchConfig(128, 4)
+    doc = tune.make_document(results, "Fake GPU 9000")
+    assert len(doc["entries"]) == len(KERNELS)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_case_check_catches_wrong_and_unwritten_outputs(kernel):
+    case = tune.build_case(kernel, torch.float32, 2**8, torch.device("cpu"))
+    case.reset()
+    out = case.run()
+    assert case.check(out) is None
+    tensors = [t for t in _flatten(out) if isinstance(t, torch.Tensor)]
+    # Corrupt the first output: the check must notice.
+    tensors[0].view(-1)[3] += 0.5
+    assert case.check(out) is not None
+    tensors[0].view(-1)[3] = float("nan")
+    assert "not finite" in case.check(out)
+
+
+def _flatten(out):
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            yield from _flatten(o)
+    else:
+        yield out
+
+
+# ----------------------------------------------------------------------------
+# Kernels run correctly with every configuration they can be given
+# ----------------------------------------------------------------------------
+
+
+def _shipped_configs():
+    configs = set()
+    folder = os.path.join(os.path.dirname(_tuning.__file__), "tuning_configs")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                doc = json.load(f)
+            table = _tuning.parse_document(doc, name[: -len(".json")])  # valid, and named after its GPU
+            configs.update(cfg for rows in table.values() for _, cfg in rows)
+    return configs
+
+
+def test_shipped_files_are_valid():
+    _shipped_configs()
+
+
+def _all_configs():
+    configs = {DEFAULT_CONFIG} | _shipped_configs() | set(tune.candidate_configs())
+    # Under the interpreter only the block size changes what runs: one config per block size.
+    by_block = {}
+    for cfg in sorted(configs, key=lambda c: (c.block_size, c.num_warps, c.num_stages)):
+        by_block.setdefault(cfg.block_size, cfg)
+    return sorted(by_block.values(), key=lambda c: c.block_size)
+
+
+@pytest.mark.parametrize("cfg", _all_configs(), ids=str)
+def test_kernels_correct_with_config(cfg):
+    """Every kernel against its reference with ``cfg``, on planes of 1.5 blocks
+    (3 channels x S, which no block size divides), two samples."""
+    spatial = cfg.block_size // 2 + 1
+    for kernel in KERNELS:
+        case = tune.build_case(kernel, torch.float32, 2 * 3 * spatial, torch.device("cpu"), shape=(2, 3, spatial))
+        trials = tune.search(case, [cfg], timer=lambda fn: 1.0)
+        assert trials[0].skipped is None, f"{kernel} with {cfg}: {trials[0].skipped}"
+
+
+# ----------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------
+
+
+def _run_command(*args, env=None):
+    full_env = dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
+    full_env.pop("TRITON_INTERPRET", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "convgru_triton.tune", *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, timeout=300)
+
+
+def test_command_without_gpu_fails_clearly():
+    proc = _run_command()
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_command_dry_run(tmp_path):
+    proc = _run_command("--dry-run", "--dtypes", "float16", "--max-size", "2^20", env={_tuning.ENV_DIR: str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for kernel in KERNELS:
+        assert kernel in out
+    assert "2^16, 2^18, 2^20" in out and "float16" in out
+    assert f"would write: {tmp_path}" in out
+    assert os.listdir(tmp_path) == []  # a dry run writes nothing
+
+
+def test_command_rejects_bad_arguments(capsys):
+    for args in (["--kernels", "gru_magic"], ["--dtypes", "int8"], ["--max-size", "lots"],
+                 ["--min-size", "2^20", "--max-size", "2^16"], ["--block-sizes", "1000"], ["--num-warps", "64"]):
+        with pytest.raises(SystemExit) as exc:
+            tune.main(["--dry-run", *args])
+        assert exc.value.code == 2, args
+        assert "error" in capsys.readouterr().err
+
+
+def test_command_writes_the_file_the_registry_then_uses(registry, monkeypatch, capsys):
+    """A new card: one command, then the package uses its file (GPU calls faked)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # checked by main(); the kernels are imported already
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    calls = []
+
+    def fake_tune(kernels, dtypes, sizes, candidates, device, timer, progress=True):
+        calls.append((tuple(kernels), tuple(dtypes), tuple(sizes), device))
+        return [_result(k, d, s, (candidates[-1], 0.25), (candidates[0], 0.5))
+                for d in dtypes for k in kernels for s in sizes]
+
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    assert tune.main(["--kernels", "gru_update_fwd", "--dtypes", "float16,bfloat16", "--max-size", "2^18", "-q"]) == 0
+    assert calls == [(("gru_update_fwd",), (torch.float16, torch.bfloat16), (2**16, 2**18), torch.device("cuda", 0))]
+    out = capsys.readouterr().out
+    path = registry.cache / (FAKE_GPU + ".json")
+    assert f"wrote {path}" in out and "GB/s" in out
+    best = tune.candidate_configs()[-1]
+    assert lookup(kernel="gru_update_fwd", dtype=torch.float16, numel=2**17) == best
+    assert lookup(kernel="gru_update_fwd", dtype=torch.float32) == DEFAULT_CONFIG
+
+
+def test_command_refuses_to_time_the_interpreter(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tune.main(["-q"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def test_tune_skips_sizes_that_do_not_fit(monkeypatch):
+    monkeypatch.setattr(tune, "_memory_free", lambda device: 2**20)
+    results = tune.tune(["gru_update_fwd"], [torch.float32], [2**8, 2**20], [DEFAULT_CONFIG], torch.device("cpu"),
+                        lambda fn: 1.0, progress=False)
+    assert [r.numel for r in results] == [2**8]
