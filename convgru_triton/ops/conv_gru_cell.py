@@ -348,6 +348,7 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
         COMPUTE=_compute_dtype(out.dtype),
         BLOCK=cfg.block_size,
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return grid, (plane, hidden if channels_last else spatial, hidden), meta
 
