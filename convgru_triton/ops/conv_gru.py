@@ -200,9 +200,10 @@ def conv_gru_fwd(
     hidden = h0.shape[1]
     states, gates, aux = _fwd_outputs(gates_x, h0, save)
     if not save and not reset_after:
-        # r, z and r * h are still needed within each step: reuse one scratch.
-        scratch = _fwd_outputs(gates_x[:1], h0, True)
-        scratch_gates, scratch_rh = scratch[1][0], scratch[2][0]
+        # r, z and r * h are still needed within each step: one scratch for all.
+        channels_last = is_channels_last(h0)
+        scratch_gates = _empty_frames(1, h0, 3 * hidden, channels_last)[0]
+        scratch_rh = _empty_frames(1, h0, hidden, channels_last)[0]
     h = h0
     for t in _step_order(gates_x.shape[0], reverse):
         if reset_after:
