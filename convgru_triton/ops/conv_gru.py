@@ -180,8 +180,7 @@ def _step_order(steps: int, reverse: bool) -> range:
 # ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("convgru_triton::conv_gru_fwd", mutates_args=())
-def conv_gru_fwd(
+def _conv_gru_fwd(
     gates_x: Tensor,
     h0: Tensor,
     weight_hh: Tensor,
@@ -223,6 +222,9 @@ def conv_gru_fwd(
     return states, gates, aux
 
 
+conv_gru_fwd = torch.library.custom_op("convgru_triton::conv_gru_fwd", _conv_gru_fwd, mutates_args=())
+
+
 @conv_gru_fwd.register_fake
 def _(gates_x, h0, weight_hh, bias_ih, bias_hh, kernel_size, dilation, padding_mode, reset_after, reverse, use_triton, save):
     return _fwd_outputs(gates_x, h0, save)
@@ -253,8 +255,7 @@ def _bwd_outputs(states: Tensor, h0: Tensor, weight_hh: Tensor, has_bias: bool):
     )
 
 
-@torch.library.custom_op("convgru_triton::conv_gru_bwd", mutates_args=())
-def conv_gru_bwd(
+def _conv_gru_bwd(
     grad_states: Tensor,
     h0: Tensor,
     weight_hh: Tensor,
@@ -314,6 +315,9 @@ def conv_gru_bwd(
     return d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh
 
 
+conv_gru_bwd = torch.library.custom_op("convgru_triton::conv_gru_bwd", _conv_gru_bwd, mutates_args=())
+
+
 @conv_gru_bwd.register_fake
 def _(grad_states, h0, weight_hh, states, gates, aux, kernel_size, dilation, padding_mode, reset_after, reverse, use_triton, has_bias):
     return _bwd_outputs(states, h0, weight_hh, has_bias)
@@ -340,30 +344,52 @@ def _setup_context(ctx, inputs, output):
     ctx.saved_gates = save
 
 
-def _backward(ctx, grad_states, grad_gates, grad_aux):
-    if not ctx.saved_gates:
-        raise RuntimeError(
-            "conv_gru_fwd was called with save=False, so it kept nothing for the backward pass; "
-            "call it with save=True when gradients are needed"
+def _make_backward(backward_op):
+    """The autograd formula of ``conv_gru_fwd``, running ``backward_op``."""
+
+    def backward(ctx, grad_states, grad_gates, grad_aux):
+        if not ctx.saved_gates:
+            raise RuntimeError(
+                "conv_gru_fwd was called with save=False, so it kept nothing for the backward pass; "
+                "call it with save=True when gradients are needed"
+            )
+        h0, weight_hh, states, gates, aux = ctx.saved_tensors
+        if grad_states is None:
+            grad_states = torch.zeros_like(states)
+        d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = backward_op(
+            grad_states, h0, weight_hh, states, gates, aux, *ctx.config, ctx.has_bias
         )
-    h0, weight_hh, states, gates, aux = ctx.saved_tensors
-    if grad_states is None:
-        grad_states = torch.zeros_like(states)
-    d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = conv_gru_bwd(
-        grad_states, h0, weight_hh, states, gates, aux, *ctx.config, ctx.has_bias
-    )
-    need = ctx.needs_input_grad
-    return (
-        d_gates_x if need[0] else None,
-        d_h0 if need[1] else None,
-        d_weight_hh if need[2] else None,
-        d_bias_ih if ctx.has_bias and need[3] else None,
-        d_bias_hh if ctx.has_bias and need[4] else None,
-        None, None, None, None, None, None, None,
-    )
+        need = ctx.needs_input_grad
+        return (
+            d_gates_x if need[0] else None,
+            d_h0 if need[1] else None,
+            d_weight_hh if need[2] else None,
+            d_bias_ih if ctx.has_bias and need[3] else None,
+            d_bias_hh if ctx.has_bias and need[4] else None,
+            None, None, None, None, None, None, None,
+        )
+
+    return backward
 
 
-conv_gru_fwd.register_autograd(_backward, setup_context=_setup_context)
+conv_gru_fwd.register_autograd(_make_backward(conv_gru_bwd), setup_context=_setup_context)
+
+
+class _ConvGRUFunction(torch.autograd.Function):
+    """The same forward, setup and backward as the registered operator, for
+    eager mode: calling the implementations directly skips the operator
+    dispatch, which costs tens of microseconds per call and matters for a cell
+    stepped in a Python loop (RAFT). torch.compile sees the operator instead.
+    (forward takes ctx itself: a separate setup_context makes Function.apply
+    bind arguments with inspect.signature on every call, ~70 us measured.)"""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _conv_gru_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(torch.autograd.function.once_differentiable(_make_backward(_conv_gru_bwd)))
 
 
 def conv_gru_sequence(
@@ -395,7 +421,8 @@ def conv_gru_sequence(
             return conv_gru_sequence(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton)
     tensors: Sequence[Optional[Tensor]] = (gates_x, h0, weight_hh, bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    states, _, _ = conv_gru_fwd(
+    run = conv_gru_fwd if torch.compiler.is_compiling() else _ConvGRUFunction.apply
+    states, _, _ = run(
         gates_x, h0, weight_hh, bias_ih, bias_hh,
         list(spec.kernel_size), list(spec.dilation), spec.padding_mode,
         reset_after, reverse, use_triton, save,
