@@ -343,12 +343,14 @@ def test_reset_before_launchers_sum_two_incoming_gradients(device):
 
 def test_launch_grid_covers_int64_offsets():
     """The grid and layout arguments for a state past 2**31 elements in total
-    (each sample below 2**31) are computed without overflow."""
-    big = torch.empty_strided((4, 1024, 1024, 1024), (1024**3, 1024**2, 1024, 1), device="meta")
-    grid, (plane, inner, hidden), meta = op._grid_and_meta("gru_reset_after_fwd", big, 1024)
+    (each sample's gates below 2**31) are computed without overflow."""
+    shape = (5, 512, 1024, 1024)
+    big = torch.empty_strided(shape, (512 * 1024**2, 1024**2, 1024, 1), device="meta")
+    assert big.numel() > 2**31
+    grid, (plane, inner, hidden), meta = op._grid_and_meta("gru_reset_after_fwd", big, 512)
     block = meta["BLOCK"]
-    assert plane == 1024**3 and inner == 1024**2 and hidden == 1024
-    assert grid == (4 * (1024**3 // block),)
-    too_big = torch.empty_strided((1, 4096, 1024, 1024), (4096 * 1024**2, 1024**2, 1024, 1), device="meta")
-    with pytest.raises(ValueError, match="2\\*\\*31"):
-        op._grid_and_meta("gru_reset_after_fwd", too_big, 4096)
+    assert plane == 512 * 1024**2 and inner == 1024**2 and hidden == 512
+    assert grid == (5 * (512 * 1024**2 // block),)
+    too_big = torch.empty_strided((1, 1024, 1024, 1024), (1024**3, 1024**2, 1024, 1), device="meta")
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 per sample"):
+        op._grid_and_meta("gru_reset_after_fwd", too_big, 1024)

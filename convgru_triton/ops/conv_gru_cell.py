@@ -335,9 +335,11 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
     batch = out.shape[0]
     spatial = out[0, 0].numel()
     plane = hidden * spatial
-    if plane >= 2**31:
+    # Offsets within one sample, gate slots included (3 x hidden x spatial), are
+    # 32-bit scalars in the kernels; only the batch offset needs 64 bits.
+    if 3 * plane >= 2**31:
         raise ValueError(
-            f"one sample's hidden state has {plane} elements (hidden x spatial); "
+            f"one sample's gate pre-activations have 3 x {plane} elements (3 x hidden x spatial); "
             f"the fused kernels support fewer than 2**31 per sample"
         )
     channels_last = out.dim() > 3 and hidden > 1 and out.stride(1) == 1
