@@ -32,6 +32,7 @@ Math is float32 (float64 for float64 tensors); offsets are 64-bit.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -317,7 +318,7 @@ def _ncs(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
     spatial dims cannot be merged into one stride is copied.
     """
     n, c = t.shape[0], t.shape[1]
-    spatial = t[0, 0].numel() if t.numel() else 0
+    spatial = math.prod(t.shape[2:])
     try:
         v = t.view(n, c, spatial)
     except RuntimeError:
@@ -333,7 +334,7 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
     """Launch grid and the layout arguments shared by every kernel, from the
     (N, H, *S) output ``out``, whose memory order the launch follows."""
     batch = out.shape[0]
-    spatial = out[0, 0].numel()
+    spatial = math.prod(out.shape[2:])
     plane = hidden * spatial
     # Offsets within one sample, gate slots included (3 x hidden x spatial), are
     # 32-bit scalars in the kernels; only the batch offset needs 64 bits.
