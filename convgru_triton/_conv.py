@@ -103,20 +103,50 @@ class ConvSpec:
         return tuple(flat)
 
     def check_spatial_size(self, spatial: Sequence[int], argument: str) -> None:
-        """Reflect padding needs every padded side smaller than the size it pads."""
-        if self.padding_mode != "reflect":
-            return
+        """Raise a ``ValueError`` for spatial sizes no 'same' convolution can use:
+        a size of 0 (any mode), reflect padding not smaller than the size it pads,
+        circular padding larger than the size it wraps around (F.pad's limits)."""
+        spatial = tuple(spatial)
+        if any(size < 1 for size in spatial):
+            raise ValueError(f"{argument} must have every spatial size positive, got spatial size {spatial}")
         for size, (left, right) in zip(spatial, self.pad_per_dim):
-            if max(left, right) >= size:
+            pad = max(left, right)
+            if self.padding_mode == "reflect" and pad >= size:
                 raise ValueError(
                     f"padding_mode='reflect' needs every spatial size of {argument} larger than the "
-                    f"padding {max(left, right)}, got spatial size {tuple(spatial)}"
+                    f"padding {pad}, got spatial size {spatial}"
+                )
+            if self.padding_mode == "circular" and pad > size:
+                raise ValueError(
+                    f"padding_mode='circular' needs every spatial size of {argument} at least the "
+                    f"padding {pad}, got spatial size {spatial}"
                 )
 
 
 def _pad(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    if spec.padding_mode == "reflect" and x.requires_grad and torch.is_grad_enabled() \
+            and torch.are_deterministic_algorithms_enabled():
+        return _reflect_pad_deterministic(x, spec)
     mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
     return F.pad(x, spec.f_pad, mode=mode)
+
+
+def _reflect_pad_deterministic(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """Reflect padding built from narrow, flip and cat, whose backward is
+    deterministic everywhere. ``F.pad(mode='reflect')`` has no deterministic
+    CUDA backward: under ``torch.use_deterministic_algorithms(True)`` its
+    backward raises, so the input convolution (differentiated by autograd)
+    pads this way in that mode. Same values as F.pad."""
+    for axis, (left, right) in enumerate(spec.pad_per_dim):
+        dim, size = 2 + axis, x.shape[2 + axis]
+        parts = [x]
+        if left:  # pad position p <- input left - p
+            parts.insert(0, x.narrow(dim, 1, left).flip(dim))
+        if right:  # right pad j <- input size - 2 - j
+            parts.append(x.narrow(dim, size - 1 - right, right).flip(dim))
+        if len(parts) > 1:
+            x = torch.cat(parts, dim)
+    return x
 
 
 def conv_same(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:

@@ -57,6 +57,11 @@ def _check_params(params: Params, dims: int, where: str) -> Tuple[int, int]:
             f"{where}weight_hh must have shape (3*hidden, hidden, *kernel) and weight_ih (3*hidden, "
             f"input_channels, *kernel), got {_fmt(weight_hh.shape)} and {_fmt(weight_ih.shape)}"
         )
+    if hidden < 1 or weight_ih.shape[1] < 1:
+        raise ValueError(
+            f"{where}weight_ih and weight_hh must have at least one input and one hidden channel, "
+            f"got shapes {_fmt(weight_ih.shape)} and {_fmt(weight_hh.shape)}"
+        )
     if weight_ih.shape[2:] != weight_hh.shape[2:]:
         raise ValueError(
             f"{where}weight_ih and weight_hh must share the kernel size, got "
@@ -74,6 +79,27 @@ def _check_params(params: Params, dims: int, where: str) -> Tuple[int, int]:
                 f"got ({t.dtype}, {t.device})"
             )
     return weight_ih.shape[1], hidden
+
+
+def _dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fused kernels read a bias as a dense (3H,) vector: give them one
+    (a sliced or expanded bias is copied; differentiable, a no-op when dense)."""
+    return None if bias is None else bias.contiguous()
+
+
+def _check_kernel_size_limit(hidden: int, spatial: Sequence[int]) -> None:
+    """The fused kernels address one sample's gates (3 x hidden x spatial
+    elements) with 32-bit offsets: refuse a larger sample before anything is
+    computed (the operator checks again at each launch)."""
+    plane = hidden
+    for size in spatial:
+        plane *= size
+    if 3 * plane >= 2**31:
+        raise ValueError(
+            f"one sample's gate pre-activations have 3 x {plane} elements (3 x hidden x spatial); "
+            f"the fused kernels support fewer than 2**31 per sample: use backend='torch' or a smaller "
+            f"hidden size or spatial size"
+        )
 
 
 def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -162,6 +188,8 @@ def conv_gru_cell(
             raise ValueError(f"hx must have shape {_fmt(expected_h)}, got {_fmt(hx.shape)}")
     spec.check_spatial_size(input.shape[2:], "input")
     use_triton = select_backend(input.device, backend).name == "triton"
+    if use_triton:
+        _check_kernel_size_limit(hidden, input.shape[2:])
     gates_x = conv_same(input, weight_ih, spec)
     if hx is None:
         hx = _zeros_state(gates_x, hidden)
@@ -169,7 +197,8 @@ def conv_gru_cell(
     # squeeze(0), not [0]: its backward keeps the gradient's layout, where
     # select's backward would build a contiguous zero tensor.
     h_new = conv_gru_sequence(
-        gates_x.unsqueeze(0), hx, weight_hh, bias_ih, bias_hh, spec, reset_after, False, use_triton
+        gates_x.unsqueeze(0), hx, weight_hh, _dense_bias(bias_ih), _dense_bias(bias_hh), spec, reset_after, False,
+        use_triton,
     ).squeeze(0)
     return h_new if batched else h_new.squeeze(0)
 
@@ -271,6 +300,8 @@ def conv_gru(
     spec.check_spatial_size(spatial, "input")
 
     use_triton = select_backend(input.device, backend).name == "triton"
+    if use_triton:
+        _check_kernel_size_limit(hidden, spatial)
     layer_input = input
     final_states: List[torch.Tensor] = []
     for layer in range(num_layers):
@@ -286,7 +317,8 @@ def conv_gru(
             # opaque node for torch.compile) per layer and direction.
             reverse = direction == 1
             states = conv_gru_sequence(
-                gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton
+                gates_x, h0, weight_hh, _dense_bias(bias_ih), _dense_bias(bias_hh), spec, reset_after, reverse,
+                use_triton,
             )
             direction_outputs.append(states)
             final_states.append(states[0] if reverse else states[-1])
