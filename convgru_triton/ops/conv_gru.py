@@ -389,7 +389,17 @@ class _ConvGRUFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(torch.autograd.function.once_differentiable(_make_backward(_conv_gru_bwd)))
+    _backward_eager = staticmethod(_make_backward(_conv_gru_bwd))
+    _backward_op = staticmethod(_make_backward(conv_gru_bwd))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # With create_graph=True (grad mode on in the backward) go through the
+        # operator, whose own backward raises: a second derivative must fail
+        # loudly, not come back silently without this layer's contribution.
+        if torch.is_grad_enabled():
+            return _ConvGRUFunction._backward_op(ctx, *grads)
+        return _ConvGRUFunction._backward_eager(ctx, *grads)
 
 
 def conv_gru_sequence(
