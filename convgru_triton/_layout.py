@@ -8,6 +8,7 @@ silently turning everything contiguous.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -33,6 +34,19 @@ def empty_in_layout(
     elif channels_last and len(shape) == 5:
         fmt = torch.channels_last_3d
     return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=fmt)
+
+
+def check_kernel_sample_size(hidden: int, spatial: Sequence[int]) -> None:
+    """The fused kernels address one sample's gate pre-activations (3 x hidden x
+    spatial elements) with 32-bit offsets (only the batch offset is 64-bit):
+    refuse a larger sample with a ValueError, before anything runs."""
+    plane = hidden * math.prod(spatial)
+    if 3 * plane >= 2**31:
+        raise ValueError(
+            f"one sample's gate pre-activations have 3 x {plane} elements (3 x hidden x spatial); "
+            f"the fused kernels support fewer than 2**31 per sample: use backend='torch' or a smaller "
+            f"hidden size or spatial size"
+        )
 
 
 def frames_channels_last(t: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ._backend import select_backend
 from ._conv import ConvSpec, conv_same
-from ._layout import cat_channels, empty_in_layout, is_channels_last, stack_frames
+from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
 from .ops.conv_gru import conv_gru_sequence
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -79,27 +79,6 @@ def _check_params(params: Params, dims: int, where: str) -> Tuple[int, int]:
                 f"got ({t.dtype}, {t.device})"
             )
     return weight_ih.shape[1], hidden
-
-
-def _dense_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The fused kernels read a bias as a dense (3H,) vector: give them one
-    (a sliced or expanded bias is copied; differentiable, a no-op when dense)."""
-    return None if bias is None else bias.contiguous()
-
-
-def _check_kernel_size_limit(hidden: int, spatial: Sequence[int]) -> None:
-    """The fused kernels address one sample's gates (3 x hidden x spatial
-    elements) with 32-bit offsets: refuse a larger sample before anything is
-    computed (the operator checks again at each launch)."""
-    plane = hidden
-    for size in spatial:
-        plane *= size
-    if 3 * plane >= 2**31:
-        raise ValueError(
-            f"one sample's gate pre-activations have 3 x {plane} elements (3 x hidden x spatial); "
-            f"the fused kernels support fewer than 2**31 per sample: use backend='torch' or a smaller "
-            f"hidden size or spatial size"
-        )
 
 
 def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -189,7 +168,7 @@ def conv_gru_cell(
     spec.check_spatial_size(input.shape[2:], "input")
     use_triton = select_backend(input.device, backend).name == "triton"
     if use_triton:
-        _check_kernel_size_limit(hidden, input.shape[2:])
+        check_kernel_sample_size(hidden, input.shape[2:])
     gates_x = conv_same(input, weight_ih, spec)
     if hx is None:
         hx = _zeros_state(gates_x, hidden)
@@ -197,8 +176,7 @@ def conv_gru_cell(
     # squeeze(0), not [0]: its backward keeps the gradient's layout, where
     # select's backward would build a contiguous zero tensor.
     h_new = conv_gru_sequence(
-        gates_x.unsqueeze(0), hx, weight_hh, _dense_bias(bias_ih), _dense_bias(bias_hh), spec, reset_after, False,
-        use_triton,
+        gates_x.unsqueeze(0), hx, weight_hh, bias_ih, bias_hh, spec, reset_after, False, use_triton
     ).squeeze(0)
     return h_new if batched else h_new.squeeze(0)
 
@@ -301,7 +279,7 @@ def conv_gru(
 
     use_triton = select_backend(input.device, backend).name == "triton"
     if use_triton:
-        _check_kernel_size_limit(hidden, spatial)
+        check_kernel_sample_size(hidden, spatial)
     layer_input = input
     final_states: List[torch.Tensor] = []
     for layer in range(num_layers):
@@ -317,8 +295,7 @@ def conv_gru(
             # opaque node for torch.compile) per layer and direction.
             reverse = direction == 1
             states = conv_gru_sequence(
-                gates_x, h0, weight_hh, _dense_bias(bias_ih), _dense_bias(bias_hh), spec, reset_after, reverse,
-                use_triton,
+                gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton
             )
             direction_outputs.append(states)
             final_states.append(states[0] if reverse else states[-1])

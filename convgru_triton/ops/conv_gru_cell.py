@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import _tuning
-from .._layout import empty_in_layout, is_channels_last
+from .._layout import check_kernel_sample_size, empty_in_layout, is_channels_last
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -326,6 +326,15 @@ def _ncs(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
     return (v,) + tuple(v.stride())
 
 
+def _bias_args(bias_ih, bias_hh, fallback):
+    """``(has_bias, bias_ih, bias_hh)`` for a launch: the kernels index a bias as
+    a dense (3H,) vector, so a sliced or expanded one is made dense (a no-op for
+    ordinary parameters); without biases, ``fallback`` stands in as the pointer."""
+    if bias_ih is None:
+        return False, fallback, fallback
+    return True, bias_ih.contiguous(), bias_hh.contiguous()
+
+
 def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -336,13 +345,7 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
     batch = out.shape[0]
     spatial = math.prod(out.shape[2:])
     plane = hidden * spatial
-    # Offsets within one sample, gate slots included (3 x hidden x spatial), are
-    # 32-bit scalars in the kernels; only the batch offset needs 64 bits.
-    if 3 * plane >= 2**31:
-        raise ValueError(
-            f"one sample's gate pre-activations have 3 x {plane} elements (3 x hidden x spatial); "
-            f"the fused kernels support fewer than 2**31 per sample"
-        )
+    check_kernel_sample_size(hidden, out.shape[2:])
     channels_last = out.dim() > 3 and hidden > 1 and out.stride(1) == 1
     cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
     grid = (batch * triton.cdiv(plane, cfg.block_size),)
@@ -369,11 +372,10 @@ def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool, *, h_new
     if h.numel() == 0:
         return h_new, saved
     grid, sizes, meta = _grid_and_meta("gru_reset_after_fwd", h_new, hidden)
-    has_bias = bias_ih is not None
+    has_bias, bias_ih, bias_hh = _bias_args(bias_ih, bias_hh, h)
     unused = (h_new, 0, 0, 0)
     _gru_reset_after_fwd_kernel[grid](
-        *_ncs(gates_x), *_ncs(gates_h), *_ncs(h),
-        bias_ih if has_bias else h, bias_hh if has_bias else h,
+        *_ncs(gates_x), *_ncs(gates_h), *_ncs(h), bias_ih, bias_hh,
         *_ncs(h_new), *(_ncs(gates) if save else unused), *(_ncs(aux) if save else unused),
         *sizes, HAS_BIAS=has_bias, SAVE=save, **meta,
     )
@@ -411,10 +413,9 @@ def _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh, *, gates=None, rh=
     if h.numel() == 0:
         return gates, rh
     grid, sizes, meta = _grid_and_meta("gru_reset_gate_fwd", rh, hidden)
-    has_bias = bias_ih is not None
+    has_bias, bias_ih, bias_hh = _bias_args(bias_ih, bias_hh, h)
     _gru_reset_gate_fwd_kernel[grid](
-        *_ncs(gates_x), *_ncs(gates_h_rz), *_ncs(h),
-        bias_ih if has_bias else h, bias_hh if has_bias else h,
+        *_ncs(gates_x), *_ncs(gates_h_rz), *_ncs(h), bias_ih, bias_hh,
         *_ncs(gates), *_ncs(rh), *sizes, HAS_BIAS=has_bias, **meta,
     )
     return gates, rh
@@ -428,10 +429,9 @@ def _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save: bool, *, h
     if h.numel() == 0:
         return h_new
     grid, sizes, meta = _grid_and_meta("gru_update_fwd", h_new, hidden)
-    has_bias = bias_ih is not None
+    has_bias, bias_ih, bias_hh = _bias_args(bias_ih, bias_hh, h)
     _gru_update_fwd_kernel[grid](
-        *_ncs(gates_x), *_ncs(gates_h_n), *_ncs(h),
-        bias_ih if has_bias else h, bias_hh if has_bias else h,
+        *_ncs(gates_x), *_ncs(gates_h_n), *_ncs(h), bias_ih, bias_hh,
         *_ncs(gates), *_ncs(h_new), *sizes, HAS_BIAS=has_bias, SAVE=save, **meta,
     )
     return h_new
