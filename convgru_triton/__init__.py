@@ -19,6 +19,8 @@ from .modules import (
     ConvGRUCell2d,
     ConvGRUCell3d,
 )
+from .separable import SepConvGRUCell2d
+from . import convert  # noqa: E402  converters: convgru_triton.convert.from_raft_convgru, ...
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ __all__ = [
     "ConvGRUCell1d",
     "ConvGRUCell2d",
     "ConvGRUCell3d",
+    "SepConvGRUCell2d",
     "conv_gru",
     "conv_gru_cell",
     "explain_backend",
