@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# The GPU check: one call on a CUDA machine with no network (torch, triton,
-# pytest preinstalled). Runs the whole test suite with compiled Triton kernels
-# on CUDA tensors, from the source tree (no install), and writes a short report.
+# The GPU check: one call of at most 8 minutes on a CUDA machine with no network
+# (torch, triton, pytest, pytest-benchmark preinstalled; matplotlib optional),
+# from the source tree (PYTHONPATH, no install). In order, each part with its
+# own time limit inside a total budget:
+#
+#   1. the whole test suite with compiled Triton kernels on CUDA tensors;
+#   2. the full-size benchmark suite, eager providers (seed, raft, ours),
+#      float32 and bfloat16;
+#   3. the gate-kernel bandwidth against a device-to-device copy, 1 MiB..1 GiB;
+#   4. the torch.compile providers (compile, ours-compile) in bfloat16, then
+#      float32 while time is left;
+#   5. the report: table + chart of all benchmarks, and a summary.
 #
 #   COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [output-dir]
 #
-# Output (default bench/results/): gpu_check.md (GPU, versions, commit, test
-# summary), gpu_tests.xml (JUnit) and gpu_tests.log. Budget: about 8 minutes.
+# Output (default bench/results/, or $OUT), at most 8 files, GPU name, torch and
+# triton versions and commit id in each report; STEM is gpu-<gpu name>:
+#   gpu_check.md                   summary: environment, tests, benchmarks, bandwidth
+#   gpu_tests.xml, gpu_tests.log   the test suite (JUnit, log)
+#   STEM.json, STEM.md, STEM.png   benchmarks: raw pytest-benchmark data, table, chart
+#   STEM-bandwidth.{json,md}       gate-kernel bandwidth
+#
+# GPU_CHECK_BUDGET (seconds, default 450) is the total; a part that runs out of
+# time is interrupted (SIGINT: pytest still writes what it measured) and the
+# script goes on, so a slow part costs numbers, never the report.
+# GPU_CHECK_BENCH_ARGS adds options to every benchmark run (e.g.
+# "--bench-workloads=raft-convgru,dgmr"; see bench/conftest.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${1:-${OUT:-bench/results}}
@@ -14,8 +33,18 @@ mkdir -p "$out_dir"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET CONVGRU_TRITON_BACKEND
 commit=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export COMMIT=$commit
+budget=${GPU_CHECK_BUDGET:-450}
+t0=$(date +%s)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
-python3 - "$commit" > "$out_dir/gpu_env.txt" <<'PY'
+# Seconds left before the budget, minus what the later parts need at least.
+left() { echo $(( budget - ($(date +%s) - t0) - ${1:-0} )); }
+# limit CAP RESERVE: at most CAP seconds, and leave RESERVE for what follows.
+limit() { local l; l=$(left "$2"); [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
+
+python3 - "$commit" > "$tmp/gpu_env.txt" <<'PY'
 import sys, torch, triton
 assert torch.cuda.is_available(), "no CUDA device: this script is for the GPU machine"
 print(f"gpu: {torch.cuda.get_device_name(0)}")
@@ -26,28 +55,97 @@ print(f"python: {sys.version.split()[0]}")
 print(f"commit: {sys.argv[1]}")
 PY
 env_status=$?
-cat "$out_dir/gpu_env.txt"
+cat "$tmp/gpu_env.txt"
 [ $env_status -eq 0 ] || exit $env_status
+gpu=$(sed -n 's/^gpu: //p' "$tmp/gpu_env.txt")
+stem="gpu-$(echo "$gpu" | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\{1,\}/-/g; s/^-//; s/-$//' | cut -c1-40)"
 
+# 1. Tests -------------------------------------------------------------------
 start=$(date +%s)
-timeout 420 python3 -m pytest tests -q -rfEs -p no:cacheprovider \
+timeout -s INT -k 15 "$(limit 170 260)" python3 -m pytest tests -q -rfEs -p no:cacheprovider \
     --junitxml="$out_dir/gpu_tests.xml" 2>&1 | tee "$out_dir/gpu_tests.log"
 test_status=${PIPESTATUS[0]}
-elapsed=$(( $(date +%s) - start ))
+test_elapsed=$(( $(date +%s) - start ))
+
+# 2.-4. Benchmarks and bandwidth ----------------------------------------------
+bench() {  # bench NAME CAP RESERVE [pytest options]: one pytest-benchmark run into $tmp/NAME.json
+    local name=$1 cap=$2 reserve=$3 t; shift 3
+    t=$(limit "$cap" "$reserve")
+    if [ "$t" -lt 20 ]; then echo "skipped: no time left" > "$tmp/$name.log"; echo "$name: skipped (no time left)"; return; fi
+    local s; s=$(date +%s)
+    timeout -s INT -k 15 "$t" python3 -m pytest bench --benchmark-only -q -rfEs -p no:cacheprovider \
+        --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json="$tmp/$name.json" "$@" \
+        ${GPU_CHECK_BENCH_ARGS:-} \
+        > "$tmp/$name.log" 2>&1
+    echo "exit $? after $(( $(date +%s) - s )) s (limit $t s)" >> "$tmp/$name.log"
+    tail -n 1 "$tmp/$name.log" | sed "s/^/$name: /"
+}
+bench eager 120 150 --bench-providers=seed,raft,ours
+
+start=$(date +%s)
+t=$(limit 75 70)
+if [ "$t" -ge 20 ]; then
+    timeout -s INT -k 15 "$t" python3 -m bench.bandwidth --out "$out_dir" --name "$stem-bandwidth" \
+        > "$tmp/bandwidth.log" 2>&1
+    bw_status=$?
+else
+    echo "skipped: no time left" > "$tmp/bandwidth.log"; bw_status=skipped
+fi
+bw_elapsed=$(( $(date +%s) - start ))
+
+bench compile-bf16 150 25 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16
+bench compile-fp32 150 25 --bench-providers=compile,ours-compile --bench-dtypes=float32
+
+# 5. Report --------------------------------------------------------------------
+jsons=$(ls "$tmp"/*.json 2>/dev/null)
+if [ -n "$jsons" ]; then
+    # shellcheck disable=SC2086
+    python3 -m bench.report $jsons --out "$out_dir" --name "$stem" --save-json > "$tmp/report.log" 2>&1
+    report_status=$?
+else
+    report_status="no benchmark results"
+fi
 
 {
     echo "# GPU check"
     echo
-    sed 's/^/- /' "$out_dir/gpu_env.txt"
+    sed 's/^/- /' "$tmp/gpu_env.txt"
     echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "- total: $(( $(date +%s) - t0 )) s of a ${budget} s budget"
     echo
     echo "## Test suite (compiled kernels, CUDA tensors)"
     echo
-    echo "Exit status $test_status after ${elapsed} s."
+    echo "Exit status $test_status after ${test_elapsed} s."
     echo
     echo '```'
-    grep -E "passed|failed|error|skipped|^(FAILED|ERROR|SKIPPED)" "$out_dir/gpu_tests.log" | tail -n 40
+    grep -E "passed|failed|error|skipped|^(FAILED|ERROR|SKIPPED)" "$out_dir/gpu_tests.log" | tail -n 30
     echo '```'
+    echo
+    echo "## Benchmarks (full size)"
+    echo
+    echo "Report: \`$stem.md\` (table), \`$stem.png\` (chart), \`$stem.json\` (raw); report exit status $report_status."
+    echo
+    for name in eager compile-bf16 compile-fp32; do
+        echo "\`$name\`:"
+        echo '```'
+        [ -f "$tmp/$name.log" ] && grep -E "passed|failed|skipped|error|^(FAILED|ERROR|SKIPPED)|^exit|KeyboardInterrupt" "$tmp/$name.log" | tail -n 15
+        echo '```'
+    done
+    echo
+    if [ -f "$out_dir/$stem.md" ]; then
+        sed -n '/^Target/,$p' "$out_dir/$stem.md" | grep -v '^!\[' 
+        echo
+    fi
+    echo "## Gate-kernel bandwidth"
+    echo
+    echo "Exit status $bw_status after ${bw_elapsed} s; table: \`$stem-bandwidth.md\`."
+    echo
+    if [ -f "$out_dir/$stem-bandwidth.md" ]; then
+        sed -n '/^Target/,$p' "$out_dir/$stem-bandwidth.md"
+    else
+        echo '```'; tail -n 15 "$tmp/bandwidth.log"; echo '```'
+    fi
 } > "$out_dir/gpu_check.md"
 echo "report: $out_dir/gpu_check.md"
+cat "$out_dir/gpu_check.md"
 exit $test_status

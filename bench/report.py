@@ -1,0 +1,387 @@
+"""Turn pytest-benchmark JSON into a markdown table and a PNG bar chart.
+
+    python -m bench.report RESULTS.json [MORE.json ...] --out DIR [--name STEM]
+
+writes ``DIR/STEM.md`` and ``DIR/STEM.png`` (STEM defaults to the JSON's file
+name). The table has one row per workload and pass, the median time of every
+provider, the speed-up of ``ours`` over each baseline (baseline median / ours
+median) and, on CUDA, the peak memory; each dtype gets its own table. The
+machine (CPU model or GPU name), torch and triton versions and the commit are
+in the heading.
+
+CPU and GPU numbers never share a table: JSON files from different kinds of
+device (or different GPUs/CPUs) are refused, and STEM must start with ``cpu``
+or ``gpu`` to match the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+PROVIDERS = ("seed", "raft", "compile", "ours", "ours-compile")
+BASELINES = ("seed", "raft", "compile")
+EAGER_BASELINES = ("seed", "raft")
+PASSES = ("fwd", "fwd+bwd")
+# Targets of the benchmark issue (reported, not enforced).
+GPU_TARGETS = {"raft": 1.5, "compile": 1.2}  # ours fwd+bwd speed-up in bfloat16
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+
+
+def _machine(data: dict) -> dict:
+    return dict(data.get("machine_info", {}).get("convgru", {}))
+
+
+def device_kind(data: dict) -> str:
+    """``"cpu"`` or ``"gpu"``: from the machine info, else from the records."""
+    dev = _machine(data).get("device")
+    if dev is None:
+        devs = {b.get("extra_info", {}).get("device") for b in data.get("benchmarks", [])} - {None}
+        if len(devs) > 1:
+            raise ValueError(f"benchmarks from several devices in one file: {sorted(devs)}")
+        dev = devs.pop() if devs else "cpu"
+    return "gpu" if dev == "cuda" else "cpu"
+
+
+def _machine_name(data: dict) -> str:
+    m = _machine(data)
+    return m.get("gpu") if device_kind(data) == "gpu" else m.get("cpu", "")
+
+
+def load(paths: Sequence[str]) -> dict:
+    """Read and merge pytest-benchmark JSON files of one machine (a later file's
+    benchmark replaces an earlier one of the same name)."""
+    merged: Optional[dict] = None
+    by_name: "OrderedDict[str, dict]" = OrderedDict()
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = {k: v for k, v in data.items() if k != "benchmarks"}
+        else:
+            if device_kind(data) != device_kind(merged):
+                raise ValueError(f"{path}: {device_kind(data)} results cannot be mixed with "
+                                 f"{device_kind(merged)} results in one report")
+            if _machine_name(data) != _machine_name(merged):
+                raise ValueError(f"{path}: results of {_machine_name(data)!r} cannot be mixed with "
+                                 f"{_machine_name(merged)!r} in one report")
+        for b in data.get("benchmarks", []):
+            by_name[b.get("fullname") or b["name"]] = b
+    if merged is None:
+        raise ValueError("no input files")
+    merged["benchmarks"] = list(by_name.values())
+    return merged
+
+
+# ----------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------
+
+Key = Tuple[str, str, str]  # (workload, pass, dtype)
+
+
+def _info(b: dict, name: str, default=None):
+    return b.get("extra_info", {}).get(name, (b.get("params") or {}).get(name, default))
+
+
+def collect(data: dict):
+    """``(results, shapes, ops)``: results[(workload, pass, dtype)][provider] = record, in
+    the order the workloads were run."""
+    results: "OrderedDict[Key, Dict[str, dict]]" = OrderedDict()
+    shapes: Dict[str, str] = {}
+    for b in data.get("benchmarks", []):
+        provider, workload = _info(b, "provider"), _info(b, "workload")
+        if provider is None or workload is None:
+            continue
+        key = (workload, _info(b, "pass", "fwd"), _info(b, "dtype", "float32"))
+        results.setdefault(key, {})[provider] = b
+        if _info(b, "shape"):
+            shapes[workload] = _info(b, "shape")
+    return results, shapes
+
+
+def _median(record: Optional[dict]) -> Optional[float]:
+    if not record:
+        return None
+    return record.get("stats", {}).get("median")
+
+
+def _ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def _speedup(base: Optional[float], ours: Optional[float]) -> str:
+    if base is None or ours is None or ours <= 0:
+        return "—"
+    return f"{base / ours:.2f}×"
+
+
+def _mib(record: Optional[dict]) -> str:
+    if not record:
+        return "—"
+    peak = record.get("extra_info", {}).get("peak_mem_bytes")
+    return "—" if peak is None else f"{peak / 2**20:.0f}"
+
+
+def machine_line(data: dict) -> str:
+    m = _machine(data)
+    kind = device_kind(data)
+    commit = m.get("commit") or data.get("commit_info", {}).get("id") or "unknown"
+    dirty = m.get("dirty", data.get("commit_info", {}).get("dirty"))
+    commit = commit[:12] + (" + uncommitted changes" if dirty else "")
+    if kind == "gpu":
+        dev = f"GPU: {m.get('gpu', 'unknown GPU')}"
+        extras = [f"sm {m['capability']}" if m.get("capability") else None,
+                  f"CUDA {m['cuda']}" if m.get("cuda") else None,
+                  f"cuDNN {m['cudnn']}" if m.get("cudnn") else None]
+        extras = [e for e in extras if e]
+        if extras:
+            dev += f" ({', '.join(extras)})"
+    else:
+        cpu = m.get("cpu") or data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "unknown CPU")
+        dev = f"CPU: {cpu}, {m.get('cpu_count', '?')} cores, {m.get('torch_threads', '?')} torch threads"
+    date = data.get("datetime", "")[:16].replace("T", " ")
+    parts = [dev, f"torch {m.get('torch', '?')}", f"triton {m.get('triton', '?')}", f"commit {commit}"]
+    if date:
+        parts.append(f"{date} UTC")
+    return " · ".join(parts)
+
+
+def busy_warning(data: dict) -> Optional[str]:
+    """A warning when other work shared the CPU: the 1-minute load average at the start
+    or end of the run above the number of cores inflates CPU timings."""
+    m = _machine(data)
+    cores = m.get("cpu_count")
+    loads = [v[0] for v in (m.get("load_average_start"), m.get("load_average")) if v]
+    if device_kind(data) != "cpu" or not cores or not loads or max(loads) <= cores * 0.75:
+        return None
+    return (f"**Busy machine:** 1-minute load average {' → '.join(f'{v:.1f}' for v in loads)} on {cores} cores "
+            "(start → end of the run): other processes shared the CPU, so these timings are inflated and noisy.")
+
+
+def markdown(data: dict, title: Optional[str] = "ConvGRU benchmarks") -> str:
+    """The report: machine line, one table per dtype, memory (CUDA), target check."""
+    results, shapes = collect(data)
+    kind = device_kind(data)
+    present = [p for p in PROVIDERS if any(p in r for r in results.values())]
+    baselines = [p for p in BASELINES if p in present]
+    lines: List[str] = []
+    if title:
+        lines += [f"# {title} ({kind.upper()})", ""]
+    lines += [machine_line(data), ""]
+    busy = busy_warning(data)
+    if busy:
+        lines += [busy, ""]
+    lines += ["Median wall-clock time per call in ms (CUDA synchronised); speed-up = baseline median / "
+              "`ours` median (above 1: `ours` is faster); — = not run.", ""]
+    dtypes = _dtype_order(OrderedDict.fromkeys(k[2] for k in results))
+    for dtype in dtypes:
+        lines += [f"**{dtype}**", ""]
+        head = ["workload", "pass"] + present + [f"ours vs {b}" for b in baselines]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * (len(head) - 2)) + "|"]
+        for (workload, pass_, dt), recs in results.items():
+            if dt != dtype:
+                continue
+            ours = _median(recs.get("ours"))
+            cells = [workload, pass_] + [_ms(_median(recs.get(p))) for p in present]
+            cells += [_speedup(_median(recs.get(b)), ours) for b in baselines]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        if kind == "gpu":
+            lines += [f"Peak memory, MiB (`torch.cuda.max_memory_allocated` over the timed calls, "
+                      f"inputs and weights included), {dtype}:", ""]
+            head = ["workload", "pass"] + present
+            lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * len(present)) + "|"]
+            for (workload, pass_, dt), recs in results.items():
+                if dt == dtype:
+                    lines.append("| " + " | ".join([workload, pass_] + [_mib(recs.get(p)) for p in present]) + " |")
+            lines.append("")
+    if shapes:
+        lines += ["Workloads: " + "; ".join(f"`{w}` {s}" for w, s in shapes.items()) + ".", ""]
+    lines += targets(data)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def targets(data: dict) -> List[str]:
+    """The issue's targets, met or missed and by how much."""
+    results, _ = collect(data)
+    lines: List[str] = []
+    if device_kind(data) == "cpu":
+        misses, checked = [], 0
+        for (workload, pass_, dtype), recs in results.items():
+            ours = _median(recs.get("ours"))
+            eager = [(_median(recs.get(b)), b) for b in EAGER_BASELINES if _median(recs.get(b)) is not None]
+            if ours is None or not eager:
+                continue
+            checked += 1
+            best, name = min(eager)
+            if ours > best:
+                misses.append(f"`{workload}` {pass_} {dtype}: ours {_ms(ours)} ms vs {name} {_ms(best)} ms "
+                              f"({(ours / best - 1) * 100:.0f}% slower)")
+        if checked:
+            lines.append("Target (CPU): `ours` no slower than the fastest eager baseline on every workload: "
+                         + ("met." if not misses else f"missed on {len(misses)} of {checked}:"))
+            lines += [f"- {m}" for m in misses]
+    else:
+        misses, checked = [], 0
+        for (workload, pass_, dtype), recs in results.items():
+            ours = _median(recs.get("ours"))
+            if dtype != "bfloat16" or pass_ != "fwd+bwd" or ours is None:
+                continue
+            for base, goal in GPU_TARGETS.items():
+                t = _median(recs.get(base))
+                if t is None:
+                    continue
+                checked += 1
+                if t / ours < goal:
+                    misses.append(f"`{workload}` vs {base}: {t / ours:.2f}× (target {goal}×, "
+                                  f"{(1 - (t / ours) / goal) * 100:.0f}% short)")
+        if checked:
+            lines.append("Target (GPU, bfloat16, fwd+bwd): `ours` ≥ 1.5× `raft` and ≥ 1.2× `compile`: "
+                         + ("met." if not misses else f"missed in {len(misses)} of {checked} comparisons:"))
+            lines += [f"- {m}" for m in misses]
+    return lines + [""] if lines else []
+
+
+# ----------------------------------------------------------------------------
+# Chart
+# ----------------------------------------------------------------------------
+
+_COLORS = {"seed": "#9e9e9e", "raft": "#5b8bd0", "compile": "#2c4f8a", "ours": "#e07b24", "ours-compile": "#a04d0c"}
+
+
+def _dtype_order(dtypes):
+    rank = {"float32": 0, "bfloat16": 1, "float16": 2}
+    return sorted(dtypes, key=lambda d: rank.get(d, 9))
+
+
+def chart(data: dict, path: str) -> None:
+    """Grouped bars, one panel per dtype (rows) and pass (columns): workloads along x,
+    one bar per provider, height = speed-up over the ``raft`` eager baseline
+    (raft median / provider median, log axis, higher is faster). Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.patches import Patch
+
+    results, _ = collect(data)
+    dtypes = _dtype_order(OrderedDict.fromkeys(k[2] for k in results))
+    passes = [p for p in PASSES if any(k[1] == p for k in results)]
+    present = [p for p in PROVIDERS if any(p in r for r in results.values())]
+    workloads = list(OrderedDict.fromkeys(k[0] for k in results))
+    fig, axes = plt.subplots(len(dtypes), len(passes), squeeze=False,
+                             figsize=(max(5.0, 1.3 * len(workloads) + 1.5) * len(passes), 3.0 * len(dtypes) + 1.0))
+    width = 0.8 / max(len(present), 1)
+    lowest, highest = 0.5, 2.0
+    for row, dtype in enumerate(dtypes):
+        for col, pass_ in enumerate(passes):
+            ax = axes[row, col]
+            for i, provider in enumerate(present):
+                xs, ys = [], []
+                for j, workload in enumerate(workloads):
+                    recs = results.get((workload, pass_, dtype), {})
+                    base, t = _median(recs.get("raft")), _median(recs.get(provider))
+                    if base is not None and t:
+                        xs.append(j + (i - (len(present) - 1) / 2) * width)
+                        ys.append(base / t)
+                        lowest, highest = min(lowest, ys[-1]), max(highest, ys[-1])
+                ax.bar(xs, ys, width, color=_COLORS.get(provider))
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+            ax.set_xticks(range(len(workloads)))
+            ax.set_xticklabels(workloads, fontsize=8, rotation=15)
+            ax.set_title(f"{pass_}, {dtype}", fontsize=10)
+            ax.grid(axis="y", which="major", alpha=0.3)
+            if col == 0:
+                ax.set_ylabel("speed-up over raft (eager)")
+    for ax in axes.flat:
+        ax.set_ylim(lowest / 1.2, highest * 1.2)
+    handles = [Patch(color=_COLORS.get(p), label=p) for p in present]
+    fig.legend(handles=handles, ncol=len(present), loc="upper center", fontsize=8, bbox_to_anchor=(0.5, 0.995))
+    import textwrap
+
+    fig.text(0.5, 0.005, "\n".join(textwrap.wrap(machine_line(data), 120)), ha="center", va="bottom", fontsize=6.5)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "unknown"
+
+
+def default_stem(paths: Sequence[str], data: dict) -> str:
+    if len(paths) == 1:
+        return os.path.splitext(os.path.basename(paths[0]))[0]
+    return f"{device_kind(data)}-{_slug(_machine_name(data) or 'unknown')}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json) of one machine")
+    parser.add_argument("--out", default=".", help="output directory (default: current)")
+    parser.add_argument("--name", help="file stem of the outputs; must start with cpu or gpu (default: the JSON's)")
+    parser.add_argument("--title", default="ConvGRU benchmarks")
+    parser.add_argument("--save-json", action="store_true",
+                        help="also write the merged input as DIR/STEM.json (raw data next to its report)")
+    args = parser.parse_args(argv)
+    try:
+        data = load(args.json)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kind = device_kind(data)
+    stem = args.name or default_stem(args.json, data)
+    if not stem.startswith(kind):
+        print(f"error: these are {kind.upper()} results; name the report {kind}-... (got {stem!r}) so that "
+              "CPU and GPU results never mix", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    md_path = os.path.join(args.out, stem + ".md")
+    png_path = os.path.join(args.out, stem + ".png")
+    text = markdown(data, title=args.title)
+    try:
+        chart(data, png_path)
+        text += f"\n![{stem}]({os.path.basename(png_path)})\n"
+        print(f"wrote {png_path}")
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)", file=sys.stderr)
+        text += "\n(No chart: matplotlib is not installed.)\n"
+    with open(md_path, "w") as f:
+        f.write(text)
+    print(f"wrote {md_path}")
+    if args.save_json:
+        json_path = os.path.join(args.out, stem + ".json")
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {json_path}")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Benchmarks: ``conv_gru_cell`` (one step) and ``conv_gru`` (a sequence) of this
+package against the ConvGRUs users run today, on the workloads of
+:mod:`bench.workloads`.
+
+``pytest bench --benchmark-only`` (options in :mod:`bench.conftest`). One
+benchmark per workload x provider x pass x dtype, grouped so that each group
+compares the providers on one workload, pass and dtype.
+
+* ``fwd``: inference, under ``torch.no_grad()``.
+* ``fwd+bwd``: a training step, forward then backward of all outputs with fixed
+  output gradients into the parameters and the inputs (and the initial state of
+  a step); gradients are cleared outside the timed function.
+
+CUDA work is synchronised inside the timed function (pytest-benchmark measures
+wall clock). Every benchmark is warmed up first (torch.compile compiles, Triton
+compiles, cuDNN picks its algorithms), and ``ours`` is checked against the
+package's eager reference and against the ``raft`` baseline with the same
+weights before it is timed. The peak of ``torch.cuda.max_memory_allocated``
+over the timed rounds goes into the benchmark's ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import pytest
+import torch
+
+from bench import workloads as wl
+
+# ----------------------------------------------------------------------------
+# Correctness of ``ours`` before timing
+# ----------------------------------------------------------------------------
+
+FLOAT32_TOLERANCE = 1e-3  # relative Frobenius error; the providers differ only in rounding
+LOW_PRECISION_SLACK = 5e-3  # ours may be this much (plus 2x) worse than the eager reference
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    """No TF32 in cuDNN or matmuls: the comparisons are between float32 results."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _strip(name: str) -> str:
+    return name.replace("_orig_mod.", "")
+
+
+def _run_once(model, workload, device, dtype, backward: bool):
+    """Outputs and (with ``backward``) gradients of inputs and parameters, as float32."""
+    inputs = wl.make_inputs(workload, device, dtype, requires_grad=backward)
+    for p in model.parameters():
+        p.grad = None
+    with contextlib.nullcontext() if backward else torch.no_grad():
+        outputs = model(inputs.xs, inputs.hs)
+        if backward:
+            torch.autograd.backward(outputs, inputs.grads)
+    result = {f"output[{i}]": o.detach().float() for i, o in enumerate(outputs)}
+    if backward:
+        for i, t in enumerate(inputs.leaves()):
+            result[f"input_grad[{i}]"] = t.grad.float()
+        for name, p in model.named_parameters():
+            result[f"grad {_strip(name)}"] = p.grad.float()
+    return result
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def check_ours(model, case, master, device):
+    """Assert that ``model`` (ours or ours-compile) computes what the package's eager
+    reference (backend="torch") computes, and in float32 also what the raft baseline does."""
+    workload, dtype = case.workload, wl.DTYPES[case.dtype]
+    backward = case.pass_ == "fwd+bwd"
+    with _exact_float32():
+        ours = _run_once(model, workload, device, dtype, backward)
+        reference32 = _run_once(wl.build_model(workload, "ours", master, torch.float32, backend="torch"),
+                                workload, device, torch.float32, backward)
+        if dtype == torch.float32:
+            raft = _run_once(wl.build_model(workload, "raft", master, torch.float32), workload, device,
+                             torch.float32, backward)
+            for key in ours:
+                assert _error(ours[key], reference32[key]) <= FLOAT32_TOLERANCE, (key, "vs eager reference")
+                if key in raft:  # outputs and input gradients; raft's parameters are laid out differently
+                    assert _error(ours[key], raft[key]) <= FLOAT32_TOLERANCE, (key, "vs raft baseline")
+            return
+        # Low precision: no worse than the eager reference in the same dtype, both against float32.
+        reference = _run_once(wl.build_model(workload, "ours", master, dtype, backend="torch"),
+                              workload, device, dtype, backward)
+        for key in ours:
+            ours_err = _error(ours[key], reference32[key])
+            ref_err = _error(reference[key], reference32[key])
+            assert ours_err <= 2 * ref_err + LOW_PRECISION_SLACK, (key, ours_err, ref_err)
+
+
+# ----------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_benchmark(benchmark, case, device):
+    workload, provider = case.workload, case.provider
+    dtype = wl.DTYPES[case.dtype]
+    backward = case.pass_ == "fwd+bwd"
+    benchmark.group = case.group
+    if provider in wl.COMPILED:
+        torch._dynamo.reset()  # a fresh cache per benchmark: no recompile limit, no stale graphs
+    master = wl.make_master(workload, device)
+    model = wl.build_model(workload, provider, master, dtype)
+    if provider in wl.OURS:
+        check_ours(model, case, master, device)
+    inputs = wl.make_inputs(workload, device, dtype, requires_grad=backward)
+    leaves = inputs.leaves()
+    params = list(model.parameters())
+
+    def clear_grads():
+        for t in params + leaves:
+            t.grad = None
+
+    if backward:
+        def step():
+            outputs = model(inputs.xs, inputs.hs)
+            torch.autograd.backward(outputs, inputs.grads)
+            _sync(device)
+    else:
+        def step():
+            with torch.no_grad():
+                model(inputs.xs, inputs.hs)
+            _sync(device)
+
+    rounds = 1
+    if not benchmark.disabled:
+        warmup = 3 if provider in wl.COMPILED else 2
+        start = time.perf_counter()
+        try:
+            for _ in range(warmup):
+                clear_grads()
+                last = time.perf_counter()
+                step()
+        except Exception as exc:
+            if provider in wl.COMPILED:  # report, do not abort the suite
+                pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            raise
+        end = time.perf_counter()
+        benchmark.extra_info["warmup_s"] = round(end - start, 3)
+        per_call = max(end - last, 1e-6)
+        max_time = getattr(benchmark, "_max_time", 1.0)
+        min_rounds = getattr(benchmark, "_min_rounds", 5)
+        rounds = int(min(max(math.ceil(max_time / per_call), min_rounds), 10_000))
+    if device.type == "cuda":
+        clear_grads()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        benchmark.extra_info["mem_base_bytes"] = torch.cuda.memory_allocated(device)
+
+    benchmark.pedantic(step, setup=clear_grads, rounds=rounds, iterations=1, warmup_rounds=0)
+
+    benchmark.extra_info.update(
+        op=workload.op,
+        workload=workload.name,
+        shape=workload.describe(),
+        provider=provider,
+        **{"pass": case.pass_},
+        dtype=case.dtype,
+        device=device.type,
+        state_bytes=wl.state_bytes(workload, dtype),
+        checked=provider in wl.OURS,
+    )
+    if provider in wl.OURS:
+        from convgru_triton import explain_backend
+
+        module = next(m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "hidden_channels"))
+        benchmark.extra_info["backend"] = str(explain_backend(module, device))
+    if device.type == "cuda":
+        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+
+
+def test_conv_gru_cell(benchmark, case, device):
+    """One step (RAFT's update block): the input of the next step depends on the state."""
+    run_benchmark(benchmark, case, device)
+
+
+def test_conv_gru(benchmark, case, device):
+    """A whole input sequence through stacked ConvGRU layers."""
+    run_benchmark(benchmark, case, device)
