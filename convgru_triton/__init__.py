@@ -20,7 +20,7 @@ from .modules import (
     ConvGRUCell3d,
 )
 from .separable import SepConvGRUCell2d
-from . import convert  # noqa: E402  converters: convgru_triton.convert.from_raft_convgru, ...
+from . import convert  # noqa: F401  (the converters: convgru_triton.convert.from_raft_convgru, ...)
 
 __version__ = "0.1.0"
 
