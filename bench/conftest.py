@@ -12,6 +12,8 @@ Options (all optional; the defaults pick the device and its workload sizes):
     which providers run (default all).
 ``--bench-workloads raft-convgru,...``
     which workloads run (default all).
+``--bench-passes fwd,fwd+bwd``
+    which passes run (default both).
 ``--bench-compile auto|all|step|none``
     where the ``torch.compile`` providers run: every workload, only the
     one-step (``conv_gru_cell``, RAFT) workloads, or nowhere. auto: all on CUDA,
@@ -55,6 +57,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtypes", default="auto")
     group.addoption("--bench-providers", default=",".join(wl.PROVIDERS))
     group.addoption("--bench-workloads", default="all")
+    group.addoption("--bench-passes", default=",".join(wl.PASSES))
     group.addoption("--bench-compile", default="auto", choices=("auto", "all", "step", "none"))
 
 
@@ -85,6 +88,10 @@ def selected_cases(config):
     for p in providers:
         if p not in wl.PROVIDERS:
             raise pytest.UsageError(f"--bench-providers: unknown provider {p!r}, choose from {wl.PROVIDERS}")
+    passes = _split(config.getoption("--bench-passes"))
+    for p in passes:
+        if p not in wl.PASSES:
+            raise pytest.UsageError(f"--bench-passes: unknown pass {p!r}, choose from {wl.PASSES}")
     compile_where = config.getoption("--bench-compile")
     if compile_where == "auto":
         compile_where = "all" if device.type == "cuda" else "step"
@@ -103,7 +110,7 @@ def selected_cases(config):
                 compile_where == "none" or (compile_where == "step" and w.op != "conv_gru_cell")
             ):
                 continue
-            for pass_ in wl.PASSES:
+            for pass_ in passes:
                 for dtype in dtypes:
                     cases.append(Case(w, provider, pass_, dtype))
     return cases

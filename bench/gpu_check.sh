@@ -8,8 +8,8 @@
 #   2. the full-size benchmark suite, eager providers (seed, raft, ours),
 #      float32 and bfloat16;
 #   3. the gate-kernel bandwidth against a device-to-device copy, 1 MiB..1 GiB;
-#   4. the torch.compile providers (compile, ours-compile) in bfloat16, then
-#      float32 while time is left;
+#   4. the torch.compile providers (compile, ours-compile): the bfloat16
+#      training step first, then bfloat16 forward and float32 while time is left;
 #   5. the report: table + chart of all benchmarks, and a summary.
 #
 #   COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [output-dir]
@@ -93,7 +93,9 @@ else
 fi
 bw_elapsed=$(( $(date +%s) - start ))
 
-bench compile-bf16 150 25 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16
+# The training step in bfloat16 first (the target), then the rest while time is left.
+bench compile-train 150 25 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd+bwd
+bench compile-fwd 100 25 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd
 bench compile-fp32 150 25 --bench-providers=compile,ours-compile --bench-dtypes=float32
 
 # 5. Report --------------------------------------------------------------------
@@ -125,7 +127,7 @@ fi
     echo
     echo "Report: \`$stem.md\` (table), \`$stem.png\` (chart), \`$stem.json\` (raw); report exit status $report_status."
     echo
-    for name in eager compile-bf16 compile-fp32; do
+    for name in eager compile-train compile-fwd compile-fp32; do
         echo "\`$name\`:"
         echo '```'
         [ -f "$tmp/$name.log" ] && grep -E "passed|failed|skipped|error|^(FAILED|ERROR|SKIPPED)|^exit|KeyboardInterrupt" "$tmp/$name.log" | tail -n 15
