@@ -21,7 +21,7 @@
 #   STEM.json, STEM.md, STEM.png   benchmarks: raw pytest-benchmark data, table, chart
 #   STEM-bandwidth.{json,md}       gate-kernel bandwidth
 #
-# GPU_CHECK_BUDGET (seconds, default 450) is the total; a part that runs out of
+# GPU_CHECK_BUDGET (seconds, default 440) is the total; a part that runs out of
 # time is interrupted (SIGINT: pytest still writes what it measured) and the
 # script goes on, so a slow part costs numbers, never the report.
 # GPU_CHECK_BENCH_ARGS adds options to every benchmark run (e.g.
@@ -34,7 +34,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET CONVGRU_TRITON_BACKEND
 commit=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export COMMIT=$commit
-budget=${GPU_CHECK_BUDGET:-450}
+budget=${GPU_CHECK_BUDGET:-440}
 t0=$(date +%s)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -42,7 +42,7 @@ trap 'rm -rf "$tmp"' EXIT
 # Seconds left before the budget, minus what the later parts need at least.
 left() { echo $(( budget - ($(date +%s) - t0) - ${1:-0} )); }
 # limit CAP RESERVE: at most CAP seconds, and leave RESERVE for what follows.
-limit() { local l; l=$(left "$2"); [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
+limit() { local l; l=$(left "$2"); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 0 ] && l=0; echo "$l"; }
 
 python3 - "$commit" > "$tmp/gpu_env.txt" <<'PY'
 import sys, torch, triton
@@ -62,7 +62,8 @@ stem="gpu-$(echo "$gpu" | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\{1,\}/-/g; s/^-//; s
 
 # 1. Tests -------------------------------------------------------------------
 start=$(date +%s)
-timeout -s INT -k 15 "$(limit 170 260)" python3 -m pytest tests -q -rfEs -p no:cacheprovider \
+t=$(limit 170 260); [ "$t" -lt 60 ] && t=60  # the tests come first, whatever the budget
+timeout -s INT -k 10 "$t" python3 -m pytest tests -q -rfEs -p no:cacheprovider \
     --junitxml="$out_dir/gpu_tests.xml" 2>&1 | tee "$out_dir/gpu_tests.log"
 test_status=${PIPESTATUS[0]}
 test_elapsed=$(( $(date +%s) - start ))
@@ -73,19 +74,19 @@ bench() {  # bench NAME CAP RESERVE [pytest options]: one pytest-benchmark run i
     t=$(limit "$cap" "$reserve")
     if [ "$t" -lt 20 ]; then echo "skipped: no time left" > "$tmp/$name.log"; echo "$name: skipped (no time left)"; return; fi
     local s; s=$(date +%s)
-    timeout -s INT -k 15 "$t" python3 -m pytest bench --benchmark-only -q -rfEs -p no:cacheprovider \
+    timeout -s INT -k 10 "$t" python3 -m pytest bench --benchmark-only -q -rfEs -p no:cacheprovider \
         --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json="$tmp/$name.json" "$@" \
         ${GPU_CHECK_BENCH_ARGS:-} \
         > "$tmp/$name.log" 2>&1
     echo "exit $? after $(( $(date +%s) - s )) s (limit $t s)" >> "$tmp/$name.log"
     tail -n 1 "$tmp/$name.log" | sed "s/^/$name: /"
 }
-bench eager 120 150 --bench-providers=seed,raft,ours
+bench eager 120 60 --bench-providers=seed,raft,ours
 
 start=$(date +%s)
-t=$(limit 75 70)
+t=$(limit 75 40)
 if [ "$t" -ge 20 ]; then
-    timeout -s INT -k 15 "$t" python3 -m bench.bandwidth --out "$out_dir" --name "$stem-bandwidth" \
+    timeout -s INT -k 10 "$t" python3 -m bench.bandwidth --out "$out_dir" --name "$stem-bandwidth" \
         > "$tmp/bandwidth.log" 2>&1
     bw_status=$?
 else
