@@ -9,14 +9,15 @@
 #      float32 and bfloat16;
 #   3. the gate-kernel bandwidth against a device-to-device copy, 1 MiB..1 GiB;
 #   4. the torch.compile providers (compile, ours-compile): the bfloat16
-#      training step first, then bfloat16 forward and float32 while time is left;
+#      training step first, then a torch.profiler breakdown of the RAFT step
+#      (raft, compile, ours), then bfloat16 forward and float32 while time is left;
 #   5. the report: table + chart of all benchmarks, and a summary.
 #
 #   COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [output-dir]
 #
 # Output (default bench/results/, or $OUT), at most 8 files, GPU name, torch and
 # triton versions and commit id in each report; STEM is gpu-<gpu name>:
-#   gpu_check.md                   summary: environment, tests, benchmarks, bandwidth
+#   gpu_check.md                   summary: environment, tests, benchmarks, profile, bandwidth
 #   gpu_tests.xml, gpu_tests.log   the test suite (JUnit, log)
 #   STEM.json, STEM.md, STEM.png   benchmarks: raw pytest-benchmark data, table, chart
 #   STEM-bandwidth.{json,md}       gate-kernel bandwidth
@@ -95,7 +96,17 @@ fi
 bw_elapsed=$(( $(date +%s) - start ))
 
 # The training step in bfloat16 first (the target), then the rest while time is left.
-bench compile-train 150 25 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd+bwd
+bench compile-train 150 55 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd+bwd
+
+# Where the time of the bfloat16 RAFT training step goes (the "why" of a missed target).
+t=$(limit 60 25)
+if [ "$t" -ge 20 ]; then
+    timeout -s INT -k 10 "$t" python3 -m bench.profile_workload --workload raft-convgru --pass fwd+bwd \
+        --dtype bfloat16 --providers raft,compile,ours > "$tmp/profile.md" 2>&1
+    echo "profile: exit $?"
+else
+    echo "skipped: no time left" > "$tmp/profile.md"
+fi
 bench compile-fwd 100 25 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd
 bench compile-fp32 150 25 --bench-providers=compile,ours-compile --bench-dtypes=float32
 
@@ -139,6 +150,10 @@ fi
         sed -n '/^Target/,$p' "$out_dir/$stem.md" | grep -v '^!\[' 
         echo
     fi
+    echo "## Profile"
+    echo
+    grep -v -E "^(USDT|\[W)" "$tmp/profile.md"
+    echo
     echo "## Gate-kernel bandwidth"
     echo
     echo "Exit status $bw_status after ${bw_elapsed} s; table: \`$stem-bandwidth.md\`."

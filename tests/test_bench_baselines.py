@@ -214,3 +214,13 @@ def test_bandwidth_script(tmp_path):
         "gru_reset_after_fwd", "gru_reset_after_bwd"}
     assert all(r["gb_per_s"] > 0 and r["copy_gb_per_s"] > 0 for r in result["rows"])
     assert "| state MiB |" in (tmp_path / f"{stem}.md").read_text()
+
+
+def test_profile_script(capsys):
+    """The profiler breakdown the GPU check prints (here on CPU, tiny shapes)."""
+    from bench import profile_workload
+
+    assert profile_workload.main(["--device", "cpu", "--size", "tiny", "--providers", "raft,ours",
+                                  "--steps", "1", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "**raft**" in out and "**ours**" in out and "| operator / kernel |" in out
