@@ -7,7 +7,8 @@
 #   1. the whole test suite with compiled Triton kernels on CUDA tensors;
 #   2. the full-size benchmark suite, eager providers (seed, raft, ours),
 #      float32 and bfloat16;
-#   3. the gate-kernel bandwidth against a device-to-device copy, 1 MiB..1 GiB;
+#   3. the gate-kernel bandwidth against a device-to-device copy, 1 MiB..1 GiB,
+#      and the sequence operator against per-step autograd (bench.sequence_vs_steps);
 #   4. the torch.compile providers (compile, ours-compile): the bfloat16
 #      training step first, then a torch.profiler breakdown of the RAFT step
 #      (raft, compile, ours), then bfloat16 forward and float32 while time is left;
@@ -95,6 +96,17 @@ else
 fi
 bw_elapsed=$(( $(date +%s) - start ))
 
+# The sequence operator against per-step autograd of the package (issue: fused
+# sequence path): time, saved bytes and peak memory, bfloat16, full sizes.
+t=$(limit 45 40)
+if [ "$t" -ge 20 ]; then
+    timeout -s INT -k 10 "$t" python3 -m bench.sequence_vs_steps --dtype bfloat16 --out "$tmp" \
+        > "$tmp/sequence.md" 2>&1
+    echo "sequence_vs_steps: exit $?"
+else
+    echo "skipped: no time left" > "$tmp/sequence.md"
+fi
+
 # The training step in bfloat16 first (the target), then the rest while time is left.
 bench compile-train 150 55 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd+bwd
 
@@ -153,6 +165,14 @@ fi
     echo "## Profile"
     echo
     grep -v -E "^(USDT|\[W)" "$tmp/profile.md"
+    echo
+    echo "## Sequence operator vs per-step autograd (bfloat16)"
+    echo
+    grep -v -E "^(USDT|\[W)" "$tmp/sequence.md"
+    if [ -f "$tmp/sequence_vs_steps-cuda.json" ]; then
+        echo; echo '<details><summary>raw JSON</summary>'; echo; echo '```json'
+        cat "$tmp/sequence_vs_steps-cuda.json"; echo '```'; echo '</details>'
+    fi
     echo
     echo "## Gate-kernel bandwidth"
     echo
