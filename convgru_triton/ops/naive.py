@@ -24,7 +24,7 @@ Update convention (z weights the new candidate, as in RAFT):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -33,24 +33,28 @@ from .._conv import ConvSpec, conv_same
 Tensor = torch.Tensor
 
 
-def _gate_bias(bias: Optional[Tensor], gate: int, like: Tensor) -> Optional[Tensor]:
-    """Gate ``gate`` (0 = r, 1 = z, 2 = n) of a (3H,) bias, shaped to broadcast
-    over (N, H, *S) tensors like ``like``."""
-    if bias is None:
+def _bias(vectors: Sequence[Optional[Tensor]], gates: slice, like: Tensor) -> Optional[Tensor]:
+    """The sum of the (3H,) bias ``vectors`` over the channels ``gates``, shaped to
+    broadcast over (N, C, *S) tensors like ``like``; ``None`` without biases.
+    Summing the vectors first gives a feature map one add instead of two."""
+    if vectors[0] is None:
         return None
-    hidden = like.shape[1]
-    return bias[gate * hidden : (gate + 1) * hidden].view(1, -1, *([1] * (like.dim() - 2)))
+    b = vectors[0][gates]
+    for v in vectors[1:]:
+        b = b + v[gates]
+    return b.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def _plus(t: Tensor, *biases: Optional[Tensor]) -> Tensor:
-    for b in biases:
-        if b is not None:
-            t = t + b
-    return t
+def _plus(t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return t if bias is None else t + bias
 
 
-def _gate(t: Tensor, gate: int, hidden: int) -> Tensor:
-    return t[:, gate * hidden : (gate + 1) * hidden]
+def _sigmoid_rz(gates_x: Tensor, gates_h: Tensor, bias_ih, bias_hh, hidden: int) -> Tuple[Tensor, Tensor]:
+    """r and z from one add and one sigmoid over both gates' 2H channels."""
+    rz = slice(0, 2 * hidden)
+    a = _plus(gates_x[:, rz] + gates_h[:, rz], _bias((bias_ih, bias_hh), rz, gates_x))
+    r, z = torch.sigmoid(a).split(hidden, dim=1)
+    return r, z
 
 
 # --- reset_after=True: one fused kernel per direction ---------------------------
@@ -70,11 +74,11 @@ def gru_reset_after_fwd_ref(
         h' = (1 - z) * h + z * n
     """
     H = h.shape[1]
-    r = torch.sigmoid(_plus(_gate(gates_x, 0, H) + _gate(gates_h, 0, H), _gate_bias(bias_ih, 0, h), _gate_bias(bias_hh, 0, h)))
-    z = torch.sigmoid(_plus(_gate(gates_x, 1, H) + _gate(gates_h, 1, H), _gate_bias(bias_ih, 1, h), _gate_bias(bias_hh, 1, h)))
-    hn = _plus(_gate(gates_h, 2, H), _gate_bias(bias_hh, 2, h))
-    n = torch.tanh(_plus(_gate(gates_x, 2, H), _gate_bias(bias_ih, 2, h)) + r * hn)
-    return h + z * (n - h), r, z, n, hn
+    r, z = _sigmoid_rz(gates_x, gates_h, bias_ih, bias_hh, H)
+    n_ = slice(2 * H, 3 * H)
+    hn = _plus(gates_h[:, n_], _bias((bias_hh,), n_, h))
+    n = torch.tanh(torch.addcmul(_plus(gates_x[:, n_], _bias((bias_ih,), n_, h)), r, hn))
+    return torch.lerp(h, n, z), r, z, n, hn
 
 
 def gru_reset_after_bwd_ref(
@@ -107,9 +111,7 @@ def gru_reset_gate_fwd_ref(
         r = sigmoid(gx_r + b_ir + gh_r + b_hr)
         z = sigmoid(gx_z + b_iz + gh_z + b_hz)
     """
-    H = h.shape[1]
-    r = torch.sigmoid(_plus(_gate(gates_x, 0, H) + _gate(gates_h_rz, 0, H), _gate_bias(bias_ih, 0, h), _gate_bias(bias_hh, 0, h)))
-    z = torch.sigmoid(_plus(_gate(gates_x, 1, H) + _gate(gates_h_rz, 1, H), _gate_bias(bias_ih, 1, h), _gate_bias(bias_hh, 1, h)))
+    r, z = _sigmoid_rz(gates_x, gates_h_rz, bias_ih, bias_hh, h.shape[1])
     return r, z, r * h
 
 
@@ -121,9 +123,9 @@ def gru_update_fwd_ref(
         n  = tanh(gx_n + b_in + gh_n + b_hn)      (gh_n = W_hn * (r * h))
         h' = (1 - z) * h + z * n
     """
-    H = h.shape[1]
-    n = torch.tanh(_plus(_gate(gates_x, 2, H) + gates_h_n, _gate_bias(bias_ih, 2, h), _gate_bias(bias_hh, 2, h)))
-    return h + z * (n - h), n
+    n_ = slice(2 * h.shape[1], 3 * h.shape[1])
+    n = torch.tanh(_plus(gates_x[:, n_] + gates_h_n, _bias((bias_ih, bias_hh), n_, h)))
+    return torch.lerp(h, n, z), n
 
 
 def gru_update_bwd_ref(grad: Tensor, z: Tensor, n: Tensor, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
