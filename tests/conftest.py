@@ -23,6 +23,19 @@ def device() -> torch.device:
 
 
 @pytest.fixture(autouse=True)
+def _one_thread_no_tf32(monkeypatch):
+    """Tiny CPU convolutions that need autograd run ~100x slower with several
+    OpenMP threads than with one on a small machine: run the tests on one
+    thread. On CUDA keep TF32 off, so float32 results can be compared at 1e-5."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Fill every buffer the fused kernels and the sequence operator write with
     NaN before they write it, so an element left unwritten fails the comparison."""

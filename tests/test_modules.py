@@ -52,19 +52,6 @@ TOL32 = dict(atol=1e-5, rtol=1e-4)
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-@pytest.fixture(autouse=True)
-def _fast_and_exact(monkeypatch):
-    """Tiny CPU convolutions that need autograd are ~100x slower with several
-    OpenMP threads than with one on small machines: run this file on one thread.
-    On CUDA keep TF32 off so float32 results can be compared at 1e-5."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------
 # Independent reference
 # ----------------------------------------------------------------------------

@@ -43,18 +43,6 @@ HALF_DTYPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_no_tf32(monkeypatch):
-    """Tiny CPU convolutions run fastest on one thread; TF32 off so that the
-    float64/float32 numbers mean what they say on a GPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------
 # Half precision: storage float16/bfloat16, math float32 inside the kernels
 # ----------------------------------------------------------------------------

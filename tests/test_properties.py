@@ -63,16 +63,6 @@ TOL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_no_tf32(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------
 # Independent float64 reference
 # ----------------------------------------------------------------------------

@@ -33,14 +33,6 @@ NONDETERMINISTIC_CUDA_OPS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def deterministic(monkeypatch):
     """The settings README.md names for a deterministic layer, restored after."""
