@@ -23,16 +23,21 @@ def device() -> torch.device:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_no_tf32(monkeypatch):
+def _one_thread_no_tf32():
     """Tiny CPU convolutions that need autograd run ~100x slower with several
     OpenMP threads than with one on a small machine: run the tests on one
-    thread. On CUDA keep TF32 off, so float32 results can be compared at 1e-5."""
+    thread. On CUDA keep TF32 off, so float32 results can be compared at 1e-5.
+    (Saved and restored by hand: pytest's monkeypatch fails to restore
+    torch.backends.cuda.matmul.allow_tf32, a property, with pytest 9.2.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if torch.cuda.is_available():
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)
