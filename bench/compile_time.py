@@ -23,12 +23,7 @@ import torch._inductor.config
 
 from convgru_triton import ConvGRU
 
-from .machine import convgru_machine_info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .machine import convgru_machine_info, sync
 
 
 def _training_step(model, x) -> None:
@@ -49,10 +44,10 @@ def measure(steps: int, device: torch.device, backend: str = "auto") -> dict:
     compiled = torch.compile(model, fullgraph=True)
     timings = []
     for _ in range(4):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         _training_step(compiled, x)
-        _sync(device)
+        sync(device)
         timings.append(time.perf_counter() - start)
     first, steady = timings[0], min(timings[1:])
     return {"steps": steps, "first_call_s": first, "steady_call_s": steady, "all_calls_s": timings,

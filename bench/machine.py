@@ -66,3 +66,9 @@ def convgru_machine_info(device) -> dict:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

@@ -21,11 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from bench import workloads as wl
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.machine import sync
 
 
 def profile_provider(workload, provider, dtype, device, backward: bool, steps: int, rows: int) -> str:
@@ -45,7 +41,7 @@ def profile_provider(workload, provider, dtype, device, backward: bool, steps: i
         else:
             with torch.no_grad():
                 model(inputs.xs, inputs.hs)
-        _sync(device)
+        sync(device)
 
     for _ in range(3):
         step()

@@ -34,7 +34,7 @@ import torch
 
 from convgru_triton import ConvGRU2d, ConvGRUCell2d
 
-from .machine import convgru_machine_info
+from .machine import convgru_machine_info, sync
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,6 @@ WORKLOADS = {
         SequenceWorkload("nowcasting-32", 5, 1, 16, 48, 32, 3, 1),
     ],
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepLoop(torch.nn.Module):
@@ -126,10 +121,10 @@ def time_step(model, x, device, repeats: int) -> float:
         step()
     samples = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -138,11 +133,11 @@ def peak_memory(model, x, device) -> int:
     if device.type != "cuda":
         return 0
     model.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     _loss(model, x).backward()
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device) - base
 
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from bench import workloads as wl
+from bench.machine import sync
 
 # ----------------------------------------------------------------------------
 # Correctness of ``ours`` before timing
@@ -106,11 +107,6 @@ def check_ours(model, case, master, device):
 # ----------------------------------------------------------------------------
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_benchmark(benchmark, case, device):
     workload, provider = case.workload, case.provider
     dtype = wl.DTYPES[case.dtype]
@@ -132,12 +128,12 @@ def run_benchmark(benchmark, case, device):
         def step():
             outputs = model(inputs.xs, inputs.hs)
             torch.autograd.backward(outputs, inputs.grads)
-            _sync(device)
+            sync(device)
     else:
         def step():
             with torch.no_grad():
                 model(inputs.xs, inputs.hs)
-            _sync(device)
+            sync(device)
 
     rounds = 1
     try:
@@ -164,7 +160,7 @@ def run_benchmark(benchmark, case, device):
         raise
     if device.type == "cuda":
         clear_grads()
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         benchmark.extra_info["mem_base_bytes"] = torch.cuda.memory_allocated(device)
 

@@ -346,7 +346,7 @@ def _grid_and_meta(kernel: str, out: torch.Tensor, hidden: int):
     spatial = math.prod(out.shape[2:])
     plane = hidden * spatial
     check_kernel_sample_size(hidden, out.shape[2:])
-    channels_last = out.dim() > 3 and hidden > 1 and out.stride(1) == 1
+    channels_last = is_channels_last(out)
     cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
     grid = (batch * triton.cdiv(plane, cfg.block_size),)
     meta = dict(
