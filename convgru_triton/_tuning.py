@@ -12,7 +12,7 @@ Where a configuration comes from, for a CUDA device (first match wins):
    ``~/.cache/convgru_triton/tuning``), where ``python -m convgru_triton.tune``
    writes,
 3. ``convgru_triton/tuning_configs/<gpu>.json`` shipped with the package,
-4. :data:`DEFAULT_CONFIG`, sound on any GPU.
+4. :func:`default_config` (per dtype), sound on any GPU.
 
 ``<gpu>`` is the normalized device name (:func:`normalize_device_name`). A file
 is used for a (kernel, dtype) pair when it has entries for that pair, and then
@@ -27,7 +27,7 @@ Every look-up is cached in memory per (device, kernel, dtype, size class): after
 the first launch of a kernel on a device there is no file access and no JSON
 parsing, only a dict look-up. Files and environment variables are read again
 after :func:`clear_cache`. Non-CUDA devices (the Triton interpreter on CPU) get
-:data:`DEFAULT_CONFIG` without any look-up. Under ``torch.compile`` the look-up
+:func:`default_config` without any look-up. Under ``torch.compile`` the look-up
 runs once at trace time and its result is a constant of the graph.
 
 This module imports neither Triton nor the kernels.
@@ -68,10 +68,24 @@ class LaunchConfig:
         return f"block {self.block_size}, {self.num_warps} warps, {self.num_stages} stages"
 
 
-# Sound on any GPU: 8 elements per thread with 4 warps keeps loads wide enough
-# for float32 and half precision alike; the interpreter (CPU) also prefers few,
-# large programs.
-DEFAULT_CONFIG = LaunchConfig(block_size=1024, num_warps=4)
+# Sound on any GPU: 4 warps, each thread one 16-byte vector per tensor (8 half,
+# 4 float32, 2 float64 elements), the widest global access there is. Twice that
+# (1024 float32 elements) cost 70-72 registers per thread in the forward kernels
+# (sm_90, Triton 3.9, bench/codegen.py) against 44-62 at 512.
+DEFAULT_CONFIGS: Dict[torch.dtype, LaunchConfig] = {
+    torch.float16: LaunchConfig(block_size=1024, num_warps=4),
+    torch.bfloat16: LaunchConfig(block_size=1024, num_warps=4),
+    torch.float32: LaunchConfig(block_size=512, num_warps=4),
+    torch.float64: LaunchConfig(block_size=256, num_warps=4),
+}
+#: The default for float32 (see :func:`default_config` for the others).
+DEFAULT_CONFIG = DEFAULT_CONFIGS[torch.float32]
+
+
+def default_config(dtype: torch.dtype) -> LaunchConfig:
+    """The configuration a kernel gets for ``dtype`` when no tuning file has one:
+    one 16-byte access per thread and tensor with 4 warps."""
+    return DEFAULT_CONFIGS.get(dtype, DEFAULT_CONFIG)
 
 # The kernels that read their configuration here (names as in ops/conv_gru_cell.py,
 # without the leading underscore and the _kernel suffix).
@@ -374,7 +388,7 @@ def resolve(device_key: str, kernel: str, dtype: torch.dtype, numel: int) -> Tup
         rows = table.get(pair) if table is not None else None
         if rows:
             return nearest(rows, cls), path
-    return DEFAULT_CONFIG, "defaults"
+    return default_config(dtype), "defaults"
 
 
 def _device_key(device: torch.device) -> Optional[str]:
@@ -394,7 +408,7 @@ def _lookup(kernel: str, dtype: torch.dtype, cls: int, device: torch.device) -> 
     if key is None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; the tuned kernels are {KERNELS}")
-        return DEFAULT_CONFIG
+        return default_config(dtype)
     # 1 << cls stands for every size of the class: they share one cache entry.
     return resolve(key, kernel, dtype, 1 << cls)[0]
 
@@ -440,7 +454,7 @@ def explain_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.de
         return f"{_FORCED} (forced)"
     key = _device_key(torch.device(device))
     if key is None:
-        return f"{DEFAULT_CONFIG} from defaults ({torch.device(device).type} device)"
+        return f"{default_config(dtype)} from defaults ({torch.device(device).type} device)"
     cfg, source = resolve(key, kernel, dtype, numel)
     return f"{cfg} from {source}"
 

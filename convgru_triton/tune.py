@@ -343,7 +343,7 @@ class Result:
 
     @property
     def default(self) -> Optional[Trial]:
-        return next((t for t in self.trials if t.config == _tuning.DEFAULT_CONFIG and t.ms is not None), None)
+        return next((t for t in self.trials if t.config == _tuning.default_config(self.dtype) and t.ms is not None), None)
 
 
 @contextlib.contextmanager

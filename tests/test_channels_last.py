@@ -9,7 +9,7 @@ For every layout check:
   copies (recorded with a TorchDispatchMode, paused while a Triton kernel runs,
   since the interpreter copies tensors on CPU);
 * Triton backend: every tensor a launcher hands a kernel is a view of the
-  caller's tensor (``_ncs`` made no copy), has channels innermost, and every
+  caller's tensor (``_input``, ``_gates_x`` and the output buffers made no copy), has channels innermost, and every
   launch uses the channels_last element order.
 """
 
@@ -88,21 +88,30 @@ class LayoutProbe:
         self.recorder = _CopyRecorder()
         self.launch_tensors = []  # (shape, strides, was a view)
         self.launch_orders = []  # CHANNELS_LAST of every launch
-        ncs, grid_and_meta = op._ncs, op._grid_and_meta
+        def recording(convert):
+            def run(t, *args):
+                out = convert(t, *args)
+                self.launch_tensors.append((tuple(t.shape), t.stride(), out is t))
+                return out
 
-        def recording_ncs(t):
-            out = ncs(t)
-            same_storage = out[0].untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-            self.launch_tensors.append((tuple(t.shape), t.stride(), t.numel() == 0 or same_storage))
-            return out
+            return run
 
-        def recording_grid_and_meta(*args, **kwargs):
-            grid, sizes, meta = grid_and_meta(*args, **kwargs)
-            self.launch_orders.append(meta["CHANNELS_LAST"])
-            return grid, sizes, meta
+        def recording_geometry(*args):
+            geo = geometry(*args)
+            self.launch_orders.append(geo.channels_last)
+            return geo
 
-        monkeypatch.setattr(op, "_ncs", recording_ncs)
-        monkeypatch.setattr(op, "_grid_and_meta", recording_grid_and_meta)
+        geometry, outputs = op._geometry, op._Outputs.__call__
+        monkeypatch.setattr(op, "_input", recording(op._input))
+        monkeypatch.setattr(op, "_gates_x", recording(op._gates_x))
+
+        def recording_output(buffers, t, slots):
+            got = outputs(buffers, t, slots)
+            self.launch_tensors.append((tuple(t.shape), t.stride(), got is t))
+            return got
+
+        monkeypatch.setattr(op._Outputs, "__call__", recording_output)
+        monkeypatch.setattr(op, "_geometry", recording_geometry)
         for name in dir(op):
             if name.endswith("_kernel") and hasattr(getattr(op, name), "__getitem__"):
                 monkeypatch.setattr(op, name, _PausingKernel(getattr(op, name), self.recorder))

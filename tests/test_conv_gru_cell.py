@@ -345,10 +345,13 @@ def test_launch_grid_covers_int64_offsets():
     shape = (5, 512, 1024, 1024)
     big = torch.empty_strided(shape, (512 * 1024**2, 1024**2, 1024, 1), device="meta")
     assert big.numel() > 2**31
-    grid, (plane, inner, hidden), meta = op._grid_and_meta("gru_reset_after_fwd", big, 512)
-    block = meta["BLOCK"]
-    assert plane == 512 * 1024**2 and inner == 1024**2 and hidden == 512
-    assert grid == (5 * (512 * 1024**2 // block),)
+    geo = op._Geometry("gru_reset_after_fwd", big)
+    block = _tuning.default_config(big.dtype).block_size
+    assert (geo.rows, geo.inner) == (512, 1024**2) and not geo.channels_last
+    assert geo.grid == (5 * 512 * (1024**2 // block),)
+    # The sample strides the kernels derive (channels x spatial) pass 2**31 only
+    # after the multiplication by the 64-bit sample index.
+    assert geo.strides[3][0] == 3 * 512 * 1024**2 < 2**31
     too_big = torch.empty_strided((1, 1024, 1024, 1024), (1024**3, 1024**2, 1024, 1), device="meta")
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31 per sample"):
-        op._grid_and_meta("gru_reset_after_fwd", too_big, 1024)
+        op._Geometry("gru_reset_after_fwd", too_big)

@@ -109,7 +109,7 @@ def test_nearest_bucket(registry):
     assert lookup(numel=5) == LaunchConfig(128, 1)  # below it
     # Another kernel or dtype without entries: the defaults.
     assert lookup(kernel="gru_update_bwd") == DEFAULT_CONFIG
-    assert lookup(dtype=torch.float16) == DEFAULT_CONFIG
+    assert lookup(dtype=torch.float16) == _tuning.default_config(torch.float16)
 
 
 def test_num_stages_read_and_defaulted(registry):
@@ -167,13 +167,17 @@ def test_defaults_without_files(registry):
         warnings.simplefilter("error")  # no file anywhere is normal: no warning
         for kernel in KERNELS:
             for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                assert _tuning.launch_config(kernel, dtype, 12345, GPU) == DEFAULT_CONFIG
+                assert _tuning.launch_config(kernel, dtype, 12345, GPU) == _tuning.default_config(dtype)
 
 
-def test_defaults_are_sound():
-    cfg = DEFAULT_CONFIG
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_defaults_are_sound(dtype):
+    cfg = _tuning.default_config(dtype)
     assert _tuning.check_config_values(cfg.block_size, cfg.num_warps, cfg.num_stages) == cfg
-    assert cfg.block_size >= 32 * cfg.num_warps
+    # One 16-byte access per thread and tensor: the widest there is, and no more
+    # (more elements per thread cost registers, see DEFAULT_CONFIGS).
+    element_size = torch.empty((), dtype=dtype).element_size()
+    assert cfg.block_size * element_size == 32 * cfg.num_warps * 16
 
 
 def test_cpu_device_gets_defaults_without_io(monkeypatch):
@@ -422,7 +426,7 @@ def test_document_round_trip(registry):
     assert lookup(numel=2**16) == LaunchConfig(256, 2)
     assert lookup(numel=2**21) == LaunchConfig(2048, 8)
     assert lookup(kernel="gru_update_bwd", dtype=torch.float16) == LaunchConfig(512, 4, 1)
-    assert lookup(kernel="gru_update_fwd", dtype=torch.float16) == DEFAULT_CONFIG
+    assert lookup(kernel="gru_update_fwd", dtype=torch.float16) == _tuning.default_config(torch.float16)
 
 
 def test_document_keeps_entries_it_did_not_retune():
@@ -504,7 +508,8 @@ def test_search_picks_the_fastest_and_skips_failures():
         return times[cfg.block_size]
 
     candidates = [LaunchConfig(b, 4) for b in times]
-    result = tune.Result("gru_update_fwd", torch.float32, 1024, 6 * 1024 * 4)
+    # float16: its default configuration is (1024, 4 warps), one of the candidates.
+    result = tune.Result("gru_update_fwd", torch.float16, 1024, 6 * 1024 * 2)
     result.trials = tune.search(_fake_case(run, check), candidates, timer)
     assert result.best.config == LaunchConfig(256, 4)
     assert seen == [128, 256, 1024, 4096]  # neither the failing nor the wrong candidate is timed
@@ -601,7 +606,7 @@ def test_shipped_files_are_valid():
 
 
 def _all_configs():
-    configs = {DEFAULT_CONFIG} | _shipped_configs() | set(tune.candidate_configs())
+    configs = set(_tuning.DEFAULT_CONFIGS.values()) | _shipped_configs() | set(tune.candidate_configs())
     # Under the interpreter only the block size changes what runs: one config per block size.
     by_block = {}
     for cfg in sorted(configs, key=lambda c: (c.block_size, c.num_warps, c.num_stages)):
