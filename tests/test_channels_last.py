@@ -9,7 +9,7 @@ For every layout check:
   copies (recorded with a TorchDispatchMode, paused while a Triton kernel runs,
   since the interpreter copies tensors on CPU);
 * Triton backend: every tensor a launcher hands a kernel is a view of the
-  caller's tensor (``_input``, ``_gates_x`` and the output buffers made no copy), has channels innermost, and every
+  caller's tensor (``_conforming`` made no copy), has channels innermost, and every
   launch uses the channels_last element order.
 """
 
@@ -88,30 +88,20 @@ class LayoutProbe:
         self.recorder = _CopyRecorder()
         self.launch_tensors = []  # (shape, strides, was a view)
         self.launch_orders = []  # CHANNELS_LAST of every launch
-        def recording(convert):
-            def run(t, *args):
-                out = convert(t, *args)
-                self.launch_tensors.append((tuple(t.shape), t.stride(), out is t))
-                return out
 
-            return run
+        def recording_launch(kernel, name, out, tensors, *args, **kwargs):
+            self.launch_orders.append(op._geometry(name, out).channels_last)
+            self.launch_tensors.extend((tuple(t.shape), t.stride(), True) for t in tensors)
+            return launch(kernel, name, out, tensors, *args, **kwargs)
 
-        def recording_geometry(*args):
-            geo = geometry(*args)
-            self.launch_orders.append(geo.channels_last)
-            return geo
+        def recording_conforming(geo, tensors, *args):
+            ready, copy_back = conforming(geo, tensors, *args)
+            self.launch_tensors.extend((tuple(t.shape), t.stride(), False) for t, r in zip(tensors, ready) if r is not t)
+            return ready, copy_back
 
-        geometry, outputs = op._geometry, op._Outputs.__call__
-        monkeypatch.setattr(op, "_input", recording(op._input))
-        monkeypatch.setattr(op, "_gates_x", recording(op._gates_x))
-
-        def recording_output(buffers, t, slots):
-            got = outputs(buffers, t, slots)
-            self.launch_tensors.append((tuple(t.shape), t.stride(), got is t))
-            return got
-
-        monkeypatch.setattr(op._Outputs, "__call__", recording_output)
-        monkeypatch.setattr(op, "_geometry", recording_geometry)
+        launch, conforming = op._launch, op._conforming
+        monkeypatch.setattr(op, "_launch", recording_launch)
+        monkeypatch.setattr(op, "_conforming", recording_conforming)
         for name in dir(op):
             if name.endswith("_kernel") and hasattr(getattr(op, name), "__getitem__"):
                 monkeypatch.setattr(op, name, _PausingKernel(getattr(op, name), self.recorder))

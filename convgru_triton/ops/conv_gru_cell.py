@@ -147,7 +147,7 @@ def _bias(ptr, gate, hidden, r, i, rows, inner, CHANNELS_LAST: tl.constexpr, COM
 
 @triton.jit
 def _gru_reset_after_fwd_kernel(
-    gx_ptr, gh_ptr, h_ptr, bias_ih_ptr, bias_hh_ptr, h_new_ptr, gates_ptr, aux_ptr,
+    gx_ptr, gh_ptr, h_ptr, h_new_ptr, gates_ptr, aux_ptr, bias_ih_ptr, bias_hh_ptr,
     gx_sample_a, rows, inner_a,
     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
@@ -224,7 +224,7 @@ def _gru_reset_after_bwd_kernel(
 
 @triton.jit
 def _gru_reset_gate_fwd_kernel(
-    gx_ptr, gh_ptr, h_ptr, bias_ih_ptr, bias_hh_ptr, gates_ptr, rh_ptr,
+    gx_ptr, gh_ptr, h_ptr, gates_ptr, rh_ptr, bias_ih_ptr, bias_hh_ptr,
     gx_sample_a, rows, inner_a,
     HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
@@ -253,7 +253,7 @@ def _gru_reset_gate_fwd_kernel(
 
 @triton.jit
 def _gru_update_fwd_kernel(
-    gx_ptr, ghn_ptr, h_ptr, bias_ih_ptr, bias_hh_ptr, gates_ptr, h_new_ptr,
+    gx_ptr, ghn_ptr, h_ptr, gates_ptr, h_new_ptr, bias_ih_ptr, bias_hh_ptr,
     gx_sample_a, rows, inner_a,
     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
@@ -331,11 +331,13 @@ def _gru_reset_gate_bwd_kernel(
 #
 # Each launcher writes into the buffers it is given (keyword arguments) so that
 # the sequence operator can hand it slices of its (T, N, C, *S) outputs; a buffer
-# left out is allocated. Buffers are (N, C, *S). The launch follows the layout of
-# its output (h' or d h): a tensor that is not dense per sample in that layout is
-# copied first (an output: computed into a scratch buffer, then copied back).
-# The sequence operator hands over conforming tensors, so these copies only
-# happen for unusual inputs (a strided view, a state in the other layout).
+# left out is allocated. Buffers are (N, C, *S). A launch follows the layout of
+# its output (h' or d h). The sequence operator hands over tensors that are dense
+# per sample in that layout, and then a launch is: one dict look-up for what
+# depends only on the output's shape (``_geometry``), a stride comparison per
+# tensor, the alignment, the kernel. Anything else (a strided view, a tensor in
+# the other layout) is copied into a conforming buffer first, and outputs copied
+# back after: correct, slower, and never what the package's own callers do.
 # ----------------------------------------------------------------------------
 
 
@@ -365,27 +367,31 @@ def _dense_strides(shape: Tuple[int, ...], channels_last: bool) -> Tuple[int, ..
 
 
 def _conforms(t: torch.Tensor, strides: Tuple[int, ...], any_sample_stride: bool = False) -> bool:
-    """Whether ``t`` is laid out with ``strides`` (dims of size 1 may have any
-    stride; with ``any_sample_stride`` the batch dim too)."""
-    got = t.stride()
-    if got == strides:
-        return True
+    """Whether ``t`` is laid out with ``strides``; dims of size 1 may have any
+    stride, and with ``any_sample_stride`` so may the batch dim."""
     return all(
-        size == 1 or a == b or (d == 0 and any_sample_stride)
-        for d, (size, a, b) in enumerate(zip(t.shape, got, strides))
+        size == 1 or got == want or (d == 0 and any_sample_stride)
+        for d, (size, got, want) in enumerate(zip(t.shape, t.stride(), strides))
     )
 
 
+def _memory_format(dims: int, channels_last: bool) -> torch.memory_format:
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if dims == 4 else torch.channels_last_3d
+
+
 class _Geometry:
-    """What a launch needs that depends only on its output's (shape, strides,
-    dtype, device) and the kernel: made once, then looked up (``_geometry``).
+    """What a launch needs that depends only on the kernel and its output's
+    (shape, strides, dtype, device): made once, then looked up (:func:`_geometry`).
 
-    ``rows x inner`` is one sample's matrix (see the module docstring), ``strides``
-    the per-sample dense strides of tensors with H, 2H and 3H channels, ``align``
-    the largest power of two (elements, at most one 16-byte vector) dividing the
-    inner extent, and ``meta[align]`` the launch keywords for each alignment."""
+    ``rows x inner`` is one sample's matrix (module docstring); ``strides[k]`` the
+    strides of a per-sample dense tensor with ``k * H`` channels in the launch's
+    layout; ``align`` the largest power of two (elements, at most one 16-byte
+    vector) dividing the inner extent; ``grid`` and the launch keywords from the
+    tuning registry's block size and warps."""
 
-    __slots__ = ("grid", "rows", "inner", "channels_last", "strides", "align", "element_size", "meta")
+    __slots__ = ("grid", "rows", "inner", "channels_last", "strides", "align", "element_size", "common", "kwargs")
 
     def __init__(self, kernel: str, out: torch.Tensor):
         hidden = out.shape[1]
@@ -396,33 +402,26 @@ class _Geometry:
         shape = tuple(out.shape)
         self.strides = {k: _dense_strides((shape[0], k * hidden) + shape[2:], self.channels_last) for k in (1, 2, 3)}
         self.element_size = out.element_size()
-        vector = 16 // self.element_size  # elements in one 16-byte access
-        self.align = math.gcd(self.inner, vector)
+        self.align = math.gcd(self.inner, 16 // self.element_size)
         cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
+        # The inner axis takes as much of the block as it can use (whole rows of
+        # a small map, or of the channels); rows fill the rest.
         block_i = min(triton.next_power_of_2(self.inner), cfg.block_size)
         block_r = cfg.block_size // block_i
         self.grid = (out.shape[0] * triton.cdiv(self.rows, block_r) * triton.cdiv(self.inner, block_i),)
-        common = dict(
+        self.common = dict(
             CHANNELS_LAST=self.channels_last, BLOCK_R=block_r, BLOCK_I=block_i,
             COMPUTE=tl.float64 if out.dtype == torch.float64 else tl.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        self.meta = {}
-        a = self.align
-        while a >= 1:
-            self.meta[a] = dict(common, ALIGN=a)
-            a //= 2
+        self.kwargs: Dict[tuple, dict] = {}
 
-    def aligned(self, tensors, extra: int = 0) -> Tuple[int, dict]:
-        """``(align, meta)``: the geometry's alignment, lowered until it divides every
-        tensor's start (in elements) and ``extra`` (a stride), and its keywords."""
-        bits = extra * self.element_size
-        for t in tensors:
-            bits |= t.data_ptr()
-        a = self.align
-        while bits & (a * self.element_size - 1):
-            a //= 2
-        return a, self.meta[a]
+    def launch_kwargs(self, align: int, flags: Tuple[Tuple[str, bool], ...]) -> dict:
+        key = (align, flags)
+        kwargs = self.kwargs.get(key)
+        if kwargs is None:
+            kwargs = self.kwargs[key] = dict(self.common, ALIGN=align, **dict(flags))
+        return kwargs
 
 
 _GEOMETRIES: Dict[tuple, _Geometry] = {}
@@ -436,53 +435,66 @@ def _geometry(kernel: str, out: torch.Tensor) -> _Geometry:
     return geo
 
 
-def _input(t: torch.Tensor, geo: _Geometry, slots: int) -> torch.Tensor:
-    """``t`` (N, slots * H, *S) dense per sample in the launch's layout (a copy if needed)."""
-    if _conforms(t, geo.strides[slots]):
-        return t
-    return t.contiguous(memory_format=_memory_format(t.dim(), geo.channels_last))
+def _conforming(geo: _Geometry, tensors, slots, n_inputs: int, with_gx: bool):
+    """``(tensors, copy_back)``: the launch's tensors, each dense per sample in the
+    launch's layout (inputs copied where not; outputs replaced by scratch buffers
+    holding their current values), and the (output, scratch) pairs to copy back."""
+    fmt = _memory_format(tensors[0].dim(), geo.channels_last)
+    ready, copy_back = [], []
+    for index, (t, k) in enumerate(zip(tensors, slots)):
+        if _conforms(t, geo.strides[k], any_sample_stride=with_gx and index == 0):
+            ready.append(t)
+        elif index < n_inputs:
+            ready.append(t.contiguous(memory_format=fmt))
+        else:
+            # Outputs may be read (z, the carried d h) or written in part (one
+            # gate slot): the scratch buffer starts from the current values.
+            scratch = t.contiguous(memory_format=fmt)
+            ready.append(scratch)
+            copy_back.append((t, scratch))
+    return ready, copy_back
 
 
-def _memory_format(dims: int, channels_last: bool):
-    if not channels_last:
-        return torch.contiguous_format
-    return torch.channels_last if dims == 4 else torch.channels_last_3d
+def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int, flags,
+            bias=(), with_gx: bool = False) -> None:
+    """Launch ``kernel`` over the tiles of ``out``.
+
+    ``tensors`` are the kernel's tensor arguments in order, ``n_inputs`` inputs
+    then the outputs, ``slots`` their channels in units of H; with ``with_gx`` the
+    first is the input pre-activations, whose sample stride is passed on (it may
+    be a batch-major sequence). ``bias`` are the bias pointers, ``flags`` the
+    kernel's boolean constexprs as ``((name, value), ...)``."""
+    geo = _geometry(name, out)
+    strides = geo.strides
+    copy_back = ()
+    start = 1 if with_gx else 0
+    if (with_gx and tensors[0].stride()[1:] != strides[3][1:]) or any(
+        t.stride() != strides[k] for t, k in zip(tensors[start:], slots[start:])
+    ):
+        tensors, copy_back = _conforming(geo, tensors, slots, n_inputs, with_gx)
+    # ALIGN must divide every tensor's start and the gx sample stride (elements).
+    size = geo.element_size
+    bits = tensors[0].stride(0) * size if with_gx else 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    align = geo.align
+    while bits & (align * size - 1):
+        align //= 2
+    sizes = (geo.rows, geo.inner // align)
+    if with_gx:
+        sizes = (tensors[0].stride(0) // align,) + sizes
+    kernel[geo.grid](*tensors, *bias, *sizes, **geo.launch_kwargs(align, flags))
+    for target, scratch in copy_back:
+        target.copy_(scratch)
 
 
-class _Outputs:
-    """The launch's output buffers: each one handed over when it conforms, else a
-    scratch buffer in the launch's layout that ``finish`` copies back."""
-
-    def __init__(self, geo: _Geometry):
-        self.geo, self.pending = geo, []
-
-    def __call__(self, t: torch.Tensor, slots: int) -> torch.Tensor:
-        if _conforms(t, self.geo.strides[slots]):
-            return t
-        scratch = empty_in_layout(t.shape, t.dtype, t.device, self.geo.channels_last)
-        self.pending.append((t, scratch))
-        return scratch
-
-    def finish(self) -> None:
-        for target, scratch in self.pending:
-            target.copy_(scratch)
-
-
-def _gates_x(gx: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """The input pre-activations may have any sample stride (a batch-major
-    sequence); otherwise dense per sample."""
-    if _conforms(gx, geo.strides[3], any_sample_stride=True):
-        return gx
-    return _input(gx, geo, 3)
-
-
-def _bias_args(bias_ih, bias_hh, fallback):
-    """``(has_bias, bias_ih, bias_hh)`` for a launch: the kernels index a bias as
+def _biases(bias_ih, bias_hh, fallback):
+    """``(has_bias, (bias_ih, bias_hh))`` for a launch: the kernels index a bias as
     a dense (3H,) vector, so a sliced or expanded one is made dense (a no-op for
     ordinary parameters); without biases, ``fallback`` stands in as the pointer."""
     if bias_ih is None:
-        return False, fallback, fallback
-    return True, bias_ih.contiguous(), bias_hh.contiguous()
+        return False, (fallback, fallback)
+    return True, (bias_ih.contiguous(), bias_hh.contiguous())
 
 
 def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool, *, h_new=None, gates=None, aux=None):
@@ -496,18 +508,11 @@ def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool, *, h_new
     saved = (gates, aux) if save else None
     if h.numel() == 0:
         return h_new, saved
-    geo = _geometry("gru_reset_after_fwd", h_new)
-    out = _Outputs(geo)
-    gx, gh, h_in = _gates_x(gates_x, geo), _input(gates_h, geo, 3), _input(h, geo, 1)
-    o_h_new = out(h_new, 1)
-    o_gates, o_aux = (out(gates, 3), out(aux, 1)) if save else (o_h_new, o_h_new)
-    has_bias, bias_ih, bias_hh = _bias_args(bias_ih, bias_hh, h_in)
-    align, meta = geo.aligned((gx, gh, h_in, o_h_new, o_gates, o_aux), gx.stride(0))
-    _gru_reset_after_fwd_kernel[geo.grid](
-        gx, gh, h_in, bias_ih, bias_hh, o_h_new, o_gates, o_aux,
-        gx.stride(0) // align, geo.rows, geo.inner // align, HAS_BIAS=has_bias, SAVE=save, **meta,
-    )
-    out.finish()
+    has_bias, bias = _biases(bias_ih, bias_hh, h)
+    # Without save the kernel stores no gates: h_new stands in for their pointers.
+    outs, out_slots = ((h_new, gates, aux), (1, 3, 1)) if save else ((h_new, h_new, h_new), (1, 1, 1))
+    _launch(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gates_x, gates_h, h) + outs,
+            (3, 3, 1) + out_slots, 3, (("HAS_BIAS", has_bias), ("SAVE", save)), bias, with_gx=True)
     return h_new, saved
 
 
@@ -522,17 +527,9 @@ def _reset_after_bwd(grad, grad2, saved, h, channels_last: bool, *, d_gx=None, d
     d_h = _empty(h.shape, h) if d_h is None else d_h
     if h.numel() == 0:
         return d_gx, d_gh, d_h
-    geo = _geometry("gru_reset_after_bwd", d_h)
-    out = _Outputs(geo)
-    g = _input(grad, geo, 1)
-    g2 = _input(grad2, geo, 1) if grad2 is not None else g
-    ins = (g, g2, _input(gates, geo, 3), _input(aux, geo, 1), _input(h, geo, 1))
-    outs = (out(d_gx, 3), out(d_gh, 3), out(d_h, 1))
-    align, meta = geo.aligned(ins + outs)
-    _gru_reset_after_bwd_kernel[geo.grid](
-        *ins, *outs, geo.rows, geo.inner // align, HAS_GRAD2=grad2 is not None, **meta,
-    )
-    out.finish()
+    _launch(_gru_reset_after_bwd_kernel, "gru_reset_after_bwd", d_h,
+            (grad, grad if grad2 is None else grad2, gates, aux, h, d_gx, d_gh, d_h),
+            (1, 1, 3, 1, 1, 3, 3, 1), 5, (("HAS_GRAD2", grad2 is not None),))
     return d_gx, d_gh, d_h
 
 
@@ -544,40 +541,21 @@ def _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh, *, gates=None, rh=
     rh = _empty(h.shape, h) if rh is None else rh
     if h.numel() == 0:
         return gates, rh
-    geo = _geometry("gru_reset_gate_fwd", rh)
-    out = _Outputs(geo)
-    gx, gh, h_in = _gates_x(gates_x, geo), _input(gates_h_rz, geo, 2), _input(h, geo, 1)
-    o_gates, o_rh = out(gates, 3), out(rh, 1)
-    has_bias, bias_ih, bias_hh = _bias_args(bias_ih, bias_hh, h_in)
-    align, meta = geo.aligned((gx, gh, h_in, o_gates, o_rh), gx.stride(0))
-    _gru_reset_gate_fwd_kernel[geo.grid](
-        gx, gh, h_in, bias_ih, bias_hh, o_gates, o_rh,
-        gx.stride(0) // align, geo.rows, geo.inner // align, HAS_BIAS=has_bias, **meta,
-    )
-    out.finish()
+    has_bias, bias = _biases(bias_ih, bias_hh, h)
+    _launch(_gru_reset_gate_fwd_kernel, "gru_reset_gate_fwd", rh, (gates_x, gates_h_rz, h, gates, rh),
+            (3, 2, 1, 3, 1), 3, (("HAS_BIAS", has_bias),), bias, with_gx=True)
     return gates, rh
 
 
 def _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save: bool, *, h_new=None):
     """Launch ``_gru_update_fwd_kernel``: returns ``h_new``; with ``save`` also
-    writes n into the third slot of ``gates``."""
+    writes n into the third slot of ``gates`` (whose slot z it reads)."""
     h_new = _empty(h.shape, h) if h_new is None else h_new
     if h.numel() == 0:
         return h_new
-    geo = _geometry("gru_update_fwd", h_new)
-    out = _Outputs(geo)
-    gx, gh_n, h_in = _gates_x(gates_x, geo), _input(gates_h_n, geo, 1), _input(h, geo, 1)
-    # gates: z is read, n written (with save): in and out at once.
-    o_gates, o_h_new = out(gates, 3), out(h_new, 1)
-    if o_gates is not gates:
-        o_gates.copy_(gates)
-    has_bias, bias_ih, bias_hh = _bias_args(bias_ih, bias_hh, h_in)
-    align, meta = geo.aligned((gx, gh_n, h_in, o_gates, o_h_new), gx.stride(0))
-    _gru_update_fwd_kernel[geo.grid](
-        gx, gh_n, h_in, bias_ih, bias_hh, o_gates, o_h_new,
-        gx.stride(0) // align, geo.rows, geo.inner // align, HAS_BIAS=has_bias, SAVE=save, **meta,
-    )
-    out.finish()
+    has_bias, bias = _biases(bias_ih, bias_hh, h)
+    _launch(_gru_update_fwd_kernel, "gru_update_fwd", h_new, (gates_x, gates_h_n, h, gates, h_new),
+            (3, 1, 1, 3, 1), 3, (("HAS_BIAS", has_bias), ("SAVE", save)), bias, with_gx=True)
     return h_new
 
 
@@ -587,20 +565,9 @@ def _update_bwd(grad, grad2, gates, h, d_gates, *, d_h=None):
     d_h = _empty(h.shape, h) if d_h is None else d_h
     if h.numel() == 0:
         return d_h
-    geo = _geometry("gru_update_bwd", d_h)
-    out = _Outputs(geo)
-    g = _input(grad, geo, 1)
-    g2 = _input(grad2, geo, 1) if grad2 is not None else g
-    o_d_gates = out(d_gates, 3)
-    if o_d_gates is not d_gates:
-        o_d_gates.copy_(d_gates)  # slot 0 (d a_r) is not written here: keep it
-    ins = (g, g2, _input(gates, geo, 3), _input(h, geo, 1))
-    outs = (o_d_gates, out(d_h, 1))
-    align, meta = geo.aligned(ins + outs)
-    _gru_update_bwd_kernel[geo.grid](
-        *ins, *outs, geo.rows, geo.inner // align, HAS_GRAD2=grad2 is not None, **meta,
-    )
-    out.finish()
+    _launch(_gru_update_bwd_kernel, "gru_update_bwd", d_h,
+            (grad, grad if grad2 is None else grad2, gates, h, d_gates, d_h),
+            (1, 1, 3, 1, 3, 1), 4, (("HAS_GRAD2", grad2 is not None),))
     return d_h
 
 
@@ -609,14 +576,5 @@ def _reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
     ``d_gates`` and adds ``d_rh * r`` to ``d_h`` in place."""
     if h.numel() == 0:
         return
-    geo = _geometry("gru_reset_gate_bwd", d_h)
-    out = _Outputs(geo)
-    o_d_gates, o_d_h = out(d_gates, 3), out(d_h, 1)
-    if o_d_gates is not d_gates:
-        o_d_gates.copy_(d_gates)
-    if o_d_h is not d_h:
-        o_d_h.copy_(d_h)  # read, then written: in and out at once
-    ins = (_input(d_rh, geo, 1), _input(gates, geo, 3), _input(h, geo, 1))
-    align, meta = geo.aligned(ins + (o_d_gates, o_d_h))
-    _gru_reset_gate_bwd_kernel[geo.grid](*ins, o_d_gates, o_d_h, geo.rows, geo.inner // align, **meta)
-    out.finish()
+    _launch(_gru_reset_gate_bwd_kernel, "gru_reset_gate_bwd", d_h, (d_rh, gates, h, d_gates, d_h),
+            (1, 3, 1, 3, 1), 3, ())
