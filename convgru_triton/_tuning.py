@@ -1,8 +1,10 @@
 """Launch configurations of the fused gate kernels: the tuning registry.
 
-The gate kernels are elementwise and memory-bound: one program handles
-``block_size`` consecutive elements of one sample's (channel x spatial) plane
-with ``num_warps`` warps. The best choice depends on the GPU, the dtype and the
+The gate kernels are elementwise and memory-bound: one program handles a tile
+of ``block_size`` elements of one sample (whole runs of the memory-contiguous
+axis, see :mod:`convgru_triton.ops.conv_gru_cell`) with ``num_warps`` warps.
+Where the contiguous extent is not a multiple of one 16-byte vector the
+launcher lowers the block to one access per thread and tensor. The best choice depends on the GPU, the dtype and the
 size of the state, so the launchers ask :func:`launch_config` for it.
 
 Where a configuration comes from, for a CUDA device (first match wins):

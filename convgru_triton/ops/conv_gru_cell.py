@@ -404,10 +404,19 @@ class _Geometry:
         self.element_size = out.element_size()
         self.align = math.gcd(self.inner, 16 // self.element_size)
         cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
+        block = cfg.block_size
+        if self.align < 16 // self.element_size:
+            # Rows that start off a 16-byte boundary: accesses are ALIGN elements
+            # wide, and each access more per thread costs 64-bit addresses in
+            # registers (bfloat16 23x17 map: 75-80 registers at 8 elements per
+            # thread, 123 for 5 channels_last channels; float32 with 6 channels_last
+            # channels: 72 at 2 accesses; sm_90, Triton 3.9). One access per
+            # thread and tensor keeps every kernel under 64.
+            block = min(block, max(16, self.align * 32 * cfg.num_warps))
         # The inner axis takes as much of the block as it can use (whole rows of
         # a small map, or of the channels); rows fill the rest.
-        block_i = min(triton.next_power_of_2(self.inner), cfg.block_size)
-        block_r = cfg.block_size // block_i
+        block_i = min(triton.next_power_of_2(self.inner), block)
+        block_r = block // block_i
         self.grid = (out.shape[0] * triton.cdiv(self.rows, block_r) * triton.cdiv(self.inner, block_i),)
         self.common = dict(
             CHANNELS_LAST=self.channels_last, BLOCK_R=block_r, BLOCK_I=block_i,
