@@ -561,8 +561,10 @@ def _replay_key(kernel, args, kwargs: dict, dtype: torch.dtype):
     for a in args:
         if not isinstance(a, int) and a.dtype != dtype:
             return None
-    device = triton.runtime.driver.active.get_current_device()
-    return (kernel, id(kwargs), device, _specialization(args))
+    # The driver too: a measuring aid that swaps in a fake GPU target (bench/)
+    # must never find, or leave behind, kernels of the other one.
+    active = triton.runtime.driver.active
+    return (kernel, id(kwargs), id(active), active.get_current_device(), _specialization(args))
 
 
 def _remember(kernel, args, kwargs: dict, dtype: torch.dtype, compiled) -> None:
@@ -581,8 +583,7 @@ def _replay(kernel, grid, args, kwargs: dict, dtype: torch.dtype) -> bool:
     if entry is None:
         return False
     compiled, constexprs = entry
-    active = triton.runtime.driver.active
-    stream = active.get_current_stream(key[2])
+    stream = triton.runtime.driver.active.get_current_stream(key[3])
     every = args + constexprs
     runtime = triton.knobs.runtime
     compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,

@@ -1,0 +1,134 @@
+"""Launchers replay compiled kernels exactly as Triton's binder launches them.
+
+After the first launch of a specialization, ``conv_gru_cell._launch`` calls the
+compiled kernel itself instead of going through ``kernel[grid](...)`` (see
+"Replaying compiled kernels" in :mod:`convgru_triton.ops.conv_gru_cell`). These
+tests run the package's launchers with compiled (not interpreted) Triton, in a
+subprocess (the test session runs Triton's interpreter), against a fake CUDA
+target whose "compiled kernels" record how they are called, and check:
+
+* a repeated launch goes through Triton's binder once, then is replayed, and the
+  replay passes the kernel exactly the arguments the binder passed (same objects,
+  same order: tensors, sizes, constexprs, grid, stream, launch hooks);
+* a launch that Triton would specialize differently (a tensor not 16-byte
+  aligned; a size of 1) goes through the binder again, never replays a kernel
+  compiled for other facts;
+* with replay off (``_DIRECT_LAUNCH``, set from CONVGRU_TRITON_DIRECT_LAUNCH=0)
+  every launch goes through the binder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent(
+    r"""
+    import json, sys
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class FakeDriver:  # a CUDA sm_90 target on device 0, stream 7
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 7
+
+    calls, compiles, binder_runs = [], [0], [0]
+
+    class Recorder:  # what JITFunction caches instead of a compiled kernel
+        function, packed_metadata = "function", "metadata"
+        def launch_metadata(self, grid, stream, *args):
+            return ("launch metadata", grid, stream)
+        def run(self, *args):
+            calls.append(args)
+
+    def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        compiles[0] += 1
+        kernel = Recorder()
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    driver.set_active(FakeDriver())
+    JITFunction._do_compile = fake_compile
+    run = JITFunction.run
+    def counting_run(self, *args, **kwargs):
+        binder_runs[0] += 1
+        return run(self, *args, **kwargs)
+    JITFunction.run = counting_run
+
+    from convgru_triton.ops import conv_gru_cell as op
+    op._DIRECT_LAUNCH = sys.argv[1] == "on"
+
+    def launch(gx, gh, h, out_gates, rh):
+        op._reset_gate_fwd(gx, gh, h, bias_ih, bias_hh, gates=out_gates, rh=rh)
+
+    H, S = 4, (6, 8)
+    bias_ih, bias_hh = torch.randn(3 * H), torch.randn(3 * H)
+    gx, gh, h = torch.randn(2, 3 * H, *S), torch.randn(2, 2 * H, *S), torch.randn(2, H, *S)
+    gates, rh = torch.empty(2, 3 * H, *S), torch.empty(2, H, *S)
+
+    def same(a, b):
+        return len(a) == len(b) and all(
+            x is y or (not isinstance(x, torch.Tensor) and type(x) is type(y) and x == y) for x, y in zip(a, b))
+
+    result = {}
+    for _ in range(3):
+        launch(gx, gh, h, gates, rh)
+    result["repeat"] = dict(binder=binder_runs[0], compiles=compiles[0], calls=len(calls),
+                            identical=all(same(c, calls[0]) for c in calls),
+                            leading=calls[0][3:6] == (7, "function", "metadata")
+                            and calls[0][6][0] == "launch metadata" and calls[0][1:3] == (1, 1),
+                            arguments=len(calls[0]) - 9)
+    # h viewed 4 bytes past a 16-byte boundary: Triton specializes pointers on it.
+    storage = torch.randn(h.numel() + 1)
+    h_off = storage[1:].view_as(h)
+    before = binder_runs[0]
+    launch(gx, gh, h_off, gates, rh)
+    launch(gx, gh, h_off, gates, rh)
+    result["unaligned"] = dict(binder=binder_runs[0] - before, compiles=compiles[0])
+    print(json.dumps(result))
+    """
+)
+
+
+def _run(mode: str) -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_replay_passes_what_the_binder_passes():
+    result = _run("on")
+    repeat = result["repeat"]
+    assert repeat["binder"] == 1 and repeat["compiles"] == 1, repeat
+    assert repeat["calls"] == 3 and repeat["identical"], repeat
+    # grid, 1, 1, stream, function, packed metadata, launch metadata, hooks, then
+    # every parameter of _gru_reset_gate_fwd_kernel (7 pointers, 3 sizes, 6 constexprs).
+    assert repeat["leading"], repeat
+    assert repeat["arguments"] == 16, repeat
+    unaligned = result["unaligned"]
+    assert unaligned["binder"] == 1, "a launch Triton specializes differently must not replay the old kernel"
+    assert unaligned["compiles"] == 2, unaligned
+
+
+def test_replay_off_uses_the_binder_every_time():
+    repeat = _run("off")["repeat"]
+    assert repeat["binder"] == 3 and repeat["calls"] == 3 and repeat["identical"], repeat
