@@ -478,30 +478,39 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
     be a batch-major sequence). ``bias`` are the bias pointers, ``flags`` the
     kernel's boolean constexprs as ``((name, value), ...)``."""
     geo = _geometry(name, out)
-    strides = geo.strides
-    copy_back = ()
+    strides, dtype = geo.strides, geo.dtype
+    copy_back, same_dtype = (), True
     start = 1 if with_gx else 0
-    if (with_gx and tensors[0].stride()[1:] != strides[3][1:]) or any(
-        t.stride() != strides[k] for t, k in zip(tensors[start:], slots[start:])
+    if (with_gx and (tensors[0].stride()[1:] != strides[3][1:] or tensors[0].dtype != dtype)) or any(
+        t.stride() != strides[k] or t.dtype != dtype for t, k in zip(tensors[start:], slots[start:])
     ):
         tensors, copy_back = _conforming(geo, tensors, slots, n_inputs, with_gx)
-    # ALIGN must divide every tensor's start and the gx sample stride (elements).
+        same_dtype = all(t.dtype == dtype for t in tensors)
+    # One pass over the pointers: ALIGN must divide every tensor's start and the
+    # gx sample stride (in elements); Triton specializes on 16-byte alignment.
     size = geo.element_size
-    bits = tensors[0].stride(0) * size if with_gx else 0
+    gx_stride = tensors[0].stride(0) if with_gx else 0
+    bits, spec = gx_stride * size, 1
     for t in tensors:
-        bits |= t.data_ptr()
+        p = t.data_ptr()
+        bits |= p
+        spec = (spec << 1) | ((p & 15) == 0)
+    for b in bias:
+        spec = (spec << 1) | ((b.data_ptr() & 15) == 0)
     align = geo.align
     while bits & (align * size - 1):
         align //= 2
     sizes = (geo.rows, geo.inner // align)
     if with_gx:
-        sizes = (tensors[0].stride(0) // align,) + sizes
+        sizes = (gx_stride // align,) + sizes
     args = (*tensors, *bias, *sizes)
     kwargs = geo.launch_kwargs(align, flags)
-    if not (_DIRECT_LAUNCH and _replay(kernel, geo.grid, args, kwargs, geo.dtype)):
-        compiled = kernel[geo.grid](*args, **kwargs)
-        if _DIRECT_LAUNCH:
-            _remember(kernel, args, kwargs, geo.dtype, compiled)
+    # Replayed only when every pointer has the launch's dtype (the binder
+    # specializes on dtypes too; this package never mixes them).
+    if _DIRECT_LAUNCH and same_dtype and all(b.dtype == dtype for b in bias):
+        _launch_direct(kernel, geo.grid, args, sizes, spec, kwargs)
+    else:
+        kernel[geo.grid](*args, **kwargs)
     for target, scratch in copy_back:
         target.copy_(scratch)
 
@@ -512,8 +521,8 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
 # ``kernel[grid](...)`` goes through Triton's argument binder: it specializes
 # every argument (pointer alignment, integer size and divisibility), builds a
 # cache key and looks the compiled kernel up: 20-25 us per launch on this
-# project's 2-core CI machine (Triton 3.9, GPU work stubbed), more than our own
-# launcher and, at RAFT's sizes, more than the kernel's GPU time. After the
+# project's 2-core CI machine (Triton 3.9, GPU work stubbed), more than the rest
+# of our launcher and, at RAFT's sizes, more than the kernel's GPU time. After the
 # first launch of a specialization the compiled kernel is kept here under the
 # same facts the binder keys on, and later launches call it exactly the way
 # ``JITFunction.run`` does (Triton 3.4-3.9 pass the grid, stream, function,
@@ -529,67 +538,37 @@ _DIRECT_LAUNCH = (
     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     and hasattr(triton, "knobs")  # Triton >= 3.4: knobs.runtime holds the launch hooks
 )
+#: (kernel, launch keywords, driver, device, specialization) -> (compiled kernel, constexpr values)
 _COMPILED: Dict[tuple, tuple] = {}
-_CONSTEXPRS: Dict[int, tuple] = {}
 
 
-def _specialization(args) -> int:
-    """What Triton's binder specializes a launch on, as one int: per pointer
-    whether it is 16-byte aligned; per integer whether it is 1, a multiple of 16,
-    and whether it needs 64 bits."""
-    key = 1
-    for a in args:
-        if isinstance(a, int):
-            key = (key << 3) | (a == 1) | ((a % 16 == 0) << 1) | ((not -(2**31) <= a < 2**31) << 2)
-        else:
-            key = (key << 1) | ((a.data_ptr() & 15) == 0)
-    return key
+def _launch_direct(kernel, grid, args, sizes, spec: int, kwargs: dict) -> None:
+    """Launch through the kept compiled kernel of this specialization, or through
+    Triton's binder the first time (keeping what it returns).
 
-
-def _constexpr_values(kernel, kwargs: dict) -> tuple:
-    """The values of ``kernel``'s constexpr parameters, in parameter order."""
-    values = _CONSTEXPRS.get(id(kwargs))
-    if values is None:
-        names = [p for p in inspect.signature(kernel.fn).parameters if p in kwargs]
-        values = _CONSTEXPRS[id(kwargs)] = tuple(kwargs[p] for p in names)
-    return values
-
-
-def _replay_key(kernel, args, kwargs: dict, dtype: torch.dtype):
-    """The cache key of a launch, or ``None`` when it is not replayed (a tensor
-    of another dtype than the launch's: never from this package's callers)."""
-    for a in args:
-        if not isinstance(a, int) and a.dtype != dtype:
-            return None
-    # The driver too: a measuring aid that swaps in a fake GPU target (bench/)
-    # must never find, or leave behind, kernels of the other one.
+    ``spec`` holds one bit per pointer (16-byte aligned); here 3 bits per integer
+    are added (equal to 1, a multiple of 16, needs 64 bits): what the binder
+    specializes on. The driver is part of the key: a measuring aid that swaps in
+    a fake GPU target (bench/) must never find, or leave behind, the other's kernels."""
+    for v in sizes:
+        spec = (spec << 3) | (v == 1) | ((v % 16 == 0) << 1) | ((not -(2**31) <= v < 2**31) << 2)
     active = triton.runtime.driver.active
-    return (kernel, id(kwargs), id(active), active.get_current_device(), _specialization(args))
-
-
-def _remember(kernel, args, kwargs: dict, dtype: torch.dtype, compiled) -> None:
-    """Keep the kernel that ``kernel[grid](*args, **kwargs)`` just compiled or found."""
-    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
-        return
-    key = _replay_key(kernel, args, kwargs, dtype)
-    if key is not None:
-        _COMPILED[key] = (compiled, _constexpr_values(kernel, kwargs))
-
-
-def _replay(kernel, grid, args, kwargs: dict, dtype: torch.dtype) -> bool:
-    """Launch the kept kernel for this specialization; ``False`` if there is none."""
-    key = _replay_key(kernel, args, kwargs, dtype)
-    entry = _COMPILED.get(key) if key is not None else None
+    device = active.get_current_device()
+    key = (id(kernel), id(kwargs), id(active), device, spec)
+    entry = _COMPILED.get(key)
     if entry is None:
-        return False
+        compiled = kernel[grid](*args, **kwargs)
+        if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+            names = [p for p in inspect.signature(kernel.fn).parameters if p in kwargs]
+            _COMPILED[key] = (compiled, tuple(kwargs[p] for p in names))
+        return
     compiled, constexprs = entry
-    stream = triton.runtime.driver.active.get_current_stream(key[3])
+    stream = active.get_current_stream(device)
     every = args + constexprs
     runtime = triton.knobs.runtime
     compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
                  compiled.launch_metadata(grid, stream, *every),
                  runtime.launch_enter_hook, runtime.launch_exit_hook, *every)
-    return True
 
 
 def _biases(bias_ih, bias_hh, fallback):
