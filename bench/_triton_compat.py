@@ -39,7 +39,6 @@ class TritonInternalsError(RuntimeError):
 
 
 def _triton():
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for real: the interpreter has no PTX
     import triton
 
     if getattr(getattr(triton, "knobs", None), "runtime", None) is not None:

@@ -57,7 +57,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, never interpret
+if __name__ == "__main__":
+    # Before triton is first imported: compile, never interpret. (Only when run as
+    # a program: imported into a test session, this module must not change how
+    # that session's Triton works.)
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
@@ -100,6 +104,7 @@ class Case:
     layout: str
     reset_after: bool
     full_batch: int = 0
+    archs: Tuple[int, ...] = ()  # the targets this case is compiled for; () = every one asked for
 
     @property
     def contiguous_extent(self) -> int:
@@ -157,19 +162,20 @@ def workload_cases(workloads=None, dtypes: Sequence[str] = tuple(DTYPES), layout
 
 def shape_cases(shapes: Sequence[Tuple[int, Tuple[int, ...]]], dtypes: Sequence[str] = tuple(DTYPES),
                 layouts: Sequence[str] = LAYOUTS, formulations: Sequence[bool] = (False, True),
-                steps: int = 2, kernel_size: int = 3) -> List[Case]:
+                steps: int = 2, kernel_size: int = 3, archs: Sequence[Sequence[int]] = ()) -> List[Case]:
     """Small cases of given ``(hidden, (H, W))``: a 2-step ``ConvGRU2d`` (the first
     step of the backward takes a second incoming gradient, the last none, and
     the second step's slices start ``N*C*S`` elements into their buffers), N=2
     (see :func:`shrunk_batch` for why not 1)."""
     out = []
-    for hidden, size in shapes:
+    for i, (hidden, size) in enumerate(shapes):
+        only = tuple(archs[i]) if i < len(archs) else ()
         label = f"H{hidden}@{'x'.join(map(str, size))}"
         for dtype in dtypes:
             for layout in layouts:
                 for ra in formulations:
                     out.append(Case(label, 0, "sequence", hidden, tuple(size), kernel_size, INPUT_CHANNELS, 2,
-                                    steps, 1, False, dtype, layout, ra, 2))
+                                    steps, 1, False, dtype, layout, ra, 2, only))
     return out
 
 
@@ -439,22 +445,32 @@ def summarize(rec: "tc.Compiled", arch: int) -> Dict:
 def collect(cases: Sequence[Case], arch: int, log=None) -> List[Dict]:
     """Run ``cases`` for ``sm_<arch>``; one summary per distinct compiled kernel
     (a kernel compiled once and launched by several cases lists them all in
-    ``cases``, as ``"label dtype layout reset_after=.."``)."""
-    import torch.nn  # noqa: F401
-
+    ``cases``, as ``"label H=.. HxW dtype layout reset_after=.."``). A case that
+    fails (a kernel that does not compile) is reported in ``errors`` and the
+    others still run. Returns ``(kernels, errors, tags)``, tags of the cases run."""
     records: List[tc.Compiled] = []
+    errors: List[Dict] = []
+    tags: List[str] = []
     used: Dict[int, set] = {}
     launches: List = []
-    summaries: Dict[int, Dict] = {}
     with tc.compile_without_launch(arch, records, launches), _package_on_cpu_compiling():
         for case in cases:
+            if case.archs and arch not in case.archs:
+                continue
             start, t0 = len(launches), time.perf_counter()
-            run_case(case)
+            tag = (f"{case.label()} {case.shape()} {case.dtype} {case.layout} "
+                   f"reset_after={case.reset_after}")
+            tags.append(tag)
+            try:
+                run_case(case)
+            except Exception as exc:  # a kernel that does not compile for this target, typically
+                errors.append(dict(arch=arch, case=tag, error=f"{type(exc).__name__}: {exc}"[-3000:]))
+                if log:
+                    log(f"sm_{arch} {tag}: FAILED {type(exc).__name__}: {str(exc)[-500:]}")
+                continue
             if len(launches) == start:
                 raise RuntimeError(f"{case}: no Triton kernel was launched: the package did not take its Triton "
                                    "path (see bench.codegen._package_on_cpu_compiling)")
-            tag = (f"{case.label()} {case.shape()} {case.dtype} {case.layout} "
-                   f"reset_after={case.reset_after}")
             for rec in launches[start:]:
                 used.setdefault(id(rec), set()).add(tag)
             if log:
@@ -462,10 +478,10 @@ def collect(cases: Sequence[Case], arch: int, log=None) -> List[Dict]:
                     f"({time.perf_counter() - t0:.1f} s)")
     out = []
     for rec in records:
-        s = summaries.get(id(rec)) or summarize(rec, arch)
+        s = summarize(rec, arch)
         s["cases"] = sorted(used.get(id(rec), ()))
         out.append(s)
-    return out
+    return out, errors, tags
 
 
 # ----------------------------------------------------------------------------
@@ -517,7 +533,8 @@ def markdown(result: Dict) -> str:
              f"Triton {meta['triton']} · torch {meta['torch']} · commit {meta['commit'][:12]}"
              f"{' + uncommitted kernel changes' if meta.get('dirty') else ''} · {meta['date']} · "
              f"`python -m bench.codegen` on a CPU (fake CUDA target, the package's own launch path).", "",
-             "Per kernel and thread: registers; local memory (spills, bytes); shared memory (bytes); global "
+             "Per kernel and thread: registers; spills (bytes of stack frame + local memory: a spill shows as a stack frame, "
+             "`STL`/`LDL` in SASS; cuobjdump's LOCAL counts only declared local arrays); shared memory (bytes); global "
              "loads (`ld`) and stores (`st`) as `count×bytes`, split into **tensor** accesses (states, gates, "
              "gradients) and **bias** accesses, traced from the pointer argument each address is computed from. "
              "Static PTX counts: the kernels have no loops, so each thread runs each once. "
@@ -529,7 +546,12 @@ def markdown(result: Dict) -> str:
         spills = sum(k["local"] + k["stack"] for k in rows)
         lines += [f"{len(rows)} compiled kernels; most registers {worst}; "
                   f"{'no local memory' if not spills else f'{spills} bytes of stack/local memory in total'}.", ""]
-        head = ["kernel", "variant", "dtype", "layout", "shape (workloads)", "warps", "regs", "local", "shared",
+        failed = [e for e in result.get("errors", []) if e["arch"] == arch]
+        if failed:
+            lines += [f"**{len(failed)} cases failed to compile:**", ""]
+            lines += [f"- {e['case']}: `{e['error'].splitlines()[-1][:300] if e['error'] else ''}`" for e in failed]
+            lines.append("")
+        head = ["kernel", "variant", "dtype", "layout", "shape (workloads)", "warps", "regs", "spills", "shared",
                 "tensor ld", "tensor st", "bias ld", "narrowest tensor B"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["--:"] * 4 + ["---"] * 3 + ["--:"]) + "|"]
         for k in sorted(rows, key=lambda k: (k["kernel"], k["dtype"], k["cases"][:1])):
@@ -538,7 +560,7 @@ def markdown(result: Dict) -> str:
             lines.append("| " + " | ".join([
                 k["kernel"].strip("_").replace("_kernel", ""), k["variant"].replace("CHANNELS_LAST", "CL"),
                 k["dtype"], "/".join(layouts), "; ".join(shapes), str(k["num_warps"]), str(k["regs"]),
-                str(k["local"]), str(k["shared"]), _widths(k["accesses"].get("ld_tensor")),
+                str(k["local"] + k["stack"]), str(k["shared"]), _widths(k["accesses"].get("ld_tensor")),
                 _widths(k["accesses"].get("st_tensor")), _widths(k["accesses"].get("ld_bias")),
                 str(narrowest(k) or "—")]) + " |")
         lines.append("")
@@ -568,24 +590,38 @@ def summary_table(result: Dict, arch: int = 90) -> str:
     return "\n".join(lines) + "\n"
 
 
+class BackendUnavailable(RuntimeError):
+    """Triton's NVIDIA backend (ptxas, cuobjdump) is not usable on this machine."""
+
+
+#: exit status of ``python -m bench.codegen`` when the NVIDIA backend is unavailable (the CI tests skip)
+EXIT_NO_BACKEND = 3
+
+
 def run(cases: Sequence[Case], archs: Sequence[int], log=print, note: str = "") -> Dict:
     error = tc.nvidia_backend_error()
     if error:
-        raise RuntimeError(f"cannot compile for a GPU here: {error}")
+        raise BackendUnavailable(f"cannot compile for a GPU here: {error}")
     kernels: List[Dict] = []
+    errors: List[Dict] = []
+    ran: Dict[str, List[str]] = {}
     t0 = time.perf_counter()
     for arch in archs:
-        kernels += collect(cases, arch, log=log)
+        k, e, tags = collect(cases, arch, log=log)
+        kernels += k
+        errors += e
+        ran[str(arch)] = tags
     return dict(meta=_meta(), archs=list(archs), note=note, seconds=round(time.perf_counter() - t0, 1),
-                cases=[dataclasses.asdict(c) for c in cases], kernels=kernels)
+                cases=[dataclasses.asdict(c) for c in cases], ran=ran, errors=errors, kernels=kernels)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.codegen", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90,80", help="compute capabilities, e.g. 90 (H100/H200) or 80 (A100)")
     p.add_argument("--workloads", default="all", help="names from bench/workloads.py FULL_WORKLOADS, or all")
-    p.add_argument("--shape", action="append", default=[], metavar="HIDDEN,HxW",
-                   help="instead of the workloads: a 2-step ConvGRU2d of this hidden size and map (repeatable)")
+    p.add_argument("--shape", action="append", default=[], metavar="HIDDEN,HxW[@ARCH,..][/DTYPE,..]",
+                   help="instead of the workloads: a 2-step ConvGRU2d of this hidden size and map, N=2 "
+                        "(repeatable; @90 compiles it for sm_90 only, /float16 in float16 only)")
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--formulations", default="both", choices=("both", "reset_after", "reset_before"))
@@ -604,11 +640,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"unknown dtype {d!r}")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.shape:
-        shapes = []
-        for s in args.shape:
-            hidden, hw = s.split(",")
-            shapes.append((int(hidden), tuple(int(v) for v in hw.split("x"))))
-        cases = shape_cases(shapes, dtypes, layouts, forms)
+        cases = []
+        for spec in args.shape:
+            spec, _, only_dtypes = spec.partition("/")
+            spec, _, at = spec.partition("@")
+            hidden, hw = spec.split(",")
+            shape = (int(hidden), tuple(int(v) for v in hw.split("x")))
+            only = tuple(int(a) for a in at.split(",") if a.strip())
+            chosen = [d for d in only_dtypes.split(",") if d] or dtypes
+            cases += shape_cases([shape], chosen, layouts, forms, archs=[only])
         note = ""
     else:
         from .workloads import FULL_WORKLOADS
@@ -624,6 +664,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         result = run(cases, archs, log=log, note=note)
+    except BackendUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_BACKEND
     except (RuntimeError, tc.TritonInternalsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -647,7 +690,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for arch in archs:
             print(f"sm_{arch}:")
             print(summary_table(result, arch))
-    return 0
+    for e in result["errors"]:
+        print(f"error: sm_{e['arch']} {e['case']}: {e['error'][-300:]}", file=sys.stderr)
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":
