@@ -545,7 +545,7 @@ def markdown(result: Dict) -> str:
         worst = max((k["regs"] for k in rows), default=0)
         spills = sum(k["local"] + k["stack"] for k in rows)
         lines += [f"{len(rows)} compiled kernels; most registers {worst}; "
-                  f"{'no local memory' if not spills else f'{spills} bytes of stack/local memory in total'}.", ""]
+                  f"{'no spills (stack or local memory)' if not spills else f'{spills} bytes of stack/local memory (spills) in total'}.", ""]
         failed = [e for e in result.get("errors", []) if e["arch"] == arch]
         if failed:
             lines += [f"**{len(failed)} cases failed to compile:**", ""]
@@ -568,12 +568,13 @@ def markdown(result: Dict) -> str:
 
 
 def summary_table(result: Dict, arch: int = 90) -> str:
-    """One line per kernel (name): worst registers, spills, and the narrowest
-    tensor access at RAFT's map (46x62, contiguous and channels_last)."""
+    """One line per kernel (name): builds, worst registers (half/single precision
+    and float64 apart), spills, the narrowest tensor access at RAFT's map
+    (46x62, contiguous and channels_last) and the most bias loads per thread."""
     rows = [k for k in result["kernels"] if k["arch"] == arch]
     names = sorted({k["kernel"] for k in rows})
-    head = ["kernel", "builds", "max regs", "spills (B)", "narrowest tensor access, RAFT 46×62 NCHW (B)",
-            "… channels_last (B)", "bias loads/thread (max)"]
+    head = ["kernel", "builds", "max regs fp16/bf16/fp32", "max regs fp64", "spills (B)",
+            "narrowest tensor access, RAFT 46×62 NCHW (B)", "… channels_last (B)", "bias loads/thread (max)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     for name in names:
         ks = [k for k in rows if k["kernel"] == name]
@@ -583,11 +584,29 @@ def summary_table(result: Dict, arch: int = 90) -> str:
             vals = [narrowest(k) for k in sel if narrowest(k) is not None]
             return str(min(vals)) if vals else "—"
 
+        def most(sel):
+            return str(max(k["regs"] for k in sel)) if sel else "—"
+
         lines.append("| " + " | ".join([
-            name.strip("_").replace("_kernel", ""), str(len(ks)), str(max(k["regs"] for k in ks)),
-            str(sum(k["local"] + k["stack"] for k in ks)), raft("nchw"), raft("cl"),
-            str(max(count(k, "bias", op="ld") for k in ks))]) + " |")
+            name.strip("_").replace("_kernel", ""), str(len(ks)), most([k for k in ks if k["dtype"] != "fp64"]),
+            most([k for k in ks if k["dtype"] == "fp64"]), str(sum(k["local"] + k["stack"] for k in ks)),
+            raft("nchw"), raft("cl"), str(max(count(k, "bias", op="ld") for k in ks))]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_reports(result: Dict, out: str, markdown_too: bool = True, log=print) -> None:
+    """``out/codegen-sm<arch>.json`` (and ``.md``) for each arch of ``result``."""
+    os.makedirs(out, exist_ok=True)
+    for arch in result["archs"]:
+        part = dict(result, archs=[arch], kernels=[k for k in result["kernels"] if k["arch"] == arch],
+                    errors=[e for e in result.get("errors", []) if e["arch"] == arch])
+        stem = os.path.join(out, f"codegen-sm{arch}")
+        with open(stem + ".json", "w") as f:
+            json.dump(part, f, indent=1)
+        if markdown_too:
+            with open(stem + ".md", "w") as f:
+                f.write(markdown(part) + "\n## Summary (one line per kernel)\n\n" + summary_table(part, arch))
+        log(f"wrote {stem}.json" + (f" and {stem}.md" if markdown_too else ""))
 
 
 class BackendUnavailable(RuntimeError):
@@ -630,7 +649,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", help="write the whole result as one JSON here instead")
     p.add_argument("--no-markdown", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the convolutions (default 2)")
+    p.add_argument("--render", metavar="JSON", nargs="+",
+                   help="no compiling: rewrite the markdown (and JSON) into --out from saved codegen JSON files")
     args = p.parse_args(argv)
+    if args.render:
+        parts = []
+        for path in args.render:
+            with open(path) as f:
+                parts.append(json.load(f))
+        result = dict(parts[0], archs=[a for r in parts for a in r["archs"]],
+                      kernels=[k for r in parts for k in r["kernels"]],
+                      errors=[e for r in parts for e in r.get("errors", [])])
+        write_reports(result, args.out)
+        return 0
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
@@ -638,7 +670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     if args.shape:
         cases = []
         for spec in args.shape:
@@ -676,16 +708,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump(result, f, indent=1)
         log(f"wrote {args.json}")
     else:
-        os.makedirs(args.out, exist_ok=True)
-        for arch in archs:
-            part = dict(result, archs=[arch], kernels=[k for k in result["kernels"] if k["arch"] == arch])
-            stem = os.path.join(args.out, f"codegen-sm{arch}")
-            with open(stem + ".json", "w") as f:
-                json.dump(part, f, indent=1)
-            if not args.no_markdown:
-                with open(stem + ".md", "w") as f:
-                    f.write(markdown(part) + "\n## Summary (one line per kernel)\n\n" + summary_table(part, arch))
-            log(f"wrote {stem}.json" + ("" if args.no_markdown else f" and {stem}.md"))
+        write_reports(result, args.out, not args.no_markdown, log)
     if not args.quiet:
         for arch in archs:
             print(f"sm_{arch}:")

@@ -3,8 +3,7 @@ this package's design can take on a given GPU.
 
     python -m bench.roofline [--device h200,h100-sxm] [--dtype bfloat16] [--reset-after]
 
-Two numbers per piece of work (see /work/.library/device/METHOD.md, "Two numbers
-first"): the fewest bytes it must move through device memory over the copy
+Two numbers per piece of work: the fewest bytes it must move through device memory over the copy
 bandwidth, and its arithmetic over the matrix rate. The larger is its floor;
 pieces run one after another, so a step's floor is the sum of its pieces'.
 
@@ -34,10 +33,10 @@ pieces run one after another, so a step's floor is the sum of its pieces'.
   ``torch.backends.cudnn.allow_tf32 = True``).
 
 Device numbers (:data:`DEVICES`), each with its source: H200 copy bandwidth and
-bf16 matrix rate measured on this project's lent machine type
-(/work/.library/device/KINDS.md, 2026-10-28 and 2026-11-04: a device-to-device
-copy moved ~4.3 TB/s counting reads and writes; an 8192^3 bf16 product through
-PyTorch ran 769-798 TFLOP/s on random data); H100 SXM from NVIDIA's datasheet
+bf16 matrix rate measured on the H200 machine type lent to this project
+(2026-10-28 and 2026-11-04: a device-to-device copy moved ~4.3 TB/s counting
+reads and writes; an 8192^3 bf16 product through PyTorch ran 769-798 TFLOP/s on
+random data); H100 SXM from NVIDIA's datasheet
 (dense rates, no sparsity; datasheet bandwidth is a peak no copy reaches:
 floors on it are optimistic).
 """
@@ -72,11 +71,11 @@ class Device:
 DEVICES: Dict[str, Device] = {
     "h200": Device(
         "H200 (measured on the project's lent machine)", 4300.0,
-        # bf16: measured 769-798 (KINDS.md); fp16: same tensor-core rate as bf16 on Hopper (datasheet), taken
+        # bf16: measured 769-798 on the lent H200 machine type; fp16: same tensor-core rate as bf16 on Hopper (datasheet), taken
         # equal to the measured bf16; tf32 / fp64: datasheet (495 / 67) scaled by measured/datasheet bf16
         # (790 / 989) for tf32, datasheet for fp64 (not measured).
         {"bfloat16": 790.0, "float16": 790.0, "float32": 395.0, "float64": 67.0},
-        "copy 4.3 TB/s and bf16 790 TFLOP/s measured (KINDS.md 2026-10-28/11-04); fp16 = bf16; "
+        "copy 4.3 TB/s and bf16 790 TFLOP/s measured on the lent H200 machine type (2026-10-28/11-04); fp16 = bf16; "
         "tf32 = datasheet 495 x 790/989; fp64 = datasheet 67",
         measured=True,
     ),
