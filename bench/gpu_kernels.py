@@ -137,8 +137,11 @@ def attach_predictions(rows: List[Dict], prediction: Optional[Dict]) -> List[Dic
     predicted builds matched: same kernel, dtype and declared constexprs) to each row."""
     preds = (prediction or {}).get("kernels", [])
     for r in rows:
-        match = [p for p in preds if p["kernel"] == r["kernel"] and p["dtype"] == r["dtype"]
-                 and _comparable(p["constexprs"]) == _comparable(r["constexprs"])]
+        # Without the constexprs (a Triton that keeps no ASTSource on its kernels), match by kernel and
+        # dtype alone: the range then spans every variant.
+        mine = _comparable(r["constexprs"])
+        match = [p for p in preds if p["kernel"] == r["kernel"] and (r["dtype"] == "?" or p["dtype"] == r["dtype"])
+                 and (not mine or _comparable(p["constexprs"]) == mine)]
         r["pred_n"] = len(match)
         if match:
             regs = sorted({p["regs"] for p in match})
