@@ -55,7 +55,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 if __name__ == "__main__":
     # Before triton is first imported: compile, never interpret. (Only when run as

@@ -44,9 +44,8 @@ floors on it are optimistic).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 # A workload is bench.workloads.Workload; this module only reads its fields, so
