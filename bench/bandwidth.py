@@ -3,9 +3,12 @@ device-to-device copy on the same card (GPU only).
 
     python -m bench.bandwidth --out DIR [--name STEM] [--sizes-mb 1,4,16,64,256,1024]
                               [--dtypes float32,bfloat16] [--no-grad2]
+    python -m bench.bandwidth --hidden 128 --spatial 46x62 --layouts nchw,cl --sizes-mb 64,256 ...
+                                                     # RAFT's odd map, both layouts
     python -m bench.bandwidth --dry-run --out DIR    # tiny sizes, CPU, Triton interpreter
 
-For each size of the state h (N, H, S) from 1 MB to 1 GB and each dtype, every
+For each size of the state h (N, H, S) from 1 MB to 1 GB, each dtype and each
+layout (``nchw``: contiguous; ``cl``: channels_last, every tensor), every
 launcher of :mod:`convgru_triton.ops.conv_gru_cell` is timed with
 ``triton.testing.do_bench`` (median, L2 flushed between calls) and its traffic
 counted: the bytes each kernel must read and write per element of the state
@@ -56,6 +59,7 @@ TARGET_MIN_BYTES = 64 * 2**20
 HIDDEN = 64  # state (N, 64, 32, 32): one sample is 65536 elements
 SPATIAL = (32, 32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYOUT_NAMES = {"nchw": "contiguous", "cl": "channels_last"}
 
 
 def _ops():
@@ -80,7 +84,7 @@ class Case:
     """Tensors of one state size; ``kernels()`` gives (name, traffic in bytes, launch)."""
 
     def __init__(self, batch: int, dtype: torch.dtype, device, grad2: bool, hidden: int = HIDDEN,
-                 spatial=SPATIAL, seed: int = 0):
+                 spatial=SPATIAL, seed: int = 0, channels_last: bool = False):
         gen = torch.Generator(device=device).manual_seed(seed)
         H = self.hidden = hidden
         spatial = tuple(spatial)
@@ -88,13 +92,15 @@ class Case:
         def randn(*shape):
             return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
         def state(channels):
-            return randn(batch, channels, *spatial)
+            return randn(batch, channels, *spatial).contiguous(memory_format=fmt)
 
         def empty(channels):
-            return torch.empty((batch, channels) + spatial, dtype=dtype, device=device)
+            return torch.empty((batch, channels) + spatial, dtype=dtype, device=device, memory_format=fmt)
 
-        self.dtype, self.device, self.grad2 = dtype, device, grad2
+        self.dtype, self.device, self.grad2, self.channels_last = dtype, device, grad2, channels_last
         self.element = torch.empty((), dtype=dtype).element_size()
         self.elements = batch * H * spatial[0] * spatial[1]
         self.h = torch.tanh(state(H))
@@ -142,7 +148,7 @@ class Case:
 
     def reset_after_bwd(self):
         op = _ops()
-        return _call(op._reset_after_bwd, self.g, self.g2, self.saved, self.h, False,
+        return _call(op._reset_after_bwd, self.g, self.g2, self.saved, self.h, self.channels_last,
                      d_gx=self.d_gx, d_gh=self.d_gh, d_h=self.d_h2)
 
     def kernels(self):
@@ -237,18 +243,18 @@ def _gpu_timer(fn: Callable) -> float:
 
 
 def measure(sizes_bytes: Sequence[int], dtypes: Sequence[str], device, grad2: bool, dry_run: bool,
-            hidden: int = HIDDEN, spatial=SPATIAL, log=print) -> List[Dict]:
+            hidden: int = HIDDEN, spatial=SPATIAL, log=print, layouts: Sequence[str] = ("nchw",)) -> List[Dict]:
     timer = _cpu_timer if dry_run else _gpu_timer
     rows: List[Dict] = []
     copy_cache: Dict[int, float] = {}
-    for dtype_name in dtypes:
+    for dtype_name, layout in [(d, lay) for d in dtypes for lay in layouts]:
         dtype = DTYPES[dtype_name]
         element = torch.empty((), dtype=dtype).element_size()
         checked = False
         for size in sizes_bytes:
             per_sample = hidden * spatial[0] * spatial[1] * element
             batch = max(1, size // per_sample)
-            case = Case(batch, dtype, device, grad2, hidden, spatial)
+            case = Case(batch, dtype, device, grad2, hidden, spatial, channels_last=layout == "cl")
             if not checked:
                 case.check()
                 checked = True
@@ -262,12 +268,12 @@ def measure(sizes_bytes: Sequence[int], dtypes: Sequence[str], device, grad2: bo
                     copy_cache[half] = timer(lambda: dst.copy_(src))
                     del src, dst
                 copy_ms = copy_cache[half]
-                row = dict(kernel=name, dtype=dtype_name, state_bytes=case.elements * element,
+                row = dict(kernel=name, dtype=dtype_name, layout=layout, state_bytes=case.elements * element,
                            traffic_bytes=traffic, ms=ms, gb_per_s=traffic / ms / 1e6,
                            copy_ms=copy_ms, copy_gb_per_s=traffic / copy_ms / 1e6,
                            efficiency=copy_ms / ms)
                 rows.append(row)
-                log(f"{dtype_name:9} state {row['state_bytes'] / 2**20:8.2f} MiB  {name:20} "
+                log(f"{dtype_name:9} {layout:4} state {row['state_bytes'] / 2**20:8.2f} MiB  {name:20} "
                     f"{row['gb_per_s']:8.1f} GB/s  copy {row['copy_gb_per_s']:8.1f} GB/s  "
                     f"{row['efficiency'] * 100:5.1f}%")
             del case
@@ -286,6 +292,18 @@ def _mb(nbytes: int) -> str:
     return f"{mb:.0f}" if mb >= 1 else f"{mb:.3g}"
 
 
+def _roofline_copy_gb_s(result: dict) -> Optional[float]:
+    """The roofline model's copy bandwidth for this GPU (GB/s), ``None`` if not modeled or a dry run."""
+    if result.get("dry_run"):
+        return None
+    try:
+        from bench import roofline
+    except Exception:
+        return None
+    key = roofline.device_for_gpu_name(result.get("machine", {}).get("gpu") or "")
+    return roofline.DEVICES[key].copy_gb_s if key else None
+
+
 def markdown(result: dict) -> str:
     from bench.report import machine_line
 
@@ -297,18 +315,30 @@ def markdown(result: dict) -> str:
     lines += ["Achieved GB/s of each fused kernel (bytes it must read and write / median time, "
               "`triton.testing.do_bench`) and in brackets its share of a `copy_` moving the same bytes "
               f"on the same card. State (N, {result['hidden']}, {result['spatial'][0]}, {result['spatial'][1]}), "
-              "contiguous; "
+              f"{' and '.join(LAYOUT_NAMES[x] for x in result.get('layouts', ['nchw']))}; "
               f"backward kernels {'with' if result.get('grad2') else 'without'} the second incoming gradient.", ""]
+    floor_gb_s = _roofline_copy_gb_s(result)
+    if floor_gb_s:
+        lines += [f"After the share of copy: measured time / roofline floor (bytes over {floor_gb_s:.0f} GB/s, "
+                  "`bench/roofline.py`).", ""]
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        lines += [f"**{dtype}**", ""]
+    for dtype, layout in dict.fromkeys((r["dtype"], r.get("layout", "nchw")) for r in rows):
+        lines += [f"**{dtype}, {LAYOUT_NAMES[layout]}**", ""]
         head = ["state MiB"] + [k.replace("gru_", "") for k in kernels]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["--:"] * len(head)) + "|"]
-        for size in dict.fromkeys(r["state_bytes"] for r in rows if r["dtype"] == dtype):
+        mine = [r for r in rows if r["dtype"] == dtype and r.get("layout", "nchw") == layout]
+        for size in dict.fromkeys(r["state_bytes"] for r in mine):
             cells = [_mb(size)]
             for k in kernels:
-                r = next((r for r in rows if r["dtype"] == dtype and r["state_bytes"] == size and r["kernel"] == k), None)
-                cells.append("—" if r is None else f"{r['gb_per_s']:.0f} ({r['efficiency'] * 100:.0f}%)")
+                r = next((r for r in mine if r["state_bytes"] == size and r["kernel"] == k), None)
+                if r is None:
+                    cells.append("—")
+                else:
+                    over = ""
+                    if floor_gb_s:
+                        floor_ms = r["traffic_bytes"] / (floor_gb_s * 1e6)  # bytes / (GB/s) in ms
+                        over = f", {r['ms'] / floor_ms:.1f}×"
+                    cells.append(f"{r['gb_per_s']:.0f} ({r['efficiency'] * 100:.0f}%{over})")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     big = [r for r in rows if r["state_bytes"] >= TARGET_MIN_BYTES]
@@ -318,7 +348,7 @@ def markdown(result: dict) -> str:
                      f"{TARGET_MIN_BYTES // 2**20} MiB: " + ("met." if not misses else f"missed in {len(misses)} "
                                                              f"of {len(big)}:"))
         for r in misses:
-            lines.append(f"- {r['kernel']} {r['dtype']} at {_mb(r['state_bytes'])} MiB: "
+            lines.append(f"- {r['kernel']} {r['dtype']} {r.get('layout', 'nchw')} at {_mb(r['state_bytes'])} MiB: "
                          f"{r['efficiency'] * 100:.0f}% ({(TARGET - r['efficiency']) * 100:.0f} points short)")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -330,10 +360,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sizes-mb", default="1,4,16,64,256,1024", help="state sizes in MiB")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-grad2", action="store_true", help="backward kernels with one incoming gradient")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden channels H (default {HIDDEN})")
+    parser.add_argument("--spatial", default="x".join(map(str, SPATIAL)),
+                        help="map size HxW (default %(default)s; RAFT's 1/8 map is 46x62)")
+    parser.add_argument("--layouts", default="nchw", help="nchw (contiguous), cl (channels_last), or both: nchw,cl")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny sizes on CPU under the Triton interpreter: checks the script, not the card")
     args = parser.parse_args(argv)
 
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    for x in layouts:
+        if x not in LAYOUT_NAMES:
+            parser.error(f"unknown layout {x!r}: nchw or cl")
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("error: --dry-run needs TRITON_INTERPRET=1 before triton is imported", file=sys.stderr)
@@ -348,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "use --dry-run to check the script on CPU", file=sys.stderr)
             return 2
         device = torch.device("cuda")
-        hidden, spatial = HIDDEN, SPATIAL
+        hidden, spatial = args.hidden, tuple(int(v) for v in args.spatial.split("x"))
         sizes = [int(float(s) * 2**20) for s in args.sizes_mb.split(",") if s.strip()]
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         for d in dtypes:
@@ -359,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     machine = convgru_machine_info(device)
     rows = measure(sizes, dtypes, device, grad2=not args.no_grad2, dry_run=args.dry_run, hidden=hidden,
-                   spatial=spatial)
+                   spatial=spatial, layouts=layouts)
     result = {
         "machine": machine,
         "datetime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
@@ -367,6 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "grad2": not args.no_grad2,
         "hidden": hidden,
         "spatial": list(spatial),
+        "layouts": layouts,
         "rows": rows,
     }
     kind = "gpu" if device.type == "cuda" else "cpu"

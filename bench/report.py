@@ -183,9 +183,42 @@ def busy_warning(data: dict) -> Optional[str]:
             "(start → end of the run): other processes shared the CPU, so these timings are inflated and noisy.")
 
 
+def floor_lookup(data: dict):
+    """``floor(workload, pass, dtype) -> ms or None``: the roofline floor
+    (:mod:`bench.roofline`) of a benchmark row on this report's GPU, or ``None``
+    (the whole function) for CPU results, GPUs the model has no numbers for, or
+    when the roofline or the workloads cannot be imported. A row's floor is
+    ``None`` when its workload (name and shape) is not one of bench/workloads.py's."""
+    if device_kind(data) != "gpu":
+        return None
+    try:
+        from bench import roofline
+        from bench.workloads import WORKLOAD_SETS
+    except Exception:  # torch or the package missing: the report still works, without floors
+        return None
+    device = roofline.device_for_gpu_name(_machine_name(data) or "")
+    if device is None:
+        return None
+    _, shapes = collect(data)
+
+    def floor(workload: str, pass_: str, dtype: str) -> Optional[float]:
+        for ws in WORKLOAD_SETS.values():
+            for w in ws:
+                if w.name == workload and (workload not in shapes or shapes[workload] == w.describe()):
+                    try:
+                        return roofline.floor_ms(w, device, dtype, pass_) / 1e3  # seconds, like the medians
+                    except (KeyError, ValueError):
+                        return None
+        return None
+
+    floor.device = roofline.DEVICES[device].name  # type: ignore[attr-defined]
+    return floor
+
+
 def markdown(data: dict, title: Optional[str] = "ConvGRU benchmarks") -> str:
     """The report: machine line, one table per dtype, memory (CUDA), target check."""
     results, shapes = collect(data)
+    floor = floor_lookup(data)
     kind = device_kind(data)
     present = [p for p in PROVIDERS if any(p in r for r in results.values())]
     baselines = [p for p in BASELINES if p in present]
@@ -198,10 +231,16 @@ def markdown(data: dict, title: Optional[str] = "ConvGRU benchmarks") -> str:
         lines += [busy, ""]
     lines += ["Median wall-clock time per call in ms (CUDA synchronised); speed-up = baseline median / "
               "`ours` median (above 1: `ours` is faster); — = not run.", ""]
+    if floor is not None:
+        lines += [f"floor = the roofline floor of the call on {floor.device} (`python -m bench.roofline`: fewest "
+                  "bytes of the gate kernels over copy bandwidth plus convolution FLOPs over the matrix rate, "
+                  "`reset_after=False`); ours / floor = how far `ours` is from it (1.0 is the floor).", ""]
     dtypes = _dtype_order(OrderedDict.fromkeys(k[2] for k in results))
     for dtype in dtypes:
         lines += [f"**{dtype}**", ""]
         head = ["workload", "pass"] + present + [f"ours vs {b}" for b in baselines]
+        if floor is not None:
+            head += ["floor", "ours / floor"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * (len(head) - 2)) + "|"]
         for (workload, pass_, dt), recs in results.items():
             if dt != dtype:
@@ -209,6 +248,9 @@ def markdown(data: dict, title: Optional[str] = "ConvGRU benchmarks") -> str:
             ours = _median(recs.get("ours"))
             cells = [workload, pass_] + [_ms(_median(recs.get(p))) for p in present]
             cells += [_speedup(_median(recs.get(b)), ours) for b in baselines]
+            if floor is not None:
+                f = floor(workload, pass_, dtype)
+                cells += [_ms(f), "—" if f is None or ours is None else f"{ours / f:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         if kind == "gpu":
