@@ -186,42 +186,21 @@ def shape_cases(shapes: Sequence[Tuple[int, Tuple[int, ...]]], dtypes: Sequence[
 
 @contextlib.contextmanager
 def _package_on_cpu_compiling() -> Iterator[None]:
-    """Let ``backend="triton"`` run on CPU tensors, and do float16 CPU
-    convolutions in float32 (same result dtype and layout)."""
-    from convgru_triton import _backend, _conv
-    from convgru_triton.ops import conv_gru
+    """Let ``backend="triton"`` run on CPU tensors (the package allows it only
+    under the interpreter, which this pretends to be). The convolutions run on
+    CPU in the case's dtype (torch >= 2.13 has float16 CPU convolutions)."""
+    from convgru_triton import _backend
 
     if not hasattr(_backend, "_interpreter_enabled"):
         raise RuntimeError("convgru_triton._backend._interpreter_enabled is gone: adapt "
                            "bench.codegen._package_on_cpu_compiling to where the package now refuses CPU tensors "
                            "for backend='triton'")
     saved_enabled = _backend._interpreter_enabled
-    saved_convs = dict(_conv._CONV_FUNCTIONS)
-    saved_bwd = conv_gru.conv_same_backward
-
-    def upcast_conv(conv):
-        def run(x, w, *args):
-            if x.dtype == torch.float16 and x.device.type == "cpu":
-                return conv(x.float(), w.float(), *args).to(torch.float16)
-            return conv(x, w, *args)
-        return run
-
-    def upcast_backward(grad, x, w, *args):
-        if x.dtype == torch.float16 and x.device.type == "cpu":
-            gi, gw = saved_bwd(grad.float(), x.float(), w.float(), *args)
-            return (None if gi is None else gi.to(torch.float16)), (None if gw is None else gw.to(torch.float16))
-        return saved_bwd(grad, x, w, *args)
-
     _backend._interpreter_enabled = lambda: True
-    for dims, conv in saved_convs.items():
-        _conv._CONV_FUNCTIONS[dims] = upcast_conv(conv)
-    conv_gru.conv_same_backward = upcast_backward
     try:
         yield
     finally:
         _backend._interpreter_enabled = saved_enabled
-        _conv._CONV_FUNCTIONS.update(saved_convs)
-        conv_gru.conv_same_backward = saved_bwd
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
