@@ -47,8 +47,23 @@ def _init_uniform(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _refuse_script(module: nn.Module):
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and on
+    every submodule before compiling: refuse there, with the ways that work,
+    instead of TorchScript's error about some line of this package."""
+    raise RuntimeError(
+        f"{type(module).__name__} cannot be compiled by torch.jit.script (its forward validates "
+        "arguments and picks a backend in Python). Use torch.jit.trace(module, example_inputs) "
+        "for TorchScript, torch.export.export or torch.onnx.export for deployment, or "
+        "torch.compile for speed; see docs/deploying.md"
+    )
+
+
 class _ConvGRUBase(nn.Module):
     _dims: int = 2
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def _init_common(
         self, input_channels, hidden_channels, kernel_size, bias, reset_after, padding_mode, dilation, backend
