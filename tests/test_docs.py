@@ -1,0 +1,79 @@
+"""The deployment recipes as written: every ```python block of
+docs/deploying.md and of the README's "Deploying" section runs, in order, in
+one namespace per page, in a temporary directory."""
+
+import os
+import re
+import shlex
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytest.importorskip("onnxruntime", reason="the deployment recipes need onnxruntime (pip install -e '.[test]')")
+pytest.importorskip("onnxscript", reason="the deployment recipes need onnxscript (pip install -e '.[test]')")
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+
+
+def _read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def _blocks(text, language):
+    return re.findall(r"```" + language + r"\n(.*?)```", text, flags=re.S)
+
+
+def _readme_deploying():
+    text = _read("README.md")
+    assert "\n## Deploying\n" in text, "README.md lost its '## Deploying' section"
+    return text.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _run(blocks, tmp_path, monkeypatch):
+    assert blocks, "no python snippets found"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"<snippet {i}>", "exec"), namespace)
+        except Exception as exc:  # name the snippet that failed
+            raise AssertionError(f"snippet {i} failed:\n{code}") from exc
+    return namespace
+
+
+def test_readme_deploying_snippets_run(tmp_path, monkeypatch):
+    section = _readme_deploying()
+    assert "docs/deploying.md" in section
+    _run(_blocks(section, "python"), tmp_path, monkeypatch)
+
+
+def test_docs_deploying_snippets_run(tmp_path, monkeypatch):
+    text = _read("docs/deploying.md")
+    namespace = _run(_blocks(text, "python"), tmp_path, monkeypatch)
+    # The TensorRT command (not run: no TensorRT here) reads a file the
+    # snippets wrote, and gives shapes of the exported input's rank.
+    (command,) = _blocks(text, "console")
+    args = shlex.split(command.replace("\\\n", " "))
+    assert args[0] == "trtexec"
+    onnx_file = next(a.split("=", 1)[1] for a in args if a.startswith("--onnx="))
+    assert (tmp_path / onnx_file).is_file()
+    import onnx
+
+    graph_input = onnx.load(str(tmp_path / onnx_file)).graph.input[0]
+    rank = len(graph_input.type.tensor_type.shape.dim)
+    for flag in ("--minShapes=", "--optShapes=", "--maxShapes="):
+        spec = next(a.split("=", 1)[1] for a in args if a.startswith(flag))
+        name, dims = spec.split(":")
+        assert name == graph_input.name and len(dims.split("x")) == rank
+    assert namespace["teraflops"] > 0
+
+
+def test_docs_links_exist():
+    """README links to the reference pages in docs/, and they exist."""
+    readme = _read("README.md")
+    for page in re.findall(r"\]\((docs/[\w./-]+\.md)", readme):
+        assert os.path.isfile(os.path.join(ROOT, page)), page
+    for page in ("docs/deploying.md", "docs/errors.md", "docs/benchmarks.md", "docs/tuning.md",
+                 "docs/what-runs-where.md"):
+        assert f"({page}" in readme, f"README does not link {page}"
