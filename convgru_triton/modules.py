@@ -41,7 +41,7 @@ def _check_positive_int(name: str, value) -> int:
 def _init_uniform(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
     # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = channels * kernel volume:
     # the bound torch.nn.Conv2d's default initialisation works out to.
-    bound = 1.0 / math.sqrt(weight[0].numel())
+    bound = 1.0 / math.sqrt(weight.numel() // weight.shape[0])
     nn.init.uniform_(weight, -bound, bound)
     if bias is not None:
         nn.init.uniform_(bias, -bound, bound)

@@ -158,7 +158,7 @@ def test_onnx_dynamo_exporter_matches_ort_every_module():
 
 def _dynamic_case():
     torch.manual_seed(0)
-    model = ConvGRU2d(3, 4, 3, num_layers=2, bidirectional=True).eval()
+    model = ConvGRU2d(3, 4, 3, bidirectional=True).eval()
     return model, _x(2, 2, 3, 5, 6), _x(2, 3, 3, 7, 4, seed=1)
 
 
@@ -305,18 +305,25 @@ def _meta_cases():
 
 
 @pytest.mark.parametrize("case", range(4), ids=["gru2d", "gru3d", "cell1d", "sepcell"])
-@pytest.mark.parametrize("mode", ["meta", "fake"])
-def test_meta_and_fake_forward_backward(case, mode):
+@pytest.mark.parametrize("mode,backend", [("meta", "auto"), ("fake", "torch"), ("fake", "triton")])
+def test_meta_and_fake_forward_backward(case, mode, backend, device, monkeypatch):
     """Shapes, dtypes and devices of outputs and of every gradient, computed
-    without data (deferred initialisation, FLOP counting, shape inference)."""
+    without data (deferred initialisation, FLOP counting, shape inference):
+    the operator's fake implementation runs, not the time loop."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    from convgru_triton.ops import conv_gru as conv_gru_module
+
+    def no_loop(*args):
+        raise AssertionError("the time loop ran on meta or fake tensors")
+
+    monkeypatch.setattr(conv_gru_module, "_conv_gru_fwd", no_loop)
     cls, kwargs, in_shape, out_shape, h_shape = _meta_cases()[case]
     ctx = FakeTensorMode() if mode == "fake" else torch.device("meta")
+    factory = dict(dtype=torch.float64, backend=backend, device=device if mode == "fake" else None)
     with ctx:
-        model = cls(3, 5, 3, dtype=torch.float64, **kwargs) if cls is not SepConvGRUCell2d else \
-            cls(3, 5, 3, dtype=torch.float64)
-        x = torch.empty(in_shape, dtype=torch.float64, requires_grad=True)
+        model = cls(3, 5, 3, **factory, **kwargs)
+        x = torch.empty(in_shape, dtype=torch.float64, device=factory["device"], requires_grad=True)
         out = model(x)
         outs = _flat(out)
         assert tuple(outs[0].shape) == out_shape
@@ -328,7 +335,7 @@ def test_meta_and_fake_forward_backward(case, mode):
         if mode == "meta":
             assert t.device.type == "meta"
         else:
-            assert isinstance(t, FakeTensor)
+            assert isinstance(t, FakeTensor) and t.device == torch.device(device)
     assert tuple(x.grad.shape) == in_shape
     for p in model.parameters():
         assert p.grad.shape == p.shape
@@ -410,6 +417,13 @@ def test_model_ensembling_with_stack_module_state(device):
     g = vmap(grad(lambda p, b, x: run(p, b, x)[0].sum()), in_dims=(0, 0, None))(params, buffers, x)
     models[1](x)[0].sum().backward()
     torch.testing.assert_close(g["weight_hh_l0"][1], models[1].weight_hh_l0.grad)
+
+
+def test_forward_mode_ad_raises_naming_reverse_mode():
+    cell = ConvGRUCell1d(2, 2, 3)
+    x = torch.randn(1, 2, 5)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* use reverse mode"):
+        torch.func.jvp(cell, (x,), (torch.ones_like(x),))
 
 
 def test_double_backward_under_func_grad_raises():

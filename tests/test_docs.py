@@ -12,7 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("onnxruntime", reason="the deployment recipes need onnxruntime (pip install -e '.[test]')")
 pytest.importorskip("onnxscript", reason="the deployment recipes need onnxscript (pip install -e '.[test]')")
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+# The TorchScript-based exporter and torch.jit announce their deprecation;
+# the recipes use them on purpose.
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+]
 
 
 def _read(path):

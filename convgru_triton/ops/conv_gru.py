@@ -447,6 +447,28 @@ class _ConvGRUFunctorch(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_make_backward(_ConvGRUBwdFunctorch.apply))
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "forward-mode AD (torch.func.jvp, jacfwd) through the ConvGRU operator "
+            "convgru_triton::conv_gru_fwd is not supported; use reverse mode (torch.func.grad, vjp, jacrev)"
+        )
+
+
+def _runner(gates_x: Tensor):
+    """What runs the operator for this call. torch.compile sees the operator;
+    torch.func transforms (vmap, grad, ...) a Function with setup_context around
+    it; meta and fake tensors the operator's fake implementation (shapes without
+    stepping through time, no kernel launches for fake CUDA tensors); plain
+    eager calls :class:`_ConvGRUFunction`, which skips the dispatch."""
+    if torch.compiler.is_compiling():
+        return conv_gru_fwd
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return _ConvGRUFunctorch.apply
+    if gates_x.is_meta or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return conv_gru_fwd
+    return _ConvGRUFunction.apply
+
 
 def conv_gru_sequence(
     gates_x: Tensor,
@@ -466,6 +488,9 @@ def conv_gru_sequence(
     biases (3H,) as in :func:`convgru_triton.ops.naive.conv_gru_cell_ref`, which
     this equals step by step. Under autocast the floating inputs are cast to the
     autocast dtype (as cuDNN's RNNs do) and the operator runs with autocast off.
+    Under torch.jit.trace and ONNX export it runs
+    :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref` instead (standard
+    operators only; docs/deploying.md).
     """
     if torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
         # torch.jit.trace and both ONNX exporters record the reference math:
@@ -482,14 +507,7 @@ def conv_gru_sequence(
             return conv_gru_sequence(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton)
     tensors: Sequence[Optional[Tensor]] = (gates_x, h0, weight_hh, bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    # torch.compile sees the operator; torch.func transforms (vmap, grad, ...) a
-    # Function with setup_context around it; plain eager calls skip the dispatch.
-    if torch.compiler.is_compiling():
-        run = conv_gru_fwd
-    elif torch._C._functorch.peek_interpreter_stack() is not None:
-        run = _ConvGRUFunctorch.apply
-    else:
-        run = _ConvGRUFunction.apply
+    run = _runner(gates_x)
     states, _, _ = run(
         gates_x, h0, weight_hh, bias_ih, bias_hh,
         list(spec.kernel_size), list(spec.dilation), spec.padding_mode,

@@ -66,7 +66,7 @@ def _conv_gru_fwd_vmap(info, in_dims, gates_x, h0, weight_hh, bias_ih, bias_hh, 
             outputs.append(t)
             dims.append(None)
         else:
-            outputs.append(t.unflatten(1, (batch, -1)))
+            outputs.append(t.unflatten(1, (batch, t.shape[1] // batch)))
             dims.append(1)
     return tuple(outputs), tuple(dims)
 
