@@ -131,14 +131,11 @@ def _conv_frames(sequence: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -
     are stored (time-major, or batch-major for a transposed batch_first input),
     so that merging is a view and the layout (e.g. channels_last) is kept."""
     steps, batch = sequence.shape[:2]
-    # Traced: the batch size is inferred (-1), so that the ONNX graph keeps it
-    # dynamic (an explicit size would be recorded as a constant).
-    merged = -1 if torch.jit.is_tracing() else batch
     if steps > 1 and batch > 1 and sequence.stride(1) == steps * sequence.stride(0):
         # Batch-major storage, e.g. a batch_first input seen as (T, N, ...).
         by_batch = sequence.transpose(0, 1).flatten(0, 1)
-        return conv_same(by_batch, weight, spec).unflatten(0, (merged, steps)).transpose(0, 1)
-    return conv_same(sequence.flatten(0, 1), weight, spec).unflatten(0, (steps, merged))
+        return conv_same(by_batch, weight, spec).unflatten(0, (batch, steps)).transpose(0, 1)
+    return conv_same(sequence.flatten(0, 1), weight, spec).unflatten(0, (steps, batch))
 
 
 @_quiet_under_trace

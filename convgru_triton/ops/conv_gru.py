@@ -455,6 +455,14 @@ class _ConvGRUFunctorch(torch.autograd.Function):
         )
 
 
+@torch.compiler.assume_constant_result
+def _exporting_to_onnx() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, evaluated for real also while dynamo
+    traces (strict torch.export, which the ONNX exporter falls back to), where
+    dynamo would otherwise take it for a constant False."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def _runner(gates_x: Tensor):
     """What runs the operator for this call. torch.compile sees the operator;
     torch.func transforms (vmap, grad, ...) a Function with setup_context around
@@ -492,7 +500,7 @@ def conv_gru_sequence(
     :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref` instead (standard
     operators only; docs/deploying.md).
     """
-    if torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
+    if torch.jit.is_tracing() or (torch.compiler.is_compiling() and _exporting_to_onnx()):
         # torch.jit.trace and both ONNX exporters record the reference math:
         # standard operators only, no custom operator to translate.
         return naive.conv_gru_sequence_ref(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse)

@@ -198,11 +198,14 @@ def conv_gru_sequence_ref(
     Returns:
         (T, N, H, *S): the state after every step, in time order.
     """
-    steps = int(gates_x.shape[0])
+    # unbind, not indexing: a traced module then checks at run time that the
+    # sequence has the traced number of steps (instead of reading only those).
+    frames = gates_x.unbind(0)
+    steps = len(frames)
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     states = [h0] * steps
     h = h0
     for t in order:
-        h = conv_gru_cell_ref(gates_x[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
+        h = conv_gru_cell_ref(frames[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
         states[t] = h
     return torch.stack(states)
