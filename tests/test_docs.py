@@ -83,3 +83,11 @@ def test_docs_links_exist():
     for page in ("docs/deploying.md", "docs/errors.md", "docs/benchmarks.md", "docs/tuning.md",
                  "docs/what-runs-where.md"):
         assert f"({page}" in readme, f"README does not link {page}"
+
+
+def test_py_typed_is_shipped():
+    """PEP 561: the package marks itself typed, and the marker is package data."""
+    assert os.path.isfile(os.path.join(ROOT, "convgru_triton", "py.typed"))
+    pyproject = _read("pyproject.toml")
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert '"py.typed"' in section
