@@ -48,7 +48,7 @@ def _cases():
     """(name, module, inputs): every public module, and between them every
     option the issue lists: layers, bidirectional, batch_first, dropout (eval),
     both formulations, every padding mode, no bias, dilation, even kernels,
-    given and missing initial states."""
+    given and missing initial states, unbatched input."""
     torch.manual_seed(0)
     return [
         ("cell1d_reflect", ConvGRUCell1d(3, 4, 3, padding_mode="reflect"), (_x(2, 3, 6, seed=1),)),
@@ -64,6 +64,7 @@ def _cases():
          (_x(2, 2, 3, 5, 6, seed=7), _x(2, 2, 4, 5, 6, seed=8))),
         ("gru3d_bidir_replicate", ConvGRU3d(3, 4, 3, bidirectional=True, padding_mode="replicate"),
          (_x(2, 2, 3, 3, 4, 4, seed=9),)),
+        ("cell2d_unbatched", ConvGRUCell2d(3, 4, 3), (_x(3, 5, 6, seed=10), _x(4, 5, 6, seed=11))),
     ]
 
 
@@ -71,7 +72,7 @@ CASE_NAMES = [name for name, _, _ in _cases()]
 
 
 class _All(torch.nn.Module):
-    """Every case in one module: one dynamo export instead of seven."""
+    """Every case in one module: one dynamo export instead of one per case."""
 
     def __init__(self, cases):
         super().__init__()
