@@ -91,3 +91,19 @@ def test_py_typed_is_shipped():
     pyproject = _read("pyproject.toml")
     section = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
     assert '"py.typed"' in section
+
+
+def test_errors_doc_lists_deployment_errors():
+    """The deployment errors tests/test_deploy.py raises have their rows in docs/errors.md."""
+    from convgru_triton import ConvGRU2d
+    from convgru_triton.ops.conv_gru import _ConvGRUFunctorch
+
+    table = _read("docs/errors.md")
+    with pytest.raises(RuntimeError) as script_error:
+        ConvGRU2d(2, 2, 3).__prepare_scriptable__()
+    head, tail = str(script_error.value).split(" (", 1)
+    assert f"`{head} (...). {tail.split('). ', 1)[1]}`" in table
+    with pytest.raises(NotImplementedError) as jvp_error:
+        _ConvGRUFunctorch.jvp(None)
+    assert f"`{jvp_error.value}`" in table
+    assert "`Expected 3 elements in a list but found 4`" in table
