@@ -21,6 +21,7 @@ from .modules import (
 )
 from .separable import SepConvGRUCell2d
 from . import convert  # noqa: F401  (the converters: convgru_triton.convert.from_raft_convgru, ...)
+from . import deploy  # noqa: F401  (convgru_triton.deploy.decompositions)
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,8 @@ gate is ``1 - z``.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -24,12 +26,35 @@ from ._backend import select_backend
 from ._conv import ConvSpec, conv_same
 from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
 from .ops.conv_gru import conv_gru_sequence
+from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 def _fmt(shape) -> str:
     return str(tuple(shape))
+
+
+def _kernel_size(weight: torch.Tensor) -> Tuple[int, ...]:
+    """The kernel size of a (C_out, C_in, *k) weight as Python ints (under
+    torch.jit.trace, sizes read from a tensor are 0-dim tensors)."""
+    return tuple(int(k) for k in weight.shape[2:])
+
+
+def _quiet_under_trace(fn):
+    """Under torch.jit.trace, silence the TracerWarnings of the argument checks
+    (Python comparisons of sizes, which record nothing in the graph). The time
+    loop's length is the one size the trace fixes; docs/deploying.md says so."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_floating(name: str, t: Optional[torch.Tensor]) -> None:
@@ -88,8 +113,14 @@ def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
-def _zeros_state(gates_x: torch.Tensor, hidden: int) -> torch.Tensor:
-    """A zero state (N, H, *S) in the layout of the gate pre-activations."""
+def _zeros_state(gates_x: torch.Tensor, hidden: int, input_frame: torch.Tensor) -> torch.Tensor:
+    """A zero state (N, H, *S) in the layout of the gate pre-activations.
+    ``input_frame`` (N, C_in, *S) is one frame of the caller's input."""
+    if torch.jit.is_tracing():
+        # Sized from the input's shape, so that torch.onnx.export (TorchScript)
+        # keeps batch and spatial sizes dynamic: zeros sized from intermediate
+        # results are folded into constants of the traced shape.
+        return input_frame.new_zeros((input_frame.shape[0], hidden) + tuple(input_frame.shape[2:]))
     shape = (gates_x.shape[0], hidden) + tuple(gates_x.shape[2:])
     return empty_in_layout(shape, gates_x.dtype, gates_x.device, is_channels_last(gates_x)).zero_()
 
@@ -107,6 +138,7 @@ def _conv_frames(sequence: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -
     return conv_same(sequence.flatten(0, 1), weight, spec).unflatten(0, (steps, batch))
 
 
+@_quiet_under_trace
 def conv_gru_cell(
     input: torch.Tensor,
     hx: Optional[torch.Tensor],
@@ -143,7 +175,7 @@ def conv_gru_cell(
     if dims not in (1, 2, 3):
         raise ValueError(f"weight_ih must have 3, 4 or 5 dims (1-D, 2-D or 3-D ConvGRU), got {weight_ih.dim()}")
     in_channels, hidden = _check_params((weight_ih, weight_hh, bias_ih, bias_hh), dims, "")
-    spec = ConvSpec.create(dims, tuple(weight_ih.shape[2:]), dilation, padding_mode)
+    spec = ConvSpec.create(dims, _kernel_size(weight_ih), dilation, padding_mode)
     if input.dim() not in (dims + 1, dims + 2):
         raise ValueError(
             f"input must have {dims + 2} dims (N, C_in, *spatial) or {dims + 1} dims unbatched for a "
@@ -171,7 +203,7 @@ def conv_gru_cell(
         check_kernel_sample_size(hidden, input.shape[2:])
     gates_x = conv_same(input, weight_ih, spec)
     if hx is None:
-        hx = _zeros_state(gates_x, hidden)
+        hx = _zeros_state(gates_x, hidden, input)
     # One step is a sequence of length 1: the same operator and kernels.
     # squeeze(0), not [0]: its backward keeps the gradient's layout, where
     # select's backward would build a contiguous zero tensor.
@@ -181,6 +213,7 @@ def conv_gru_cell(
     return h_new if batched else h_new.squeeze(0)
 
 
+@_quiet_under_trace
 def conv_gru(
     input: torch.Tensor,
     hx: Optional[torch.Tensor],
@@ -244,7 +277,7 @@ def conv_gru(
                 f"params[{i}] must map {expected_in} input channels to {hidden} hidden channels, "
                 f"got {c_in} -> {h}"
             )
-    spec = ConvSpec.create(dims, tuple(first_weight.shape[2:]), dilation, padding_mode)
+    spec = ConvSpec.create(dims, _kernel_size(first_weight), dilation, padding_mode)
 
     if input.dim() not in (dims + 2, dims + 3):
         raise ValueError(
@@ -290,7 +323,7 @@ def conv_gru(
             # The input convolution does not depend on the state: one batched
             # convolution over all T * N frames instead of T small ones.
             gates_x = _conv_frames(layer_input, weight_ih, spec)
-            h0 = hx[index] if hx is not None else _zeros_state(gates_x[0], hidden)
+            h0 = hx[index] if hx is not None else _zeros_state(gates_x[0], hidden, input[0])
             # The whole time loop is one operator (one autograd node, one
             # opaque node for torch.compile) per layer and direction.
             reverse = direction == 1

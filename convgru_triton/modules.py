@@ -41,14 +41,29 @@ def _check_positive_int(name: str, value) -> int:
 def _init_uniform(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
     # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = channels * kernel volume:
     # the bound torch.nn.Conv2d's default initialisation works out to.
-    bound = 1.0 / math.sqrt(weight[0].numel())
+    bound = 1.0 / math.sqrt(weight.numel() // weight.shape[0])
     nn.init.uniform_(weight, -bound, bound)
     if bias is not None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _refuse_script(module: nn.Module):
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and on
+    every submodule before compiling: refuse there, with the ways that work,
+    instead of TorchScript's error about some line of this package."""
+    raise RuntimeError(
+        f"{type(module).__name__} cannot be compiled by torch.jit.script (its forward validates "
+        "arguments and picks a backend in Python). Use torch.jit.trace(module, example_inputs) "
+        "for TorchScript, torch.export.export or torch.onnx.export for deployment, or "
+        "torch.compile for speed; see docs/deploying.md"
+    )
+
+
 class _ConvGRUBase(nn.Module):
     _dims: int = 2
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def _init_common(
         self, input_channels, hidden_channels, kernel_size, bias, reset_after, padding_mode, dilation, backend

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .modules import ConvGRUCell2d
+from .modules import ConvGRUCell2d, _refuse_script
 
 
 def _check_kernel(value) -> int:
@@ -87,6 +87,9 @@ class SepConvGRUCell2d(nn.Module):
         self.input_channels = self.horizontal.input_channels
         self.hidden_channels = self.horizontal.hidden_channels
         self.kernel_size = k
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def reset_parameters(self) -> None:
         self.horizontal.reset_parameters()

@@ -143,7 +143,7 @@ def test_3d_module_rejects_2d_input():
 
 
 # ----------------------------------------------------------------------------
-# The table of README.md, "Errors and numerics": every bad input, the exception
+# The table of docs/errors.md, "Errors and numerics": every bad input, the exception
 # it gets and its message, raised before anything is computed.
 # ----------------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ import os  # noqa: E402
 import convgru_triton._backend as _backend_module  # noqa: E402
 import convgru_triton.functional as _functional  # noqa: E402
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ERRORS_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "errors.md")
 
 
 def _seq(backend="auto", **kwargs):
@@ -174,7 +174,7 @@ def _cell_call(backend, input, hx, bias_ih, bias_hh):
     return conv_gru_cell(input, hx, w_ih, w_hh, bias_ih, bias_hh, backend=backend)
 
 
-# (row, call(backend), exception type, the message as the README table shows it)
+# (row, call(backend), exception type, the message as the docs/errors.md table shows it)
 BAD_INPUTS = [
     # --- constructor arguments ---
     ("kernel_size 0", lambda b: _seq(b, kernel_size=0), ValueError,
@@ -317,15 +317,16 @@ def test_forced_triton_without_interpreter_fails_before_computing(monkeypatch, n
         _seq("triton")(_x())
 
 
-def test_readme_table_lists_every_bad_input():
-    """Every message of BAD_INPUTS appears in the README's table, and every
-    row of that table is a message tested here or a documented non-error."""
-    text = open(README, encoding="utf-8").read()
-    section = text.split("## Errors and numerics", 1)[1].split("\n## ", 1)[0]
+def test_errors_doc_table_lists_every_bad_input():
+    """Every message of BAD_INPUTS appears in the table of docs/errors.md (the
+    README links it), and every row of that table is a message tested here or a
+    documented non-error."""
+    text = open(ERRORS_DOC, encoding="utf-8").read()
+    section = text
     for row, _, error, message in BAD_INPUTS:
-        assert f"`{message}`" in section, f"README table lacks the row for {row!r}: {message}"
+        assert f"`{message}`" in section, f"docs/errors.md table lacks the row for {row!r}: {message}"
         line = next(line for line in section.splitlines() if f"`{message}`" in line)
-        assert error.__name__ in line, f"README row for {row!r} does not name {error.__name__}"
+        assert error.__name__ in line, f"docs/errors.md row for {row!r} does not name {error.__name__}"
 
 
 # --- inputs that look odd but are valid: exact results, no error ---------------

@@ -5,7 +5,7 @@ for tensors past 2**31 elements.
 
 On CPU the Triton kernels run under the interpreter (see conftest), which has no
 bfloat16: bfloat16 cases run on a GPU only. The measured bounds are quoted in
-README.md, "Errors and numerics".
+docs/errors.md, "Errors and numerics".
 
 The offset checks run the kernels in a child process (a wrong offset can crash
 the process): ``python tests/test_numerics.py offsets --device cpu|cuda --case
@@ -47,7 +47,7 @@ HALF_DTYPES = [
 # Half precision: storage float16/bfloat16, math float32 inside the kernels
 # ----------------------------------------------------------------------------
 
-# Bounds the tests enforce (README quotes them with the measured values):
+# Bounds the tests enforce (docs/errors.md quotes them with the measured values):
 # output / h_n: max |error| against float64; gradients: max |error| / max |gradient|.
 HALF_BOUNDS = {
     torch.float16: dict(out=2e-3, grad=4e-3),

@@ -2,7 +2,7 @@
 results run after run (the gate kernels use no atomics; every sum has a fixed
 order), and the whole layer runs under ``torch.use_deterministic_algorithms(True)``
 with every padding mode, calling no operation that has no deterministic CUDA
-implementation. README.md, "Errors and numerics", lists the settings.
+implementation. docs/errors.md, "Errors and numerics", lists the settings.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ NONDETERMINISTIC_CUDA_OPS = (
 
 @pytest.fixture
 def deterministic(monkeypatch):
-    """The settings README.md names for a deterministic layer, restored after."""
+    """The settings docs/errors.md names for a deterministic layer, restored after."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)

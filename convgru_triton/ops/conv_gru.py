@@ -152,8 +152,22 @@ def _empty_frames(steps: int, frame_like: Tensor, channels: int, channels_last: 
     """Uninitialised (T, N, C, *S) buffer whose every frame [t] is laid out
     contiguous or channels_last. The tests replace this to poison outputs with NaN."""
     batch, spatial = frame_like.shape[0], tuple(frame_like.shape[2:])
-    flat = empty_in_layout((steps * batch, channels) + spatial, frame_like.dtype, frame_like.device, channels_last)
-    return flat.unflatten(0, (steps, batch))
+    shape = (steps, batch, channels) + spatial
+    if not channels_last or len(spatial) not in (2, 3):
+        return torch.empty(shape, dtype=frame_like.dtype, device=frame_like.device)
+    # Allocated with its final shape and strides, not as a view of a flat
+    # buffer: the operator's outputs must be ordinary tensors (in-place ops on
+    # a view created inside an autograd.Function are refused).
+    frame_stride = channels * batch
+    for size in spatial:
+        frame_stride *= size
+    plane = channels
+    inner = []
+    for size in reversed(spatial):
+        inner.insert(0, plane)
+        plane *= size
+    strides = (frame_stride, plane, 1) + tuple(inner)
+    return torch.empty_strided(shape, strides, dtype=frame_like.dtype, device=frame_like.device)
 
 
 def _no_tensor(like: Tensor) -> Tensor:
@@ -402,6 +416,68 @@ class _ConvGRUFunction(torch.autograd.Function):
         return _ConvGRUFunction._backward_eager(ctx, *grads)
 
 
+class _ConvGRUBwdFunctorch(torch.autograd.Function):
+    """``conv_gru_bwd`` for torch.func transforms; its own backward raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return conv_gru_bwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward = staticmethod(_no_double_backward)
+
+
+class _ConvGRUFunctorch(torch.autograd.Function):
+    """The operator for torch.func transforms (vmap, grad, vjp, ...), which
+    need a separate ``setup_context`` (the operator's registered autograd has
+    none). ``generate_vmap_rule``: under vmap, forward and backward run the
+    operators, whose vmap rules are in :mod:`.vmap_rules`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return conv_gru_fwd(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_make_backward(_ConvGRUBwdFunctorch.apply))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "forward-mode AD (torch.func.jvp, jacfwd) through the ConvGRU operator "
+            "convgru_triton::conv_gru_fwd is not supported; use reverse mode (torch.func.grad, vjp, jacrev)"
+        )
+
+
+@torch.compiler.assume_constant_result
+def _exporting_to_onnx() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, evaluated for real also while dynamo
+    traces (strict torch.export, which the ONNX exporter falls back to), where
+    dynamo would otherwise take it for a constant False."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def _runner(gates_x: Tensor):
+    """What runs the operator for this call. torch.compile sees the operator;
+    torch.func transforms (vmap, grad, ...) a Function with setup_context around
+    it; meta and fake tensors the operator's fake implementation (shapes without
+    stepping through time, no kernel launches for fake CUDA tensors); plain
+    eager calls :class:`_ConvGRUFunction`, which skips the dispatch."""
+    if torch.compiler.is_compiling():
+        return conv_gru_fwd
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return _ConvGRUFunctorch.apply
+    if gates_x.is_meta or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return conv_gru_fwd
+    return _ConvGRUFunction.apply
+
+
 def conv_gru_sequence(
     gates_x: Tensor,
     h0: Tensor,
@@ -420,9 +496,17 @@ def conv_gru_sequence(
     biases (3H,) as in :func:`convgru_triton.ops.naive.conv_gru_cell_ref`, which
     this equals step by step. Under autocast the floating inputs are cast to the
     autocast dtype (as cuDNN's RNNs do) and the operator runs with autocast off.
+    Under torch.jit.trace and ONNX export it runs
+    :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref` instead (standard
+    operators only; docs/deploying.md).
     """
+    if torch.jit.is_tracing() or (torch.compiler.is_compiling() and _exporting_to_onnx()):
+        # torch.jit.trace and both ONNX exporters record the reference math:
+        # standard operators only, no custom operator to translate.
+        return naive.conv_gru_sequence_ref(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse)
     device_type = gates_x.device.type
-    if torch.is_autocast_enabled(device_type):
+    # (meta has no autocast: asking it about autocast raises.)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         gates_x, h0, weight_hh = gates_x.to(dtype), h0.to(dtype), weight_hh.to(dtype)
         bias_ih = bias_ih.to(dtype) if bias_ih is not None else None
@@ -431,7 +515,7 @@ def conv_gru_sequence(
             return conv_gru_sequence(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton)
     tensors: Sequence[Optional[Tensor]] = (gates_x, h0, weight_hh, bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    run = conv_gru_fwd if torch.compiler.is_compiling() else _ConvGRUFunction.apply
+    run = _runner(gates_x)
     states, _, _ = run(
         gates_x, h0, weight_hh, bias_ih, bias_hh,
         list(spec.kernel_size), list(spec.dilation), spec.padding_mode,

@@ -171,3 +171,41 @@ def conv_gru_cell_ref(
         return gru_reset_after_fwd_ref(gates_x, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)[0]
     _, z, rh = gru_reset_gate_fwd_ref(gates_x, conv_same(h, weight_hh[: 2 * H], spec), h, bias_ih, bias_hh)
     return gru_update_fwd_ref(gates_x, conv_same(rh, weight_hh[2 * H :], spec), z, h, bias_ih, bias_hh)[0]
+
+
+def conv_gru_sequence_ref(
+    gates_x: Tensor,
+    h0: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor],
+    spec: ConvSpec,
+    reset_after: bool,
+    reverse: bool,
+) -> Tensor:
+    """One layer and direction over a sequence with :func:`conv_gru_cell_ref`,
+    step by step: the operator ``convgru_triton::conv_gru_fwd`` in plain
+    PyTorch, differentiable by autograd. This is what ``torch.jit.trace`` and the
+    ONNX exporters record (standard convolutions and pointwise ops, the time
+    loop unrolled: the number of steps is fixed in the recorded graph).
+
+    Args:
+        gates_x: (T, N, 3H, *S) input pre-activations (no bias).
+        h0: (N, H, *S) initial state.
+        weight_hh, bias_ih, bias_hh, spec, reset_after: as in :func:`conv_gru_cell_ref`.
+        reverse: run from the last step to the first.
+
+    Returns:
+        (T, N, H, *S): the state after every step, in time order.
+    """
+    # unbind, not indexing: a traced module then checks at run time that the
+    # sequence has the traced number of steps (instead of reading only those).
+    frames = gates_x.unbind(0)
+    steps = len(frames)
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    states = [h0] * steps
+    h = h0
+    for t in order:
+        h = conv_gru_cell_ref(frames[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
+        states[t] = h
+    return torch.stack(states)
