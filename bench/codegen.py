@@ -187,20 +187,27 @@ def shape_cases(shapes: Sequence[Tuple[int, Tuple[int, ...]]], dtypes: Sequence[
 @contextlib.contextmanager
 def _package_on_cpu_compiling() -> Iterator[None]:
     """Let ``backend="triton"`` run on CPU tensors (the package allows it only
-    under the interpreter, which this pretends to be). The convolutions run on
-    CPU in the case's dtype (torch >= 2.13 has float16 CPU convolutions)."""
+    under the interpreter, which this pretends to be), every launch through
+    Triton's binder. The convolutions run on CPU in the case's dtype (torch >=
+    2.13 has float16 CPU convolutions)."""
     from convgru_triton import _backend
 
     if not hasattr(_backend, "_interpreter_enabled"):
         raise RuntimeError("convgru_triton._backend._interpreter_enabled is gone: adapt "
                            "bench.codegen._package_on_cpu_compiling to where the package now refuses CPU tensors "
                            "for backend='triton'")
-    saved_enabled = _backend._interpreter_enabled
+    from convgru_triton.ops import conv_gru_cell
+
+    saved_enabled, saved_direct = _backend._interpreter_enabled, conv_gru_cell._DIRECT_LAUNCH
     _backend._interpreter_enabled = lambda: True
+    # Every launch through Triton's binder, where the compile hook sees it (the
+    # launchers otherwise replay a kept kernel after its first launch).
+    conv_gru_cell._DIRECT_LAUNCH = False
     try:
         yield
     finally:
         _backend._interpreter_enabled = saved_enabled
+        conv_gru_cell._DIRECT_LAUNCH = saved_direct
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
