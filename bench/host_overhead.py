@@ -45,10 +45,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # ----------------------------------------------------------------------------
 # Triton with a fake GPU: binding and specialization run, launches do nothing
@@ -306,6 +307,38 @@ def provider_context(provider: str):
         yield [0]
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher's backends (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_calls(fn: Callable[[], None]) -> Tuple[int, int]:
+    """``(python_calls, aten_ops)`` of one call of ``fn``: load-independent
+    measures of host work (Python function calls, C calls included, as
+    ``sys.setprofile`` sees them; aten ops as a dispatch mode sees them)."""
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    with _CountOps() as ops:
+        fn()
+    return calls[0], ops.count
+
+
 def steps_of(row: Row) -> int:
     """Cell steps per call: the sequence row runs T steps, the separable cell two updates."""
     return STEPS if row.kind == "sequence" else 1
@@ -319,7 +352,7 @@ def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int
     for row in rows:
         tensors = make_tensors(row.backward)
         functions = {}
-        launches = {}
+        launches, counts = {}, {}
         for provider in providers:
             with provider_context(provider) as counter:
                 fn = _step_function(row, provider, tensors)
@@ -330,6 +363,7 @@ def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int
                 before = counter[0]
                 fn()
                 launches[provider] = counter[0] - before
+                counts[provider] = count_calls(fn)
                 if provider == "ours" and launches[provider] == 0:
                     raise RuntimeError(
                         "no Triton kernel was launched: the package did not take its Triton path (is "
@@ -347,6 +381,7 @@ def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int
             p: {
                 "median_us": statistics.median(ts), "min_us": min(ts), "max_us": max(ts),
                 "runs_us": [round(t, 2) for t in ts], "launches": launches[p],
+                "python_calls": counts[p][0], "aten_ops": counts[p][1],
             }
             for p, ts in times.items()
         }
@@ -391,6 +426,23 @@ def markdown(results: Dict, info: Optional[Dict] = None) -> str:
             f"{cell(r, 'ours (above launchers)')} | {inside} | {_ratio(results, label, 'ours')} | "
             f"{cell(r, 'ours (torch backend)')} | {_ratio(results, label, 'ours (torch backend)')} | {launches} |"
         )
+    lines += [
+        "",
+        "Work per call, independent of the machine's load: Python function calls (C calls included, as "
+        "`sys.setprofile` sees them) / aten ops dispatched (forward and backward).",
+        "",
+        "| row | raft | seed | ours (Triton) | above launchers | ours (torch) |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+
+    def work(r, p):
+        if p not in r:
+            return "—"
+        return f"{r[p]['python_calls']} / {r[p]['aten_ops']}"
+
+    for label, r in results.items():
+        lines.append(f"| {label} | {work(r, 'raft')} | {work(r, 'seed')} | {work(r, 'ours')} | "
+                     f"{work(r, 'ours (above launchers)')} | {work(r, 'ours (torch backend)')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -253,16 +253,26 @@ def _forward(p: Plan, gx, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, state
 
 def _previous_states(h0: Tensor, states: Tensor, reverse: bool) -> Tensor:
     """(T * N, H, *S): the state each step started from, in time order, frames merged."""
-    if states.shape[0] == 1:
-        return h0  # one step (a cell): nothing to concatenate
     if reverse:
         return torch.cat([states[1:], h0.unsqueeze(0)]).flatten(0, 1)
     return torch.cat([h0.unsqueeze(0), states[:-1]]).flatten(0, 1)
 
 
-def _sum_but_channels(t: Tensor) -> Tensor:
-    """(T, N, C, *S) -> (C,)"""
-    return t.sum(dim=[0, 1] + list(range(3, t.dim())))
+def _sum_but_channels(t: Tensor, channel_dim: int = 2) -> Tensor:
+    """(T, N, C, *S) -> (C,), or (N, C, *S) -> (C,) with ``channel_dim=1``."""
+    return t.sum(dim=list(range(channel_dim)) + list(range(channel_dim + 1, t.dim())))
+
+
+def _one_frame(t: Tensor) -> Tuple[Tensor]:
+    return (t,)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _merge_frames(t: Tensor) -> Tensor:
+    return t.flatten(0, 1)
 
 
 def _bwd_outputs(states: Tensor, h0: Tensor, weight_hh: Tensor, has_bias: bool):
@@ -279,29 +289,40 @@ def _bwd_outputs(states: Tensor, h0: Tensor, weight_hh: Tensor, has_bias: bool):
 
 
 def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, states: Tensor, gates: Tensor,
-              aux: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward pass over (T, ...) tensors; returns (d_gates_x, d_h0,
-    d_weight_hh, d_bias_ih, d_bias_hh), laid out as :func:`_bwd_outputs` says
-    (the registered operator's fake). Results are returned where they are
-    computed, not copied into buffers of their own."""
+              aux: Tensor, has_bias: bool, step: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward pass over (T, ...) tensors, or with ``step`` over one
+    step's (N, ...) tensors (the cell: no time dim to add and remove); returns
+    (d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh), laid out as
+    :func:`_bwd_outputs` says (the registered operator's fake). Results are
+    returned where they are computed, not copied into buffers of their own."""
     math, conv_backward = p.math, p.conv_backward
-    steps, hidden = states.shape[0], h0.shape[1]
+    hidden = h0.shape[1]
     channels_last = is_channels_last(h0)
-    d_gates_x = _empty_frames(steps, h0, 3 * hidden, channels_last)
-    d_gates_h = _empty_frames(steps, h0, 3 * hidden, channels_last) if p.reset_after else None
+    if step:
+        steps, channel_dim, frames, merged = 1, 1, _one_frame, _same
+        d_gates_x = _empty_frame(h0, 3 * hidden, channels_last)
+        d_gates_h = _empty_frame(h0, 3 * hidden, channels_last) if p.reset_after else None
+    else:
+        steps, channel_dim, frames, merged = states.shape[0], 2, Tensor.unbind, _merge_frames
+        d_gates_x = _empty_frames(steps, h0, 3 * hidden, channels_last)
+        d_gates_h = _empty_frames(steps, h0, 3 * hidden, channels_last) if p.reset_after else None
     weight_rz, weight_n = weight_hh.split_with_sizes((2 * hidden, hidden))
     # Per-step frames, made once per call.
-    grad_t, states_t, gates_t, aux_t, d_gx_t = (t.unbind(0) for t in (grad_states, states, gates, aux, d_gates_x))
+    grad_t, states_t, gates_t, aux_t, d_gx_t = map(frames, (grad_states, states, gates, aux, d_gates_x))
     if p.reset_after:
-        d_gh_t = d_gates_h.unbind(0)
+        d_gh_t = frames(d_gates_h)
     else:
         # The channel slices of d_gates_x the convolution backward reads.
-        d_rz, d_n = d_gates_x.split_with_sizes((2 * hidden, hidden), 2)
-        d_rz_t, d_n_t = d_rz.unbind(0), d_n.unbind(0)
+        d_rz, d_n = d_gates_x.split_with_sizes((2 * hidden, hidden), channel_dim)
+        d_rz_t, d_n_t = frames(d_rz), frames(d_n)
     # Two state-gradient buffers, alternating: the carried dL/dh_t and the one
     # being computed for h_{t-1}; the last one written is d_h0.
     spare = [empty_in_layout(h0.shape, h0.dtype, h0.device, channels_last)]
-    spare.append(torch.empty_like(spare[0]))
+    if steps > 1:
+        spare.append(torch.empty_like(spare[0]))
+    # One step (a cell): the weight gradients come from the same convolution
+    # backward calls as the data gradients (two calls instead of four).
+    one = steps == 1
     carry: Optional[Tensor] = None
     order = list(_step_order(steps, p.reverse))
     for i in range(steps - 1, -1, -1):
@@ -312,29 +333,32 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
         grad, grad2 = (grad_t[t], None) if carry is None else (carry, grad_t[t])
         if p.reset_after:
             math.reset_after_bwd(grad, grad2, gates_t[t], aux_t[t], h_prev, d_gx=d_gx_t[t], d_gh=d_gh_t[t], d_h=d_h)
-            d_h_conv, _ = conv_backward(d_gh_t[t], h_prev, weight_hh, True, False)
+            d_h_conv, d_w = conv_backward(d_gh_t[t], h_prev, weight_hh, True, one)
         else:
             math.update_bwd(grad, grad2, gates_t[t], h_prev, d_gx_t[t], d_h=d_h)
-            d_rh, _ = conv_backward(d_n_t[t], aux_t[t], weight_n, True, False)
+            d_rh, d_w_n = conv_backward(d_n_t[t], aux_t[t], weight_n, True, one)
             math.reset_gate_bwd(d_rh, gates_t[t], h_prev, d_gx_t[t], d_h)
-            d_h_conv, _ = conv_backward(d_rz_t[t], h_prev, weight_rz, True, False)
+            d_h_conv, d_w_rz = conv_backward(d_rz_t[t], h_prev, weight_rz, True, one)
         d_h.add_(d_h_conv)
         carry = d_h
     d_h0 = carry
 
     # Hidden weight gradients: one batched call over all T * N frames.
-    frames = _previous_states(h0, states, p.reverse)
+    if not one:
+        previous = _previous_states(h0, states, p.reverse)
+        if p.reset_after:
+            _, d_w = conv_backward(merged(d_gates_h), previous, weight_hh, False, True)
+        else:
+            _, d_w_rz = conv_backward(merged(d_rz), previous, weight_rz, False, True)
+            _, d_w_n = conv_backward(merged(d_n), merged(aux), weight_n, False, True)
     if p.reset_after:
-        _, d_w = conv_backward(d_gates_h.flatten(0, 1), frames, weight_hh, False, True)
         d_weight_hh = d_w.contiguous()
     else:
-        _, d_w_rz = conv_backward(d_rz.flatten(0, 1), frames, weight_rz, False, True)
-        _, d_w_n = conv_backward(d_n.flatten(0, 1), aux.flatten(0, 1), weight_n, False, True)
         d_weight_hh = torch.cat([d_w_rz, d_w_n], out=torch.empty_like(weight_hh, memory_format=torch.contiguous_format))
     if has_bias:
-        d_bias_ih = _sum_but_channels(d_gates_x)
+        d_bias_ih = _sum_but_channels(d_gates_x, channel_dim)
         # Both biases add to the same pre-activations, except b_hn with reset_after.
-        d_bias_hh = _sum_but_channels(d_gates_h) if p.reset_after else d_bias_ih.clone()
+        d_bias_hh = _sum_but_channels(d_gates_h, channel_dim) if p.reset_after else d_bias_ih.clone()
     else:
         d_bias_ih, d_bias_hh = h0.new_empty((0,)), h0.new_empty((0,))
     return d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh
@@ -486,20 +510,22 @@ class _ConvGRUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h0, weight_hh, states, gates, aux = ctx.saved_tensors
-        p = ctx.plan
-        if ctx.step:
-            grad, states, gates, aux = grad.unsqueeze(0), states.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0)
+        p, step = ctx.plan, ctx.step
         if torch.is_grad_enabled():
             # create_graph=True: through the operator, whose own backward
             # raises: a second derivative must fail loudly, not come back
             # silently without this layer's contribution.
+            if step:
+                grad, states, gates, aux = grad.unsqueeze(0), states.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0)
             results = conv_gru_bwd(grad, h0, weight_hh, states, gates, aux, *p.op_args, ctx.has_bias)
+            if step:
+                results = (results[0].squeeze(0),) + tuple(results[1:])
         else:
-            results = _backward(p, grad, h0, weight_hh, states, gates, aux, ctx.has_bias)
+            results = _backward(p, grad, h0, weight_hh, states, gates, aux, ctx.has_bias, step)
         d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = results
         need = ctx.needs_input_grad
         return (
-            (d_gates_x.squeeze(0) if ctx.step else d_gates_x) if need[0] else None,
+            d_gates_x if need[0] else None,
             d_h0 if need[1] else None,
             d_weight_hh if need[2] else None,
             d_bias_ih if ctx.has_bias and need[3] else None,
