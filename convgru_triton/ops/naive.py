@@ -19,8 +19,12 @@ them). Gate order along the channel dim is ``(r, z, n)`` as in
 
 ``out=`` (the eager backend): the buffers the results go to, written by the
 last op of each formula (``torch.sigmoid(a, out=...)``, ...) instead of being
-allocated and then copied; the same ops in the same order, so the same values.
-An entry of ``None`` is allocated as usual.
+allocated and then copied; the same ops in the same order. An entry of
+``None`` is allocated as usual. Where a buffer is a channel slice of a larger
+one with N > 1 (not one contiguous run), ATen's CPU loops split the work into
+vector and scalar parts at other places than for a dense result, and a value
+can differ from the dense call's in the last bit (seen: 1 float32 ulp in
+sigmoid at the end of a run; every result otherwise bit-identical).
 
 Update convention (z weights the new candidate, as in RAFT):
 ``h' = (1 - z) * h + z * n``. :class:`torch.nn.GRU` uses the mirror image,
