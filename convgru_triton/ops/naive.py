@@ -58,12 +58,18 @@ def _plus(t: Tensor, bias: Optional[Tensor]) -> Tensor:
     return t if bias is None else t + bias
 
 
+def _plus_(t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """:func:`_plus` into ``t``, a temporary of the caller's: the same add
+    without allocating and writing a third feature map."""
+    return t if bias is None else t.add_(bias)
+
+
 def _sigmoid_rz(gates_x: Tensor, gates_h: Tensor, bias_ih, bias_hh, hidden: int,
                 out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """r and z from one add and one sigmoid over both gates' 2H channels
     (into ``out``, (N, 2H, *S), when given)."""
     rz = slice(0, 2 * hidden)
-    a = _plus(gates_x[:, rz] + gates_h[:, rz], _bias((bias_ih, bias_hh), rz, gates_x))
+    a = _plus_(gates_x[:, rz] + gates_h[:, rz], _bias((bias_ih, bias_hh), rz, gates_x))
     r, z = torch.sigmoid(a, out=out).split(hidden, dim=1)
     return r, z
 
@@ -164,7 +170,7 @@ def gru_update_fwd_ref(
         h' = (1 - z) * h + z * n
     """
     n_ = slice(2 * h.shape[1], 3 * h.shape[1])
-    n = torch.tanh(_plus(gates_x[:, n_] + gates_h_n, _bias((bias_ih, bias_hh), n_, h)), out=_into(out, 1))
+    n = torch.tanh(_plus_(gates_x[:, n_] + gates_h_n, _bias((bias_ih, bias_hh), n_, h)), out=_into(out, 1))
     return torch.lerp(h, n, z, out=_into(out, 0)), n
 
 
