@@ -14,6 +14,9 @@ Options (all optional; the defaults pick the device and its workload sizes):
     which workloads run (default all).
 ``--bench-passes fwd,fwd+bwd``
     which passes run (default both).
+``--bench-host-overhead``
+    also run the ``host-overhead`` group: host time per step with the GPU work
+    stubbed (:mod:`bench.host_overhead`); off by default.
 ``--bench-compile auto|all|step|none``
     where the ``torch.compile`` providers run: every workload, only the
     one-step (``conv_gru_cell``, RAFT) workloads, or nowhere. auto: all on CUDA,
@@ -59,6 +62,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-workloads", default="all")
     group.addoption("--bench-passes", default=",".join(wl.PASSES))
     group.addoption("--bench-compile", default="auto", choices=("auto", "all", "step", "none"))
+    group.addoption("--bench-host-overhead", action="store_true",
+                    help="also run the host-overhead group (bench/test_bench_host_overhead.py)")
 
 
 def bench_device(config) -> torch.device:

@@ -10,8 +10,9 @@
 #   3. the gate-kernel bandwidth against a device-to-device copy, 1 MiB..1 GiB,
 #      then at RAFT's odd 46x62 map (hidden 128) contiguous and channels_last;
 #      registers/spills of the GPU's own kernels beside the CPU-side prediction
-#      (bench.gpu_kernels, bench/results/codegen-sm90.json); and the sequence
-#      operator against per-step autograd (bench.sequence_vs_steps);
+#      (bench.gpu_kernels, bench/results/codegen-sm90.json); the sequence
+#      operator against per-step autograd (bench.sequence_vs_steps), and a
+#      12-step RAFT loop replayed from CUDA graphs (bench.cuda_graphs);
 #   4. the torch.compile providers (compile, ours-compile): the bfloat16
 #      training step first, then a torch.profiler breakdown of the RAFT step
 #      (raft, compile, ours), then bfloat16 forward and float32 while time is left;
@@ -135,6 +136,18 @@ else
     echo "skipped: no time left" > "$tmp/sequence.md"
 fi
 
+# A 12-step RAFT update loop (bfloat16, RAFT sizes) eager, replayed from a
+# torch.cuda.CUDAGraph and under torch.compile(mode="reduce-overhead"):
+# replay checked against eager, ms per step (bench/cuda_graphs.py).
+t=$(limit 60 40)
+if [ "$t" -ge 20 ]; then
+    timeout -s INT -k 10 "$t" python3 -m bench.cuda_graphs --time-limit $(( t - 15 )) --out "$tmp" \
+        > "$tmp/cuda_graphs.log" 2>&1
+    echo "cuda_graphs: exit $?"
+else
+    echo "skipped: no time left" > "$tmp/cuda_graphs.log"
+fi
+
 # The training step in bfloat16 first (the target), then the rest while time is left.
 bench compile-train 150 55 --bench-providers=compile,ours-compile --bench-dtypes=bfloat16 --bench-passes=fwd+bwd
 
@@ -200,6 +213,16 @@ fi
     if [ -f "$tmp/sequence_vs_steps-cuda.json" ]; then
         echo; echo '<details><summary>raw JSON</summary>'; echo; echo '```json'
         cat "$tmp/sequence_vs_steps-cuda.json"; echo '```'; echo '</details>'
+    fi
+    echo
+    echo "## CUDA graphs: 12-step RAFT update loop (bfloat16)"
+    echo
+    if [ -f "$tmp/cuda_graphs-cuda.md" ]; then
+        sed 1,2d "$tmp/cuda_graphs-cuda.md"
+        echo; echo '<details><summary>raw JSON</summary>'; echo; echo '```json'
+        cat "$tmp/cuda_graphs-cuda.json"; echo '```'; echo '</details>'
+    else
+        echo '```'; grep -v -E "^(USDT|\[W)" "$tmp/cuda_graphs.log" | tail -n 20; echo '```'
     fi
     echo
     echo "## Gate-kernel bandwidth"

@@ -159,6 +159,45 @@ def conv_same(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Te
     return conv(_pad(x, spec), weight, None, 1, 0, spec.dilation)
 
 
+# Per-spec closures of same_conv, made once: a spec's padding arguments take
+# ~5 us of Python to work out, more than a small convolution's dispatch.
+_SAME_CONV = {}
+
+
+def same_conv(spec: ConvSpec):
+    """``(forward, backward)``: :func:`conv_same` and :func:`conv_same_backward`
+    for ``spec`` with every argument that depends only on the spec worked out
+    once (cached per spec), so that a step pays for the convolution call alone:
+    ``forward(x, weight)`` and ``backward(grad_output, x, weight, need_input_grad,
+    need_weight_grad)``. Same calls, same arguments, same results."""
+    pair = _SAME_CONV.get(spec)
+    if pair is not None:
+        return pair
+    padding = spec.conv_padding
+    if padding is None:  # F.pad first: the general functions
+        def forward(x, weight):
+            return conv_same(x, weight, spec)
+
+        def backward(grad_output, x, weight, need_input_grad, need_weight_grad):
+            return conv_same_backward(grad_output, x, weight, spec, need_input_grad, need_weight_grad)
+    else:
+        conv, dilation, dims = _CONV_FUNCTIONS[spec.dims], spec.dilation, spec.dims
+        args = ([1] * dims, list(padding), list(dilation), False, [0] * dims, 1)
+        masks = {(i, w): [i, w, False] for i in (False, True) for w in (False, True)}
+        convolution_backward = torch.ops.aten.convolution_backward.default
+
+        def forward(x, weight):
+            return conv(x, weight, None, 1, padding, dilation)
+
+        def backward(grad_output, x, weight, need_input_grad, need_weight_grad):
+            grad_input, grad_weight, _ = convolution_backward(
+                grad_output, x, weight, None, *args, masks[need_input_grad, need_weight_grad]
+            )
+            return grad_input, grad_weight
+    pair = _SAME_CONV[spec] = (forward, backward)
+    return pair
+
+
 def conv_same_backward(
     grad_output: torch.Tensor,
     x: torch.Tensor,

@@ -16,16 +16,18 @@ gate is ``1 - z``.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import select_backend
-from ._conv import ConvSpec, conv_same
+from . import _backend
+from ._backend import ENV_VAR, select_backend
+from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
-from .ops.conv_gru import conv_gru_sequence
+from .ops.conv_gru import Plan, conv_gru_sequence, conv_gru_step, plan
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -169,6 +171,51 @@ def conv_gru_cell(
     Returns:
         h': the new state, shaped like ``hx``.
     """
+    # Everything the checks look at is in the key; a call with the same facts
+    # as a checked one skips the checks and replays that call's plan (RAFT
+    # steps a cell 12-32 times per frame pair with the same shapes).
+    try:
+        key = (
+            input.shape, input.dtype, input.device,
+            None if hx is None else (hx.shape, hx.dtype, hx.device),
+            weight_ih.shape, weight_ih.dtype, weight_ih.device,
+            weight_hh.shape, weight_hh.dtype, weight_hh.device,
+            None if bias_ih is None else (bias_ih.shape, bias_ih.dtype, bias_ih.device),
+            None if bias_hh is None else (bias_hh.shape, bias_hh.dtype, bias_hh.device),
+            reset_after, padding_mode, dilation, backend, os.environ.get(ENV_VAR),
+        )
+        cell_plan = _CELL_PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say what is wrong
+        key, cell_plan = None, None
+    if cell_plan is None:
+        cell_plan = _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, padding_mode,
+                               dilation, backend)
+        if key is not None:
+            if len(_CELL_PLANS) >= _MAX_CELL_PLANS:
+                _CELL_PLANS.clear()
+            _CELL_PLANS[key] = cell_plan
+    elif cell_plan.recheck_backend and not _backend._interpreter_enabled():
+        select_backend(input.device, backend)  # the interpreter was switched off since: raises
+    return _replay_cell(cell_plan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+
+
+class _CellPlan(NamedTuple):
+    """What a :func:`conv_gru_cell` call needs beyond its tensors, from the checks."""
+
+    batched: bool
+    hidden: int
+    conv_ih: Callable  # (input, weight_ih) -> gates_x
+    step: Plan
+    recheck_backend: bool  # Triton forced on non-CUDA tensors: only valid while the interpreter is on
+
+
+_CELL_PLANS: dict = {}
+_MAX_CELL_PLANS = 256  # distinct shapes/dtypes/devices; cleared when full
+
+
+def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, padding_mode, dilation,
+               backend) -> _CellPlan:
+    """Every check of :func:`conv_gru_cell` (raising on bad arguments) and the plan of its replay."""
     _check_floating("input", input)
     _check_floating("hx", hx)
     dims = weight_ih.dim() - 2 if isinstance(weight_ih, torch.Tensor) else 0
@@ -201,16 +248,22 @@ def conv_gru_cell(
     use_triton = select_backend(input.device, backend).name == "triton"
     if use_triton:
         check_kernel_sample_size(hidden, input.shape[2:])
-    gates_x = conv_same(input, weight_ih, spec)
+    return _CellPlan(
+        batched, hidden, same_conv(spec)[0], plan(spec, bool(reset_after), False, use_triton),
+        use_triton and input.device.type != "cuda",
+    )
+
+
+def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
+    if not p.batched:
+        input = input.unsqueeze(0)
+        hx = None if hx is None else hx.unsqueeze(0)
+    gates_x = p.conv_ih(input, weight_ih)
     if hx is None:
-        hx = _zeros_state(gates_x, hidden, input)
-    # One step is a sequence of length 1: the same operator and kernels.
-    # squeeze(0), not [0]: its backward keeps the gradient's layout, where
-    # select's backward would build a contiguous zero tensor.
-    h_new = conv_gru_sequence(
-        gates_x.unsqueeze(0), hx, weight_hh, bias_ih, bias_hh, spec, reset_after, False, use_triton
-    ).squeeze(0)
-    return h_new if batched else h_new.squeeze(0)
+        hx = _zeros_state(gates_x, p.hidden, input)
+    # One step is the sequence operator's step: the same plan and kernels.
+    h_new = conv_gru_step(gates_x, hx, weight_hh, bias_ih, bias_hh, p.step)
+    return h_new if p.batched else h_new.squeeze(0)
 
 
 @_quiet_under_trace

@@ -46,7 +46,7 @@ def poison_kernel_outputs(monkeypatch):
     NaN before they write it, so an element left unwritten fails the comparison."""
     from convgru_triton.ops import conv_gru, conv_gru_cell
 
-    for module, allocator in ((conv_gru_cell, "_empty"), (conv_gru, "_empty_frames")):
+    for module, allocator in ((conv_gru_cell, "_empty"), (conv_gru, "_empty_frames"), (conv_gru, "_empty_frame")):
         allocate = getattr(module, allocator)
 
         def poisoned(*args, _allocate=allocate, **kwargs):

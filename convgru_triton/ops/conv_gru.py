@@ -30,11 +30,11 @@ or as their references in :mod:`.naive`; both write into the same buffers.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .._conv import ConvSpec, conv_same, conv_same_backward
+from .._conv import ConvSpec, same_conv
 from .._layout import empty_in_layout, is_channels_last
 from . import naive
 
@@ -47,58 +47,48 @@ Tensor = torch.Tensor
 
 
 class _TorchGateMath:
-    """The launchers' interface, implemented with the ``*_ref`` functions."""
+    """The launchers' interface, implemented with the ``*_ref`` functions, which
+    write their results straight into the operator's buffers (``out=``): no
+    result is computed into a temporary and then copied (the copies took 17%
+    of a CPU training step)."""
 
     @staticmethod
     def reset_after_fwd(gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
-        out, r, z, n, hn = naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh)
-        h_new.copy_(out)
-        if gates is not None:
-            H = h.shape[1]
-            gates[:, :H].copy_(r)
-            gates[:, H : 2 * H].copy_(z)
-            gates[:, 2 * H :].copy_(n)
-            aux.copy_(hn)
+        if gates is None:
+            naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh, out=(h_new, None, None, None))
+            return
+        H = h.shape[1]
+        naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh, out=(h_new, gates[:, : 2 * H], gates[:, 2 * H :], aux))
 
     @staticmethod
     def reset_after_bwd(grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
         H = h.shape[1]
         g = grad if grad2 is None else grad + grad2
-        r, z, n = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H :]
-        dx, dh_, direct = naive.gru_reset_after_bwd_ref(g, r, z, n, aux, h)
-        d_gx.copy_(dx)
-        d_gh.copy_(dh_)
-        d_h.copy_(direct)
+        r, z, n = gates.split(H, dim=1)
+        naive.gru_reset_after_bwd_ref(g, r, z, n, aux, h, out=(d_gx, d_gh, d_h))
 
     @staticmethod
     def reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
-        H = h.shape[1]
-        r, z, rh_ = naive.gru_reset_gate_fwd_ref(gx, gh_rz, h, bias_ih, bias_hh)
-        gates[:, :H].copy_(r)
-        gates[:, H : 2 * H].copy_(z)
-        rh.copy_(rh_)
+        naive.gru_reset_gate_fwd_ref(gx, gh_rz, h, bias_ih, bias_hh, out=(gates[:, : 2 * h.shape[1]], rh))
 
     @staticmethod
     def update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
         H = h.shape[1]
-        out, n = naive.gru_update_fwd_ref(gx, gh_n, gates[:, H : 2 * H], h, bias_ih, bias_hh)
-        h_new.copy_(out)
-        if save:
-            gates[:, 2 * H :].copy_(n)
+        n = gates[:, 2 * H :] if save else None
+        naive.gru_update_fwd_ref(gx, gh_n, gates[:, H : 2 * H], h, bias_ih, bias_hh, out=(h_new, n))
 
     @staticmethod
     def update_bwd(grad, grad2, gates, h, d_gates, *, d_h):
         H = h.shape[1]
         g = grad if grad2 is None else grad + grad2
-        d_az, d_an, direct = naive.gru_update_bwd_ref(g, gates[:, H : 2 * H], gates[:, 2 * H :], h)
-        d_gates[:, H : 2 * H].copy_(d_az)
-        d_gates[:, 2 * H :].copy_(d_an)
-        d_h.copy_(direct)
+        _, z, n = gates.split(H, dim=1)
+        _, d_az, d_an = d_gates.split(H, dim=1)
+        naive.gru_update_bwd_ref(g, z, n, h, out=(d_az, d_an, d_h))
 
     @staticmethod
     def reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
-        d_ar, d_h_add = naive.gru_reset_gate_bwd_ref(d_rh, gates[:, : h.shape[1]], h)
-        d_gates[:, : h.shape[1]].copy_(d_ar)
+        H = h.shape[1]
+        _, d_h_add = naive.gru_reset_gate_bwd_ref(d_rh, gates[:, :H], h, out=d_gates[:, :H])
         d_h.add_(d_h_add)
 
 
@@ -144,6 +134,49 @@ def _gate_math(use_triton: bool):
 
 
 # ----------------------------------------------------------------------------
+# The plan: what a run needs that depends only on its static arguments
+# ----------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """What a run of the operator needs that depends only on its static
+    arguments, worked out once by :func:`plan` and replayed by :func:`_forward`
+    and :func:`_backward` at every call and step: the gate math, the hidden
+    convolution and its backward with their arguments bound, and the
+    operator's static arguments as the registered op takes them."""
+
+    spec: ConvSpec
+    reset_after: bool
+    reverse: bool
+    use_triton: bool
+    math: type  # _TritonGateMath or _TorchGateMath
+    conv: Callable  # (x, weight) -> weight * x, 'same' padded
+    conv_backward: Callable  # (grad, x, weight, need_input, need_weight) -> (d_x, d_weight)
+    op_args: tuple  # (kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
+
+
+_PLANS: dict = {}
+
+
+def plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: bool) -> Plan:
+    """The :class:`Plan` for these static arguments (made once, then cached)."""
+    key = (spec, reset_after, reverse, use_triton)
+    p = _PLANS.get(key)
+    if p is None:
+        conv, conv_backward = same_conv(spec)
+        flags = (bool(reset_after), bool(reverse), bool(use_triton))
+        p = _PLANS[key] = Plan(
+            spec, *flags, _gate_math(use_triton), conv, conv_backward,
+            (list(spec.kernel_size), list(spec.dilation), spec.padding_mode) + flags,
+        )
+    return p
+
+
+def _plan_of(kernel_size, dilation, padding_mode, reset_after, reverse, use_triton) -> Plan:
+    return plan(ConvSpec(tuple(kernel_size), tuple(dilation), padding_mode), reset_after, reverse, use_triton)
+
+
+# ----------------------------------------------------------------------------
 # Buffers
 # ----------------------------------------------------------------------------
 
@@ -170,6 +203,13 @@ def _empty_frames(steps: int, frame_like: Tensor, channels: int, channels_last: 
     return torch.empty_strided(shape, strides, dtype=frame_like.dtype, device=frame_like.device)
 
 
+def _empty_frame(frame_like: Tensor, channels: int, channels_last: bool) -> Tensor:
+    """Uninitialised (N, C, *S) buffer: one frame, for a single step (the
+    cell) and for scratch. The tests replace this to poison outputs with NaN."""
+    shape = (frame_like.shape[0], channels) + tuple(frame_like.shape[2:])
+    return empty_in_layout(shape, frame_like.dtype, frame_like.device, channels_last)
+
+
 def _no_tensor(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
@@ -190,7 +230,156 @@ def _step_order(steps: int, reverse: bool) -> range:
 
 
 # ----------------------------------------------------------------------------
-# The operators
+# The replay: the time loops of the forward and backward passes
+# ----------------------------------------------------------------------------
+
+
+def _forward(p: Plan, gx, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, states, gates, aux) -> None:
+    """The forward time loop. ``gx`` and ``states`` are the per-step frames
+    ((N, 3H, *S) input pre-activations, (N, H, *S) states to write) in time
+    order; ``gates`` and ``aux`` the frames that keep (r, z, n) and aux for the
+    backward pass, or ``None`` (then one scratch frame of each serves every
+    step). Frames are made once per call (``unbind``), not per step."""
+    math, conv = p.math, p.conv
+    save = gates is not None
+    h = h0
+    if p.reset_after:
+        for t in _step_order(len(gx), p.reverse):
+            math.reset_after_fwd(
+                gx[t], conv(h, weight_hh), h, bias_ih, bias_hh,
+                h_new=states[t], gates=gates[t] if save else None, aux=aux[t] if save else None,
+            )
+            h = states[t]
+        return
+    hidden = h0.shape[1]
+    weight_rz, weight_n = weight_hh.split_with_sizes((2 * hidden, hidden))
+    if not save:
+        # r, z and r * h are still needed within each step: one scratch for all.
+        channels_last = is_channels_last(h0)
+        scratch_gates, scratch_rh = _empty_frame(h0, 3 * hidden, channels_last), _empty_frame(h0, hidden, channels_last)
+    for t in _step_order(len(gx), p.reverse):
+        gates_t = gates[t] if save else scratch_gates
+        rh = aux[t] if save else scratch_rh
+        math.reset_gate_fwd(gx[t], conv(h, weight_rz), h, bias_ih, bias_hh, gates=gates_t, rh=rh)
+        math.update_fwd(gx[t], conv(rh, weight_n), gates_t, h, bias_ih, bias_hh, save, h_new=states[t])
+        h = states[t]
+
+
+def _previous_states(h0: Tensor, states: Tensor, reverse: bool) -> Tensor:
+    """(T * N, H, *S): the state each step started from, in time order, frames merged."""
+    if reverse:
+        return torch.cat([states[1:], h0.unsqueeze(0)]).flatten(0, 1)
+    return torch.cat([h0.unsqueeze(0), states[:-1]]).flatten(0, 1)
+
+
+def _sum_but_channels(t: Tensor, channel_dim: int = 2) -> Tensor:
+    """(T, N, C, *S) -> (C,), or (N, C, *S) -> (C,) with ``channel_dim=1``."""
+    return t.sum(dim=list(range(channel_dim)) + list(range(channel_dim + 1, t.dim())))
+
+
+def _one_frame(t: Tensor) -> Tuple[Tensor]:
+    return (t,)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _merge_frames(t: Tensor) -> Tensor:
+    return t.flatten(0, 1)
+
+
+def _bwd_outputs(states: Tensor, h0: Tensor, weight_hh: Tensor, has_bias: bool):
+    steps, hidden = states.shape[0], h0.shape[1]
+    d_gates_x = _empty_frames(steps, h0, 3 * hidden, is_channels_last(states[0]))
+    d_bias = (3 * hidden,) if has_bias else (0,)
+    return (
+        d_gates_x,
+        empty_in_layout(h0.shape, h0.dtype, h0.device, is_channels_last(h0)),
+        torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
+        h0.new_empty(d_bias),
+        h0.new_empty(d_bias),
+    )
+
+
+def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, states: Tensor, gates: Tensor,
+              aux: Tensor, has_bias: bool, step: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward pass over (T, ...) tensors, or with ``step`` over one
+    step's (N, ...) tensors (the cell: no time dim to add and remove); returns
+    (d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh), laid out as
+    :func:`_bwd_outputs` says (the registered operator's fake). Results are
+    returned where they are computed, not copied into buffers of their own."""
+    math, conv_backward = p.math, p.conv_backward
+    hidden = h0.shape[1]
+    channels_last = is_channels_last(h0)
+    if step:
+        steps, channel_dim, frames, merged = 1, 1, _one_frame, _same
+        d_gates_x = _empty_frame(h0, 3 * hidden, channels_last)
+        d_gates_h = _empty_frame(h0, 3 * hidden, channels_last) if p.reset_after else None
+    else:
+        steps, channel_dim, frames, merged = states.shape[0], 2, Tensor.unbind, _merge_frames
+        d_gates_x = _empty_frames(steps, h0, 3 * hidden, channels_last)
+        d_gates_h = _empty_frames(steps, h0, 3 * hidden, channels_last) if p.reset_after else None
+    weight_rz, weight_n = weight_hh.split_with_sizes((2 * hidden, hidden))
+    # Per-step frames, made once per call.
+    grad_t, states_t, gates_t, aux_t, d_gx_t = map(frames, (grad_states, states, gates, aux, d_gates_x))
+    if p.reset_after:
+        d_gh_t = frames(d_gates_h)
+    else:
+        # The channel slices of d_gates_x the convolution backward reads.
+        d_rz, d_n = d_gates_x.split_with_sizes((2 * hidden, hidden), channel_dim)
+        d_rz_t, d_n_t = frames(d_rz), frames(d_n)
+    # Two state-gradient buffers, alternating: the carried dL/dh_t and the one
+    # being computed for h_{t-1}; the last one written is d_h0.
+    spare = [empty_in_layout(h0.shape, h0.dtype, h0.device, channels_last)]
+    if steps > 1:
+        spare.append(torch.empty_like(spare[0]))
+    # One step (a cell): the weight gradients come from the same convolution
+    # backward calls as the data gradients (two calls instead of four).
+    one = steps == 1
+    carry: Optional[Tensor] = None
+    order = list(_step_order(steps, p.reverse))
+    for i in range(steps - 1, -1, -1):
+        t = order[i]
+        h_prev = h0 if i == 0 else states_t[order[i - 1]]
+        d_h = spare[i % 2]
+        # dL/dh_t = (from the output at t) + (carried from step t+1), added in the kernel.
+        grad, grad2 = (grad_t[t], None) if carry is None else (carry, grad_t[t])
+        if p.reset_after:
+            math.reset_after_bwd(grad, grad2, gates_t[t], aux_t[t], h_prev, d_gx=d_gx_t[t], d_gh=d_gh_t[t], d_h=d_h)
+            d_h_conv, d_w = conv_backward(d_gh_t[t], h_prev, weight_hh, True, one)
+        else:
+            math.update_bwd(grad, grad2, gates_t[t], h_prev, d_gx_t[t], d_h=d_h)
+            d_rh, d_w_n = conv_backward(d_n_t[t], aux_t[t], weight_n, True, one)
+            math.reset_gate_bwd(d_rh, gates_t[t], h_prev, d_gx_t[t], d_h)
+            d_h_conv, d_w_rz = conv_backward(d_rz_t[t], h_prev, weight_rz, True, one)
+        d_h.add_(d_h_conv)
+        carry = d_h
+    d_h0 = carry
+
+    # Hidden weight gradients: one batched call over all T * N frames.
+    if not one:
+        previous = _previous_states(h0, states, p.reverse)
+        if p.reset_after:
+            _, d_w = conv_backward(merged(d_gates_h), previous, weight_hh, False, True)
+        else:
+            _, d_w_rz = conv_backward(merged(d_rz), previous, weight_rz, False, True)
+            _, d_w_n = conv_backward(merged(d_n), merged(aux), weight_n, False, True)
+    if p.reset_after:
+        d_weight_hh = d_w.contiguous()
+    else:
+        d_weight_hh = torch.cat([d_w_rz, d_w_n], out=torch.empty_like(weight_hh, memory_format=torch.contiguous_format))
+    if has_bias:
+        d_bias_ih = _sum_but_channels(d_gates_x, channel_dim)
+        # Both biases add to the same pre-activations, except b_hn with reset_after.
+        d_bias_hh = _sum_but_channels(d_gates_h, channel_dim) if p.reset_after else d_bias_ih.clone()
+    else:
+        d_bias_ih, d_bias_hh = h0.new_empty((0,)), h0.new_empty((0,))
+    return d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh
+
+
+# ----------------------------------------------------------------------------
+# The registered operators (torch.compile sees these)
 # ----------------------------------------------------------------------------
 
 
@@ -208,31 +397,13 @@ def _conv_gru_fwd(
     use_triton: bool,
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    spec = ConvSpec(tuple(kernel_size), tuple(dilation), padding_mode)
-    math = _gate_math(use_triton)
-    hidden = h0.shape[1]
+    p = _plan_of(kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
     states, gates, aux = _fwd_outputs(gates_x, h0, save)
-    if not save and not reset_after:
-        # r, z and r * h are still needed within each step: one scratch for all.
-        channels_last = is_channels_last(h0)
-        scratch_gates = _empty_frames(1, h0, 3 * hidden, channels_last)[0]
-        scratch_rh = _empty_frames(1, h0, hidden, channels_last)[0]
-    h = h0
-    for t in _step_order(gates_x.shape[0], reverse):
-        if reset_after:
-            gh = conv_same(h, weight_hh, spec)
-            math.reset_after_fwd(
-                gates_x[t], gh, h, bias_ih, bias_hh,
-                h_new=states[t], gates=gates[t] if save else None, aux=aux[t] if save else None,
-            )
-        else:
-            gates_t = gates[t] if save else scratch_gates
-            rh = aux[t] if save else scratch_rh
-            gh_rz = conv_same(h, weight_hh[: 2 * hidden], spec)
-            math.reset_gate_fwd(gates_x[t], gh_rz, h, bias_ih, bias_hh, gates=gates_t, rh=rh)
-            gh_n = conv_same(rh, weight_hh[2 * hidden :], spec)
-            math.update_fwd(gates_x[t], gh_n, gates_t, h, bias_ih, bias_hh, save, h_new=states[t])
-        h = states[t]
+    if save:
+        _forward(p, gates_x.unbind(0), h0, weight_hh, bias_ih, bias_hh, states.unbind(0), gates.unbind(0),
+                 aux.unbind(0))
+    else:
+        _forward(p, gates_x.unbind(0), h0, weight_hh, bias_ih, bias_hh, states.unbind(0), None, None)
     return states, gates, aux
 
 
@@ -242,31 +413,6 @@ conv_gru_fwd = torch.library.custom_op("convgru_triton::conv_gru_fwd", _conv_gru
 @conv_gru_fwd.register_fake
 def _(gates_x, h0, weight_hh, bias_ih, bias_hh, kernel_size, dilation, padding_mode, reset_after, reverse, use_triton, save):
     return _fwd_outputs(gates_x, h0, save)
-
-
-def _previous_states(h0: Tensor, states: Tensor, reverse: bool) -> Tensor:
-    """(T, N, H, *S): the state each step started from, in time order."""
-    if reverse:
-        return torch.cat([states[1:], h0.unsqueeze(0)])
-    return torch.cat([h0.unsqueeze(0), states[:-1]])
-
-
-def _sum_but_channels(t: Tensor) -> Tensor:
-    """(T, N, C, *S) -> (C,)"""
-    return t.sum(dim=[0, 1] + list(range(3, t.dim())))
-
-
-def _bwd_outputs(states: Tensor, h0: Tensor, weight_hh: Tensor, has_bias: bool):
-    steps, hidden = states.shape[0], h0.shape[1]
-    d_gates_x = _empty_frames(steps, h0, 3 * hidden, is_channels_last(states[0]))
-    d_bias = (3 * hidden,) if has_bias else (0,)
-    return (
-        d_gates_x,
-        empty_in_layout(h0.shape, h0.dtype, h0.device, is_channels_last(h0)),
-        torch.empty_like(weight_hh, memory_format=torch.contiguous_format),
-        h0.new_empty(d_bias),
-        h0.new_empty(d_bias),
-    )
 
 
 def _conv_gru_bwd(
@@ -284,49 +430,8 @@ def _conv_gru_bwd(
     use_triton: bool,
     has_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    spec = ConvSpec(tuple(kernel_size), tuple(dilation), padding_mode)
-    math = _gate_math(use_triton)
-    steps, hidden = states.shape[0], h0.shape[1]
-    d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = _bwd_outputs(states, h0, weight_hh, has_bias)
-    d_gates_h = _empty_frames(steps, h0, 3 * hidden, is_channels_last(states[0])) if reset_after else None
-    # Two state-gradient buffers, alternating: the carried dL/dh_t and the one
-    # being computed for h_{t-1}.
-    carry: Optional[Tensor] = None
-    spare = [torch.empty_like(d_h0), torch.empty_like(d_h0)]
-    order = list(_step_order(steps, reverse))
-    for i in range(steps - 1, -1, -1):
-        t = order[i]
-        h_prev = h0 if i == 0 else states[order[i - 1]]
-        d_h = spare[i % 2]
-        # dL/dh_t = (from the output at t) + (carried from step t+1), added in the kernel.
-        grad, grad2 = (grad_states[t], None) if carry is None else (carry, grad_states[t])
-        if reset_after:
-            math.reset_after_bwd(grad, grad2, gates[t], aux[t], h_prev, d_gx=d_gates_x[t], d_gh=d_gates_h[t], d_h=d_h)
-            d_h_conv, _ = conv_same_backward(d_gates_h[t], h_prev, weight_hh, spec, True, False)
-        else:
-            math.update_bwd(grad, grad2, gates[t], h_prev, d_gates_x[t], d_h=d_h)
-            d_rh, _ = conv_same_backward(d_gates_x[t][:, 2 * hidden :], aux[t], weight_hh[2 * hidden :], spec, True, False)
-            math.reset_gate_bwd(d_rh, gates[t], h_prev, d_gates_x[t], d_h)
-            d_h_conv, _ = conv_same_backward(d_gates_x[t][:, : 2 * hidden], h_prev, weight_hh[: 2 * hidden], spec, True, False)
-        d_h.add_(d_h_conv)
-        carry = d_h
-    d_h0.copy_(carry)
-
-    # Hidden weight gradients: one batched call over all T * N frames.
-    frames = _previous_states(h0, states, reverse).flatten(0, 1)
-    if reset_after:
-        _, d_w = conv_same_backward(d_gates_h.flatten(0, 1), frames, weight_hh, spec, False, True)
-        d_weight_hh.copy_(d_w)
-    else:
-        _, d_w_rz = conv_same_backward(d_gates_x[:, :, : 2 * hidden].flatten(0, 1), frames, weight_hh[: 2 * hidden], spec, False, True)
-        _, d_w_n = conv_same_backward(d_gates_x[:, :, 2 * hidden :].flatten(0, 1), aux.flatten(0, 1), weight_hh[2 * hidden :], spec, False, True)
-        d_weight_hh[: 2 * hidden].copy_(d_w_rz)
-        d_weight_hh[2 * hidden :].copy_(d_w_n)
-    if has_bias:
-        d_bias_ih.copy_(_sum_but_channels(d_gates_x))
-        # Both biases add to the same pre-activations, except b_hn with reset_after.
-        d_bias_hh.copy_(_sum_but_channels(d_gates_h) if reset_after else d_bias_ih)
-    return d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh
+    p = _plan_of(kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
+    return _backward(p, grad_states, h0, weight_hh, states, gates, aux, has_bias)
 
 
 conv_gru_bwd = torch.library.custom_op("convgru_triton::conv_gru_bwd", _conv_gru_bwd, mutates_args=())
@@ -359,7 +464,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(backward_op):
-    """The autograd formula of ``conv_gru_fwd``, running ``backward_op``."""
+    """The autograd formula of ``conv_gru_fwd``, running ``backward_op`` (the
+    operator ``conv_gru_bwd``, or its torch.func wrapper)."""
 
     def backward(ctx, grad_states, grad_gates, grad_aux):
         if not ctx.saved_gates:
@@ -389,31 +495,81 @@ def _make_backward(backward_op):
 conv_gru_fwd.register_autograd(_make_backward(conv_gru_bwd), setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------
+# Eager mode: the same forward and backward without the operator dispatch
+# ----------------------------------------------------------------------------
+
+
 class _ConvGRUFunction(torch.autograd.Function):
-    """The same forward, setup and backward as the registered operator, for
-    eager mode: calling the implementations directly skips the operator
-    dispatch, which costs tens of microseconds per call and matters for a cell
-    stepped in a Python loop (RAFT). torch.compile sees the operator instead.
+    """The registered operator's forward and backward for eager mode, called
+    with a :class:`Plan` instead of the operator's seven static arguments: the
+    operator dispatch costs tens of microseconds per call, and
+    ``Function.apply`` walks every argument, which matters for a cell stepped
+    in a Python loop (RAFT). One output, the states; gates and aux are saved
+    for the backward pass without being outputs. ``step``: ``gates_x`` is one
+    frame (N, 3H, *S) and the output one state (N, H, *S), no time dim.
     (forward takes ctx itself: a separate setup_context makes Function.apply
     bind arguments with inspect.signature on every call, ~70 us measured.)"""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _conv_gru_fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    _backward_eager = staticmethod(_make_backward(_conv_gru_bwd))
-    _backward_op = staticmethod(_make_backward(conv_gru_bwd))
+    def forward(ctx, gates_x, h0, weight_hh, bias_ih, bias_hh, p, step):
+        hidden, channels_last = h0.shape[1], is_channels_last(h0)
+        if step:
+            states, gates, aux = (_empty_frame(h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
+            _forward(p, (gates_x,), h0, weight_hh, bias_ih, bias_hh, (states,), (gates,), (aux,))
+        else:
+            steps = gates_x.shape[0]
+            states, gates, aux = (_empty_frames(steps, h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
+            _forward(p, gates_x.unbind(0), h0, weight_hh, bias_ih, bias_hh, states.unbind(0), gates.unbind(0),
+                     aux.unbind(0))
+        ctx.save_for_backward(h0, weight_hh, states, gates, aux)
+        ctx.plan, ctx.step, ctx.has_bias = p, step, bias_ih is not None
+        return states
 
     @staticmethod
-    def backward(ctx, *grads):
-        # With create_graph=True (grad mode on in the backward) go through the
-        # operator, whose own backward raises: a second derivative must fail
-        # loudly, not come back silently without this layer's contribution.
+    def backward(ctx, grad):
+        h0, weight_hh, states, gates, aux = ctx.saved_tensors
+        p, step = ctx.plan, ctx.step
         if torch.is_grad_enabled():
-            return _ConvGRUFunction._backward_op(ctx, *grads)
-        return _ConvGRUFunction._backward_eager(ctx, *grads)
+            # create_graph=True: through the operator, whose own backward
+            # raises: a second derivative must fail loudly, not come back
+            # silently without this layer's contribution.
+            if step:
+                grad, states, gates, aux = grad.unsqueeze(0), states.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0)
+            results = conv_gru_bwd(grad, h0, weight_hh, states, gates, aux, *p.op_args, ctx.has_bias)
+            if step:
+                results = (results[0].squeeze(0),) + tuple(results[1:])
+        else:
+            results = _backward(p, grad, h0, weight_hh, states, gates, aux, ctx.has_bias, step)
+        d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = results
+        need = ctx.needs_input_grad
+        return (
+            d_gates_x if need[0] else None,
+            d_h0 if need[1] else None,
+            d_weight_hh if need[2] else None,
+            d_bias_ih if ctx.has_bias and need[3] else None,
+            d_bias_hh if ctx.has_bias and need[4] else None,
+            None,
+            None,
+        )
+
+
+def _run(p: Plan, gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, step: bool) -> Tensor:
+    """Eager run of a plan: through the autograd function when a gradient is
+    needed, else straight into the time loop (no autograd node to make)."""
+    if torch.is_grad_enabled() and (
+        gates_x.requires_grad or h0.requires_grad or weight_hh.requires_grad
+        or (bias_ih is not None and (bias_ih.requires_grad or bias_hh.requires_grad))
+    ):
+        return _ConvGRUFunction.apply(gates_x, h0, weight_hh, bias_ih, bias_hh, p, step)
+    channels_last = is_channels_last(h0)
+    if step:
+        state = _empty_frame(h0, h0.shape[1], channels_last)
+        _forward(p, (gates_x,), h0, weight_hh, bias_ih, bias_hh, (state,), None, None)
+        return state
+    states = _empty_frames(gates_x.shape[0], h0, h0.shape[1], channels_last)
+    _forward(p, gates_x.unbind(0), h0, weight_hh, bias_ih, bias_hh, states.unbind(0), None, None)
+    return states
 
 
 class _ConvGRUBwdFunctorch(torch.autograd.Function):
@@ -463,19 +619,42 @@ def _exporting_to_onnx() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+def _autocasting(device_type: str) -> bool:
+    # (meta has no autocast: asking it about autocast raises.)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _shapes_only(gates_x: Tensor) -> bool:
+    """Meta or fake tensors: the operator's fake implementation gives the
+    shapes without stepping through time (and launches no kernel)."""
+    return gates_x.is_meta or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def _runner(gates_x: Tensor):
-    """What runs the operator for this call. torch.compile sees the operator;
-    torch.func transforms (vmap, grad, ...) a Function with setup_context around
-    it; meta and fake tensors the operator's fake implementation (shapes without
-    stepping through time, no kernel launches for fake CUDA tensors); plain
-    eager calls :class:`_ConvGRUFunction`, which skips the dispatch."""
+    """What runs the operator for this call, or ``None`` for the eager replay of
+    the plan. torch.compile sees the operator; torch.func transforms (vmap,
+    grad, ...) a Function with setup_context around it; meta and fake tensors
+    the operator's fake implementation."""
     if torch.compiler.is_compiling():
         return conv_gru_fwd
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return _ConvGRUFunctorch.apply
-    if gates_x.is_meta or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+    if _shapes_only(gates_x):
         return conv_gru_fwd
-    return _ConvGRUFunction.apply
+    return None
+
+
+def _plain_eager(gates_x: Tensor) -> bool:
+    """True outside torch.compile, autocast, tracing (jit.trace, ONNX),
+    functorch transforms (vmap, grad) and meta/fake tensors: where the eager
+    replay applies as is."""
+    return not (
+        torch.compiler.is_compiling()
+        or _autocasting(gates_x.device.type)
+        or torch._C._get_tracing_state()
+        or torch._C._functorch.maybe_current_level() is not None
+        or _shapes_only(gates_x)
+    )
 
 
 def conv_gru_sequence(
@@ -505,20 +684,37 @@ def conv_gru_sequence(
         # standard operators only, no custom operator to translate.
         return naive.conv_gru_sequence_ref(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse)
     device_type = gates_x.device.type
-    # (meta has no autocast: asking it about autocast raises.)
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocasting(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         gates_x, h0, weight_hh = gates_x.to(dtype), h0.to(dtype), weight_hh.to(dtype)
         bias_ih = bias_ih.to(dtype) if bias_ih is not None else None
         bias_hh = bias_hh.to(dtype) if bias_hh is not None else None
         with torch.autocast(device_type, enabled=False):
             return conv_gru_sequence(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton)
+    run = _runner(gates_x)
+    if run is None:
+        return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
     tensors: Sequence[Optional[Tensor]] = (gates_x, h0, weight_hh, bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    run = _runner(gates_x)
     states, _, _ = run(
         gates_x, h0, weight_hh, bias_ih, bias_hh,
         list(spec.kernel_size), list(spec.dilation), spec.padding_mode,
         reset_after, reverse, use_triton, save,
     )
     return states
+
+
+def conv_gru_step(gates_x: Tensor, h: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+                  bias_hh: Optional[Tensor], p: Plan) -> Tensor:
+    """One step of the plan ``p``: (N, 3H, *S) input pre-activations and the
+    (N, H, *S) state -> the new state. The cell's path: in plain eager mode the
+    plan is replayed on the frames themselves (no time dim to add and remove);
+    otherwise (torch.compile, autocast, tracing, functorch, meta/fake tensors)
+    it is :func:`conv_gru_sequence` with T = 1, the operator and its routing."""
+    if _plain_eager(gates_x):
+        return _run(p, gates_x, h, weight_hh, bias_ih, bias_hh, True)
+    # squeeze(0), not [0]: its backward keeps the gradient's layout, where
+    # select's backward would build a contiguous zero tensor.
+    return conv_gru_sequence(
+        gates_x.unsqueeze(0), h, weight_hh, bias_ih, bias_hh, p.spec, p.reset_after, False, p.use_triton
+    ).squeeze(0)

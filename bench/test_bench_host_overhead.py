@@ -1,0 +1,65 @@
+"""Benchmark group ``host-overhead``: host time per step with the GPU work stubbed.
+
+The rows and providers of :mod:`bench.host_overhead` (the package's Triton
+launch path on a fake sm_90 target with no-op launches, the same with the
+launchers' interface stubbed, the eager backend, RAFT's and the seed's eager
+cells), as pytest-benchmark benchmarks grouped per row so that each group
+compares the providers on one row. Off by default (they measure Python, not
+the workloads); run them with::
+
+    pytest bench --benchmark-only --bench-host-overhead
+
+pytest-benchmark times wall clock; ``python -m bench.host_overhead`` measures
+thread CPU time, interleaved, which holds on a busy machine (the committed
+results come from it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import host_overhead as ho
+
+
+def _triton_fakeable() -> bool:
+    try:
+        import triton  # noqa: F401
+        from triton.runtime.jit import JITFunction
+
+        from convgru_triton.ops import conv_gru_cell
+
+        return isinstance(conv_gru_cell._gru_update_fwd_kernel, JITFunction)  # not the interpreter
+    except Exception:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _only_when_asked(request):
+    if not request.config.getoption("--bench-host-overhead"):
+        pytest.skip("host-overhead group: pass --bench-host-overhead")
+
+
+@pytest.mark.parametrize("provider", ho.PROVIDERS)
+@pytest.mark.parametrize("row", ho.ROWS, ids=[r.label.replace(" ", "_") for r in ho.ROWS])
+def test_host_overhead(benchmark, row, provider):
+    benchmark.group = f"host-overhead {row.label}"
+    if provider in ("ours", "ours (above launchers)") and not _triton_fakeable():
+        pytest.skip("needs Triton in compiled mode (TRITON_INTERPRET unset before triton is imported)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tensors = ho.make_tensors(row.backward)
+        with ho.provider_context(provider) as launches:
+            step = ho._step_function(row, provider, tensors)
+            if step is None:
+                pytest.skip(f"{provider} has no reset_after=True cell")
+            for _ in range(20):
+                step()
+            if provider == "ours":
+                assert launches[0] > 0, "the Triton path was not taken"
+            benchmark.pedantic(step, rounds=200, iterations=5, warmup_rounds=0)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info.update(host_overhead_row=row.label, host_provider=provider,
+                                cell_steps=ho.steps_of(row))

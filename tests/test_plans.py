@@ -1,0 +1,93 @@
+"""The cell's checks run once per (shapes, dtypes, devices, arguments) and a
+cached plan is replayed; anything the checks look at that changes must bring
+the checks back."""
+
+import pytest
+import torch
+
+import convgru_triton._backend as backend_module
+import convgru_triton.functional as functional
+from convgru_triton import ConvGRUCell2d, conv_gru_cell
+
+
+@pytest.fixture
+def counted_plans(monkeypatch):
+    calls = []
+    plan_cell = functional._plan_cell
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return plan_cell(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_plan_cell", counting)
+    monkeypatch.setattr(functional, "_CELL_PLANS", {})
+    return calls
+
+
+def test_checks_run_once_per_shape(counted_plans):
+    cell = ConvGRUCell2d(3, 4, 3)
+    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    for _ in range(3):
+        cell(x, h)
+    assert len(counted_plans) == 1
+    cell(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 5, 5))  # another batch: checked again
+    cell(x)  # no state: another key
+    assert len(counted_plans) == 3
+
+
+def test_changed_parameters_are_checked_again(counted_plans):
+    cell = ConvGRUCell2d(3, 4, 3)
+    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    cell(x, h)
+    with torch.no_grad():
+        cell.weight_hh.data = torch.randn(12, 4, 3, 5)  # same object, other kernel size
+    with pytest.raises(ValueError, match="must share the kernel size"):
+        cell(x, h)
+    with torch.no_grad():
+        cell.weight_hh.data = torch.randn(12, 4, 3, 3)
+    cell(x, h)
+    cell.double()  # parameters change dtype in place: the float32 plan must not be replayed
+    with pytest.raises(ValueError, match="input must have the same dtype as weight_ih"):
+        cell(x, h)
+
+
+def test_bad_state_after_a_good_call_still_raises(counted_plans):
+    cell = ConvGRUCell2d(3, 4, 3)
+    x = torch.randn(2, 3, 5, 5)
+    cell(x, torch.randn(2, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"hx must have shape \(2, 4, 5, 5\), got \(2, 4, 5, 6\)"):
+        cell(x, torch.randn(2, 4, 5, 6))
+    with pytest.raises(TypeError, match="hx must be a torch.Tensor"):
+        cell(x, [1.0])
+
+
+def test_unhashable_arguments_take_the_checked_path(counted_plans):
+    w_ih, w_hh = torch.randn(12, 3, 3, 3), torch.randn(12, 4, 3, 3)
+    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    a = conv_gru_cell(x, h, w_ih, w_hh, dilation=[1, 2])  # a list: no cache key, checked every call
+    b = conv_gru_cell(x, h, w_ih, w_hh, dilation=[1, 2])
+    assert torch.equal(a, b)
+    assert len(counted_plans) == 2
+    assert torch.equal(conv_gru_cell(x, h, w_ih, w_hh, dilation=(1, 2)), a)
+
+
+def test_forced_triton_rechecks_the_interpreter(monkeypatch, counted_plans):
+    """A cached plan for Triton on CPU tensors (the interpreter) is refused once
+    the interpreter is off, as the first call would have been."""
+    cell = ConvGRUCell2d(3, 4, 3, backend="triton")
+    x, h = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)
+    monkeypatch.setattr(backend_module, "_interpreter_enabled", lambda: True)
+    cell(x, h)
+    monkeypatch.setattr(backend_module, "_interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        cell(x, h)
+
+
+def test_environment_variable_is_part_of_the_key(monkeypatch, counted_plans):
+    cell = ConvGRUCell2d(3, 4, 3)
+    x, h = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)
+    monkeypatch.setenv(backend_module.ENV_VAR, "torch")
+    cell(x, h)
+    monkeypatch.setenv(backend_module.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="CONVGRU_TRITON_BACKEND"):
+        cell(x, h)
