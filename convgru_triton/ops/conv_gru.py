@@ -321,6 +321,12 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
         d_gates_x = _empty_frames(steps, h0, 3 * hidden, channels_last)
         d_gates_h = _empty_frames(steps, h0, 3 * hidden, channels_last) if p.reset_after else None
     weight_rz, weight_n = weight_hh.split_with_sizes((2 * hidden, hidden))
+    if p.use_triton and grad_states.stride() != states.stride():
+        # The kernels read gradients dense in the states' layout: an expanded
+        # or strided incoming gradient (out.sum().backward() hands over a
+        # stride-0 one) is made dense once per call here, where the launchers
+        # would otherwise copy it frame by frame, one extra launch per step.
+        grad_states = torch.empty_like(states).copy_(grad_states)
     # Per-step frames, made once per call.
     grad_t, states_t, gates_t, aux_t, d_gx_t = map(frames, (grad_states, states, gates, aux, d_gates_x))
     if p.reset_after:
