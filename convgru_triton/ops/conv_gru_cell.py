@@ -479,11 +479,14 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
     kernel's boolean constexprs as ``((name, value), ...)``."""
     geo = _geometry(name, out)
     strides, dtype = geo.strides, geo.dtype
-    copy_back, same_dtype = (), True
-    start = 1 if with_gx else 0
-    if (with_gx and (tensors[0].stride()[1:] != strides[3][1:] or tensors[0].dtype != dtype)) or any(
-        t.stride() != strides[k] or t.dtype != dtype for t, k in zip(tensors[start:], slots[start:])
-    ):
+    copy_back, same_dtype, conforming = (), True, True
+    for index, t in enumerate(tensors):
+        if t.dtype != dtype or (
+            t.stride()[1:] != strides[3][1:] if with_gx and index == 0 else t.stride() != strides[slots[index]]
+        ):
+            conforming = False
+            break
+    if not conforming:
         tensors, copy_back = _conforming(geo, tensors, slots, n_inputs, with_gx)
         same_dtype = all(t.dtype == dtype for t in tensors)
     # One pass over the pointers: ALIGN must divide every tensor's start and the
