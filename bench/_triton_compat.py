@@ -89,7 +89,7 @@ def nvidia_backend_error() -> Optional[str]:
 # ----------------------------------------------------------------------------
 
 
-class _FakeCudaDriver:
+class FakeCudaDriver:
     """The three questions JITFunction.run asks the active driver."""
 
     def __init__(self, arch: int):
@@ -216,7 +216,7 @@ def compile_without_launch(arch: int, records: List[Compiled],
     # reset_active() would build the default driver, which fails without a GPU:
     # put back whatever was active (usually nothing yet) instead.
     previous = getattr(driver, "_active", None)
-    driver.set_active(_FakeCudaDriver(arch))
+    driver.set_active(FakeCudaDriver(arch))
     JITFunction._do_compile = _do_compile
     JITFunction.run = run
     try:

@@ -51,27 +51,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench._triton_compat import FakeCudaDriver
+
 # ----------------------------------------------------------------------------
 # Triton with a fake GPU: binding and specialization run, launches do nothing
 # ----------------------------------------------------------------------------
-
-
-class _FakeTarget:
-    """Stands in for Triton's active driver: a CUDA sm_90 target, device 0, stream 0."""
-
-    def __init__(self, arch: int = 90) -> None:
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
 
 
 class _NoOpKernel:
@@ -138,7 +122,7 @@ def stubbed_triton():
         return stub
 
     try:
-        driver.set_active(_FakeTarget())
+        driver.set_active(FakeCudaDriver(90))
         JITFunction._do_compile = no_compile
         backend_rule._interpreter_enabled = lambda: True
         for k in kernels:
