@@ -345,7 +345,7 @@ def test_launch_grid_covers_int64_offsets():
     shape = (5, 512, 1024, 1024)
     big = torch.empty_strided(shape, (512 * 1024**2, 1024**2, 1024, 1), device="meta")
     assert big.numel() > 2**31
-    geo = op._Geometry("gru_reset_after_fwd", big)
+    geo = op._Geometry(big, _tuning.default_config(big.dtype))
     block = _tuning.default_config(big.dtype).block_size
     assert (geo.rows, geo.inner) == (512, 1024**2) and not geo.channels_last
     assert geo.grid == (5 * 512 * (1024**2 // block),)
@@ -354,4 +354,28 @@ def test_launch_grid_covers_int64_offsets():
     assert geo.strides[3][0] == 3 * 512 * 1024**2 < 2**31
     too_big = torch.empty_strided((1, 1024, 1024, 1024), (1024**3, 1024**2, 1024, 1), device="meta")
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31 per sample"):
-        op._Geometry("gru_reset_after_fwd", too_big)
+        op._Geometry(too_big, _tuning.default_config(too_big.dtype))
+
+
+def test_launch_follows_the_configuration_in_force():
+    """Launch geometries are cached per output shape, but never past a change of
+    configuration: a forced or tuned block size takes effect at the next launch."""
+    out = torch.empty(2, 3, 8, 8)  # 64 pixels: rows start on 16-byte boundaries, no cap on the block
+    seen = []
+    for block in (16, 64, 128, 16):
+        with _tuning.forced_config(_tuning.LaunchConfig(block, 1)):
+            geo = op._geometry("gru_update_fwd", out)
+        seen.append(geo.common["BLOCK_R"] * geo.common["BLOCK_I"])
+    assert seen == [16, 64, 128, 16]
+
+
+def test_geometry_cache_is_bounded_and_forgets_kept_kernels(monkeypatch):
+    """Kept compiled kernels are keyed by the id of a geometry's launch keywords:
+    when the geometry cache is cleared they go too, so an id reused by a new
+    geometry can never find a kernel compiled for other constexprs."""
+    monkeypatch.setattr(op, "_GEOMETRIES", {})
+    monkeypatch.setattr(op, "_COMPILED", {("stale",): None})
+    monkeypatch.setattr(op, "_MAX_GEOMETRIES", 3)
+    for width in range(1, 5):
+        op._geometry("gru_update_fwd", torch.empty(1, 2, 3, width))
+    assert len(op._GEOMETRIES) == 1 and not op._COMPILED

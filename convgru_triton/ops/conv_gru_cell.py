@@ -396,7 +396,7 @@ class _Geometry:
     __slots__ = ("grid", "rows", "inner", "channels_last", "strides", "align", "element_size", "dtype", "common",
                  "kwargs")
 
-    def __init__(self, kernel: str, out: torch.Tensor):
+    def __init__(self, out: torch.Tensor, cfg: _tuning.LaunchConfig):
         hidden = out.shape[1]
         spatial = math.prod(out.shape[2:])
         check_kernel_sample_size(hidden, out.shape[2:])
@@ -407,7 +407,6 @@ class _Geometry:
         self.element_size = out.element_size()
         self.dtype = out.dtype
         self.align = math.gcd(self.inner, 16 // self.element_size)
-        cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
         block = cfg.block_size
         if self.align < 16 // self.element_size:
             # Rows that start off a 16-byte boundary: accesses are ALIGN elements
@@ -438,13 +437,22 @@ class _Geometry:
 
 
 _GEOMETRIES: Dict[tuple, _Geometry] = {}
+_MAX_GEOMETRIES = 1024  # distinct (kernel, shape, layout, dtype, configuration); cleared when full
 
 
 def _geometry(kernel: str, out: torch.Tensor) -> _Geometry:
-    key = (kernel, out.shape, out.stride(), out.dtype, out.device)
+    # The configuration is asked for at every launch (a cached look-up in the
+    # registry), so that tuning (forced configurations) always takes effect.
+    cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
+    key = (kernel, out.shape, out.stride(), out.dtype, out.device, cfg)
     geo = _GEOMETRIES.get(key)
     if geo is None:
-        geo = _GEOMETRIES[key] = _Geometry(kernel, out)
+        if len(_GEOMETRIES) >= _MAX_GEOMETRIES:
+            # Kept kernels are keyed by the id of their geometry's launch
+            # keywords: they go with the geometries, before an id can be reused.
+            _GEOMETRIES.clear()
+            _COMPILED.clear()
+        geo = _GEOMETRIES[key] = _Geometry(out, cfg)
     return geo
 
 
