@@ -379,3 +379,37 @@ def test_geometry_cache_is_bounded_and_forgets_kept_kernels(monkeypatch):
     for width in range(1, 5):
         op._geometry("gru_update_fwd", torch.empty(1, 2, 3, width))
     assert len(op._GEOMETRIES) == 1 and not op._COMPILED
+
+
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+def test_mixed_layouts_are_made_dense_once_per_call(device, monkeypatch, reset_after):
+    """channels_last input pre-activations with a contiguous state, and the
+    stride-0 gradient of ``out.sum()``: the sequence operator converts each once
+    per call, so no launch has to copy a frame (``_conforming`` is the launchers'
+    copying path); results equal the reference stepped by autograd."""
+    spec = ConvSpec.create(2, 3)
+    steps, hidden = 3, 4
+    gen = torch.Generator().manual_seed(3)
+    gates_x = torch.randn(steps, 2, 3 * hidden, 5, 6, generator=gen, dtype=torch.float64)
+    gates_x = gates_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3).to(device)  # channels_last frames
+    h0 = torch.randn(2, hidden, 5, 6, generator=gen, dtype=torch.float64).to(device)
+    weight_hh = (torch.randn(3 * hidden, hidden, 3, 3, generator=gen, dtype=torch.float64) * 0.3).to(device)
+    bias = torch.randn(3 * hidden, generator=gen, dtype=torch.float64).to(device)
+    copies = []
+    conforming = op._conforming
+    monkeypatch.setattr(op, "_conforming", lambda *args: copies.append(args[1][0].shape) or conforming(*args))
+
+    leaves = [t.clone().requires_grad_(True) for t in (gates_x, h0, weight_hh)]
+    states = conv_gru_sequence(leaves[0], leaves[1], leaves[2], bias, bias, spec, reset_after, False, True)
+    states.sum().backward()
+    assert not copies, f"launches copied tensors of shapes {copies}"
+
+    ref_leaves = [t.clone().requires_grad_(True) for t in (gates_x, h0, weight_hh)]
+    h, ref_states = ref_leaves[1], []
+    for t in range(steps):
+        h = conv_gru_cell_ref(ref_leaves[0][t], h, ref_leaves[2], bias, bias, spec, reset_after)
+        ref_states.append(h)
+    torch.stack(ref_states).sum().backward()
+    torch.testing.assert_close(states, torch.stack(ref_states))
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad)

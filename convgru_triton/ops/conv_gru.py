@@ -411,6 +411,7 @@ def _conv_gru_fwd(
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     p = _plan_of(kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
+    gates_x = _frames_like_state(p, gates_x, h0)
     states, gates, aux = _fwd_outputs(gates_x, h0, save)
     if save:
         _forward(p, gates_x.unbind(0), h0, weight_hh, bias_ih, bias_hh, states.unbind(0), gates.unbind(0),
@@ -567,9 +568,23 @@ class _ConvGRUFunction(torch.autograd.Function):
         )
 
 
+def _frames_like_state(p: Plan, gates_x: Tensor, h0: Tensor) -> Tensor:
+    """``gates_x`` (T, N, 3H, *S), its frames in the layout of the state (which
+    the states and every kernel launch follow), for the Triton gate math: made
+    so once per call when they differ (a channels_last input with a contiguous
+    ``hx``), where the launchers would otherwise copy every frame at its step."""
+    if p.use_triton and gates_x.dim() in (5, 6) and gates_x.shape[0] > 0 and (
+        is_channels_last(gates_x[0]) != is_channels_last(h0)
+    ):
+        return _empty_frames(gates_x.shape[0], h0, gates_x.shape[2], is_channels_last(h0)).copy_(gates_x)
+    return gates_x
+
+
 def _run(p: Plan, gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, step: bool) -> Tensor:
     """Eager run of a plan: through the autograd function when a gradient is
     needed, else straight into the time loop (no autograd node to make)."""
+    if not step:
+        gates_x = _frames_like_state(p, gates_x, h0)
     if torch.is_grad_enabled() and (
         gates_x.requires_grad or h0.requires_grad or weight_hh.requires_grad
         or (bias_ih is not None and (bias_ih.requires_grad or bias_hh.requires_grad))
