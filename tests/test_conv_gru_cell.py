@@ -413,3 +413,16 @@ def test_mixed_layouts_are_made_dense_once_per_call(device, monkeypatch, reset_a
     torch.testing.assert_close(states, torch.stack(ref_states))
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_strided_output_standing_in_for_unsaved_outputs(device):
+    """Without ``save`` the reset-after forward passes h' for the pointers of
+    the gates and aux it does not store. An h' the launch cannot write in place
+    (a strided view) gets one scratch buffer, copied back once: a second,
+    unwritten copy must not overwrite the result."""
+    rand, n, hidden, spatial = _gate_inputs(device)
+    gx, gh, h = rand(n, 3 * hidden, *spatial), rand(n, 3 * hidden, *spatial), rand(n, hidden, *spatial)
+    b_ih, b_hh = rand(3 * hidden), rand(3 * hidden)
+    h_new = torch.zeros(n, 2, hidden, *spatial, dtype=h.dtype, device=device)[:, 0]
+    op._reset_after_fwd(gx, gh, h, b_ih, b_hh, False, h_new=h_new)
+    torch.testing.assert_close(h_new, gru_reset_after_fwd_ref(gx, gh, h, b_ih, b_hh)[0])

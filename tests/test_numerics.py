@@ -609,3 +609,58 @@ if __name__ == "__main__":
     offsets.add_argument("--case", choices=["batch", "plane"], required=True)
     args = parser.parse_args()
     print(json.dumps(_offsets_main(args.device, args.case)))
+
+
+_GX_STRIDE_SCRIPT = r"""
+import json, torch
+from convgru_triton.ops import conv_gru_cell as op
+from convgru_triton.ops import naive
+
+# float16, 8 x 8 maps: rows start on 16-byte boundaries, so ALIGN = 8 and the
+# launcher passes the gx sample stride divided by 8; that quotient fits in 32
+# bits while stride = quotient * 8 does not.
+H, S = 8, (8, 8)
+plane = 3 * H * 64
+stride = 2**31 + plane
+storage = torch.empty(stride + plane, dtype=torch.float16)  # virtual: only touched pages are committed
+gx = storage.as_strided((2, 3 * H) + S, (stride, 64, 8, 1))
+gen = torch.Generator().manual_seed(0)
+for n in range(2):
+    gx[n] = torch.randn((3 * H,) + S, generator=gen)
+dense = gx.clone()
+
+def rand(c):
+    return torch.randn((2, c) + S, generator=gen).half()
+
+gh, gh_rz, gh_n, h = rand(3 * H), rand(2 * H), rand(H), rand(H)
+b_ih, b_hh = torch.randn(3 * H, generator=gen).half(), torch.randn(3 * H, generator=gen).half()
+errors = {}
+got, _ = op._reset_after_fwd(gx, gh, h, b_ih, b_hh, False)
+want, _ = op._reset_after_fwd(dense, gh, h, b_ih, b_hh, False)
+errors["reset_after_fwd"] = (got.float() - want.float()).abs().max().item()
+g1, rh1 = op._reset_gate_fwd(gx, gh_rz, h, b_ih, b_hh)
+g2, rh2 = op._reset_gate_fwd(dense, gh_rz, h, b_ih, b_hh)
+errors["reset_gate_fwd"] = max((g1[:, :2 * H].float() - g2[:, :2 * H].float()).abs().max().item(),
+                               (rh1.float() - rh2.float()).abs().max().item())
+errors["update_fwd"] = (op._update_fwd(gx, gh_n, g2, h, b_ih, b_hh, False).float()
+                        - op._update_fwd(dense, gh_n, g2, h, b_ih, b_hh, False).float()).abs().max().item()
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU check through the interpreter; the GPU covers real batch_first buffers above")
+def test_gx_sample_stride_past_2_31_with_wide_alignment():
+    """A batch_first input's pre-activations are read from batch-major storage:
+    sample stride T x 3H x S, which may pass 2**31 while each sample is small.
+    With ALIGN > 1 the stride reaches the kernel as stride / ALIGN (32-bit) and
+    must be widened before it is multiplied back (a 32-bit product wrapped and
+    read far outside the tensor: a crash under the interpreter, garbage on a GPU).
+    Every kernel that reads gx must match the same launch on a dense copy."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _GX_STRIDE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert errors == {"reset_after_fwd": 0.0, "reset_gate_fwd": 0.0, "update_fwd": 0.0}, errors

@@ -157,7 +157,7 @@ def _gru_reset_after_fwd_kernel(
     n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
     hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
     slot = _slot(hidden, spatial, CHANNELS_LAST)
-    gx = _at(gx_ptr + n * (gx_sample_a * ALIGN), 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
+    gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
     gh = _at(gh_ptr, n, r, i, 3 * hidden, spatial, CHANNELS_LAST)
 
     a_r = tl.load(gx, mask=mask).to(COMPUTE) + tl.load(gh, mask=mask).to(COMPUTE)
@@ -233,7 +233,7 @@ def _gru_reset_gate_fwd_kernel(
 ):
     n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
     hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
-    gx = _at(gx_ptr + n * (gx_sample_a * ALIGN), 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
+    gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
     gh = _at(gh_ptr, n, r, i, 2 * hidden, spatial, CHANNELS_LAST)
     a_r = tl.load(gx, mask=mask).to(COMPUTE) + tl.load(gh, mask=mask).to(COMPUTE)
     a_z = (tl.load(gx + _slot(hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
@@ -263,7 +263,7 @@ def _gru_update_fwd_kernel(
     n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
     hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
     slot = _slot(hidden, spatial, CHANNELS_LAST)
-    gx = _at(gx_ptr + n * (gx_sample_a * ALIGN), 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
+    gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
     a_n = (tl.load(gx + 2 * slot, mask=mask).to(COMPUTE)
            + tl.load(_at(ghn_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE))
     if HAS_BIAS:
@@ -461,16 +461,20 @@ def _conforming(geo: _Geometry, tensors, slots, n_inputs: int, with_gx: bool):
     launch's layout (inputs copied where not; outputs replaced by scratch buffers
     holding their current values), and the (output, scratch) pairs to copy back."""
     fmt = _memory_format(tensors[0].dim(), geo.channels_last)
-    ready, copy_back = [], []
+    ready, copy_back, scratches = [], [], {}
     for index, (t, k) in enumerate(zip(tensors, slots)):
         if _conforms(t, geo.strides[k], any_sample_stride=with_gx and index == 0):
             ready.append(t)
         elif index < n_inputs:
             ready.append(t.contiguous(memory_format=fmt))
+        elif id(t) in scratches:
+            # The same output passed twice (h' standing in for the pointers of
+            # outputs a launch does not store): one scratch, copied back once.
+            ready.append(scratches[id(t)])
         else:
             # Outputs may be read (z, the carried d h) or written in part (one
             # gate slot): the scratch buffer starts from the current values.
-            scratch = t.contiguous(memory_format=fmt)
+            scratch = scratches[id(t)] = t.contiguous(memory_format=fmt)
             ready.append(scratch)
             copy_back.append((t, scratch))
     return ready, copy_back
