@@ -544,7 +544,10 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
 # packed metadata, launch metadata, launch hooks, then every kernel parameter in
 # order, constexprs included): launch hooks (profilers) see the same calls.
 # tests/test_direct_launch.py checks the arguments against the binder's on the
-# installed Triton. CONVGRU_TRITON_DIRECT_LAUNCH=0 turns this off; so does the
+# installed Triton. What the binder does besides specializing is skipped on a
+# replay: its check that global constexprs did not change, ``pre_run_hooks``,
+# and ``knobs.runtime.debug`` switched on after the first launch; for those,
+# CONVGRU_TRITON_DIRECT_LAUNCH=0 (read at import) turns replay off. So does the
 # Triton interpreter, where kernels are not compiled.
 # ----------------------------------------------------------------------------
 
