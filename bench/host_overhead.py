@@ -121,7 +121,14 @@ def stubbed_triton():
         self.device_caches[device][0][key] = stub
         return stub
 
+    # The launchers' replay cache (compiled kernels kept per specialization) is
+    # swapped too: stubs must never outlive the fake target, nor real kernels be
+    # replayed inside it.
+    from convgru_triton.ops import conv_gru_cell as launchers
+
+    saved_compiled = launchers._COMPILED
     try:
+        launchers._COMPILED = {}
         driver.set_active(FakeCudaDriver(90))
         JITFunction._do_compile = no_compile
         backend_rule._interpreter_enabled = lambda: True
@@ -129,6 +136,7 @@ def stubbed_triton():
             k.device_caches = type(k.device_caches)(k.create_binder)
         yield counter
     finally:
+        launchers._COMPILED = saved_compiled
         for k, caches in zip(kernels, saved_caches):
             k.device_caches = caches
         backend_rule._interpreter_enabled = saved_interpreter
