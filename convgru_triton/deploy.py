@@ -47,12 +47,11 @@ def _conv_gru_fwd_decomposition(
     and with ``save`` the gates (r, z, n) and aux the backward would read)."""
     spec = ConvSpec(tuple(kernel_size), tuple(dilation), padding_mode)
     steps, hidden = gates_x.shape[0], h0.shape[1]
-    order = range(steps - 1, -1, -1) if reverse else range(steps)
     states: List[Tensor] = [h0] * steps
     gates: List[Tensor] = [h0] * steps
     aux: List[Tensor] = [h0] * steps
     h = h0
-    for t in order:
+    for t in naive.step_order(steps, reverse):
         gx = gates_x[t]
         if reset_after:
             h, r, z, n, hn = naive.gru_reset_after_fwd_ref(gx, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)

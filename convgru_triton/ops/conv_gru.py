@@ -232,10 +232,6 @@ def _fwd_outputs(gates_x: Tensor, h0: Tensor, save: bool) -> Tuple[Tensor, Tenso
     return states, _empty_frames(steps, h0, 3 * hidden, channels_last), _empty_frames(steps, h0, hidden, channels_last)
 
 
-def _step_order(steps: int, reverse: bool) -> range:
-    return range(steps - 1, -1, -1) if reverse else range(steps)
-
-
 # ----------------------------------------------------------------------------
 # The replay: the time loops of the forward and backward passes
 # ----------------------------------------------------------------------------
@@ -251,7 +247,7 @@ def _forward(p: Plan, gx, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, state
     save = gates is not None
     h = h0
     if p.reset_after:
-        for t in _step_order(len(gx), p.reverse):
+        for t in naive.step_order(len(gx), p.reverse):
             math.reset_after_fwd(
                 gx[t], conv(h, weight_hh), h, bias_ih, bias_hh,
                 h_new=states[t], gates=gates[t] if save else None, aux=aux[t] if save else None,
@@ -264,7 +260,7 @@ def _forward(p: Plan, gx, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, state
         # r, z and r * h are still needed within each step: one scratch for all.
         channels_last = is_channels_last(h0)
         scratch_gates, scratch_rh = _empty_frame(h0, 3 * hidden, channels_last), _empty_frame(h0, hidden, channels_last)
-    for t in _step_order(len(gx), p.reverse):
+    for t in naive.step_order(len(gx), p.reverse):
         gates_t = gates[t] if save else scratch_gates
         rh = aux[t] if save else scratch_rh
         math.reset_gate_fwd(gx[t], conv(h, weight_rz), h, bias_ih, bias_hh, gates=gates_t, rh=rh)
@@ -351,7 +347,7 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
     # backward calls as the data gradients (two calls instead of four).
     one = steps == 1
     carry: Optional[Tensor] = None
-    order = list(_step_order(steps, p.reverse))
+    order = list(naive.step_order(steps, p.reverse))
     for i in range(steps - 1, -1, -1):
         t = order[i]
         h_prev = h0 if i == 0 else states_t[order[i - 1]]
@@ -477,6 +473,15 @@ def _setup_context(ctx, inputs, output):
     ctx.saved_gates = save
 
 
+def _input_grads(ctx, grads, static_args: int) -> tuple:
+    """What an autograd backward returns: the gradients of (gates_x, h0,
+    weight_hh, bias_ih, bias_hh) where asked for (biases only when there are
+    some), then ``None`` for each of the ``static_args`` arguments that follow."""
+    need = ctx.needs_input_grad
+    kept = tuple(g if need[i] and (i < 3 or ctx.has_bias) else None for i, g in enumerate(grads))
+    return kept + (None,) * static_args
+
+
 def _make_backward(backward_op):
     """The autograd formula of ``conv_gru_fwd``, running ``backward_op`` (the
     operator ``conv_gru_bwd``, or its torch.func wrapper)."""
@@ -493,15 +498,7 @@ def _make_backward(backward_op):
         d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = backward_op(
             grad_states, h0, weight_hh, states, gates, aux, *ctx.config, ctx.has_bias
         )
-        need = ctx.needs_input_grad
-        return (
-            d_gates_x if need[0] else None,
-            d_h0 if need[1] else None,
-            d_weight_hh if need[2] else None,
-            d_bias_ih if ctx.has_bias and need[3] else None,
-            d_bias_hh if ctx.has_bias and need[4] else None,
-            None, None, None, None, None, None, None,
-        )
+        return _input_grads(ctx, (d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh), 7)
 
     return backward
 
@@ -555,17 +552,7 @@ class _ConvGRUFunction(torch.autograd.Function):
                 results = (results[0].squeeze(0),) + tuple(results[1:])
         else:
             results = _backward(p, grad, h0, weight_hh, states, gates, aux, ctx.has_bias, step)
-        d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = results
-        need = ctx.needs_input_grad
-        return (
-            d_gates_x if need[0] else None,
-            d_h0 if need[1] else None,
-            d_weight_hh if need[2] else None,
-            d_bias_ih if ctx.has_bias and need[3] else None,
-            d_bias_hh if ctx.has_bias and need[4] else None,
-            None,
-            None,
-        )
+        return _input_grads(ctx, results, 2)
 
 
 def _frames_like_state(p: Plan, gates_x: Tensor, h0: Tensor) -> Tensor:

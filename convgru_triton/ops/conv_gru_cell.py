@@ -148,6 +148,21 @@ def _bias(ptr, gate, hidden, r, i, rows, inner, CHANNELS_LAST: tl.constexpr, COM
 
 
 @triton.jit
+def _rz_preactivations(gx, gh, slot, mask, bias_ih_ptr, bias_hh_ptr, hidden, r, i, rows, inner,
+                       HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, COMPUTE: tl.constexpr):
+    """``(a_r, a_z)`` of the tile: gx + gh + both biases for the r and z gates
+    (gates ``slot`` elements apart in gx and gh alike)."""
+    a_r = tl.load(gx, mask=mask).to(COMPUTE) + tl.load(gh, mask=mask).to(COMPUTE)
+    a_z = tl.load(gx + slot, mask=mask).to(COMPUTE) + tl.load(gh + slot, mask=mask).to(COMPUTE)
+    if HAS_BIAS:
+        a_r += (_bias(bias_ih_ptr, 0, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
+                + _bias(bias_hh_ptr, 0, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE))
+        a_z += (_bias(bias_ih_ptr, 1, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
+                + _bias(bias_hh_ptr, 1, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE))
+    return a_r, a_z
+
+
+@triton.jit
 def _gru_reset_after_fwd_kernel(
     gx_ptr, gh_ptr, h_ptr, h_new_ptr, gates_ptr, aux_ptr, bias_ih_ptr, bias_hh_ptr,
     gx_sample_a, rows, inner_a,
@@ -160,15 +175,11 @@ def _gru_reset_after_fwd_kernel(
     gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
     gh = _at(gh_ptr, n, r, i, 3 * hidden, spatial, CHANNELS_LAST)
 
-    a_r = tl.load(gx, mask=mask).to(COMPUTE) + tl.load(gh, mask=mask).to(COMPUTE)
-    a_z = tl.load(gx + slot, mask=mask).to(COMPUTE) + tl.load(gh + slot, mask=mask).to(COMPUTE)
+    a_r, a_z = _rz_preactivations(gx, gh, slot, mask, bias_ih_ptr, bias_hh_ptr, hidden, r, i, rows, inner,
+                                  HAS_BIAS, CHANNELS_LAST, COMPUTE)
     x_n = tl.load(gx + 2 * slot, mask=mask).to(COMPUTE)
     h_n = tl.load(gh + 2 * slot, mask=mask).to(COMPUTE)
     if HAS_BIAS:
-        a_r += (_bias(bias_ih_ptr, 0, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
-                + _bias(bias_hh_ptr, 0, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE))
-        a_z += (_bias(bias_ih_ptr, 1, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
-                + _bias(bias_hh_ptr, 1, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE))
         x_n += _bias(bias_ih_ptr, 2, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
         h_n += _bias(bias_hh_ptr, 2, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
     h = tl.load(_at(h_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
@@ -235,21 +246,16 @@ def _gru_reset_gate_fwd_kernel(
     hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
     gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
     gh = _at(gh_ptr, n, r, i, 2 * hidden, spatial, CHANNELS_LAST)
-    a_r = tl.load(gx, mask=mask).to(COMPUTE) + tl.load(gh, mask=mask).to(COMPUTE)
-    a_z = (tl.load(gx + _slot(hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
-           + tl.load(gh + _slot(hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE))
-    if HAS_BIAS:
-        a_r += (_bias(bias_ih_ptr, 0, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
-                + _bias(bias_hh_ptr, 0, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE))
-        a_z += (_bias(bias_ih_ptr, 1, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE)
-                + _bias(bias_hh_ptr, 1, hidden, r, i, rows, inner, CHANNELS_LAST, COMPUTE))
+    slot = _slot(hidden, spatial, CHANNELS_LAST)
+    a_r, a_z = _rz_preactivations(gx, gh, slot, mask, bias_ih_ptr, bias_hh_ptr, hidden, r, i, rows, inner,
+                                  HAS_BIAS, CHANNELS_LAST, COMPUTE)
     h = tl.load(_at(h_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
     r_gate = _sigmoid(a_r)
     z = _sigmoid(a_z)
     gt = _at(gates_ptr, n, r, i, 3 * hidden, spatial, CHANNELS_LAST)
     ty = gates_ptr.dtype.element_ty
     tl.store(gt, r_gate.to(ty), mask=mask)
-    tl.store(gt + _slot(hidden, spatial, CHANNELS_LAST), z.to(ty), mask=mask)
+    tl.store(gt + slot, z.to(ty), mask=mask)
     tl.store(_at(rh_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), (r_gate * h).to(rh_ptr.dtype.element_ty), mask=mask)
 
 

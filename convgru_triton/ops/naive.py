@@ -231,6 +231,11 @@ def conv_gru_cell_ref(
     return gru_update_fwd_ref(gates_x, conv_same(rh, weight_hh[2 * H :], spec), z, h, bias_ih, bias_hh)[0]
 
 
+def step_order(steps: int, reverse: bool) -> range:
+    """The order of time steps a layer runs: 0..T-1, or T-1..0 with ``reverse``."""
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
 def conv_gru_sequence_ref(
     gates_x: Tensor,
     h0: Tensor,
@@ -260,10 +265,9 @@ def conv_gru_sequence_ref(
     # sequence has the traced number of steps (instead of reading only those).
     frames = gates_x.unbind(0)
     steps = len(frames)
-    order = range(steps - 1, -1, -1) if reverse else range(steps)
     states = [h0] * steps
     h = h0
-    for t in order:
+    for t in step_order(steps, reverse):
         h = conv_gru_cell_ref(frames[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
         states[t] = h
     return torch.stack(states)
