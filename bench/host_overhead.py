@@ -93,6 +93,22 @@ def _jit_functions():
     return seen
 
 
+class _FakeState:
+    """What the fake target keeps between :func:`stubbed_triton` blocks: its
+    driver, each kernel's cache of stubs and the launchers' geometries (which
+    hold the kernels they replay), so that the interleaved timed runs measure
+    the steady state, not a first launch through the binder each time."""
+
+    def __init__(self) -> None:
+        self.driver = FakeCudaDriver(90)
+        self.device_caches: Dict = {}
+        self.geometries: Dict = {}
+        self.counter = [0]
+
+
+_FAKE: Optional[_FakeState] = None
+
+
 @contextlib.contextmanager
 def stubbed_triton():
     """Run the package's Triton path on CPU tensors without a GPU; yields a
@@ -102,14 +118,19 @@ def stubbed_triton():
     specialization "compiles" to a :class:`_NoOpKernel` (kept in a kernel cache
     of its own, so that a real GPU's cache is never mixed with stubs), and the
     package's backend rule accepts ``backend="triton"`` for CPU tensors (it
-    allows that under the Triton interpreter, which this pretends to be)."""
+    allows that under the Triton interpreter, which this pretends to be).
+    What the fake target compiled and cached is kept for the next block."""
+    global _FAKE
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
     import convgru_triton._backend as backend_rule
-    from convgru_triton.ops import conv_gru_cell  # noqa: F401  (the kernels' module must be loaded)
+    from convgru_triton.ops import conv_gru_cell as launchers  # the kernels' module must be loaded
 
-    counter = [0]
+    if _FAKE is None:
+        _FAKE = _FakeState()
+    fake = _FAKE
+    counter = fake.counter
     saved_active = driver._active
     saved_compile = JITFunction._do_compile
     saved_interpreter = backend_rule._interpreter_enabled
@@ -121,22 +142,23 @@ def stubbed_triton():
         self.device_caches[device][0][key] = stub
         return stub
 
-    # The launchers' replay cache (compiled kernels kept per specialization) is
+    # The launchers' geometries, which keep the compiled kernels they replay, are
     # swapped too: stubs must never outlive the fake target, nor real kernels be
     # replayed inside it.
-    from convgru_triton.ops import conv_gru_cell as launchers
-
-    saved_compiled = launchers._COMPILED
+    saved_geometries = launchers._GEOMETRIES
     try:
-        launchers._COMPILED = {}
-        driver.set_active(FakeCudaDriver(90))
+        launchers._GEOMETRIES = fake.geometries
+        driver.set_active(fake.driver)
         JITFunction._do_compile = no_compile
         backend_rule._interpreter_enabled = lambda: True
         for k in kernels:
-            k.device_caches = type(k.device_caches)(k.create_binder)
+            if k not in fake.device_caches:
+                fake.device_caches[k] = type(k.device_caches)(k.create_binder)
+            k.device_caches = fake.device_caches[k]
         yield counter
     finally:
-        launchers._COMPILED = saved_compiled
+        fake.geometries = launchers._GEOMETRIES
+        launchers._GEOMETRIES = saved_geometries
         for k, caches in zip(kernels, saved_caches):
             k.device_caches = caches
         backend_rule._interpreter_enabled = saved_interpreter

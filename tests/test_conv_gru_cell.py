@@ -369,16 +369,25 @@ def test_launch_follows_the_configuration_in_force():
     assert seen == [16, 64, 128, 16]
 
 
-def test_geometry_cache_is_bounded_and_forgets_kept_kernels(monkeypatch):
-    """Kept compiled kernels are keyed by the id of a geometry's launch keywords:
-    when the geometry cache is cleared they go too, so an id reused by a new
-    geometry can never find a kernel compiled for other constexprs."""
+def test_geometry_cache_is_bounded_and_keeps_replays_per_geometry(monkeypatch):
+    """The geometry cache is cleared when full, and compiled kernels kept for
+    replay live in their geometry: a geometry made again (a new configuration,
+    or after a clear) starts with none, so a launch can never replay a kernel
+    compiled for other constexprs."""
     monkeypatch.setattr(op, "_GEOMETRIES", {})
-    monkeypatch.setattr(op, "_COMPILED", {("stale",): None})
     monkeypatch.setattr(op, "_MAX_GEOMETRIES", 3)
     for width in range(1, 5):
         op._geometry("gru_update_fwd", torch.empty(1, 2, 3, width))
-    assert len(op._GEOMETRIES) == 1 and not op._COMPILED
+    assert len(op._GEOMETRIES) == 1
+    out = torch.empty(1, 2, 3, 4)
+    geo = op._geometry("gru_update_fwd", out)
+    geo.replays[("stale",)] = None
+    assert op._geometry("gru_update_fwd", out) is geo
+    with _tuning.forced_config(_tuning.LaunchConfig(64, 2)):
+        forced = op._geometry("gru_update_fwd", out)
+    assert forced is not geo and not forced.replays
+    after = op._geometry("gru_update_fwd", out)
+    assert after is not forced and not after.replays
 
 
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import os
 from typing import Dict, Optional, Tuple
 
@@ -397,10 +398,12 @@ class _Geometry:
     strides of a per-sample dense tensor with ``k * H`` channels in the launch's
     layout; ``align`` the largest power of two (elements, at most one 16-byte
     vector) dividing the inner extent; ``grid`` and the launch keywords from the
-    tuning registry's block size and warps."""
+    tuning registry's block size and warps. ``replays`` keeps the compiled
+    kernels launched over this geometry (see "Replaying compiled kernels"):
+    they go when the geometry goes."""
 
-    __slots__ = ("grid", "rows", "inner", "channels_last", "strides", "align", "element_size", "dtype", "common",
-                 "kwargs")
+    __slots__ = ("grid", "rows", "inner", "channels_last", "strides", "gx_tail", "wants", "align", "element_size",
+                 "dtype", "common", "kwargs", "generation", "replays")
 
     def __init__(self, out: torch.Tensor, cfg: _tuning.LaunchConfig):
         hidden = out.shape[1]
@@ -410,6 +413,9 @@ class _Geometry:
         self.rows, self.inner = (spatial, hidden) if self.channels_last else (hidden, spatial)
         shape = tuple(out.shape)
         self.strides = {k: _dense_strides((shape[0], k * hidden) + shape[2:], self.channels_last) for k in (1, 2, 3)}
+        # gx (3H channels) may have any sample stride: the rest of its strides.
+        self.gx_tail = self.strides[3][1:]
+        self.wants: Dict[tuple, tuple] = {}
         self.element_size = out.element_size()
         self.dtype = out.dtype
         self.align = math.gcd(self.inner, 16 // self.element_size)
@@ -433,6 +439,16 @@ class _Geometry:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         self.kwargs: Dict[tuple, dict] = {}
+        self.generation = _tuning.generation
+        self.replays: Dict[tuple, tuple] = {}
+
+    def want(self, slots: Tuple[int, ...]) -> tuple:
+        """The strides of each tensor of a launch, dense per sample, by its
+        channel slots (gx: all but the sample stride count)."""
+        want = self.wants.get(slots)
+        if want is None:
+            want = self.wants[slots] = tuple(self.strides[k] for k in slots)
+        return want
 
     def launch_kwargs(self, align: int, flags: Tuple[Tuple[str, bool], ...]) -> dict:
         key = (align, flags)
@@ -443,21 +459,18 @@ class _Geometry:
 
 
 _GEOMETRIES: Dict[tuple, _Geometry] = {}
-_MAX_GEOMETRIES = 1024  # distinct (kernel, shape, layout, dtype, configuration); cleared when full
+_MAX_GEOMETRIES = 1024  # distinct (kernel, shape, layout, dtype, device); cleared when full
 
 
 def _geometry(kernel: str, out: torch.Tensor) -> _Geometry:
-    # The configuration is asked for at every launch (a cached look-up in the
-    # registry), so that tuning (forced configurations) always takes effect.
-    cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
-    key = (kernel, out.shape, out.stride(), out.dtype, out.device, cfg)
+    key = (kernel, out.shape, out.stride(), out.dtype, out.device)
     geo = _GEOMETRIES.get(key)
-    if geo is None:
+    # Made again when the tuning registry may answer differently (a forced or
+    # newly read configuration): it takes effect at the next launch.
+    if geo is None or geo.generation != _tuning.generation:
         if len(_GEOMETRIES) >= _MAX_GEOMETRIES:
-            # Kept kernels are keyed by the id of their geometry's launch
-            # keywords: they go with the geometries, before an id can be reused.
             _GEOMETRIES.clear()
-            _COMPILED.clear()
+        cfg = _tuning.launch_config(kernel, out.dtype, out.numel(), out.device)
         geo = _GEOMETRIES[key] = _Geometry(out, cfg)
     return geo
 
@@ -486,6 +499,15 @@ def _conforming(geo: _Geometry, tensors, slots, n_inputs: int, with_gx: bool):
     return ready, copy_back
 
 
+# Per-tensor facts gathered with C-level iteration (``map``), not a Python
+# loop: a launch has 5-10 tensors, and the loop's bytecode was ~2 us of a ~10 us
+# launch on the host (Python 3.11, this project's CI machine).
+_STRIDE = torch.Tensor.stride
+_DTYPE = operator.attrgetter("dtype")
+_DATA_PTR = torch.Tensor.data_ptr
+_LOW_BITS = (15).__and__
+
+
 def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int, flags,
             bias=(), with_gx: bool = False) -> None:
     """Launch ``kernel`` over the tiles of ``out``.
@@ -494,44 +516,77 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
     then the outputs, ``slots`` their channels in units of H; with ``with_gx`` the
     first is the input pre-activations, whose sample stride is passed on (it may
     be a batch-major sequence). ``bias`` are the bias pointers, ``flags`` the
-    kernel's boolean constexprs as ``((name, value), ...)``."""
+    kernel's boolean constexprs as ``((name, value), ...)``.
+
+    The common case -- every tensor dense per sample in the launch's layout, one
+    dtype, a specialization launched before -- is a few C-level passes over the
+    tensors and a replay of the compiled kernel; anything else
+    (:func:`_launch_slow`) copies where needed and goes through the binder."""
     geo = _geometry(name, out)
-    strides, dtype = geo.strides, geo.dtype
-    copy_back, same_dtype, conforming = (), True, True
-    for index, t in enumerate(tensors):
-        if t.dtype != dtype or (
-            t.stride()[1:] != strides[3][1:] if with_gx and index == 0 else t.stride() != strides[slots[index]]
-        ):
-            conforming = False
-            break
+    pointers = (*tensors, *bias)
+    strides = tuple(map(_STRIDE, tensors))
+    want = geo.wants.get(slots) or geo.want(slots)
+    if with_gx:
+        gx_stride = strides[0][0]
+        conforming = strides[0][1:] == geo.gx_tail and strides[1:] == want[1:]
+    else:
+        gx_stride = 0
+        conforming = strides == want
+    if conforming and _DIRECT_LAUNCH and tuple(map(_DTYPE, pointers)).count(geo.dtype) == len(pointers):
+        active = triton.runtime.driver.active
+        device = active.get_current_device()
+        # The low 4 bits of every address decide both ALIGN and the binder's
+        # pointer specialization; with the gx sample stride they fix the
+        # integer arguments too.
+        low = bytes(map(_LOW_BITS, map(_DATA_PTR, pointers)))
+        entry = geo.replays.get((id(kernel), flags, low, gx_stride, active, device))
+        if entry is not None:
+            _replay(entry, geo.grid, active.get_current_stream(device), pointers)
+            return
+    _launch_slow(kernel, geo, tensors, slots, n_inputs, flags, bias, with_gx, conforming)
+
+
+def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, bias, with_gx: bool,
+                 conforming: bool) -> None:
+    """:func:`_launch` the first time for a specialization, or with tensors that
+    need copies (strided views, the other layout) or mix dtypes: through the
+    binder, keeping the compiled kernel for replay where it can be replayed."""
+    copy_back = ()
     if not conforming:
         tensors, copy_back = _conforming(geo, tensors, slots, n_inputs, with_gx)
-        same_dtype = all(t.dtype == dtype for t in tensors)
-    # One pass over the pointers: ALIGN must divide every tensor's start and the
-    # gx sample stride (in elements); Triton specializes on 16-byte alignment.
+    pointers = (*tensors, *bias)
     size = geo.element_size
     gx_stride = tensors[0].stride(0) if with_gx else 0
-    bits, spec = gx_stride * size, 1
-    for t in tensors:
-        p = t.data_ptr()
-        bits |= p
-        spec = (spec << 1) | ((p & 15) == 0)
-    for b in bias:
-        spec = (spec << 1) | ((b.data_ptr() & 15) == 0)
+    low = bytes(map(_LOW_BITS, map(_DATA_PTR, pointers)))
+    # ALIGN must divide every tensor's start and the gx sample stride (elements).
+    bits = gx_stride * size
+    for b in low:
+        bits |= b
     align = geo.align
     while bits & (align * size - 1):
         align //= 2
     sizes = (geo.rows, geo.inner // align)
     if with_gx:
         sizes = (gx_stride // align,) + sizes
-    args = (*tensors, *bias, *sizes)
     kwargs = geo.launch_kwargs(align, flags)
     # Replayed only when every pointer has the launch's dtype (the binder
     # specializes on dtypes too; this package never mixes them).
-    if _DIRECT_LAUNCH and same_dtype and all(b.dtype == dtype for b in bias):
-        _launch_direct(kernel, geo.grid, args, sizes, spec, kwargs)
+    if not (_DIRECT_LAUNCH and all(t.dtype == geo.dtype for t in pointers)):
+        kernel[geo.grid](*pointers, *sizes, **kwargs)
     else:
-        kernel[geo.grid](*args, **kwargs)
+        active = triton.runtime.driver.active
+        device = active.get_current_device()
+        key = (id(kernel), flags, low, gx_stride, active, device)
+        entry = geo.replays.get(key)
+        if entry is not None:
+            _replay(entry, geo.grid, active.get_current_stream(device), pointers)
+        else:
+            compiled = kernel[geo.grid](*pointers, *sizes, **kwargs)
+            if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+                names = [p for p in inspect.signature(kernel.fn).parameters if p in kwargs]
+                # The kernel is kept with its entry: its id in the key is never reused.
+                geo.replays[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                    compiled.launch_metadata, sizes + tuple(kwargs[p] for p in names), kernel)
     for target, scratch in copy_back:
         target.copy_(scratch)
 
@@ -544,17 +599,21 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
 # cache key and looks the compiled kernel up: 20-25 us per launch on this
 # project's 2-core CI machine (Triton 3.9, GPU work stubbed), more than the rest
 # of our launcher and, at RAFT's sizes, more than the kernel's GPU time. After the
-# first launch of a specialization the compiled kernel is kept here under the
-# same facts the binder keys on, and later launches call it exactly the way
-# ``JITFunction.run`` does (Triton 3.4-3.9 pass the grid, stream, function,
-# packed metadata, launch metadata, launch hooks, then every kernel parameter in
-# order, constexprs included): launch hooks (profilers) see the same calls.
-# tests/test_direct_launch.py checks the arguments against the binder's on the
-# installed Triton. What the binder does besides specializing is skipped on a
-# replay: its check that global constexprs did not change, ``pre_run_hooks``,
-# and ``knobs.runtime.debug`` switched on after the first launch; for those,
-# CONVGRU_TRITON_DIRECT_LAUNCH=0 (read at import) turns replay off. So does the
-# Triton interpreter, where kernels are not compiled.
+# first launch of a specialization the compiled kernel is kept in its geometry
+# (``_Geometry.replays``) under the facts the binder keys on -- the kernel, the
+# constexprs (ALIGN, the flags; the rest is the geometry's), the pointers'
+# 16-byte alignment, the integer arguments (fixed by the geometry, ALIGN and the
+# gx sample stride), dtypes (all the output's), the driver and the device -- and
+# later launches call it exactly the way ``JITFunction.run`` does (Triton
+# 3.4-3.9 pass the grid, stream, function, packed metadata, launch metadata,
+# launch hooks, then every kernel parameter in order, constexprs included):
+# launch hooks (profilers) see the same calls. tests/test_direct_launch.py
+# checks the arguments against the binder's on the installed Triton. What the
+# binder does besides specializing is skipped on a replay: its check that global
+# constexprs did not change, ``pre_run_hooks``, and ``knobs.runtime.debug``
+# switched on after the first launch; for those, CONVGRU_TRITON_DIRECT_LAUNCH=0
+# (read at import) turns replay off. So does the Triton interpreter, where
+# kernels are not compiled.
 # ----------------------------------------------------------------------------
 
 _DIRECT_LAUNCH = (
@@ -562,37 +621,16 @@ _DIRECT_LAUNCH = (
     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     and hasattr(triton, "knobs")  # Triton >= 3.4: knobs.runtime holds the launch hooks
 )
-#: (kernel, launch keywords, driver, device, specialization) -> (compiled kernel, constexpr values)
-_COMPILED: Dict[tuple, tuple] = {}
 
 
-def _launch_direct(kernel, grid, args, sizes, spec: int, kwargs: dict) -> None:
-    """Launch through the kept compiled kernel of this specialization, or through
-    Triton's binder the first time (keeping what it returns).
-
-    ``spec`` holds one bit per pointer (16-byte aligned); here 3 bits per integer
-    are added (equal to 1, a multiple of 16, needs 64 bits): what the binder
-    specializes on. The driver is part of the key: a measuring aid that swaps in
-    a fake GPU target (bench/) must never find, or leave behind, the other's kernels."""
-    for v in sizes:
-        spec = (spec << 3) | (v == 1) | ((v % 16 == 0) << 1) | ((not -(2**31) <= v < 2**31) << 2)
-    active = triton.runtime.driver.active
-    device = active.get_current_device()
-    key = (id(kernel), id(kwargs), id(active), device, spec)
-    entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = kernel[grid](*args, **kwargs)
-        if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
-            names = [p for p in inspect.signature(kernel.fn).parameters if p in kwargs]
-            _COMPILED[key] = (compiled, tuple(kwargs[p] for p in names))
-        return
-    compiled, constexprs = entry
-    stream = active.get_current_stream(device)
-    every = args + constexprs
+def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
+    """Launch a kept compiled kernel: ``entry`` is (run, function, packed
+    metadata, launch_metadata, the integer and constexpr arguments, the kernel)."""
+    run, function, packed_metadata, launch_metadata, tail, _ = entry
+    every = pointers + tail
     runtime = triton.knobs.runtime
-    compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *every),
-                 runtime.launch_enter_hook, runtime.launch_exit_hook, *every)
+    run(grid[0], 1, 1, stream, function, packed_metadata, launch_metadata(grid, stream, *every),
+        runtime.launch_enter_hook, runtime.launch_exit_hook, *every)
 
 
 def _biases(bias_ih, bias_hh, fallback):
