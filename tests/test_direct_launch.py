@@ -99,6 +99,35 @@ SCRIPT = textwrap.dedent(
     launch(gx, gh, h_off, gates, rh)
     launch(gx, gh, h_off, gates, rh)
     result["unaligned"] = dict(binder=binder_runs[0] - before, compiles=compiles[0])
+
+    # The sequence operator's bound launches (conv_gru_cell._bind): cells and
+    # sequences, both formulations, forward and backward, run three times. Each
+    # kernel call is described without addresses (tensors by shape, strides,
+    # dtype and the low 4 bits of their address, the rest by value), so runs
+    # with replay on and off can be compared call by call.
+    import convgru_triton._backend as backend_rule
+    from convgru_triton import ConvGRU2d, ConvGRUCell2d
+    backend_rule._interpreter_enabled = lambda: True  # backend="triton" on CPU tensors, as the host bench does
+
+    def describe(args):
+        return [["T", list(a.shape), list(a.stride()), str(a.dtype), a.data_ptr() % 16]
+                if isinstance(a, torch.Tensor) else a if isinstance(a, (int, float, str, type(None)))
+                else type(a).__name__ for a in args]
+
+    torch.manual_seed(0)
+    modules = [ConvGRUCell2d(3, 4, 3, reset_after=r, backend="triton") for r in (False, True)]
+    modules += [ConvGRU2d(3, 4, 3, reset_after=r, backend="triton") for r in (False, True)]
+    x, xs = torch.randn(2, 3, 5, 7), torch.randn(4, 2, 3, 5, 7)
+    first = len(calls)
+    binder_before = binder_runs[0]
+    for _ in range(3):
+        for module in modules:
+            out = module(xs)[0] if isinstance(module, ConvGRU2d) else module(x, torch.randn(2, 4, 5, 7))
+            out.sum().backward()
+            with torch.no_grad():
+                module(xs) if isinstance(module, ConvGRU2d) else module(x)
+    result["operator"] = dict(calls=[describe(c) for c in calls[first:]], binder=binder_runs[0] - binder_before,
+                              bound=sum(len(k) for k in op._STEPS.values()))
     print(json.dumps(result))
     """
 )
@@ -132,3 +161,18 @@ def test_replay_passes_what_the_binder_passes():
 def test_replay_off_uses_the_binder_every_time():
     repeat = _run("off")["repeat"]
     assert repeat["binder"] == 3 and repeat["calls"] == 3 and repeat["identical"], repeat
+
+
+def test_bound_launches_of_the_operator_pass_what_the_binder_passes():
+    """The operator's bound launches (conv_gru_cell._bind) replay every kernel of
+    cells and sequences, forward and backward, with the arguments Triton's
+    binder passes when replay is off; after the first of three rounds nothing
+    goes through the binder."""
+    on, off = _run("on")["operator"], _run("off")["operator"]
+    assert len(on["calls"]) == len(off["calls"]) > 0
+    for index, (replayed, bound) in enumerate(zip(on["calls"], off["calls"])):
+        assert replayed == bound, f"kernel call {index} differs from the binder's"
+    rounds = len(on["calls"]) // 3
+    assert on["binder"] <= rounds, f"{on['binder']} binder launches in three rounds of {rounds} launches"
+    assert off["binder"] == len(off["calls"])
+    assert on["bound"] >= 6 and off["bound"] == 0, "the bound launches were not used"

@@ -52,6 +52,10 @@ class _TorchGateMath:
     result is computed into a temporary and then copied (the copies took 17%
     of a CPU training step)."""
 
+    @classmethod
+    def bind(cls, out, bias_ih, bias_hh, others):
+        return cls
+
     @staticmethod
     def reset_after_fwd(gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
         if gates is None:
@@ -92,52 +96,55 @@ class _TorchGateMath:
         d_h.add_(d_h_add)
 
 
+_launchers = None  # convgru_triton.ops.conv_gru_cell, imported by the first Triton plan
+
+
 class _TritonGateMath:
-    """The launchers of :mod:`.conv_gru_cell`, looked up at call time (so tests
-    can wrap them) and imported only when used (the package works without Triton)."""
-
-    _module = None
-
-    @classmethod
-    def _kernels(cls):
-        # The module is imported once (an import statement per call cost ~2 us
-        # of a launch's host time); its launchers are still looked up per call.
-        module = cls._module
-        if module is None:
-            from . import conv_gru_cell
-
-            module = cls._module = conv_gru_cell
-        return module
+    """The launchers of :mod:`.conv_gru_cell` (imported by the first plan that
+    uses them: the package works without Triton), looked up at call time so
+    that tests can wrap them. ``bind`` gives the launches bound to one call's
+    step geometry where they can be (``conv_gru_cell._bind``), else these."""
 
     @classmethod
-    def reset_after_fwd(cls, gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
-        cls._kernels()._reset_after_fwd(
-            gx, gh, h, bias_ih, bias_hh, gates is not None, h_new=h_new, gates=gates, aux=aux
-        )
+    def bind(cls, out, bias_ih, bias_hh, others):
+        """The gate math for one call whose outputs and states are laid out like
+        ``out``; ``others`` are the call's other tensors (checked for dtype)."""
+        return _launchers._bind(out, bias_ih, bias_hh, others) or cls
 
-    @classmethod
-    def reset_after_bwd(cls, grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
-        cls._kernels()._reset_after_bwd(grad, grad2, (gates, aux), h, False, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
+    @staticmethod
+    def reset_after_fwd(gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
+        _launchers._reset_after_fwd(gx, gh, h, bias_ih, bias_hh, gates is not None, h_new=h_new, gates=gates, aux=aux)
 
-    @classmethod
-    def reset_gate_fwd(cls, gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
-        cls._kernels()._reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, gates=gates, rh=rh)
+    @staticmethod
+    def reset_after_bwd(grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
+        _launchers._reset_after_bwd(grad, grad2, (gates, aux), h, False, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
 
-    @classmethod
-    def update_fwd(cls, gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
-        cls._kernels()._update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, h_new=h_new)
+    @staticmethod
+    def reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
+        _launchers._reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, gates=gates, rh=rh)
 
-    @classmethod
-    def update_bwd(cls, grad, grad2, gates, h, d_gates, *, d_h):
-        cls._kernels()._update_bwd(grad, grad2, gates, h, d_gates, d_h=d_h)
+    @staticmethod
+    def update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
+        _launchers._update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, h_new=h_new)
 
-    @classmethod
-    def reset_gate_bwd(cls, d_rh, gates, h, d_gates, d_h):
-        cls._kernels()._reset_gate_bwd(d_rh, gates, h, d_gates, d_h)
+    @staticmethod
+    def update_bwd(grad, grad2, gates, h, d_gates, *, d_h):
+        _launchers._update_bwd(grad, grad2, gates, h, d_gates, d_h=d_h)
+
+    @staticmethod
+    def reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
+        _launchers._reset_gate_bwd(d_rh, gates, h, d_gates, d_h)
 
 
 def _gate_math(use_triton: bool):
-    return _TritonGateMath if use_triton else _TorchGateMath
+    global _launchers
+    if not use_triton:
+        return _TorchGateMath
+    if _launchers is None:
+        from . import conv_gru_cell
+
+        _launchers = conv_gru_cell
+    return _TritonGateMath
 
 
 # ----------------------------------------------------------------------------
@@ -213,8 +220,12 @@ def _empty_frames(steps: int, frame_like: Tensor, channels: int, channels_last: 
 def _empty_frame(frame_like: Tensor, channels: int, channels_last: bool) -> Tensor:
     """Uninitialised (N, C, *S) buffer: one frame, for a single step (the
     cell) and for scratch. The tests replace this to poison outputs with NaN."""
-    shape = (frame_like.shape[0], channels) + tuple(frame_like.shape[2:])
-    return empty_in_layout(shape, frame_like.dtype, frame_like.device, channels_last)
+    size = frame_like.shape
+    shape = (size[0], channels, *size[2:])
+    if channels_last and len(shape) in (4, 5):
+        return empty_in_layout(shape, frame_like.dtype, frame_like.device, True)
+    # (new_empty: ~1.5 us less than torch.empty with keywords, CPU.)
+    return frame_like.new_empty(shape)
 
 
 def _no_tensor(like: Tensor) -> Tensor:
@@ -246,14 +257,14 @@ def _hidden_weights(p: Plan, weight_hh: Tensor) -> Tuple[Tensor, ...]:
     return weight_hh.split_with_sizes((2 * hidden, hidden))
 
 
-def _step_forward(p: Plan, gx: Tensor, h: Tensor, weights, bias_ih, bias_hh, state: Tensor, gates, aux,
+def _step_forward(p: Plan, math, gx: Tensor, h: Tensor, weights, bias_ih, bias_hh, state: Tensor, gates, aux,
                   save: bool) -> None:
     """One step: ``state`` <- h' from the (N, 3H, *S) frame ``gx`` and the state
     ``h`` (``weights`` from :func:`_hidden_weights`). ``gates`` and ``aux`` are
     the frames that keep what the backward pass needs when ``save``; without,
     they are ``None`` with reset_after, else scratch (r, z and r * h are needed
-    within the step; n is then not stored)."""
-    math, conv = p.math, p.conv
+    within the step; n is then not stored). ``math``: ``p.math`` bound to the call."""
+    conv = p.conv
     if p.reset_after:
         math.reset_after_fwd(gx, conv(h, weights[0]), h, bias_ih, bias_hh, h_new=state, gates=gates, aux=aux)
     else:
@@ -267,11 +278,14 @@ def _forward(p: Plan, gx, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, state
     order; ``gates`` and ``aux`` the frames that keep (r, z, n) and aux for the
     backward pass, or ``None`` (then one scratch frame of each serves every
     step). Frames are made once per call (``unbind``), not per step."""
+    if not len(gx):
+        return
     weights = _hidden_weights(p, weight_hh)
+    math = p.math.bind(states[0], bias_ih, bias_hh, (gx[0], h0))
     h = h0
     if gates is not None:
         for t in naive.step_order(len(gx), p.reverse):
-            _step_forward(p, gx[t], h, weights, bias_ih, bias_hh, states[t], gates[t], aux[t], True)
+            _step_forward(p, math, gx[t], h, weights, bias_ih, bias_hh, states[t], gates[t], aux[t], True)
             h = states[t]
         return
     scratch_gates = scratch_aux = None
@@ -280,7 +294,7 @@ def _forward(p: Plan, gx, h0: Tensor, weight_hh: Tensor, bias_ih, bias_hh, state
         channels_last, hidden = is_channels_last(h0), h0.shape[1]
         scratch_gates, scratch_aux = _empty_frame(h0, 3 * hidden, channels_last), _empty_frame(h0, hidden, channels_last)
     for t in naive.step_order(len(gx), p.reverse):
-        _step_forward(p, gx[t], h, weights, bias_ih, bias_hh, states[t], scratch_gates, scratch_aux, False)
+        _step_forward(p, math, gx[t], h, weights, bias_ih, bias_hh, states[t], scratch_gates, scratch_aux, False)
         h = states[t]
 
 
@@ -291,9 +305,8 @@ def _previous_states(h0: Tensor, states: Tensor, reverse: bool) -> Tensor:
     return torch.cat([h0.unsqueeze(0), states[:-1]]).flatten(0, 1)
 
 
-def _sum_but_channels(t: Tensor, channel_dim: int = 2) -> Tensor:
-    """(T, N, C, *S) -> (C,), or (N, C, *S) -> (C,) with ``channel_dim=1``."""
-    return t.sum(dim=list(range(channel_dim)) + list(range(channel_dim + 1, t.dim())))
+#: (dims, channel dim) -> every other dim: what a bias gradient sums over.
+_ALL_BUT = {(n, c): tuple(d for d in range(n) if d != c) for n in range(3, 7) for c in (1, 2)}
 
 
 def _bwd_outputs(states: Tensor, h0: Tensor, weight_hh: Tensor, has_bias: bool):
@@ -319,16 +332,17 @@ def _dense_like(p: Plan, grad: Tensor, states: Tensor) -> Tensor:
     return grad
 
 
-def _step_backward(p: Plan, grad: Tensor, grad2: Optional[Tensor], h: Tensor, weights, gates: Tensor, aux: Tensor,
-                   d_gx: Tensor, d_gh, d_rz, d_n, d_h: Tensor, with_weights: bool) -> tuple:
+def _step_backward(p: Plan, math, grad: Tensor, grad2: Optional[Tensor], h: Tensor, weights, gates: Tensor,
+                   aux: Tensor, d_gx: Tensor, d_gh, d_rz, d_n, d_h: Tensor, with_weights: bool) -> tuple:
     """One step of the backward time loop, from dL/dh' = ``grad`` + ``grad2``
     (``grad2`` may be ``None``; the kernels add them): writes the step's
     pre-activation gradients ``d_gx`` (and ``d_gh`` with reset_after; ``d_rz``
     and ``d_n`` are the channel slices of ``d_gx`` without) and ``d_h`` =
     dL/dh. With ``with_weights`` returns the hidden weight gradients of this
     step, one per tensor of ``weights`` (:func:`_hidden_weights`), from the
-    same convolution backward calls; else ``None`` for each."""
-    math, conv_backward = p.math, p.conv_backward
+    same convolution backward calls; else ``None`` for each. ``math``:
+    ``p.math`` bound to the call."""
+    conv_backward = p.conv_backward
     if p.reset_after:
         math.reset_after_bwd(grad, grad2, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
         d_h_conv, d_w = conv_backward(d_gh, h, weights[0], True, with_weights)
@@ -346,15 +360,13 @@ def _parameter_grads(p: Plan, d_weights, weight_hh: Tensor, d_gates_x: Tensor, d
                      channel_dim: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(d_weight_hh, d_bias_ih, d_bias_hh) from the hidden weight gradients and
     the pre-activation gradients (channels in dim ``channel_dim``)."""
-    if p.reset_after:
-        d_weight_hh = d_weights[0].contiguous()
-    else:
-        d_weight_hh = torch.cat(d_weights, out=torch.empty_like(weight_hh, memory_format=torch.contiguous_format))
+    d_weight_hh = (d_weights[0] if p.reset_after else torch.cat(d_weights)).contiguous()
     if not has_bias:
         return d_weight_hh, d_gates_x.new_empty((0,)), d_gates_x.new_empty((0,))
-    d_bias_ih = _sum_but_channels(d_gates_x, channel_dim)
+    dims = _ALL_BUT[d_gates_x.dim(), channel_dim]
+    d_bias_ih = d_gates_x.sum(dims)
     # Both biases add to the same pre-activations, except b_hn with reset_after.
-    d_bias_hh = _sum_but_channels(d_gates_h, channel_dim) if p.reset_after else d_bias_ih.clone()
+    d_bias_hh = d_gates_h.sum(dims) if p.reset_after else d_bias_ih.clone()
     return d_weight_hh, d_bias_ih, d_bias_hh
 
 
@@ -368,10 +380,9 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
     channels_last = is_channels_last(h0)
     d_gates_x = _empty_frames(steps, h0, 3 * hidden, channels_last)
     weights = _hidden_weights(p, weight_hh)
+    grad_states = _dense_like(p, grad_states, states)
     # Per-step frames, made once per call.
-    grad_t, states_t, gates_t, aux_t, d_gx_t = (
-        t.unbind(0) for t in (_dense_like(p, grad_states, states), states, gates, aux, d_gates_x)
-    )
+    grad_t, states_t, gates_t, aux_t, d_gx_t = (t.unbind(0) for t in (grad_states, states, gates, aux, d_gates_x))
     if p.reset_after:
         d_gates_h = _empty_frames(steps, h0, 3 * hidden, channels_last)
         d_gh_t, d_rz_t, d_n_t = d_gates_h.unbind(0), (None,) * steps, (None,) * steps
@@ -385,6 +396,7 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
     spare = [empty_in_layout(h0.shape, h0.dtype, h0.device, channels_last)]
     if steps > 1:
         spare.append(torch.empty_like(spare[0]))
+    math = p.math.bind(spare[0], None, None, (grad_states, h0, states, gates, aux)) if steps else p.math
     # One step: the weight gradients come from the same convolution backward
     # calls as the data gradients (two calls instead of four).
     one = steps == 1
@@ -395,8 +407,8 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
         d_h = spare[i % 2]
         # dL/dh_t = (from the output at t) + (carried from step t+1), added in the kernel.
         grad, grad2 = (grad_t[t], None) if carry is None else (carry, grad_t[t])
-        d_weights = _step_backward(p, grad, grad2, h0 if i == 0 else states_t[order[i - 1]], weights, gates_t[t],
-                                   aux_t[t], d_gx_t[t], d_gh_t[t], d_rz_t[t], d_n_t[t], d_h, one)
+        d_weights = _step_backward(p, math, grad, grad2, h0 if i == 0 else states_t[order[i - 1]], weights,
+                                   gates_t[t], aux_t[t], d_gx_t[t], d_gh_t[t], d_rz_t[t], d_n_t[t], d_h, one)
         carry = d_h
     d_h0 = carry
     if not one:
@@ -421,8 +433,10 @@ def _backward_step(p: Plan, grad: Tensor, h: Tensor, weight_hh: Tensor, state: T
         d_gh, d_rz, d_n = _empty_frame(h, 3 * hidden, channels_last), None, None
     else:
         d_gh, (d_rz, d_n) = None, d_gx.split_with_sizes((2 * hidden, hidden), 1)
-    d_weights = _step_backward(p, _dense_like(p, grad, state), None, h, _hidden_weights(p, weight_hh), gates, aux,
-                               d_gx, d_gh, d_rz, d_n, d_h, True)
+    grad = _dense_like(p, grad, state)
+    math = p.math.bind(d_h, None, None, (grad, h, gates, aux))
+    d_weights = _step_backward(p, math, grad, None, h, _hidden_weights(p, weight_hh), gates, aux, d_gx, d_gh, d_rz,
+                               d_n, d_h, True)
     return (d_gx, d_h) + _parameter_grads(p, d_weights, weight_hh, d_gx, d_gh, has_bias, 1)
 
 
@@ -566,7 +580,9 @@ class _ConvGRUFunction(torch.autograd.Function):
         hidden, channels_last = h0.shape[1], is_channels_last(h0)
         if step:
             states, gates, aux = (_empty_frame(h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
-            _step_forward(p, gates_x, h0, _hidden_weights(p, weight_hh), bias_ih, bias_hh, states, gates, aux, True)
+            math = p.math.bind(states, bias_ih, bias_hh, (gates_x, h0))
+            _step_forward(p, math, gates_x, h0, _hidden_weights(p, weight_hh), bias_ih, bias_hh, states, gates, aux,
+                          True)
         else:
             steps = gates_x.shape[0]
             states, gates, aux = (_empty_frames(steps, h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
@@ -634,10 +650,11 @@ def _run(p: Plan, gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_ih, bias_
     if step:
         hidden = h0.shape[1]
         state = _empty_frame(h0, hidden, channels_last)
+        math = p.math.bind(state, bias_ih, bias_hh, (gates_x, h0))
         if p.reset_after:
-            _step_forward(p, gates_x, h0, (weight_hh,), bias_ih, bias_hh, state, None, None, False)
+            _step_forward(p, math, gates_x, h0, (weight_hh,), bias_ih, bias_hh, state, None, None, False)
         else:
-            _step_forward(p, gates_x, h0, _hidden_weights(p, weight_hh), bias_ih, bias_hh, state,
+            _step_forward(p, math, gates_x, h0, _hidden_weights(p, weight_hh), bias_ih, bias_hh, state,
                           _empty_frame(h0, 3 * hidden, channels_last), _empty_frame(h0, hidden, channels_last), False)
         return state
     states = _empty_frames(gates_x.shape[0], h0, h0.shape[1], channels_last)

@@ -509,7 +509,7 @@ _LOW_BITS = (15).__and__
 
 
 def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int, flags,
-            bias=(), with_gx: bool = False) -> None:
+            bias=(), with_gx: bool = False) -> Optional[tuple]:
     """Launch ``kernel`` over the tiles of ``out``.
 
     ``tensors`` are the kernel's tensor arguments in order, ``n_inputs`` inputs
@@ -521,7 +521,9 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
     The common case -- every tensor dense per sample in the launch's layout, one
     dtype, a specialization launched before -- is a few C-level passes over the
     tensors and a replay of the compiled kernel; anything else
-    (:func:`_launch_slow`) copies where needed and goes through the binder."""
+    (:func:`_launch_slow`) copies where needed and goes through the binder.
+    Returns the replayed or kept compiled kernel's entry where the tensors were
+    launched as given (no copies), else ``None``."""
     geo = _geometry(name, out)
     pointers = (*tensors, *bias)
     strides = tuple(map(_STRIDE, tensors))
@@ -542,12 +544,12 @@ def _launch(kernel, name: str, out: torch.Tensor, tensors, slots, n_inputs: int,
         entry = geo.replays.get((id(kernel), flags, low, gx_stride, active, device))
         if entry is not None:
             _replay(entry, geo.grid, active.get_current_stream(device), pointers)
-            return
-    _launch_slow(kernel, geo, tensors, slots, n_inputs, flags, bias, with_gx, conforming)
+            return entry
+    return _launch_slow(kernel, geo, tensors, slots, n_inputs, flags, bias, with_gx, conforming)
 
 
 def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, bias, with_gx: bool,
-                 conforming: bool) -> None:
+                 conforming: bool) -> Optional[tuple]:
     """:func:`_launch` the first time for a specialization, or with tensors that
     need copies (strided views, the other layout) or mix dtypes: through the
     binder, keeping the compiled kernel for replay where it can be replayed."""
@@ -571,6 +573,7 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
     kwargs = geo.launch_kwargs(align, flags)
     # Replayed only when every pointer has the launch's dtype (the binder
     # specializes on dtypes too; this package never mixes them).
+    entry = None
     if not (_DIRECT_LAUNCH and all(t.dtype == geo.dtype for t in pointers)):
         kernel[geo.grid](*pointers, *sizes, **kwargs)
     else:
@@ -585,10 +588,11 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
             if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
                 names = [p for p in inspect.signature(kernel.fn).parameters if p in kwargs]
                 # The kernel is kept with its entry: its id in the key is never reused.
-                geo.replays[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                                    compiled.launch_metadata, sizes + tuple(kwargs[p] for p in names), kernel)
+                entry = geo.replays[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                            compiled.launch_metadata, sizes + tuple(kwargs[p] for p in names), kernel)
     for target, scratch in copy_back:
         target.copy_(scratch)
+    return None if copy_back or not conforming else entry
 
 
 # ----------------------------------------------------------------------------
@@ -631,6 +635,136 @@ def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
     runtime = triton.knobs.runtime
     run(grid[0], 1, 1, stream, function, packed_metadata, launch_metadata(grid, stream, *every),
         runtime.launch_enter_hook, runtime.launch_exit_hook, *every)
+
+
+# ----------------------------------------------------------------------------
+# Launches bound to one step geometry (the sequence operator's fast path)
+#
+# The sequence operator (and the cell, one step of it) allocates every output
+# and carries every state in the layout and dtype of its initial state, so
+# within one of its calls every launch has the same geometry and dtype. It binds
+# the launches once per call (:func:`_bind`); each launch then checks only the
+# tensors that come from outside (its inputs: pre-activations, convolution
+# outputs, the initial state, incoming gradients) against the strides the
+# kernel reads, takes the low bits of every address, and replays the kernel
+# compiled for them. Anything else falls back to the launcher functions below
+# (and the first launch of a specialization goes through them, keeping what it
+# compiled). Measured with the kernels stubbed (bench/host_overhead.py): the
+# ~9 us of a launcher call became ~4 us (tight loop), the in-situ share of a
+# RAFT cell step ~25 -> ~12 us per launch.
+# ----------------------------------------------------------------------------
+
+
+class _BoundKernel:
+    """One kernel's launches over one step geometry and flags: the strides its
+    inputs must have, its grid, and the compiled kernels it replays, keyed by
+    (low address bits, gx sample stride, driver, device)."""
+
+    __slots__ = ("want", "gx_tail", "grid", "replays")
+
+    def __init__(self, geo: _Geometry, slots, n_inputs: int, with_gx: bool):
+        want = geo.want(slots)[:n_inputs]
+        # gx is checked but for its sample stride (a frame of a batch-major sequence).
+        self.want, self.gx_tail = (want[1:], geo.gx_tail) if with_gx else (want, None)
+        self.grid = geo.grid
+        self.replays: Dict[tuple, tuple] = {}
+
+
+#: (state shape, strides, dtype, device, biases or not, tuning generation) -> {(kernel name, flags): _BoundKernel}
+_STEPS: Dict[tuple, Dict[tuple, _BoundKernel]] = {}
+
+
+class _Bound:
+    """The launchers' interface (the methods of ``conv_gru._TritonGateMath``)
+    for one call of the sequence operator, bound by :func:`_bind`."""
+
+    __slots__ = ("kernels", "has_bias", "bias", "active", "device", "stream")
+
+    def _go(self, kernel, name: str, out, tensors, slots, n_inputs: int, flags, bias, with_gx: bool) -> None:
+        bound = self.kernels.get((name, flags))
+        key = None
+        if bound is not None:
+            strides = tuple(map(_STRIDE, tensors[:n_inputs]))
+            if with_gx:
+                gx_stride = strides[0][0]
+                fits = strides[0][1:] == bound.gx_tail and strides[1:] == bound.want
+            else:
+                gx_stride = 0
+                fits = strides == bound.want
+            if fits:
+                pointers = tensors + bias
+                key = (bytes(map(_LOW_BITS, map(_DATA_PTR, pointers))), gx_stride, self.active, self.device)
+                entry = bound.replays.get(key)
+                if entry is not None:
+                    _replay(entry, bound.grid, self.stream, pointers)
+                    return
+        entry = _launch(kernel, name, out, tensors, slots, n_inputs, flags, bias, with_gx)
+        if bound is None:
+            geo = _geometry(name, out)
+            bound = self.kernels[name, flags] = _BoundKernel(geo, slots, n_inputs, with_gx)
+        elif key is not None and entry is not None:
+            bound.replays[key] = entry
+
+    def reset_after_fwd(self, gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
+        if gates is None:  # nothing saved: h_new stands in for the pointers of gates and aux
+            self._go(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gx, gh, h, h_new, h_new, h_new),
+                     (3, 3, 1, 1, 1, 1), 3, (("HAS_BIAS", self.has_bias), ("SAVE", False)), self.bias, True)
+        else:
+            self._go(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gx, gh, h, h_new, gates, aux),
+                     (3, 3, 1, 1, 3, 1), 3, (("HAS_BIAS", self.has_bias), ("SAVE", True)), self.bias, True)
+
+    def reset_after_bwd(self, grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
+        self._go(_gru_reset_after_bwd_kernel, "gru_reset_after_bwd", d_h,
+                 (grad, grad if grad2 is None else grad2, gates, aux, h, d_gx, d_gh, d_h),
+                 (1, 1, 3, 1, 1, 3, 3, 1), 5, (("HAS_GRAD2", grad2 is not None),), (), False)
+
+    def reset_gate_fwd(self, gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
+        self._go(_gru_reset_gate_fwd_kernel, "gru_reset_gate_fwd", rh, (gx, gh_rz, h, gates, rh), (3, 2, 1, 3, 1), 3,
+                 (("HAS_BIAS", self.has_bias),), self.bias, True)
+
+    def update_fwd(self, gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
+        self._go(_gru_update_fwd_kernel, "gru_update_fwd", h_new, (gx, gh_n, h, gates, h_new), (3, 1, 1, 3, 1), 3,
+                 (("HAS_BIAS", self.has_bias), ("SAVE", save)), self.bias, True)
+
+    def update_bwd(self, grad, grad2, gates, h, d_gates, *, d_h):
+        self._go(_gru_update_bwd_kernel, "gru_update_bwd", d_h,
+                 (grad, grad if grad2 is None else grad2, gates, h, d_gates, d_h), (1, 1, 3, 1, 3, 1), 4,
+                 (("HAS_GRAD2", grad2 is not None),), (), False)
+
+    def reset_gate_bwd(self, d_rh, gates, h, d_gates, d_h):
+        self._go(_gru_reset_gate_bwd_kernel, "gru_reset_gate_bwd", d_h, (d_rh, gates, h, d_gates, d_h),
+                 (1, 3, 1, 3, 1), 3, (), (), False)
+
+
+def _bind(out: torch.Tensor, bias_ih, bias_hh, others) -> Optional[_Bound]:
+    """The gate launches of one call of the sequence operator, whose every
+    output and carried state is laid out like ``out`` (a state frame it
+    allocated), or ``None`` where the launcher functions must run (replay off,
+    an empty state, tensors of another dtype among ``others`` and the biases,
+    biases that are not dense vectors)."""
+    if not _DIRECT_LAUNCH or out.numel() == 0:
+        return None
+    dtype = out.dtype
+    if bias_ih is None:
+        has_bias, bias = False, (out, out)  # never read: a stand-in pointer
+    else:
+        has_bias, bias = True, (bias_ih, bias_hh)
+        if bias_ih.stride() != (1,) or bias_hh.stride() != (1,):
+            return None
+    if any(t.dtype != dtype for t in bias + others):
+        return None
+    key = (out.shape, out.stride(), dtype, out.device, has_bias, _tuning.generation)
+    kernels = _STEPS.get(key)
+    if kernels is None:
+        if len(_STEPS) >= _MAX_GEOMETRIES:
+            _STEPS.clear()
+        kernels = _STEPS[key] = {}
+    bound = _Bound()
+    bound.kernels, bound.has_bias, bound.bias = kernels, has_bias, bias
+    active = bound.active = triton.runtime.driver.active
+    device = bound.device = active.get_current_device()
+    bound.stream = active.get_current_stream(device)
+    return bound
 
 
 def _biases(bias_ih, bias_hh, fallback):
