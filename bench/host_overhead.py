@@ -169,16 +169,20 @@ def stubbed_triton():
 @contextlib.contextmanager
 def gate_math_disabled():
     """Replace every method of the launchers' interface (``_TritonGateMath``) by a
-    no-op: what remains is the host time above the launchers."""
+    no-op, and its ``bind`` (the launches bound to one call) by the class: what
+    remains is the host time above the launchers."""
     from convgru_triton.ops import conv_gru
 
     cls = conv_gru._TritonGateMath
-    names = [n for n in ("reset_after_fwd", "reset_after_bwd", "reset_gate_fwd", "update_fwd", "update_bwd",
+    names = [n for n in ("bind", "reset_after_fwd", "reset_after_bwd", "reset_gate_fwd", "update_fwd", "update_bwd",
                          "reset_gate_bwd") if n in vars(cls)]
     saved = {n: vars(cls)[n] for n in names}
     try:
         for n in names:
-            setattr(cls, n, staticmethod(lambda *args, **kwargs: None))
+            if n == "bind":
+                setattr(cls, n, classmethod(lambda c, *args: c))
+            else:
+                setattr(cls, n, staticmethod(lambda *args, **kwargs: None))
         yield
     finally:
         for n, v in saved.items():
