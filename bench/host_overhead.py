@@ -25,9 +25,11 @@ CPU time of the thread (``time.thread_time``), not wall time: on a shared
 machine a process waiting for a core does not count, so the figures hold
 while other jobs run (caches shared with them still move them a little).
 Providers are timed interleaved (round-robin, ``--repeats`` times), and the
-median of the per-call times is reported with its min-max spread.
+median of the per-call times is reported with its min-max spread; a ratio
+between two providers is the median over rounds of their times in the same
+round (:func:`paired_ratio`).
 
-    python -m bench.host_overhead [--steps 300] [--repeats 7] [--out bench/results]
+    python -m bench.host_overhead [--steps 300] [--repeats 11] [--out bench/results]
 
 writes ``host_overhead-cpu.{json,md}``. The fake target needs Triton 3.x
 (``triton.runtime.driver.set_active``, ``JITFunction._do_compile``); see
@@ -362,7 +364,7 @@ def steps_of(row: Row) -> int:
     return STEPS if row.kind == "sequence" else 1
 
 
-def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int = 7) -> Dict:
+def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int = 11) -> Dict:
     """Per row and provider: per-call host time in microseconds (median, min, max over
     ``repeats`` interleaved runs of ``steps`` calls) and kernel launches per call."""
     torch.set_num_threads(1)
@@ -406,11 +408,20 @@ def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int
     return results
 
 
-def _ratio(results: Dict, label: str, provider: str, base: str = "raft") -> str:
+def paired_ratio(results: Dict, label: str, provider: str, base: str = "raft") -> Optional[float]:
+    """The median over rounds of ``provider``'s time over ``base``'s in the same
+    round: a paired comparison, runs taken a fraction of a second apart, which
+    the machine's load moves far less than it moves either median (on the shared
+    2-core VM single runs of one provider ranged over 1.5x)."""
     r = results[label]
     if provider not in r or base not in r:
-        return "—"
-    return f"{r[provider]['median_us'] / r[base]['median_us']:.2f}×"
+        return None
+    return statistics.median(a / b for a, b in zip(r[provider]["runs_us"], r[base]["runs_us"]))
+
+
+def _ratio(results: Dict, label: str, provider: str, base: str = "raft") -> str:
+    ratio = paired_ratio(results, label, provider, base)
+    return "—" if ratio is None else f"{ratio:.2f}×"
 
 
 def markdown(results: Dict, info: Optional[Dict] = None) -> str:
@@ -421,7 +432,7 @@ def markdown(results: Dict, info: Optional[Dict] = None) -> str:
     lines += [
         "Host CPU µs per call (thread CPU time; median of interleaved runs, min–max in brackets). `ours`: Triton path, GPU work "
         "stubbed; `above`: the same with the launchers' interface stubbed (inside = ours − above); "
-        "ratios are against `raft`.",
+        "ratios are against `raft`: the median over rounds of the two providers' times in the same round.",
         "",
         "| row | raft | seed | ours (Triton) | above launchers | inside | ours / raft | above / raft | ours (torch) |"
         " torch / raft | launches |",
@@ -474,7 +485,7 @@ def _machine_info() -> Dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="calls per timed run")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved runs per provider")
+    parser.add_argument("--repeats", type=int, default=11, help="interleaved runs per provider")
     parser.add_argument("--rows", default="all", help="comma-separated row kinds: cell,sep,sequence")
     parser.add_argument("--out", default=None, help="directory for host_overhead-cpu.{json,md}")
     args = parser.parse_args(argv)

@@ -422,21 +422,21 @@ def _backward(p: Plan, grad_states: Tensor, h0: Tensor, weight_hh: Tensor, state
     return (d_gates_x, d_h0) + _parameter_grads(p, d_weights, weight_hh, d_gates_x, d_gates_h, has_bias, 2)
 
 
-def _backward_step(p: Plan, grad: Tensor, h: Tensor, weight_hh: Tensor, state: Tensor, gates: Tensor, aux: Tensor,
-                   has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_step(p: Plan, grad: Tensor, h: Tensor, weight_hh: Tensor, weights, state: Tensor, gates: Tensor,
+                   aux: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_backward` of one step's (N, ...) tensors (the cell): no time dim
-    to add and remove; d_gates_x is (N, 3H, *S)."""
+    to add and remove; d_gates_x is (N, 3H, *S). ``weights``: those of
+    :func:`_hidden_weights`."""
     hidden, channels_last = h.shape[1], is_channels_last(h)
     d_gx = _empty_frame(h, 3 * hidden, channels_last)
-    d_h = empty_in_layout(h.shape, h.dtype, h.device, channels_last)
+    d_h = torch.empty_like(state)  # dense in the state's layout (the operator made it)
     if p.reset_after:
         d_gh, d_rz, d_n = _empty_frame(h, 3 * hidden, channels_last), None, None
     else:
         d_gh, (d_rz, d_n) = None, d_gx.split_with_sizes((2 * hidden, hidden), 1)
     grad = _dense_like(p, grad, state)
     math = p.math.bind(d_h, None, None, (grad, h, gates, aux))
-    d_weights = _step_backward(p, math, grad, None, h, _hidden_weights(p, weight_hh), gates, aux, d_gx, d_gh, d_rz,
-                               d_n, d_h, True)
+    d_weights = _step_backward(p, math, grad, None, h, weights, gates, aux, d_gx, d_gh, d_rz, d_n, d_h, True)
     return (d_gx, d_h) + _parameter_grads(p, d_weights, weight_hh, d_gx, d_gh, has_bias, 1)
 
 
@@ -581,8 +581,10 @@ class _ConvGRUFunction(torch.autograd.Function):
         if step:
             states, gates, aux = (_empty_frame(h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
             math = p.math.bind(states, bias_ih, bias_hh, (gates_x, h0))
-            _step_forward(p, math, gates_x, h0, _hidden_weights(p, weight_hh), bias_ih, bias_hh, states, gates, aux,
-                          True)
+            # Kept for the backward pass (views of weight_hh, which is saved:
+            # an in-place change of it is still caught there).
+            ctx.weights = _hidden_weights(p, weight_hh)
+            _step_forward(p, math, gates_x, h0, ctx.weights, bias_ih, bias_hh, states, gates, aux, True)
         else:
             steps = gates_x.shape[0]
             states, gates, aux = (_empty_frames(steps, h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
@@ -606,7 +608,7 @@ class _ConvGRUFunction(torch.autograd.Function):
             if step:
                 results = (results[0].squeeze(0),) + tuple(results[1:])
         elif step:
-            results = _backward_step(p, grad, h0, weight_hh, states, gates, aux, ctx.has_bias)
+            results = _backward_step(p, grad, h0, weight_hh, ctx.weights, states, gates, aux, ctx.has_bias)
         else:
             results = _backward(p, grad, h0, weight_hh, states, gates, aux, ctx.has_bias)
         return _input_grads(ctx, results, 2)

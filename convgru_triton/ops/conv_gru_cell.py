@@ -751,7 +751,8 @@ def _bind(out: torch.Tensor, bias_ih, bias_hh, others) -> Optional[_Bound]:
         has_bias, bias = True, (bias_ih, bias_hh)
         if bias_ih.stride() != (1,) or bias_hh.stride() != (1,):
             return None
-    if any(t.dtype != dtype for t in bias + others):
+    others = bias + others
+    if tuple(map(_DTYPE, others)).count(dtype) != len(others):
         return None
     key = (out.shape, out.stride(), dtype, out.device, has_bias, _tuning.generation)
     kernels = _STEPS.get(key)
