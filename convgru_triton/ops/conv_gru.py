@@ -531,8 +531,15 @@ def _input_grads(ctx, grads, static_args: int) -> tuple:
     weight_hh, bias_ih, bias_hh) where asked for (biases only when there are
     some), then ``None`` for each of the ``static_args`` arguments that follow."""
     need = ctx.needs_input_grad
-    kept = tuple(g if need[i] and (i < 3 or ctx.has_bias) else None for i, g in enumerate(grads))
-    return kept + (None,) * static_args
+    d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = grads
+    has_bias = ctx.has_bias
+    return (
+        d_gates_x if need[0] else None,
+        d_h0 if need[1] else None,
+        d_weight_hh if need[2] else None,
+        d_bias_ih if need[3] and has_bias else None,
+        d_bias_hh if need[4] and has_bias else None,
+    ) + (None,) * static_args
 
 
 def _make_backward(backward_op):
@@ -716,6 +723,11 @@ def _autocasting(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+# One C call that answers "autocast is off for every device" (the common case),
+# before asking about the tensors' device type (three calls); torch >= 2.4.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+
+
 def _shapes_only(gates_x: Tensor) -> bool:
     """Meta or fake tensors: the operator's fake implementation gives the
     shapes without stepping through time (and launches no kernel)."""
@@ -742,7 +754,7 @@ def _plain_eager(gates_x: Tensor) -> bool:
     replay applies as is."""
     return not (
         torch.compiler.is_compiling()
-        or _autocasting(gates_x.device.type)
+        or (_any_autocast() and _autocasting(gates_x.device.type))
         or torch._C._get_tracing_state()
         or torch._C._functorch.maybe_current_level() is not None
         or _shapes_only(gates_x)
