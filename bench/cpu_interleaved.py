@@ -90,7 +90,8 @@ def markdown(results: Dict, info: Dict, label: str, rounds: int) -> str:
         f"{str(info.get('commit'))[:12]} ({label})",
         "",
         "`ours vs faster baseline`: the faster baseline's median over ours'; `paired`: the median over rounds of "
-        "the same ratio within each round.",
+        "the faster baseline's time in that round over ours (which favours the baselines a little: the faster of "
+        "two noisy times).",
         "",
         "| workload | pass | seed | raft | ours | ours vs faster baseline | paired |",
         "|---|---|--:|--:|--:|--:|--:|",

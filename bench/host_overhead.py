@@ -97,14 +97,15 @@ def _jit_functions():
 
 class _FakeState:
     """What the fake target keeps between :func:`stubbed_triton` blocks: its
-    driver, each kernel's cache of stubs and the launchers' geometries (which
-    hold the kernels they replay), so that the interleaved timed runs measure
+    driver, each kernel's cache of stubs and the launchers' geometries and bound
+    kernels (which hold the kernels they replay), so that the interleaved timed runs measure
     the steady state, not a first launch through the binder each time."""
 
     def __init__(self) -> None:
         self.driver = FakeCudaDriver(90)
         self.device_caches: Dict = {}
         self.geometries: Dict = {}
+        self.steps: Dict = {}
         self.counter = [0]
 
 
@@ -144,12 +145,12 @@ def stubbed_triton():
         self.device_caches[device][0][key] = stub
         return stub
 
-    # The launchers' geometries, which keep the compiled kernels they replay, are
-    # swapped too: stubs must never outlive the fake target, nor real kernels be
+    # The launchers' geometries and bound kernels, which keep the compiled
+    # kernels they replay, are swapped too: stubs must never outlive the fake target, nor real kernels be
     # replayed inside it.
-    saved_geometries = launchers._GEOMETRIES
+    saved_geometries, saved_steps = launchers._GEOMETRIES, launchers._STEPS
     try:
-        launchers._GEOMETRIES = fake.geometries
+        launchers._GEOMETRIES, launchers._STEPS = fake.geometries, fake.steps
         driver.set_active(fake.driver)
         JITFunction._do_compile = no_compile
         backend_rule._interpreter_enabled = lambda: True
@@ -159,8 +160,8 @@ def stubbed_triton():
             k.device_caches = fake.device_caches[k]
         yield counter
     finally:
-        fake.geometries = launchers._GEOMETRIES
-        launchers._GEOMETRIES = saved_geometries
+        fake.geometries, fake.steps = launchers._GEOMETRIES, launchers._STEPS
+        launchers._GEOMETRIES, launchers._STEPS = saved_geometries, saved_steps
         for k, caches in zip(kernels, saved_caches):
             k.device_caches = caches
         backend_rule._interpreter_enabled = saved_interpreter

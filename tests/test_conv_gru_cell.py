@@ -435,3 +435,27 @@ def test_strided_output_standing_in_for_unsaved_outputs(device):
     h_new = torch.zeros(n, 2, hidden, *spatial, dtype=h.dtype, device=device)[:, 0]
     op._reset_after_fwd(gx, gh, h, b_ih, b_hh, False, h_new=h_new)
     torch.testing.assert_close(h_new, gru_reset_after_fwd_ref(gx, gh, h, b_ih, b_hh)[0])
+
+
+def test_align_follows_the_tensors_not_the_biases(monkeypatch):
+    """ALIGN (the vector width the kernels are compiled for) must divide every
+    tensor's start; the biases are indexed per channel, not with it, so a bias
+    off a 16-byte boundary must not narrow the accesses of every tensor."""
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs["ALIGN"])
+
+    monkeypatch.setattr(op, "_gru_reset_gate_fwd_kernel", Recorder())
+    gx, gh, h = torch.randn(2, 12, 4, 8), torch.randn(2, 8, 4, 8), torch.randn(2, 4, 4, 8)
+    bias_ih, bias_hh = torch.randn(12), torch.randn(12)
+    flat = torch.randn(2 * 12 + 2)
+    off_ih, off_hh = flat[1:13], flat[14:26]  # 4 bytes past a 16-byte boundary
+    assert off_ih.data_ptr() % 16 and off_hh.data_ptr() % 16
+    for b_ih, b_hh in ((bias_ih, bias_hh), (off_ih, off_hh)):
+        op._reset_gate_fwd(gx, gh, h, b_ih, b_hh)
+    assert seen == [4, 4]  # 8 float32 pixels a row: 16-byte rows, whatever the biases
+    off_h = torch.randn(h.numel() + 1)[1:].view_as(h)
+    op._reset_gate_fwd(gx, gh, off_h, bias_ih, bias_hh)
+    assert seen[-1] == 1  # a tensor off the boundary does narrow them

@@ -91,3 +91,20 @@ def test_environment_variable_is_part_of_the_key(monkeypatch, counted_plans):
     monkeypatch.setenv(backend_module.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="CONVGRU_TRITON_BACKEND"):
         cell(x, h)
+
+
+def test_autocast_check_sees_every_device_type():
+    """The plain-eager check asks one C call whether any autocast is on, for CPU
+    and CUDA tensors; that call does not cover every device type (not "mps"
+    in torch 2.13), so for others autocast is asked about the device itself."""
+    from convgru_triton.ops import conv_gru
+
+    assert not conv_gru._autocasting_fast("cpu")
+    with torch.autocast("cpu"):
+        assert conv_gru._autocasting_fast("cpu")
+    if torch.amp.is_autocast_available("mps"):
+        torch.set_autocast_enabled("mps", True)
+        try:
+            assert conv_gru._autocasting_fast("mps")
+        finally:
+            torch.set_autocast_enabled("mps", False)

@@ -101,9 +101,10 @@ _launchers = None  # convgru_triton.ops.conv_gru_cell, imported by the first Tri
 
 class _TritonGateMath:
     """The launchers of :mod:`.conv_gru_cell` (imported by the first plan that
-    uses them: the package works without Triton), looked up at call time so
-    that tests can wrap them. ``bind`` gives the launches bound to one call's
-    step geometry where they can be (``conv_gru_cell._bind``), else these."""
+    uses them: the package works without Triton), looked up at call time.
+    ``bind`` gives the launches bound to one call's step geometry where they
+    can be (``conv_gru_cell._bind``: compiled kernels, replay on), else these
+    (so a test that wraps a launcher makes ``_bind`` return ``None``)."""
 
     @classmethod
     def bind(cls, out, bias_ih, bias_hh, others):
@@ -723,9 +724,16 @@ def _autocasting(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-# One C call that answers "autocast is off for every device" (the common case),
-# before asking about the tensors' device type (three calls); torch >= 2.4.
+# One C call that answers "autocast is off" for CPU and CUDA tensors (the
+# common case) before the two calls of _autocasting; torch >= 2.4. It does not
+# cover every device type (not "mps" in torch 2.13): others ask _autocasting.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+
+
+def _autocasting_fast(device_type: str) -> bool:
+    if device_type in ("cpu", "cuda") and not _any_autocast():
+        return False
+    return _autocasting(device_type)
 
 
 def _shapes_only(gates_x: Tensor) -> bool:
@@ -754,7 +762,7 @@ def _plain_eager(gates_x: Tensor) -> bool:
     replay applies as is."""
     return not (
         torch.compiler.is_compiling()
-        or (_any_autocast() and _autocasting(gates_x.device.type))
+        or _autocasting_fast(gates_x.device.type)
         or torch._C._get_tracing_state()
         or torch._C._functorch.maybe_current_level() is not None
         or _shapes_only(gates_x)

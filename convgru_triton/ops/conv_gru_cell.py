@@ -343,10 +343,12 @@ def _gru_reset_gate_bwd_kernel(
 # left out is allocated. Buffers are (N, C, *S). A launch follows the layout of
 # its output (h' or d h). The sequence operator hands over tensors that are dense
 # per sample in that layout, and then a launch is: one dict look-up for what
-# depends only on the output's shape (``_geometry``), a stride comparison per
-# tensor, the alignment, the kernel. Anything else (a strided view, a tensor in
-# the other layout) is copied into a conforming buffer first, and outputs copied
-# back after: correct, slower, and never what the package's own callers do.
+# depends only on the output's shape (``_geometry``), a stride and dtype
+# comparison per tensor, the low address bits, the kernel (the operator itself
+# launches through the bound launches below, which check even less). Anything
+# else (a strided view, a tensor in the other layout) is copied into a
+# conforming buffer first, and outputs copied back after: correct, slower, and
+# never what the package's own callers do.
 # ----------------------------------------------------------------------------
 
 
@@ -560,9 +562,10 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
     size = geo.element_size
     gx_stride = tensors[0].stride(0) if with_gx else 0
     low = bytes(map(_LOW_BITS, map(_DATA_PTR, pointers)))
-    # ALIGN must divide every tensor's start and the gx sample stride (elements).
+    # ALIGN must divide every tensor's start and the gx sample stride (elements);
+    # the biases are not indexed with it.
     bits = gx_stride * size
-    for b in low:
+    for b in low[:len(tensors)]:
         bits |= b
     align = geo.align
     while bits & (align * size - 1):
@@ -614,10 +617,12 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
 # launch hooks (profilers) see the same calls. tests/test_direct_launch.py
 # checks the arguments against the binder's on the installed Triton. What the
 # binder does besides specializing is skipped on a replay: its check that global
-# constexprs did not change, ``pre_run_hooks``, and ``knobs.runtime.debug``
-# switched on after the first launch; for those, CONVGRU_TRITON_DIRECT_LAUNCH=0
-# (read at import) turns replay off. So does the Triton interpreter, where
-# kernels are not compiled.
+# constexprs did not change, ``pre_run_hooks``, and knobs it reads at every
+# launch (``knobs.runtime.debug``, ``add_stages_inspection_hook``,
+# ``knobs.compilation.instrumentation_mode`` and ``fpsan_homomorphic_casts`` in
+# Triton 3.9) changed after the first launch; for those,
+# CONVGRU_TRITON_DIRECT_LAUNCH=0 (read at import) turns replay off. So does the
+# Triton interpreter, where kernels are not compiled.
 # ----------------------------------------------------------------------------
 
 _DIRECT_LAUNCH = (
@@ -649,9 +654,10 @@ def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
 # kernel reads, takes the low bits of every address, and replays the kernel
 # compiled for them. Anything else falls back to the launcher functions below
 # (and the first launch of a specialization goes through them, keeping what it
-# compiled). Measured with the kernels stubbed (bench/host_overhead.py): the
-# ~9 us of a launcher call became ~4 us (tight loop), the in-situ share of a
-# RAFT cell step ~25 -> ~12 us per launch.
+# compiled). Measured with the kernels stubbed (bench/host_overhead.py, the
+# "inside" column): a no-grad ConvGRUCell2d step spent 73 us in its two
+# launches with the general launchers alone (commit 6fcd22e), 37 us with the
+# bound launches, the bind included (commit 0d20d37).
 # ----------------------------------------------------------------------------
 
 
