@@ -67,6 +67,7 @@ class _PausingKernel:
 
     def __init__(self, kernel, recorder):
         self._kernel, self._recorder = kernel, recorder
+        self.fn = getattr(kernel, "fn", None)  # its parameters (the launchers read them to replay it)
 
     def __getitem__(self, grid):
         launch = self._kernel[grid]

@@ -588,8 +588,10 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
             _replay(entry, geo.grid, active.get_current_stream(device), pointers)
         else:
             compiled = kernel[geo.grid](*pointers, *sizes, **kwargs)
-            if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
-                names = [p for p in inspect.signature(kernel.fn).parameters if p in kwargs]
+            fn = getattr(kernel, "fn", None)  # the Python function of a JITFunction: its parameters' order
+            if fn is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata",
+                                                                     "launch_metadata")):
+                names = [p for p in inspect.signature(fn).parameters if p in kwargs]
                 # The kernel is kept with its entry: its id in the key is never reused.
                 entry = geo.replays[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                                             compiled.launch_metadata, sizes + tuple(kwargs[p] for p in names), kernel)
