@@ -48,17 +48,7 @@ def measure(rounds: int, names=None) -> Dict:
             for provider in PROVIDERS:
                 model = wl.build_model(workload, provider, master, torch.float32)
                 inputs = wl.make_inputs(workload, device, torch.float32, requires_grad=backward)
-                leaves = list(model.parameters()) + inputs.leaves()
-
-                def step(model=model, inputs=inputs, leaves=leaves):
-                    for t in leaves:
-                        t.grad = None
-                    if backward:
-                        torch.autograd.backward(model(inputs.xs, inputs.hs), inputs.grads)
-                    else:
-                        with torch.no_grad():
-                            model(inputs.xs, inputs.hs)
-
+                step = wl.make_step(model, inputs, backward)
                 step()
                 step()
                 steps[provider] = step

@@ -31,16 +31,10 @@ def profile_provider(workload, provider, dtype, device, backward: bool, steps: i
     master = wl.make_master(workload, device)
     model = wl.build_model(workload, provider, master, dtype)
     inputs = wl.make_inputs(workload, device, dtype, requires_grad=backward)
-    params = list(model.parameters())
+    run = wl.make_step(model, inputs, backward)
 
     def step():
-        for t in params + inputs.leaves():
-            t.grad = None
-        if backward:
-            torch.autograd.backward(model(inputs.xs, inputs.hs), inputs.grads)
-        else:
-            with torch.no_grad():
-                model(inputs.xs, inputs.hs)
+        run()
         sync(device)
 
     for _ in range(3):

@@ -19,7 +19,7 @@ from the same master weights (:func:`make_master`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -308,6 +308,24 @@ def make_inputs(workload: Workload, device, dtype: torch.dtype, requires_grad: b
         if t is not None:
             t.requires_grad_(requires_grad)
     return Inputs(xs, hs, grads)
+
+
+def make_step(model: nn.Module, inputs: Inputs, backward: bool) -> Callable[[], None]:
+    """One call of a workload as the timing scripts run it: the gradients of the
+    parameters and inputs cleared, then the forward pass under ``torch.no_grad()``,
+    or forward and backward with the inputs' output gradients (no device sync)."""
+    leaves = list(model.parameters()) + inputs.leaves()
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        if backward:
+            torch.autograd.backward(model(inputs.xs, inputs.hs), inputs.grads)
+        else:
+            with torch.no_grad():
+                model(inputs.xs, inputs.hs)
+
+    return step
 
 
 def state_bytes(workload: Workload, dtype: torch.dtype) -> int:

@@ -123,6 +123,11 @@ def _narrow(k, width: int):
             if int(w) < width}
 
 
+def _narrower_than(kernels, width: int):
+    """One line per kernel with tensor accesses narrower than ``width`` bytes."""
+    return sorted(f"{_name(k)}: {_narrow(k, width)}" for k in kernels if _narrow(k, width))
+
+
 # ----------------------------------------------------------------------------
 # Compiler output
 # ----------------------------------------------------------------------------
@@ -158,9 +163,9 @@ def test_16_byte_accesses_when_contiguous_extent_is_a_multiple_of_8(codegen_resu
     assert {c["layout"] for c in cases} == {"nchw", "cl"}  # both layouts are covered by this rule
     kernels = _kernels_of(codegen_result, cases)
     assert kernels
-    bad = [f"{_name(k)}: {_narrow(k, 16)}" for k in kernels if _narrow(k, 16)]
+    bad = _narrower_than(kernels, 16)
     assert not bad, ("tensor accesses narrower than 16 bytes where the contiguous extent is a multiple of 8 "
-                     "elements (count per thread):\n" + "\n".join(sorted(bad)))
+                     "elements (count per thread):\n" + "\n".join(bad))
 
 
 def test_raft_nchw_half_precision_at_least_8_bytes(codegen_result):
@@ -169,9 +174,9 @@ def test_raft_nchw_half_precision_at_least_8_bytes(codegen_result):
     assert len(cases) == 4
     kernels = _kernels_of(codegen_result, cases)
     assert kernels
-    bad = [f"{_name(k)}: {_narrow(k, 8)}" for k in kernels if _narrow(k, 8)]
+    bad = _narrower_than(kernels, 8)
     assert not bad, ("tensor accesses narrower than 8 bytes at RAFT's 46x62, NCHW, half precision "
-                     "(count per thread):\n" + "\n".join(sorted(bad)))
+                     "(count per thread):\n" + "\n".join(bad))
 
 
 def test_bias_accesses_are_few(codegen_result):

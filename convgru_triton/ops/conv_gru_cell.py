@@ -87,12 +87,16 @@ def _tanh(x):
 
 
 @triton.jit
-def _tile(rows, inner_a, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+def _tile(rows, inner_a, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+          CHANNELS_LAST: tl.constexpr):
     """This program's tile of one sample's ``rows x inner`` matrix.
 
-    Returns ``(n, r, i, inner, mask)``: the sample (int64, for the sample offset),
-    row indices (BLOCK_R, 1), inner indices (1, BLOCK_I), the inner extent
-    ``inner_a * ALIGN`` (a multiple of ALIGN the compiler can see) and the mask.
+    Returns ``(n, r, i, inner, mask, hidden, spatial, slot)``: the sample (int64,
+    for the sample offset), row indices (BLOCK_R, 1), inner indices (1, BLOCK_I),
+    the inner extent ``inner_a * ALIGN`` (a multiple of ALIGN the compiler can
+    see), the mask, then the launch's (hidden, spatial) -- rows are channels and
+    inner pixels (contiguous), or the other way round (channels_last) -- and the
+    distance between two gates (r -> z -> n) of a gate tensor, in elements.
     The program id is split with scalar divisions, once per program."""
     inner = inner_a * ALIGN
     blocks_i = tl.cdiv(inner, BLOCK_I)
@@ -105,17 +109,11 @@ def _tile(rows, inner_a, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl
     r = (block_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     i = (block_i * BLOCK_I + tl.arange(0, BLOCK_I))[None, :]
     mask = (r < rows) & (i < inner)
-    return n.to(tl.int64), r, i, inner, mask
-
-
-@triton.jit
-def _extents(rows, inner, CHANNELS_LAST: tl.constexpr):
-    """(hidden, spatial) of the launch: rows are channels and inner pixels
-    (contiguous), or the other way round (channels_last)."""
     if CHANNELS_LAST:
-        return inner, rows
+        hidden, spatial, slot = inner, rows, inner
     else:
-        return rows, inner
+        hidden, spatial, slot = rows, inner, rows * inner
+    return n.to(tl.int64), r, i, inner, mask, hidden, spatial, slot
 
 
 @triton.jit
@@ -130,12 +128,11 @@ def _at(ptr, n, r, i, channels, spatial, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _slot(hidden, spatial, CHANNELS_LAST: tl.constexpr):
-    """Distance between two gates (r -> z -> n) of a gate tensor, in elements."""
-    if CHANNELS_LAST:
-        return hidden
-    else:
-        return hidden * spatial
+def _gx_at(gx_ptr, n, gx_sample_a, r, i, hidden, spatial, ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Pointers to the tile of sample ``n`` of the input pre-activations (3H
+    channels), whose sample stride ``gx_sample_a * ALIGN`` is passed in (it may
+    be a frame of a batch-major sequence); the product is 64-bit (``n`` is)."""
+    return _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
 
 
 @triton.jit
@@ -170,10 +167,8 @@ def _gru_reset_after_fwd_kernel(
     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
-    hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
-    slot = _slot(hidden, spatial, CHANNELS_LAST)
-    gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
+    n, r, i, inner, mask, hidden, spatial, slot = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I, CHANNELS_LAST)
+    gx = _gx_at(gx_ptr, n, gx_sample_a, r, i, hidden, spatial, ALIGN, CHANNELS_LAST)
     gh = _at(gh_ptr, n, r, i, 3 * hidden, spatial, CHANNELS_LAST)
 
     a_r, a_z = _rz_preactivations(gx, gh, slot, mask, bias_ih_ptr, bias_hh_ptr, hidden, r, i, rows, inner,
@@ -206,9 +201,7 @@ def _gru_reset_after_bwd_kernel(
     HAS_GRAD2: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
-    hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
-    slot = _slot(hidden, spatial, CHANNELS_LAST)
+    n, r, i, inner, mask, hidden, spatial, slot = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I, CHANNELS_LAST)
     g = tl.load(_at(grad_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
     if HAS_GRAD2:
         g += tl.load(_at(grad2_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
@@ -243,11 +236,9 @@ def _gru_reset_gate_fwd_kernel(
     HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
-    hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
-    gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
+    n, r, i, inner, mask, hidden, spatial, slot = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I, CHANNELS_LAST)
+    gx = _gx_at(gx_ptr, n, gx_sample_a, r, i, hidden, spatial, ALIGN, CHANNELS_LAST)
     gh = _at(gh_ptr, n, r, i, 2 * hidden, spatial, CHANNELS_LAST)
-    slot = _slot(hidden, spatial, CHANNELS_LAST)
     a_r, a_z = _rz_preactivations(gx, gh, slot, mask, bias_ih_ptr, bias_hh_ptr, hidden, r, i, rows, inner,
                                   HAS_BIAS, CHANNELS_LAST, COMPUTE)
     h = tl.load(_at(h_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
@@ -267,10 +258,8 @@ def _gru_update_fwd_kernel(
     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
-    hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
-    slot = _slot(hidden, spatial, CHANNELS_LAST)
-    gx = _at(gx_ptr + (n * gx_sample_a) * ALIGN, 0, r, i, 3 * hidden, spatial, CHANNELS_LAST)
+    n, r, i, inner, mask, hidden, spatial, slot = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I, CHANNELS_LAST)
+    gx = _gx_at(gx_ptr, n, gx_sample_a, r, i, hidden, spatial, ALIGN, CHANNELS_LAST)
     a_n = (tl.load(gx + 2 * slot, mask=mask).to(COMPUTE)
            + tl.load(_at(ghn_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE))
     if HAS_BIAS:
@@ -293,9 +282,7 @@ def _gru_update_bwd_kernel(
     HAS_GRAD2: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
-    hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
-    slot = _slot(hidden, spatial, CHANNELS_LAST)
+    n, r, i, inner, mask, hidden, spatial, slot = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I, CHANNELS_LAST)
     g = tl.load(_at(grad_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
     if HAS_GRAD2:
         g += tl.load(_at(grad2_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
@@ -321,8 +308,7 @@ def _gru_reset_gate_bwd_kernel(
     CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    n, r, i, inner, mask = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I)
-    hidden, spatial = _extents(rows, inner, CHANNELS_LAST)
+    n, r, i, inner, mask, hidden, spatial, slot = _tile(rows, inner_a, ALIGN, BLOCK_R, BLOCK_I, CHANNELS_LAST)
     d_rh = tl.load(_at(d_rh_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
     r_gate = tl.load(_at(gates_ptr, n, r, i, 3 * hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
     h = tl.load(_at(h_ptr, n, r, i, hidden, spatial, CHANNELS_LAST), mask=mask).to(COMPUTE)
