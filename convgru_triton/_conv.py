@@ -10,8 +10,7 @@ backward used by the fused autograd function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +45,7 @@ def _to_tuple(name: str, value: IntOrTuple, dims: int) -> Tuple[int, ...]:
     return values
 
 
-@dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(NamedTuple):
     """Static description of a 'same' convolution: stride 1, no groups.
 
     Attributes:
@@ -58,6 +56,10 @@ class ConvSpec:
     Along a dim with kernel ``k`` and dilation ``d`` the total padding is
     ``d * (k - 1)``; the left side gets ``total // 2`` and the right side the
     rest, the split :func:`torch.nn.functional.conv2d` uses for ``padding='same'``.
+
+    A NamedTuple, not a frozen dataclass: torch.compile (torch 2.11) built a
+    frozen dataclass made inside a compiled function without its fields
+    (``AttributeError: 'ConvSpec' object has no attribute 'kernel_size'``).
     """
 
     kernel_size: Tuple[int, ...]

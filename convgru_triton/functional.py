@@ -27,7 +27,7 @@ from . import _backend
 from ._backend import ENV_VAR, select_backend
 from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
-from .ops.conv_gru import Plan, conv_gru_sequence, conv_gru_step, plan
+from .ops.conv_gru import Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, plan
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -68,8 +68,9 @@ def _check_floating(name: str, t: Optional[torch.Tensor]) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _check_params(params: Params, dims: int, where: str) -> Tuple[int, int]:
-    """Validate one cell's weights; returns (input_channels, hidden_channels)."""
+def _check_params(params: Params, dims: int, where: str, cast: Optional[torch.dtype]) -> Tuple[int, int]:
+    """Validate one cell's weights; returns (input_channels, hidden_channels).
+    ``cast``: the autocast dtype, or ``None`` (see :func:`_check_same_kind`)."""
     weight_ih, weight_hh, bias_ih, bias_hh = params
     for name, t in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), params):
         _check_floating(f"{where}{name}", t)
@@ -100,19 +101,27 @@ def _check_params(params: Params, dims: int, where: str) -> Tuple[int, int]:
         if b is not None and tuple(b.shape) != (gates,):
             raise ValueError(f"{where}{name} must have shape ({gates},), got {_fmt(b.shape)}")
     for name, t in zip(("weight_hh", "bias_ih", "bias_hh"), params[1:]):
-        if t is not None and (t.dtype != weight_ih.dtype or t.device != weight_ih.device):
-            raise ValueError(
-                f"{where}{name} must match weight_ih's dtype and device ({weight_ih.dtype}, {weight_ih.device}), "
-                f"got ({t.dtype}, {t.device})"
-            )
+        if t is not None:
+            _check_same_kind(f"{where}{name}", t, "weight_ih", weight_ih, cast)
     return weight_ih.shape[1], hidden
 
 
-def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor,
+                     cast: Optional[torch.dtype]) -> None:
+    """``t`` and ``ref`` on one device and of one dtype, as the convolutions and
+    the operator will see them: under autocast (``cast``, the autocast dtype)
+    after autocast's cast, which takes float32, float16 and bfloat16 tensors
+    to ``cast`` and leaves float64 as it is; else as given."""
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+    if cast is None:
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+    elif autocast_result_dtype(t.dtype, t.device, cast) != autocast_result_dtype(ref.dtype, ref.device, cast):
+        raise ValueError(
+            f"{name} must have the same dtype as {ref_name} after autocast's cast to {cast} (which leaves "
+            f"float64 as it is), got {name} {t.dtype} and {ref_name} {ref.dtype}"
+        )
 
 
 def _zeros_state(gates_x: torch.Tensor, hidden: int, input_frame: torch.Tensor) -> torch.Tensor:
@@ -183,6 +192,7 @@ def conv_gru_cell(
             None if bias_ih is None else (bias_ih.shape, bias_ih.dtype, bias_ih.device),
             None if bias_hh is None else (bias_hh.shape, bias_hh.dtype, bias_hh.device),
             reset_after, padding_mode, dilation, backend, os.environ.get(ENV_VAR),
+            autocast_dtype(input.device.type),  # the checks compare dtypes after autocast's cast
         )
         cell_plan = _CELL_PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say what is wrong
@@ -221,7 +231,8 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
     dims = weight_ih.dim() - 2 if isinstance(weight_ih, torch.Tensor) else 0
     if dims not in (1, 2, 3):
         raise ValueError(f"weight_ih must have 3, 4 or 5 dims (1-D, 2-D or 3-D ConvGRU), got {weight_ih.dim()}")
-    in_channels, hidden = _check_params((weight_ih, weight_hh, bias_ih, bias_hh), dims, "")
+    cast = autocast_dtype(input.device.type) if isinstance(input, torch.Tensor) else None
+    in_channels, hidden = _check_params((weight_ih, weight_hh, bias_ih, bias_hh), dims, "", cast)
     spec = ConvSpec.create(dims, _kernel_size(weight_ih), dilation, padding_mode)
     if input.dim() not in (dims + 1, dims + 2):
         raise ValueError(
@@ -238,10 +249,10 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
     if input.shape[1] != in_channels:
         raise ValueError(f"input must have {in_channels} channels (dim {1 if batched else 0}), got shape "
                          f"{_fmt(input.shape if batched else input.shape[1:])}")
-    _check_same_kind("input", input, "weight_ih", weight_ih)
+    _check_same_kind("input", input, "weight_ih", weight_ih, cast)
     expected_h = (input.shape[0], hidden) + tuple(input.shape[2:])
     if hx is not None:
-        _check_same_kind("hx", hx, "input", input)
+        _check_same_kind("hx", hx, "input", input, cast)
         if tuple(hx.shape) != expected_h:
             raise ValueError(f"hx must have shape {_fmt(expected_h)}, got {_fmt(hx.shape)}")
     spec.check_spatial_size(input.shape[2:], "input")
@@ -317,11 +328,12 @@ def conv_gru(
     dims = first_weight.dim() - 2 if isinstance(first_weight, torch.Tensor) else 0
     if dims not in (1, 2, 3):
         raise ValueError(f"weight_ih must have 3, 4 or 5 dims (1-D, 2-D or 3-D ConvGRU), got {first_weight.dim()}")
+    cast = autocast_dtype(input.device.type)
     shapes = []
     for i, p in enumerate(params):
         layer, direction = divmod(i, directions)
         where = f"params[{i}] (layer {layer}{', reverse' if direction else ''}): "
-        shapes.append(_check_params(tuple(p), dims, where))
+        shapes.append(_check_params(tuple(p), dims, where, cast))
     hidden = shapes[0][1]
     for i, (c_in, h) in enumerate(shapes):
         expected_in = shapes[0][0] if i < directions else hidden * directions
@@ -352,11 +364,11 @@ def conv_gru(
         raise ValueError("input must hold at least one time step, got sequence length 0")
     if input.shape[2] != shapes[0][0]:
         raise ValueError(f"input must have {shapes[0][0]} channels, got {input.shape[2]} (shape {_fmt(given_shape)})")
-    _check_same_kind("input", input, "weight_ih", first_weight)
+    _check_same_kind("input", input, "weight_ih", first_weight, cast)
     spatial = tuple(input.shape[3:])
     expected_h = (num_layers * directions, batch, hidden) + spatial
     if hx is not None:
-        _check_same_kind("hx", hx, "input", input)
+        _check_same_kind("hx", hx, "input", input, cast)
         if tuple(hx.shape) != expected_h:
             shown = expected_h if batched else expected_h[:1] + expected_h[2:]
             got = hx.shape if batched else hx.shape[:1] + hx.shape[2:]

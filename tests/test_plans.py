@@ -99,12 +99,13 @@ def test_autocast_check_sees_every_device_type():
     in torch 2.13), so for others autocast is asked about the device itself."""
     from convgru_triton.ops import conv_gru
 
-    assert not conv_gru._autocasting_fast("cpu")
-    with torch.autocast("cpu"):
-        assert conv_gru._autocasting_fast("cpu")
+    assert conv_gru.autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_gru.autocast_dtype("cpu") == torch.bfloat16
+    assert conv_gru.autocast_dtype("meta") is None  # no autocast there: asking must not raise
     if torch.amp.is_autocast_available("mps"):
         torch.set_autocast_enabled("mps", True)
         try:
-            assert conv_gru._autocasting_fast("mps")
+            assert conv_gru.autocast_dtype("mps") is not None
         finally:
             torch.set_autocast_enabled("mps", False)

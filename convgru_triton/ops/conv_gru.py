@@ -719,21 +719,86 @@ def _exporting_to_onnx() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
-def _autocasting(device_type: str) -> bool:
-    # (meta has no autocast: asking it about autocast raises.)
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+# ----------------------------------------------------------------------------
+# Autocast: one rule, registered with the dispatcher
+# ----------------------------------------------------------------------------
 
+# Device types with autocast in this build, asked once at import: under
+# torch.compile, torch.amp.is_autocast_available is a graph break (torch 2.11),
+# and asking a device without autocast (meta) about it raises.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia") if torch.amp.is_autocast_available(d)
+)
 
 # One C call that answers "autocast is off" for CPU and CUDA tensors (the
-# common case) before the two calls of _autocasting; torch >= 2.4. It does not
-# cover every device type (not "mps" in torch 2.13): others ask _autocasting.
+# common case) before asking the device; torch >= 2.4. It does not cover every
+# device type (not "mps" in torch 2.13): others ask the device itself.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
 
 
-def _autocasting_fast(device_type: str) -> bool:
-    if device_type in ("cpu", "cuda") and not _any_autocast():
-        return False
-    return _autocasting(device_type)
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes in on ``device_type``, or ``None``
+    when autocast is off there (or the device type has no autocast). Traceable
+    by torch.compile without a graph break (torch 2.11 and later)."""
+    if device_type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not _any_autocast():
+        return None
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(t: Optional[Tensor], device_type: str, dtype: torch.dtype) -> Optional[Tensor]:
+    """The operators' autocast rule for one argument, PyTorch's own rule for
+    custom operators (:func:`torch.library.register_autocast`): a floating
+    tensor on the autocast device, other than float64, is cast to ``dtype``;
+    anything else passes unchanged. The cast is differentiable, so each input's
+    gradient comes back in that input's own dtype."""
+    if t is not None and t.is_floating_point() and t.dtype is not torch.float64 and t.device.type == device_type:
+        return t.to(dtype)
+    return t
+
+
+def autocast_result_dtype(dtype: torch.dtype, device: torch.device, cast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` on ``device`` has after :func:`autocast_cast`
+    to ``cast`` (``None``: autocast off), for the argument checks, which
+    compare dtypes as the operators will see them."""
+    if cast is not None and dtype.is_floating_point and dtype is not torch.float64 and device.type != "meta":
+        return cast
+    return dtype
+
+
+# torch.library.register_autocast casts to one dtype fixed at registration;
+# the ConvGRU follows the autocast region's own dtype (float16 or bfloat16), so
+# its rule is registered at the Autocast dispatch keys directly, as
+# register_autocast does. Eager calls, torch.compile (AOTAutograd traces
+# through the dispatcher) and torch.export all reach the operators through it.
+_autocast_lib = torch.library.Library("convgru_triton", "IMPL")
+
+
+def _register_autocast(op, device_type: str, cast: bool) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    overload = op._opoverload
+
+    def autocast_kernel(*args):
+        if cast:
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(autocast_cast(a, device_type, dtype) if isinstance(a, Tensor) else a for a in args)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return overload(*args)
+
+    _autocast_lib.impl(op._name, autocast_kernel, key)
+
+
+for _device_type in sorted(_AUTOCAST_DEVICE_TYPES & {"cpu", "cuda", "xpu"}):
+    # The forward computes in the autocast dtype: its floating inputs (the
+    # input pre-activations, the state, the hidden weight, the biases) are cast
+    # to it, and it returns the states in it, as torch.nn.GRUCell does under
+    # autocast. The backward runs in the forward's dtypes (its inputs are the
+    # forward's saved tensors and the gradients of its outputs): autocast off,
+    # nothing cast, also when .backward() is called inside an autocast region.
+    _register_autocast(conv_gru_fwd, _device_type, cast=True)
+    _register_autocast(conv_gru_bwd, _device_type, cast=False)
 
 
 def _shapes_only(gates_x: Tensor) -> bool:
@@ -762,7 +827,7 @@ def _plain_eager(gates_x: Tensor) -> bool:
     replay applies as is."""
     return not (
         torch.compiler.is_compiling()
-        or _autocasting_fast(gates_x.device.type)
+        or autocast_dtype(gates_x.device.type) is not None
         or torch._C._get_tracing_state()
         or torch._C._functorch.maybe_current_level() is not None
         or _shapes_only(gates_x)
@@ -785,8 +850,10 @@ def conv_gru_sequence(
     ``gates_x`` (T, N, 3H, *S) are the input pre-activations ``W_i * x_t`` (no
     bias), ``h0`` (N, H, *S) the initial state, ``weight_hh`` (3H, H, *k) and the
     biases (3H,) as in :func:`convgru_triton.ops.naive.conv_gru_cell_ref`, which
-    this equals step by step. Under autocast the floating inputs are cast to the
-    autocast dtype (as cuDNN's RNNs do) and the operator runs with autocast off.
+    this equals step by step. Under autocast it runs the operator, whose
+    registered autocast rule (:func:`autocast_cast`) casts the floating inputs
+    to the autocast dtype and runs with autocast off: the states come back in
+    that dtype, as cuDNN's RNNs and torch.nn.GRUCell do.
     Under torch.jit.trace and ONNX export it runs
     :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref` instead (standard
     operators only; docs/deploying.md).
@@ -795,17 +862,12 @@ def conv_gru_sequence(
         # torch.jit.trace and both ONNX exporters record the reference math:
         # standard operators only, no custom operator to translate.
         return naive.conv_gru_sequence_ref(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse)
-    device_type = gates_x.device.type
-    if _autocasting(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        gates_x, h0, weight_hh = gates_x.to(dtype), h0.to(dtype), weight_hh.to(dtype)
-        bias_ih = bias_ih.to(dtype) if bias_ih is not None else None
-        bias_hh = bias_hh.to(dtype) if bias_hh is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return conv_gru_sequence(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse, use_triton)
     run = _runner(gates_x)
     if run is None:
-        return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
+        if autocast_dtype(gates_x.device.type) is None:
+            return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
+        # Under autocast: the operator, whose registered autocast rule casts.
+        run = conv_gru_fwd
     tensors: Sequence[Optional[Tensor]] = (gates_x, h0, weight_hh, bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     states, _, _ = run(
