@@ -270,7 +270,7 @@ BAD_INPUTS = [
      "weight_ih and weight_hh must share the kernel size, got (3, 3) and (5, 5)"),
     ("weight dtypes", lambda b: conv_gru_cell(
         _x(1, 2, 4, 4), None, torch.randn(9, 2, 3, 3), torch.randn(9, 3, 3, 3, dtype=torch.float64), backend=b),
-     ValueError, "weight_hh must match weight_ih's dtype and device (torch.float32, cpu), got (torch.float64, cpu)"),
+     ValueError, "weight_hh must have the same dtype as weight_ih (torch.float32), got torch.float64"),
     ("integer weights", lambda b: conv_gru_cell(
         _x(1, 2, 4, 4), None, torch.ones(9, 2, 3, 3, dtype=torch.int64), torch.randn(9, 3, 3, 3), backend=b),
      TypeError, "weight_ih must be a floating-point tensor, got dtype torch.int64"),
