@@ -13,8 +13,7 @@ is how the kernels are tested without a GPU.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,9 +21,9 @@ BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "CONVGRU_TRITON_BACKEND"
 
 
-@dataclass(frozen=True)
-class BackendChoice:
-    """The backend a ConvGRU will run with (``"torch"`` or ``"triton"``) and why."""
+class BackendChoice(NamedTuple):
+    """The backend a ConvGRU will run with (``"torch"`` or ``"triton"``) and why.
+    (A NamedTuple: torch.compile traces its creation; see _conv.ConvSpec.)"""
 
     name: str
     reason: str
@@ -45,6 +44,11 @@ def check_backend_name(backend: str, argument: str = "backend") -> str:
 _triton_error: Optional[str] = None
 
 
+# Run for real while torch.compile traces, its result taken as a constant: a
+# traced read of the global would guard the graph on it, and the first call's
+# write would then recompile the graph (TORCH_LOGS=recompiles:
+# "_triton_error is None").
+@torch.compiler.assume_constant_result
 def triton_import_error() -> Optional[str]:
     """``None`` when Triton and the fused kernels import, else why not."""
     global _triton_error

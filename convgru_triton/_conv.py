@@ -172,9 +172,19 @@ def same_conv(spec: ConvSpec):
     once (cached per spec), so that a step pays for the convolution call alone:
     ``forward(x, weight)`` and ``backward(grad_output, x, weight, need_input_grad,
     need_weight_grad)``. Same calls, same arguments, same results."""
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: no cache. Reading it would guard the graph
+        # on its contents and writing it would invalidate that guard, so every
+        # new entry, from any call, would recompile the graph (seen with
+        # TORCH_LOGS=recompiles: "not ___dict_contains(ConvSpec(...), _SAME_CONV)").
+        return _make_same_conv(spec)
     pair = _SAME_CONV.get(spec)
-    if pair is not None:
-        return pair
+    if pair is None:
+        pair = _SAME_CONV[spec] = _make_same_conv(spec)
+    return pair
+
+
+def _make_same_conv(spec: ConvSpec):
     padding = spec.conv_padding
     if padding is None:  # F.pad first: the general functions
         def forward(x, weight):
@@ -196,8 +206,7 @@ def same_conv(spec: ConvSpec):
                 grad_output, x, weight, None, *args, masks[need_input_grad, need_weight_grad]
             )
             return grad_input, grad_weight
-    pair = _SAME_CONV[spec] = (forward, backward)
-    return pair
+    return forward, backward
 
 
 def conv_same_backward(

@@ -27,7 +27,9 @@ from . import _backend
 from ._backend import ENV_VAR, select_backend
 from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
-from .ops.conv_gru import Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, plan
+from .ops.conv_gru import (
+    Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled, plan,
+)
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -125,15 +127,22 @@ def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
 
 
 def _zeros_state(gates_x: torch.Tensor, hidden: int, input_frame: torch.Tensor) -> torch.Tensor:
-    """A zero state (N, H, *S) in the layout of the gate pre-activations.
-    ``input_frame`` (N, C_in, *S) is one frame of the caller's input."""
+    """A zero state (N, H, *S) of the gate pre-activations' dtype, channels_last
+    when the caller's input is (``input_frame`` (N, C_in, *S), one frame of it)
+    or the pre-activations are. The input decides first: cuDNN returns a
+    contiguous convolution of a channels_last input where it has no
+    channels_last kernel (float64, some small channel counts), and the state,
+    which the operator's outputs follow, must not turn contiguous with it. The
+    pre-activations count too, as they do in the convolution's own rule
+    (channels_last weights make a channels_last output)."""
     if torch.jit.is_tracing():
         # Sized from the input's shape, so that torch.onnx.export (TorchScript)
         # keeps batch and spatial sizes dynamic: zeros sized from intermediate
         # results are folded into constants of the traced shape.
         return input_frame.new_zeros((input_frame.shape[0], hidden) + tuple(input_frame.shape[2:]))
     shape = (gates_x.shape[0], hidden) + tuple(gates_x.shape[2:])
-    return empty_in_layout(shape, gates_x.dtype, gates_x.device, is_channels_last(gates_x)).zero_()
+    channels_last = is_channels_last(input_frame) or is_channels_last(gates_x)
+    return empty_in_layout(shape, gates_x.dtype, gates_x.device, channels_last).zero_()
 
 
 def _conv_frames(sequence: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -180,6 +189,12 @@ def conv_gru_cell(
     Returns:
         h': the new state, shaped like ``hx``.
     """
+    if torch.compiler.is_compiling():
+        # Checked and planned at trace time only, without the plan cache (a
+        # cache read guards the graph, a write then recompiles it).
+        cell_plan = _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, padding_mode,
+                               dilation, backend)
+        return _replay_cell(cell_plan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     # Everything the checks look at is in the key; a call with the same facts
     # as a checked one skips the checks and replays that call's plan (RAFT
     # steps a cell 12-32 times per frame pair with the same shapes).
@@ -215,7 +230,10 @@ class _CellPlan(NamedTuple):
     batched: bool
     hidden: int
     conv_ih: Callable  # (input, weight_ih) -> gates_x
-    step: Plan
+    spec: ConvSpec
+    reset_after: bool
+    use_triton: bool
+    step: Optional[Plan]  # None while torch.compile traces: the operator runs, no eager replay to plan
     recheck_backend: bool  # Triton forced on non-CUDA tensors: only valid while the interpreter is on
 
 
@@ -259,8 +277,10 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
     use_triton = select_backend(input.device, backend).name == "triton"
     if use_triton:
         check_kernel_sample_size(hidden, input.shape[2:])
+    reset_after = bool(reset_after)
+    step = None if torch.compiler.is_compiling() else plan(spec, reset_after, False, use_triton)
     return _CellPlan(
-        batched, hidden, same_conv(spec)[0], plan(spec, bool(reset_after), False, use_triton),
+        batched, hidden, same_conv(spec)[0], spec, reset_after, use_triton, step,
         use_triton and input.device.type != "cuda",
     )
 
@@ -272,8 +292,10 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
     gates_x = p.conv_ih(input, weight_ih)
     if hx is None:
         hx = _zeros_state(gates_x, p.hidden, input)
-    # One step is the sequence operator's step: the same plan and kernels.
-    h_new = conv_gru_step(gates_x, hx, weight_hh, bias_ih, bias_hh, p.step)
+    if p.step is None:  # traced by torch.compile: the step's math, for Inductor to fuse
+        h_new = conv_gru_step_compiled(gates_x, hx, weight_hh, bias_ih, bias_hh, p.spec, p.reset_after)
+    else:  # one step is the sequence operator's step: the same plan and kernels
+        h_new = conv_gru_step(gates_x, hx, weight_hh, bias_ih, bias_hh, p.step)
     return h_new if p.batched else h_new.squeeze(0)
 
 
