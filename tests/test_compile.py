@@ -129,3 +129,122 @@ def test_sequence_equals_cell_loop(device):
     got = torch.autograd.grad(out, [x, *seq.parameters()], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def _post_grad_targets(fn, *args):
+    """Every call_function target of the post-grad graphs Inductor compiles for
+    ``fn(*args)`` (forward and backward: ``fn`` runs a backward itself), with
+    Inductor's caches off so that the graphs are built here."""
+    import collections
+
+    seen = collections.Counter()
+
+    def record(graph):
+        for node in graph.nodes:
+            if node.op == "call_function":
+                seen[str(node.target)] += 1
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=record, force_disable_caches=True):
+        fn(*args)
+    return seen
+
+
+# What the compiled graph must not hold around the operator: clones inserted
+# for mutated arguments (the operators mutate nothing), copies for layout
+# constraints at the graph level, dtype conversions outside autocast.
+_COPIES = ("aten.clone.default", "aten.copy.default", "aten.copy_.default", "aten._to_copy.default",
+           "aten.contiguous.default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_sequence_graph_holds_no_copies(device, backend):
+    """The post-grad graph of a compiled 2-layer bidirectional sequence, forward
+    and backward: one forward and one backward operator per layer and
+    direction, and no clone or copy around them."""
+    torch.manual_seed(0)
+    model = ConvGRU(3, 4, 3, num_layers=2, bidirectional=True, backend=backend, device=device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 2, 3, 5, 6, device=device, requires_grad=True)
+
+    def train_step(x):
+        out, h_n = compiled(x)
+        (out.sum() + h_n.sum()).backward()
+
+    seen = _post_grad_targets(train_step, x)
+    assert seen["convgru_triton.conv_gru_fwd.default"] == 4, seen
+    assert seen["convgru_triton.conv_gru_bwd.default"] == 4, seen
+    assert not {k: seen[k] for k in _COPIES if seen[k]}, seen
+
+
+def test_compiled_cell_is_fused_by_inductor(device):
+    """A compiled cell step traces the step's math (convolutions and pointwise
+    ops, which Inductor fuses), not the opaque operator, and holds no copy."""
+    torch.manual_seed(0)
+    cell = ConvGRUCell(3, 4, (1, 5), backend="triton", device=device)
+    compiled = torch.compile(cell, fullgraph=True)
+    x = torch.randn(2, 3, 5, 7, device=device)
+    h = torch.randn(2, 4, 5, 7, device=device, requires_grad=True)
+
+    def train_step(x, h):
+        compiled(x, compiled(x, h)).sum().backward()
+
+    seen = _post_grad_targets(train_step, x, h)
+    assert not any(k.startswith("convgru_triton.") for k in seen), seen
+    assert seen["aten.sigmoid.default"] and seen["aten.tanh.default"], seen
+    assert not {k: seen[k] for k in _COPIES if seen[k]}, seen
+
+
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+def test_compiled_cell_loop_trains_like_eager(device, reset_after):
+    """The compiled cell loop (Inductor's fusion of the step's math) gives the
+    eager outputs and every gradient."""
+    torch.manual_seed(0)
+    cell = ConvGRUCell(3, 4, 3, reset_after=reset_after, backend="triton", device=device, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 6, device=device, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 4, 5, 6, device=device, dtype=torch.float64, requires_grad=True)
+
+    def loop(x, h):
+        for _ in range(3):
+            h = cell(x, h)
+        return h
+
+    wrt = [x, h0, *cell.parameters()]
+    want = loop(x, h0)
+    want_grads = torch.autograd.grad(want.square().sum(), wrt)
+    torch._dynamo.reset()
+    got = torch.compile(loop, fullgraph=True)(x, h0)
+    got_grads = torch.autograd.grad(got.square().sum(), wrt)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_no_recompiles_between_calls_of_the_same_shapes(device):
+    """Calls with the same shapes reuse the compiled graphs, also when eager
+    calls in between fill the package's plan caches (a traced cache read would
+    guard the graph on the cache's contents)."""
+    torch.manual_seed(0)
+    cell = ConvGRUCell(3, 4, (1, 5), backend="triton", device=device)
+    seq = ConvGRU(3, 4, 3, num_layers=2, backend="triton", device=device)
+    x = torch.randn(2, 3, 5, 7, device=device)
+    xs = torch.randn(3, 2, 3, 5, 7, device=device, requires_grad=True)
+
+    def loop(x):
+        h = None
+        for _ in range(3):
+            h = cell(x, h)
+        return h
+
+    torch._dynamo.reset()
+    compiled_loop = torch.compile(loop, fullgraph=True)
+    compiled_seq = torch.compile(seq, fullgraph=True)
+    compiled_loop(x)
+    compiled_seq(xs)[0].sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            loop(x)  # eager: fills the caches the traced code must not read
+            ConvGRUCell(3, 4, (5, 1), backend="triton", device=device)(x)
+            seq(xs)[0].sum().backward()
+            compiled_loop(x)
+            compiled_seq(xs)[0].sum().backward()
