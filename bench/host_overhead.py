@@ -15,6 +15,12 @@ alone, on any machine without a GPU:
   the launchers' interface) replaced by no-ops: the host time the package spends
   *outside* the launchers. ``ours`` minus this is the time inside them.
 * ``ours (torch backend)``: the eager fallback (CPU) on the same tensors.
+* ``ours (compiled)``: ``torch.compile(fullgraph=True)`` of ``ours``'s call,
+  with the same fake target: what a compiled step costs the host against the
+  eager one. A cell step compiles to Inductor's own kernels for the step's
+  math (here C++ kernels that run on the tiny tensors, so this row is an
+  upper bound on the host time of Inductor's GPU launches); a sequence keeps
+  the package's operator, whose launches are stubbed.
 * ``raft``, ``seed``: the eager baselines of :mod:`bench.baselines` on the same
   tensors and weights.
 
@@ -197,7 +203,7 @@ def gate_math_disabled():
 # ----------------------------------------------------------------------------
 
 BATCH, CHANNELS, HIDDEN, SIZE, STEPS = 1, 4, 4, 4, 8
-PROVIDERS = ("raft", "seed", "ours", "ours (above launchers)", "ours (torch backend)")
+PROVIDERS = ("raft", "seed", "ours", "ours (above launchers)", "ours (torch backend)", "ours (compiled)")
 
 
 @dataclass(frozen=True)
@@ -271,12 +277,13 @@ def _step_function(row: Row, provider: str, tensors) -> Optional[Callable[[], No
     x, h, xs, grad = tensors
     if provider.startswith("ours"):
         module = _ours_module(row, "torch" if provider == "ours (torch backend)" else "triton")
+        call = torch.compile(module, fullgraph=True) if provider == "ours (compiled)" else module
         if row.kind == "sequence":
             def forward():
-                return module(xs)[0]
+                return call(xs)[0]
         else:
             def forward():
-                return module(x, h)
+                return call(x, h)
     else:
         module = _baseline(row, provider)
         if module is None:
@@ -318,7 +325,7 @@ def make_tensors(requires_grad: bool):
 @contextlib.contextmanager
 def provider_context(provider: str):
     """The context a provider's step runs in (the fake GPU for the Triton path)."""
-    if provider == "ours":
+    if provider in ("ours", "ours (compiled)"):
         with stubbed_triton() as launches:
             yield launches
     elif provider == "ours (above launchers)":
@@ -340,10 +347,12 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_calls(fn: Callable[[], None]) -> Tuple[int, int]:
+def count_calls(fn: Callable[[], None], aten: bool = True) -> Tuple[int, Optional[int]]:
     """``(python_calls, aten_ops)`` of one call of ``fn``: load-independent
     measures of host work (Python function calls, C calls included, as
-    ``sys.setprofile`` sees them; aten ops as a dispatch mode sees them)."""
+    ``sys.setprofile`` sees them; aten ops as a dispatch mode sees them, or
+    ``None`` without ``aten``: a compiled function refuses to run under a
+    dispatch mode)."""
     calls = [0]
 
     def profile(frame, event, arg):
@@ -355,6 +364,8 @@ def count_calls(fn: Callable[[], None]) -> Tuple[int, int]:
         fn()
     finally:
         sys.setprofile(None)
+    if not aten:
+        return calls[0], None
     with _CountOps() as ops:
         fn()
     return calls[0], ops.count
@@ -384,7 +395,7 @@ def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int
                 before = counter[0]
                 fn()
                 launches[provider] = counter[0] - before
-                counts[provider] = count_calls(fn)
+                counts[provider] = count_calls(fn, aten=provider != "ours (compiled)")
                 if provider == "ours" and launches[provider] == 0:
                     raise RuntimeError(
                         "no Triton kernel was launched: the package did not take its Triton path (is "
@@ -436,8 +447,8 @@ def markdown(results: Dict, info: Optional[Dict] = None) -> str:
         "ratios are against `raft`: the median over rounds of the two providers' times in the same round.",
         "",
         "| row | raft | seed | ours (Triton) | above launchers | inside | ours / raft | above / raft | ours (torch) |"
-        " torch / raft | launches |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " torch / raft | launches | ours compiled | compiled / ours |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
 
     def cell(r, p):
@@ -455,25 +466,27 @@ def markdown(results: Dict, info: Optional[Dict] = None) -> str:
             f"| {label} | {cell(r, 'raft')} | {cell(r, 'seed')} | {cell(r, 'ours')} | "
             f"{cell(r, 'ours (above launchers)')} | {inside} | {_ratio(results, label, 'ours')} | "
             f"{_ratio(results, label, 'ours (above launchers)')} | "
-            f"{cell(r, 'ours (torch backend)')} | {_ratio(results, label, 'ours (torch backend)')} | {launches} |"
+            f"{cell(r, 'ours (torch backend)')} | {_ratio(results, label, 'ours (torch backend)')} | {launches} | "
+            f"{cell(r, 'ours (compiled)')} | {_ratio(results, label, 'ours (compiled)', 'ours')} |"
         )
     lines += [
         "",
         "Work per call, independent of the machine's load: Python function calls (C calls included, as "
         "`sys.setprofile` sees them) / aten ops dispatched (forward and backward).",
         "",
-        "| row | raft | seed | ours (Triton) | above launchers | ours (torch) |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| row | raft | seed | ours (Triton) | above launchers | ours (torch) | ours compiled |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
 
     def work(r, p):
         if p not in r:
             return "—"
-        return f"{r[p]['python_calls']} / {r[p]['aten_ops']}"
+        return f"{r[p]['python_calls']} / {'—' if r[p]['aten_ops'] is None else r[p]['aten_ops']}"
 
     for label, r in results.items():
         lines.append(f"| {label} | {work(r, 'raft')} | {work(r, 'seed')} | {work(r, 'ours')} | "
-                     f"{work(r, 'ours (above launchers)')} | {work(r, 'ours (torch backend)')} |")
+                     f"{work(r, 'ours (above launchers)')} | {work(r, 'ours (torch backend)')} | "
+                     f"{work(r, 'ours (compiled)')} |")
     return "\n".join(lines) + "\n"
 
 

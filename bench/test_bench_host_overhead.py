@@ -44,7 +44,7 @@ def _only_when_asked(request):
 @pytest.mark.parametrize("row", ho.ROWS, ids=[r.label.replace(" ", "_") for r in ho.ROWS])
 def test_host_overhead(benchmark, row, provider):
     benchmark.group = f"host-overhead {row.label}"
-    if provider in ("ours", "ours (above launchers)") and not _triton_fakeable():
+    if provider in ("ours", "ours (above launchers)", "ours (compiled)") and not _triton_fakeable():
         pytest.skip("needs Triton in compiled mode (TRITON_INTERPRET unset before triton is imported)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -346,3 +346,34 @@ def test_operator_autocast_rule_is_registered(device):
     assert gx.grad.dtype == F32 and h0.grad.dtype == BF16 and w.grad.dtype == F32
     assert conv_gru.autocast_cast(torch.zeros(1, dtype=torch.float64, device=device), device.type, BF16).dtype \
         == torch.float64
+
+
+def test_converted_raft_gru_runs_raft_mixed_precision_loop(mode, device):
+    """RAFT's own SepConvGRU (bench.baselines, RAFT's code) and the package's
+    conversion of it, stepped as RAFT's update block steps its GRU under
+    --mixed_precision (autocast, a float32 first state, the returned state fed
+    back): the same states to the dtype's accuracy, and the conversion trains."""
+    from bench.baselines import RaftSepConvGRU
+    from convgru_triton.convert import from_raft_sepconvgru
+
+    backend, low = mode
+    torch.manual_seed(0)
+    raft = RaftSepConvGRU(hidden_dim=4, input_dim=6, device=device)
+    ours = from_raft_sepconvgru(raft, backend=backend, device=device)
+    h0 = torch.tanh(torch.randn(2, 4, 5, 6, device=device))
+    x = torch.randn(2, 6, 5, 6, device=device)
+
+    def unroll(step):
+        with torch.autocast(device.type, dtype=low):
+            h, states = h0, []
+            for _ in range(4):
+                h = step(h)
+                states.append(h.float())
+        return torch.stack(states)
+
+    want = unroll(lambda h: raft(h, x))
+    got = unroll(lambda h: ours(x, h))
+    _close(got, want, low, "states against RAFT's SepConvGRU")
+    got.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == F32 and torch.isfinite(p.grad).all()
+               for p in ours.parameters())

@@ -25,6 +25,8 @@ def test_host_overhead_takes_the_triton_path(tmp_path):
     for values in data.values():
         assert values["ours (above launchers)"]["launches"] == 0  # the launchers' interface was stubbed
         assert values["ours (torch backend)"]["median_us"] > 0
+        # Compiled, a cell step is Inductor's fusion of the step's math: no package kernel launches.
+        assert values["ours (compiled)"]["launches"] == 0 and values["ours (compiled)"]["median_us"] > 0
     assert "| ConvGRUCell2d reset_after=False, no grad |" in (tmp_path / "host_overhead-cpu.md").read_text()
 
 
