@@ -119,7 +119,7 @@ def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
     if cast is None:
         if t.dtype != ref.dtype:
             raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
-    elif autocast_result_dtype(t.dtype, t.device, cast) != autocast_result_dtype(ref.dtype, ref.device, cast):
+    elif autocast_result_dtype(t.dtype, cast) != autocast_result_dtype(ref.dtype, cast):
         raise ValueError(
             f"{name} must have the same dtype as {ref_name} after autocast's cast to {cast} (which leaves "
             f"float64 as it is), got {name} {t.dtype} and {ref_name} {ref.dtype}"

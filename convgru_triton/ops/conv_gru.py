@@ -767,11 +767,11 @@ def autocast_cast(t: Optional[Tensor], device_type: str, dtype: torch.dtype) -> 
     return t
 
 
-def autocast_result_dtype(dtype: torch.dtype, device: torch.device, cast: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype a tensor of ``dtype`` on ``device`` has after :func:`autocast_cast`
-    to ``cast`` (``None``: autocast off), for the argument checks, which
-    compare dtypes as the operators will see them."""
-    if cast is not None and dtype.is_floating_point and dtype is not torch.float64 and device.type != "meta":
+def autocast_result_dtype(dtype: torch.dtype, cast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` on the autocast device has after
+    :func:`autocast_cast` to ``cast`` (``None``: autocast off), for the
+    argument checks, which compare dtypes as the operators will see them."""
+    if cast is not None and dtype.is_floating_point and dtype is not torch.float64:
         return cast
     return dtype
 
@@ -784,10 +784,10 @@ def autocast_result_dtype(dtype: torch.dtype, device: torch.device, cast: Option
 _autocast_lib = torch.library.Library("convgru_triton", "IMPL")
 
 
-def _register_autocast(op, device_type: str, cast: bool) -> None:
+def _register_autocast(name: str, device_type: str, cast: bool) -> None:
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-    overload = op._opoverload
+    overload = getattr(torch.ops.convgru_triton, name).default
 
     def autocast_kernel(*args):
         if cast:
@@ -796,18 +796,21 @@ def _register_autocast(op, device_type: str, cast: bool) -> None:
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return overload(*args)
 
-    _autocast_lib.impl(op._name, autocast_kernel, key)
+    _autocast_lib.impl(name, autocast_kernel, key)
 
 
-for _device_type in sorted(_AUTOCAST_DEVICE_TYPES & {"cpu", "cuda", "xpu"}):
+for _device_type in sorted(
+    d for d in _AUTOCAST_DEVICE_TYPES
+    if hasattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(d))
+):
     # The forward computes in the autocast dtype: its floating inputs (the
     # input pre-activations, the state, the hidden weight, the biases) are cast
     # to it, and it returns the states in it, as torch.nn.GRUCell does under
     # autocast. The backward runs in the forward's dtypes (its inputs are the
     # forward's saved tensors and the gradients of its outputs): autocast off,
     # nothing cast, also when .backward() is called inside an autocast region.
-    _register_autocast(conv_gru_fwd, _device_type, cast=True)
-    _register_autocast(conv_gru_bwd, _device_type, cast=False)
+    _register_autocast("conv_gru_fwd", _device_type, cast=True)
+    _register_autocast("conv_gru_bwd", _device_type, cast=False)
 
 
 def _shapes_only(gates_x: Tensor) -> bool:
