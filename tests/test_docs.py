@@ -1,12 +1,23 @@
-"""The deployment recipes as written: every ```python block of
-docs/deploying.md and of the README's "Deploying" section runs, in order, in
-one namespace per page, in a temporary directory."""
+"""The documentation as written.
 
+* Every ```python block of README.md runs, top to bottom, in one namespace, in
+  a temporary directory, as a user pastes them (on CPU here; written for CUDA
+  too, where a GPU runs them).
+* Every ```python block of each docs/ page that says "Every Python snippet on
+  this page runs" runs the same way, one namespace per page. A docs page with
+  Python blocks that makes no such claim is CUDA-only (run where there is a
+  GPU) or listed in NOT_RUN with the reason.
+* The README links every docs page, every relative link resolves, and the
+  README's install and test commands are the ones CI runs (.ci/run).
+"""
+
+import glob
 import os
 import re
 import shlex
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +31,20 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
 ]
 
+# What a docs page says when its snippets run (the tests below hold it to that).
+RUN_CLAIM = "Every Python snippet on this page runs"
+# Pages whose Python blocks need CUDA: run where there is a GPU, skipped on CPU.
+CUDA_ONLY = {"docs/cuda-graphs.md"}
+# Pages with Python blocks that are not run, and why.
+NOT_RUN = {
+    "docs/converting.md": "written for RAFT's own files (needs RAFT's code and checkpoint); "
+                          "tests/test_convert.py runs the same conversions against RAFT's modules",
+    "docs/distributed.md": "a torchrun sketch (several processes, the user's model and data); "
+                           "tests/test_ddp.py runs DDP and FSDP2 on 2 CPU processes",
+    "docs/errors.md": "switches on global determinism settings (torch.use_deterministic_algorithms) for "
+                      "the whole process; tests/test_reproducibility.py covers that mode",
+}
+
 
 def _read(path):
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
@@ -30,28 +55,87 @@ def _blocks(text, language):
     return re.findall(r"```" + language + r"\n(.*?)```", text, flags=re.S)
 
 
-def _readme_deploying():
-    text = _read("README.md")
-    assert "\n## Deploying\n" in text, "README.md lost its '## Deploying' section"
-    return text.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0]
+def _docs_pages():
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def _claimed_pages():
+    return [p for p in _docs_pages() if RUN_CLAIM in _read(p)]
+
+
+def _section(text, title):
+    assert f"\n## {title}\n" in text, f"README.md lost its '## {title}' section"
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def _run(blocks, tmp_path, monkeypatch):
     assert blocks, "no python snippets found"
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
-    for i, code in enumerate(blocks):
-        try:
-            exec(compile(code, f"<snippet {i}>", "exec"), namespace)
-        except Exception as exc:  # name the snippet that failed
-            raise AssertionError(f"snippet {i} failed:\n{code}") from exc
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    try:
+        for i, code in enumerate(blocks):
+            try:
+                exec(compile(code, f"<snippet {i}>", "exec"), namespace)
+            except Exception as exc:  # name the snippet that failed
+                raise AssertionError(f"snippet {i} failed:\n{code}") from exc
+    finally:
+        torch._dynamo.reset()
     return namespace
 
 
-def test_readme_deploying_snippets_run(tmp_path, monkeypatch):
-    section = _readme_deploying()
-    assert "docs/deploying.md" in section
-    _run(_blocks(section, "python"), tmp_path, monkeypatch)
+def test_readme_snippets_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, top to bottom."""
+    text = _read("README.md")
+    blocks = _blocks(text, "python")
+    assert len(blocks) >= 6, "the README lost snippets"
+    # Written for CPU and CUDA alike: the first snippet chooses the device, no snippet assumes one.
+    assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in blocks[0]
+    assert not any(re.search(r"""["']cuda["']|\.cuda\(""", b.replace(
+        'device = "cuda" if torch.cuda.is_available() else "cpu"', "")) for b in blocks), "a snippet assumes CUDA"
+    # Every fenced block is python (run here), text or a shell command: no untested code in another fence.
+    fences = re.findall(r"^```(\w*)$", text, flags=re.M)
+    assert set(fences[0::2]) <= {"python", "bash", "text"}, fences
+    namespace = _run(blocks, tmp_path, monkeypatch)
+    assert namespace["output"].shape == (10, 4, 32, 32, 32)
+
+
+def test_readme_deploying_section_links_the_recipes():
+    section = _section(_read("README.md"), "Deploying")
+    assert "docs/deploying.md" in section and _blocks(section, "python")
+
+
+def test_every_docs_snippet_is_run_or_says_why_not():
+    """A docs page with ```python blocks claims they run (and they are run
+    here), is CUDA-only, or is in NOT_RUN with the reason: exactly one."""
+    pages = _docs_pages()
+    for page in list(NOT_RUN) + sorted(CUDA_ONLY):
+        assert page in pages, f"{page} is listed here but does not exist"
+    for page in pages:
+        text = _read(page)
+        if not _blocks(text, "python"):
+            assert RUN_CLAIM not in text, f"{page} claims snippets it does not have"
+            assert page not in NOT_RUN and page not in CUDA_ONLY, f"{page} has no Python blocks: unlist it"
+            continue
+        kinds = (RUN_CLAIM in text) + (page in CUDA_ONLY) + (page in NOT_RUN)
+        assert kinds == 1, f"{page}: its Python blocks must be claimed to run, CUDA-only or in NOT_RUN"
+    assert {"docs/deploying.md", "docs/modules.md"} <= set(_claimed_pages())
+
+
+@pytest.mark.parametrize("page", [p for p in _claimed_pages() if p != "docs/deploying.md"])
+def test_docs_snippets_run(page, tmp_path, monkeypatch):
+    _run(_blocks(_read(page), "python"), tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("page", sorted(CUDA_ONLY))
+def test_docs_cuda_snippets_run(page, tmp_path, monkeypatch):
+    blocks = _blocks(_read(page), "python")
+    for i, code in enumerate(blocks):
+        compile(code, f"<{page} snippet {i}>", "exec")  # valid Python on every machine
+    if not torch.cuda.is_available():
+        pytest.skip(f"{page}: the recipe needs a CUDA device")
+    _run(blocks, tmp_path, monkeypatch)
 
 
 def test_docs_deploying_snippets_run(tmp_path, monkeypatch):
@@ -76,13 +160,27 @@ def test_docs_deploying_snippets_run(tmp_path, monkeypatch):
 
 
 def test_docs_links_exist():
-    """README links to the reference pages in docs/, and they exist."""
+    """README links every docs page, and every relative link of the README and
+    of the docs pages resolves."""
     readme = _read("README.md")
-    for page in re.findall(r"\]\((docs/[\w./-]+\.md)", readme):
-        assert os.path.isfile(os.path.join(ROOT, page)), page
-    for page in ("docs/deploying.md", "docs/errors.md", "docs/benchmarks.md", "docs/tuning.md",
-                 "docs/what-runs-where.md"):
-        assert f"({page}" in readme, f"README does not link {page}"
+    for page in _docs_pages():
+        assert f"]({page}" in readme, f"README does not link {page}"
+    for page in ["README.md"] + _docs_pages():
+        base = os.path.dirname(os.path.join(ROOT, page))
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)", _read(page)):
+            if "://" not in target:
+                assert os.path.exists(os.path.join(base, target)), f"{page} links {target}, which does not exist"
+
+
+def test_readme_commands_are_what_ci_runs():
+    """.ci/run installs and tests with the README's commands."""
+    readme = _read("README.md")
+    ci = _read(os.path.join(".ci", "run")).splitlines()
+    install = [line.split("#")[0].strip() for line in _blocks(_section(readme, "Install"), "bash")[0].splitlines()]
+    assert 'pip install "torch==2.13.0" -e ".[dev]"' in install and 'pip install "torch==2.13.0" -e ".[dev]"' in ci
+    (test_command,) = [line.strip() for line in _blocks(_section(readme, "Run the tests"), "bash")[0].splitlines()
+                       if line.strip()]
+    assert test_command in ci, f"the README's test command {test_command!r} is not what .ci/run runs"
 
 
 def test_py_typed_is_shipped():

@@ -80,3 +80,25 @@ def test_tiny_run_beats_copy_last_frame(example, tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt")
     model = example.EncoderForecaster(hidden=8, layers=1, patch=4)
     model.load_state_dict(state["model"])
+
+
+def test_default_run_writes_no_tracked_file(example):
+    """`python examples/moving_digits/train.py` as the README runs it (no --out)
+    writes where git tracks nothing and ignores everything: the committed
+    pictures and metrics in results/ are never overwritten by a run."""
+    import shutil
+    import subprocess
+
+    out = example.parse_args([]).out.resolve()
+    results = SCRIPT.parent / "results"
+    assert out != results.resolve() and results.resolve() not in out.parents, out
+    names = ["checkpoint.pt", "predictions.png", "loss.png", "metrics.png", "metrics.json"]
+    root = SCRIPT.parents[2]
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout: which files are tracked is git's to say")
+    rel = [str((out / name).relative_to(root)) for name in names]
+    tracked = subprocess.run([git, "ls-files", "--", *rel], cwd=root, capture_output=True, text=True, check=True)
+    assert tracked.stdout == "", f"a default run would overwrite tracked files: {tracked.stdout}"
+    ignored = subprocess.run([git, "check-ignore", "--no-index", "--", *rel], cwd=root, capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(rel), f"a default run leaves untracked files in git status: {rel}"

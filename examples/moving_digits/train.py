@@ -23,9 +23,12 @@ Larger, on a GPU, with the fused Triton kernels:
 
     python examples/moving_digits/train.py --device cuda --backend triton --hidden 128 --steps 5000 --batch-size 32 --lr 1e-3
 
-Writes to --out: checkpoint.pt, predictions.png (input / target / predicted
-frames), loss.png (training loss), metrics.png and metrics.json (MSE and SSIM
-per predicted frame, model vs copying the last input frame).
+Writes to --out (default examples/moving_digits/out/, not tracked by git):
+checkpoint.pt, predictions.png (input / target / predicted frames), loss.png
+(training loss), metrics.png and metrics.json (MSE and SSIM per predicted
+frame, model vs copying the last input frame). The committed pictures in
+examples/moving_digits/results/ are rewritten only by asking for them:
+--out examples/moving_digits/results.
 """
 
 from __future__ import annotations
@@ -305,7 +308,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="convgru_triton backend: 'triton' runs the fused kernels (CUDA)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    p.add_argument("--out", type=Path, default=HERE / "out",
+                   help="output folder (the default is not tracked by git; results/ holds the committed pictures)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p.parse_args(argv)
 
