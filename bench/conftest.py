@@ -17,6 +17,19 @@ Options (all optional; the defaults pick the device and its workload sizes):
 ``--bench-host-overhead``
     also run the ``host-overhead`` group: host time per step with the GPU work
     stubbed (:mod:`bench.host_overhead`); off by default.
+``--bench-order given|target``
+    given: the order of the parametrization (workload, provider, pass, dtype);
+    target: bfloat16 training steps first, then bfloat16 forward, float32
+    training, float32 forward (the GPU check's order: when its time runs out,
+    the numbers of the target are the ones already taken).
+``--bench-json PATH``
+    pytest-benchmark's JSON (what ``--benchmark-json`` writes), rewritten after
+    every benchmark (each write whole: a new file replaces the old), so a run
+    stopped at any point keeps what it measured. The writes during the run carry
+    each benchmark's statistics; the one at the end of the session (also after
+    Ctrl-C) adds every round's time. ``--benchmark-json`` opens its file when
+    pytest starts and writes it at the end only: a run killed before leaves it
+    empty.
 ``--bench-compile auto|all|step|none``
     where the ``torch.compile`` providers run: every workload, only the
     one-step (``conv_gru_cell``, RAFT) workloads, or nowhere. auto: all on CUDA,
@@ -28,6 +41,7 @@ The number of timed rounds follows pytest-benchmark's ``--benchmark-max-time``
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -64,6 +78,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-compile", default="auto", choices=("auto", "all", "step", "none"))
     group.addoption("--bench-host-overhead", action="store_true",
                     help="also run the host-overhead group (bench/test_bench_host_overhead.py)")
+    group.addoption("--bench-order", default="given", choices=("given", "target"),
+                    help="target: bfloat16 fwd+bwd first, then bfloat16 fwd, float32 fwd+bwd, float32 fwd")
+    group.addoption("--bench-json", default=None, metavar="PATH",
+                    help="pytest-benchmark JSON, rewritten after every benchmark (kept when the run is stopped)")
 
 
 def bench_device(config) -> torch.device:
@@ -128,14 +146,30 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
 
+DTYPE_RANK = {"bfloat16": 0, "float16": 1, "float32": 2}  # --bench-order=target
+PASS_RANK = {"fwd+bwd": 0, "fwd": 1}
+
+
+def _case(item):
+    case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
+    return case if isinstance(case, Case) else None
+
+
+def target_order(case: Case):
+    """Sort key of ``--bench-order=target``: the issue's target (bfloat16 training
+    step) first; within one dtype and pass the parametrization's order stays."""
+    return DTYPE_RANK.get(case.dtype, 9), PASS_RANK.get(case.pass_, 9)
+
+
 def pytest_collection_modifyitems(config, items):
     # An op with no selected case (e.g. only compile providers on CPU, which compile the
     # one-step workloads only) is left out rather than reported as skipped.
-    empty = [item for item in items if "case" in getattr(item, "fixturenames", ()) and
-             not isinstance(getattr(getattr(item, "callspec", None), "params", {}).get("case"), Case)]
+    empty = [item for item in items if "case" in getattr(item, "fixturenames", ()) and _case(item) is None]
     if empty:
         config.hook.pytest_deselected(items=empty)
         items[:] = [item for item in items if item not in empty]
+    if config.getoption("--bench-order") == "target":
+        items.sort(key=lambda item: target_order(_case(item)) if _case(item) else (99, 99))  # stable
 
 
 def pytest_configure(config):
@@ -170,6 +204,46 @@ def pytest_sessionstart(session):
     args = " ".join(session.config.invocation_params.args)
     if bs is not None and "--benchmark-columns" not in args:
         bs.columns = ["median", "iqr", "min", "max", "rounds"]
+
+
+# ----------------------------------------------------------------------------
+# --bench-json: the results so far, after every benchmark
+# ----------------------------------------------------------------------------
+
+
+def write_bench_json(config, final: bool) -> None:
+    """Write pytest-benchmark's JSON of the benchmarks run so far to
+    ``--bench-json`` (whole: written beside it, then renamed over it)."""
+    path = config.getoption("--bench-json")
+    bs = getattr(config, "_benchmarksession", None)
+    if not path or bs is None or not bs.benchmarks:
+        return
+    infos = getattr(config, "_convgru_json_infos", None)
+    if infos is None or final:  # machine info again at the end: its load average is the end's
+        commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
+        config.hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
+        infos = config._convgru_json_infos = (bs.get_machine_info(), commit_info)
+    output = config.hook.pytest_benchmark_generate_json(
+        config=config, benchmarks=bs.benchmarks, include_data=final, machine_info=infos[0], commit_info=infos[1])
+    config.hook.pytest_benchmark_update_json(config=config, benchmarks=bs.benchmarks, output_json=output)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    part = path + ".part"
+    with open(part, "w") as f:
+        json.dump(output, f, indent=1, default=str)
+    os.replace(part, path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if item.config.getoption("--bench-json"):
+        write_bench_json(item.config, final=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--bench-json"):
+        write_bench_json(session.config, final=True)
 
 
 @pytest.hookimpl(trylast=True)

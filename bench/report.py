@@ -57,14 +57,37 @@ def _machine_name(data: dict) -> str:
     return m.get("gpu") if device_kind(data) == "gpu" else m.get("cpu", "")
 
 
-def load(paths: Sequence[str]) -> dict:
+def _read_benchmark_json(path: str, warn) -> Optional[dict]:
+    """A pytest-benchmark JSON file's data, or ``None`` (with a warning) for a file
+    that is empty or not such JSON: a benchmark run killed before pytest-benchmark
+    wrote its ``--benchmark-json`` leaves an empty file, and the GPU check's other
+    parts write JSON of their own; neither may cost the report the others' data."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as exc:  # empty or cut short
+        warn(f"skipped {path}: not JSON ({exc})")
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        warn(f"skipped {path}: not pytest-benchmark JSON (no 'benchmarks' list)")
+        return None
+    return data
+
+
+def load(paths: Sequence[str], warn=None) -> dict:
     """Read and merge pytest-benchmark JSON files of one machine (a later file's
-    benchmark replaces an earlier one of the same name)."""
+    benchmark replaces an earlier one of the same name). Files that are empty or
+    not pytest-benchmark JSON are skipped, each with a call of ``warn`` (default:
+    a line on stderr); results of different machines raise ``ValueError``."""
+    if warn is None:
+        def warn(message):
+            print(f"warning: {message}", file=sys.stderr)
     merged: Optional[dict] = None
     by_name: "OrderedDict[str, dict]" = OrderedDict()
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = _read_benchmark_json(path, warn)
+        if data is None:
+            continue
         if merged is None:
             merged = {k: v for k, v in data.items() if k != "benchmarks"}
         else:
@@ -77,7 +100,7 @@ def load(paths: Sequence[str]) -> dict:
         for b in data.get("benchmarks", []):
             by_name[b.get("fullname") or b["name"]] = b
     if merged is None:
-        raise ValueError("no input files")
+        raise ValueError("no pytest-benchmark results in " + (", ".join(paths) or "no input files"))
     merged["benchmarks"] = list(by_name.values())
     return merged
 
@@ -201,12 +224,13 @@ def floor_lookup(data: dict):
         return None
     _, shapes = collect(data)
 
-    def floor(workload: str, pass_: str, dtype: str) -> Optional[float]:
+    def floor(workload: str, pass_: str, dtype: str, kind: Optional[str] = None) -> Optional[float]:
+        """Seconds, like the medians; ``kind`` "gate" or "conv": only those pieces."""
         for ws in WORKLOAD_SETS.values():
             for w in ws:
                 if w.name == workload and (workload not in shapes or shapes[workload] == w.describe()):
                     try:
-                        return roofline.floor_ms(w, device, dtype, pass_) / 1e3  # seconds, like the medians
+                        return roofline.floor_ms(w, device, dtype, pass_, kind=kind) / 1e3
                     except (KeyError, ValueError):
                         return None
         return None
@@ -264,8 +288,41 @@ def markdown(data: dict, title: Optional[str] = "ConvGRU benchmarks") -> str:
             lines.append("")
     if shapes:
         lines += ["Workloads: " + "; ".join(f"`{w}` {s}" for w, s in shapes.items()) + ".", ""]
+    lines += roofline_lines(data, floor)
     lines += targets(data)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def roofline_lines(data: dict, floor=None) -> List[str]:
+    """Per dtype, one row per workload and pass: the roofline floor (gate kernels +
+    convolutions) and every provider's median over it (1.0 is the floor); nothing
+    when the report has no floors (CPU results, a GPU the model does not know)."""
+    floor = floor if floor is not None else floor_lookup(data)
+    if floor is None:
+        return []
+    results, _ = collect(data)
+    present = [p for p in PROVIDERS if any(p in r for r in results.values())]
+    lines = [f"**Roofline** on {floor.device}: each provider's median / the floor (1.0 is the floor; "
+             "floor = gate kernels' fewest bytes over copy bandwidth + convolution FLOPs over the matrix rate, "
+             "`python -m bench.roofline`).", ""]
+    for dtype in _dtype_order(OrderedDict.fromkeys(k[2] for k in results)):
+        head = ["workload", "pass", "floor ms (gates + convs)"] + [f"{p} / floor" for p in present]
+        lines += [f"*{dtype}*", "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join(["---"] * 2 + ["--:"] * (len(head) - 2)) + "|"]
+        for (workload, pass_, dt), recs in results.items():
+            if dt != dtype:
+                continue
+            total = floor(workload, pass_, dtype)
+            if total is None:
+                cells = ["—"] * (1 + len(present))
+            else:
+                gates, convs = floor(workload, pass_, dtype, "gate"), floor(workload, pass_, dtype, "conv")
+                cells = [f"{_ms(total)} ({_ms(gates)} + {_ms(convs)})"]
+                cells += ["—" if _median(recs.get(p)) is None else f"{_median(recs.get(p)) / total:.1f}"
+                          for p in present]
+            lines.append("| " + " | ".join([workload, pass_] + cells) + " |")
+        lines.append("")
+    return lines
 
 
 def targets(data: dict) -> List[str]:
