@@ -168,6 +168,7 @@ class Plan(NamedTuple):
     conv: Callable  # (x, weight) -> weight * x, 'same' padded
     conv_backward: Callable  # (grad, x, weight, need_input, need_weight) -> (d_x, d_weight)
     op_args: tuple  # (kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
+    fused_step: bool = False  # the fused forward step (opt-in, issue 18): see _fused_step_wanted
 
 
 _PLANS: dict = {}
@@ -192,7 +193,32 @@ def _make_plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: boo
     return Plan(
         spec, *flags, _gate_math(use_triton), conv, conv_backward,
         (list(spec.kernel_size), list(spec.dilation), spec.padding_mode) + flags,
+        _fused_step_wanted(spec, use_triton),
     )
+
+
+# --- Fused forward step (issue 18; opt-in) -----------------------------------
+_fused = None  # convgru_triton.ops.fused_step, imported by the first plan that opts in
+
+
+def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
+    """Whether a plan runs the forward step as :mod:`.fused_step`'s kernels
+    (convolution and gate math in one pass): only with
+    ``CONVGRU_TRITON_FUSED_STEP=1`` set when the plan is made, the Triton gate
+    math, and a spec those kernels take; dtype and device are checked at each
+    step, where anything they do not take runs the usual path. Default off:
+    nothing measured says it is faster than cuDNN + the gate kernels."""
+    global _fused
+    import os
+
+    if not use_triton or os.environ.get("CONVGRU_TRITON_FUSED_STEP", "0").strip() != "1":
+        return False
+    if _fused is None:
+        from . import fused_step
+
+        _fused = fused_step
+    return spec.dims == 2 and spec.padding_mode == "zeros"
+# --- end of the fused forward step's hook -----------------------------------
 
 
 def _plan_of(kernel_size, dilation, padding_mode, reset_after, reverse, use_triton) -> Plan:
@@ -273,6 +299,9 @@ def _step_forward(p: Plan, math, gx: Tensor, h: Tensor, weights, bias_ih, bias_h
     the frames that keep what the backward pass needs when ``save``; without,
     they are ``None`` with reset_after, else scratch (r, z and r * h are needed
     within the step; n is then not stored). ``math``: ``p.math`` bound to the call."""
+    if p.fused_step and _fused.forward_step(p.reset_after, p.spec, gx, h, weights, bias_ih, bias_hh, state,
+                                            gates, aux, save):
+        return  # fused step (issue 18, opt-in): wrote what the lines below write
     conv = p.conv
     if p.reset_after:
         math.reset_after_fwd(gx, conv(h, weights[0]), h, bias_ih, bias_hh, h_new=state, gates=gates, aux=aux)

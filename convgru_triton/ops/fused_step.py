@@ -1,0 +1,474 @@
+"""The fused ConvGRU forward step: hidden convolution and gate math in one pass.
+
+Groundwork for issue 18 ("a fused ConvGRU step"). Kernels, launcher and the
+reference they are checked against live together in this file. Opt-in: the
+sequence operator (:mod:`.conv_gru`) runs these kernels only when the
+environment variable ``CONVGRU_TRITON_FUSED_STEP=1`` was set when its plan was
+made (plans are cached per static arguments, so set it before the first call),
+the plan uses the Triton gate math, and :func:`supports` holds for the call.
+Default off: no GPU measurement says it is faster than cuDNN's convolution
+followed by the gate kernels of :mod:`.conv_gru_cell`. The backward pass is
+unchanged: these kernels save exactly what the gate kernels save (``gates``
+and ``aux``), so ``conv_gru._backward`` works on it as it is.
+
+The equations (module docstring of :mod:`convgru_triton.functional`), gate
+order (r, z, n) along the channels, ``*`` a 'same'-padded stride-1 convolution::
+
+    r  = sigmoid(gx_r + b_ir + W_hr * h + b_hr)
+    z  = sigmoid(gx_z + b_iz + W_hz * h + b_hz)
+    n  = tanh(gx_n + b_in + W_hn * (r * h) + b_hn)     reset_after=False
+    n  = tanh(gx_n + b_in + r * (W_hn * h + b_hn))     reset_after=True
+    h' = (1 - z) * h + z * n
+
+Kernels (2-D, zero padding, stride 1, any kernel size and dilation; ``gx``
+(N, 3H, Y, X) are the input pre-activations ``W_i * x`` without bias):
+
+``reset_after=False``, two launches (the second convolution reads r * h of
+neighbouring pixels, which the first must have finished writing):
+    * ``_conv_rz_fwd_kernel``: ``acc_r, acc_z = W_hrz * h``; writes r and z into
+      ``gates[:, :2H]`` and ``aux = r * h``
+      (= :func:`~.naive.gru_reset_gate_fwd_ref`).
+    * ``_conv_n_fwd_kernel``: ``acc = W_hn * aux``; reads z from ``gates``;
+      writes h' and, when saving, n into ``gates[:, 2H:]``
+      (= :func:`~.naive.gru_update_fwd_ref`).
+
+``reset_after=True``, one launch:
+    * ``_conv_reset_after_fwd_kernel``: ``acc_r, acc_z, acc_n = W_h * h`` for
+      the same hidden channels; writes h' and, when saving, ``gates = (r, z, n)``
+      and ``aux = acc_n + b_hn`` (= :func:`~.naive.gru_reset_after_fwd_ref`).
+
+Implicit GEMM: rows M = N * Y * X output pixels, columns the hidden channels
+of one gate (one accumulator per gate, sharing the loaded state tile),
+reduction K = C * kh * kw (C = H input channels of the hidden convolution),
+walked tap by tap (kh * kw taps unrolled) and then over channel blocks. A
+program owns a ``BLOCK_M x BLOCK_N`` tile of (pixels x hidden channels);
+pixels outside the map read zeros (masked loads), which is the 'same' zero
+padding (left/top pad ``d * (k - 1) // 2``, as :class:`~convgru_triton._conv.ConvSpec`).
+Accumulation is float32 with ``tl.dot`` (float64 for float64 tensors):
+``input_precision="ieee"`` for float32 inputs, so results match the
+reference, not TF32; float16/bfloat16 tiles go to the tensor cores (wgmma on
+sm_90 with BLOCK_M = 64 and 4 warps). Every tensor is addressed through its
+four strides, so contiguous (NCHW) and channels_last (NHWC) tensors, and any
+mix of them, work without copies. The sample offset is 64-bit; offsets
+within a sample are 32-bit, which :func:`forward_step` checks before launch.
+
+Not yet (issue 18): the backward (dgrad/wgrad with the gate derivatives
+fused), the input convolution of the one-step cell, a tuned or persistent
+grid, pre-packed weights (the weight tile is gathered with the weight's own
+strides), and any GPU measurement.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._conv import ConvSpec, conv_same
+from . import naive
+from .conv_gru_cell import _sigmoid, _tanh
+
+Tensor = torch.Tensor
+
+#: The environment variable that opts the sequence operator into the fused step.
+ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
+
+#: dtypes the fused step takes (float64 runs under the interpreter in the tests, not selected).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def enabled() -> bool:
+    """Whether ``CONVGRU_TRITON_FUSED_STEP=1`` is set (read when a plan is made)."""
+    return os.environ.get(ENV_VAR, "0").strip() == "1"
+
+
+def _interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(spec: ConvSpec, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused step applies: a 2-D 'same' convolution with zero
+    padding (stride 1, any kernel size and dilation), float16, bfloat16 or
+    float32 tensors on CUDA, or CPU tensors under the Triton interpreter (the
+    tests). Everything else keeps cuDNN + the gate kernels."""
+    return (
+        spec.dims == 2
+        and spec.padding_mode == "zeros"
+        and dtype in DTYPES
+        and (device.type == "cuda" or (device.type == "cpu" and _interpreter_enabled()))
+    )
+
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _pixels(M, HW, Y, X, BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's BLOCK_M output pixels: (sample as int64, row, column, mask).
+
+    ``BLOCK_X == 0``: BLOCK_M consecutive pixels of the flattened (N, Y, X)
+    grid, for channels_last, where the channels are the contiguous axis. Else a
+    (BLOCK_M / BLOCK_X) x BLOCK_X patch of one sample, for NCHW, where the
+    columns are: ``x`` is then visibly BLOCK_X-contiguous to the compiler
+    (``x`` split out of a flat index by a runtime division is not, and every
+    access became a 64-bit-addressed scalar gather: 255 registers and spills
+    at sm_90)."""
+    i = tl.arange(0, BLOCK_M)
+    if BLOCK_X == 0:
+        m = tl.program_id(0) * BLOCK_M + i
+        m_mask = m < M
+        n = m // HW
+        rest = m - n * HW
+        y = rest // X
+        x = rest - y * X
+    else:
+        BLOCK_Y: tl.constexpr = BLOCK_M // BLOCK_X
+        tiles_x = tl.cdiv(X, BLOCK_X)
+        per_sample = tl.cdiv(Y, BLOCK_Y) * tiles_x
+        pid = tl.program_id(0)
+        n = pid // per_sample
+        rest = pid - n * per_sample
+        tile_y = rest // tiles_x
+        tile_x = rest - tile_y * tiles_x
+        y = tile_y * BLOCK_Y + i // BLOCK_X
+        x = tile_x * BLOCK_X + i % BLOCK_X
+        m_mask = (y < Y) & (x < X)
+    return n.to(tl.int64), y, x, m_mask
+
+
+@triton.jit
+def _at(ptr, n64, y, x, ch, sn, sc, sy, sx):
+    """(BLOCK_M, BLOCK_N) pointers to channels ``ch`` of the tile's pixels: the
+    sample offset in 64 bits, the rest within a sample in 32."""
+    return ptr + (n64 * sn + (y * sy + x * sx))[:, None] + (ch * sc)[None, :]
+
+
+@triton.jit
+def _state_tile(x_ptr, n64, iy, ix, valid, ci, C, sn, sc, sy, sx):
+    """(BLOCK_M, BLOCK_K) tile of the convolution's input at pixels (iy, ix) and
+    channels ``ci``; zero outside the map (the 'same' zero padding) and past C."""
+    ptrs = x_ptr + (n64 * sn + (iy * sy + ix * sx))[:, None] + (ci * sc)[None, :]
+    return tl.load(ptrs, mask=valid[:, None] & (ci < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, so, si, sy, sx):
+    """(BLOCK_K, BLOCK_N) tile ``W[co, ci, ky, kx]`` (K rows, output channels as columns)."""
+    ptrs = w_ptr + (ky * sy + kx * sx) + (ci * si)[:, None] + (co * so)[None, :]
+    return tl.load(ptrs, mask=(ci < C)[:, None] & co_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _bias_pair(b_ih_ptr, b_hh_ptr, gate, H, co, co_mask, COMPUTE: tl.constexpr):
+    """(b_ih + b_hh) of one gate over the tile's channels, as a (1, BLOCK_N) row."""
+    b = (tl.load(b_ih_ptr + gate * H + co, mask=co_mask, other=0.0).to(COMPUTE)
+         + tl.load(b_hh_ptr + gate * H + co, mask=co_mask, other=0.0).to(COMPUTE))
+    return b[None, :]
+
+
+@triton.jit
+def _conv_rz_fwd_kernel(
+    x_ptr, w_ptr, gx_ptr, h_ptr, gates_ptr, aux_ptr, b_ih_ptr, b_hh_ptr,
+    M, HW, Y, X, H,
+    x_sn, x_sc, x_sy, x_sx,
+    w_so, w_si, w_sy, w_sx,
+    gx_sn, gx_sc, gx_sy, gx_sx,
+    h_sn, h_sc, h_sy, h_sx,
+    g_sn, g_sc, g_sy, g_sx,
+    a_sn, a_sc, a_sy, a_sx,
+    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+    PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """r, z = sigmoid(gx_rz + b_ih_rz + W_hrz * h + b_hh_rz); gates[:, :2H] = (r, z); aux = r * h.
+    ``x`` is the convolution's input (the state h, C = H channels), ``w`` W_hrz (2H, C, KH, KW)."""
+    n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < H
+    acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    # One flat reduction loop over (tap, channel block), not unrolled: short
+    # live ranges, and one loop for the software pipeliner.
+    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
+        tap = kk // tl.cdiv(C, BLOCK_K)
+        ky = tap // KW
+        kx = tap - ky * KW
+        iy = y + (ky * DIL_Y - PAD_Y)
+        ix = x + (kx * DIL_X - PAD_X)
+        valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
+        ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
+        # One state tile, two gates: the r and z weight rows are H apart.
+        b_r = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        b_z = _weight_tile(w_ptr, co + H, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        acc_r = tl.dot(a, b_r, acc_r, input_precision=PRECISION, out_dtype=COMPUTE)
+        acc_z = tl.dot(a, b_z, acc_z, input_precision=PRECISION, out_dtype=COMPUTE)
+
+    mask = m_mask[:, None] & co_mask[None, :]
+    gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
+    a_r = acc_r + tl.load(gx, mask=mask).to(COMPUTE)
+    a_z = acc_z + tl.load(gx + H * gx_sc, mask=mask).to(COMPUTE)
+    if HAS_BIAS:
+        a_r += _bias_pair(b_ih_ptr, b_hh_ptr, 0, H, co, co_mask, COMPUTE)
+        a_z += _bias_pair(b_ih_ptr, b_hh_ptr, 1, H, co, co_mask, COMPUTE)
+    r = _sigmoid(a_r)
+    z = _sigmoid(a_z)
+    h = tl.load(_at(h_ptr, n64, y, x, co, h_sn, h_sc, h_sy, h_sx), mask=mask).to(COMPUTE)
+    gt = _at(gates_ptr, n64, y, x, co, g_sn, g_sc, g_sy, g_sx)
+    ty = gates_ptr.dtype.element_ty
+    tl.store(gt, r.to(ty), mask=mask)
+    tl.store(gt + H * g_sc, z.to(ty), mask=mask)
+    tl.store(_at(aux_ptr, n64, y, x, co, a_sn, a_sc, a_sy, a_sx), (r * h).to(aux_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_n_fwd_kernel(
+    x_ptr, w_ptr, gx_ptr, h_ptr, gates_ptr, h_new_ptr, b_ih_ptr, b_hh_ptr,
+    M, HW, Y, X, H,
+    x_sn, x_sc, x_sy, x_sx,
+    w_so, w_si, w_sy, w_sx,
+    gx_sn, gx_sc, gx_sy, gx_sx,
+    h_sn, h_sc, h_sy, h_sx,
+    g_sn, g_sc, g_sy, g_sx,
+    o_sn, o_sc, o_sy, o_sx,
+    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+    PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """n = tanh(gx_n + b_in + W_hn * (r * h) + b_hn); h' = h + z (n - h); with SAVE gates[:, 2H:] = n.
+    ``x`` is aux = r * h (C = H channels), ``w`` W_hn (H, C, KH, KW); z is read from ``gates``."""
+    n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    # One flat reduction loop over (tap, channel block), not unrolled: short
+    # live ranges, and one loop for the software pipeliner.
+    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
+        tap = kk // tl.cdiv(C, BLOCK_K)
+        ky = tap // KW
+        kx = tap - ky * KW
+        iy = y + (ky * DIL_Y - PAD_Y)
+        ix = x + (kx * DIL_X - PAD_X)
+        valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
+        ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
+        b = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
+
+    mask = m_mask[:, None] & co_mask[None, :]
+    gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
+    a_n = acc + tl.load(gx + 2 * H * gx_sc, mask=mask).to(COMPUTE)
+    if HAS_BIAS:
+        a_n += _bias_pair(b_ih_ptr, b_hh_ptr, 2, H, co, co_mask, COMPUTE)
+    cand = _tanh(a_n)
+    gt = _at(gates_ptr, n64, y, x, co, g_sn, g_sc, g_sy, g_sx)
+    z = tl.load(gt + H * g_sc, mask=mask).to(COMPUTE)
+    h = tl.load(_at(h_ptr, n64, y, x, co, h_sn, h_sc, h_sy, h_sx), mask=mask).to(COMPUTE)
+    h_new = h + z * (cand - h)
+    tl.store(_at(h_new_ptr, n64, y, x, co, o_sn, o_sc, o_sy, o_sx), h_new.to(h_new_ptr.dtype.element_ty), mask=mask)
+    if SAVE:
+        tl.store(gt + 2 * H * g_sc, cand.to(gates_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_reset_after_fwd_kernel(
+    x_ptr, w_ptr, gx_ptr, h_new_ptr, gates_ptr, aux_ptr, b_ih_ptr, b_hh_ptr,
+    M, HW, Y, X, H,
+    x_sn, x_sc, x_sy, x_sx,
+    w_so, w_si, w_sy, w_sx,
+    gx_sn, gx_sc, gx_sy, gx_sx,
+    o_sn, o_sc, o_sy, o_sx,
+    g_sn, g_sc, g_sy, g_sx,
+    a_sn, a_sc, a_sy, a_sx,
+    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+    PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """acc_r, acc_z, acc_n = W_h * h for the same hidden channels; hn = acc_n + b_hn;
+    r, z = sigmoid(gx + b_ih + acc + b_hh); n = tanh(gx_n + b_in + r * hn); h' = h + z (n - h).
+    With SAVE: gates = (r, z, n), aux = hn. ``x`` is the state h (C = H), ``w`` W_h (3H, C, KH, KW)."""
+    n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < H
+    acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    # One flat reduction loop over (tap, channel block), not unrolled: short
+    # live ranges, and one loop for the software pipeliner.
+    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
+        tap = kk // tl.cdiv(C, BLOCK_K)
+        ky = tap // KW
+        kx = tap - ky * KW
+        iy = y + (ky * DIL_Y - PAD_Y)
+        ix = x + (kx * DIL_X - PAD_X)
+        valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
+        ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
+        b_r = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        acc_r = tl.dot(a, b_r, acc_r, input_precision=PRECISION, out_dtype=COMPUTE)
+        b_z = _weight_tile(w_ptr, co + H, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        acc_z = tl.dot(a, b_z, acc_z, input_precision=PRECISION, out_dtype=COMPUTE)
+        b_n = _weight_tile(w_ptr, co + 2 * H, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        acc_n = tl.dot(a, b_n, acc_n, input_precision=PRECISION, out_dtype=COMPUTE)
+
+    mask = m_mask[:, None] & co_mask[None, :]
+    gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
+    a_r = acc_r + tl.load(gx, mask=mask).to(COMPUTE)
+    a_z = acc_z + tl.load(gx + H * gx_sc, mask=mask).to(COMPUTE)
+    x_n = tl.load(gx + 2 * H * gx_sc, mask=mask).to(COMPUTE)
+    h_n = acc_n
+    if HAS_BIAS:
+        a_r += _bias_pair(b_ih_ptr, b_hh_ptr, 0, H, co, co_mask, COMPUTE)
+        a_z += _bias_pair(b_ih_ptr, b_hh_ptr, 1, H, co, co_mask, COMPUTE)
+        x_n += tl.load(b_ih_ptr + 2 * H + co, mask=co_mask, other=0.0).to(COMPUTE)[None, :]
+        h_n += tl.load(b_hh_ptr + 2 * H + co, mask=co_mask, other=0.0).to(COMPUTE)[None, :]
+    r = _sigmoid(a_r)
+    z = _sigmoid(a_z)
+    cand = _tanh(x_n + r * h_n)
+    # The state at the tile's own pixels and channels: the convolution's input.
+    h = tl.load(_at(x_ptr, n64, y, x, co, x_sn, x_sc, x_sy, x_sx), mask=mask).to(COMPUTE)
+    h_new = h + z * (cand - h)
+    tl.store(_at(h_new_ptr, n64, y, x, co, o_sn, o_sc, o_sy, o_sx), h_new.to(h_new_ptr.dtype.element_ty), mask=mask)
+    if SAVE:
+        gt = _at(gates_ptr, n64, y, x, co, g_sn, g_sc, g_sy, g_sx)
+        ty = gates_ptr.dtype.element_ty
+        tl.store(gt, r.to(ty), mask=mask)
+        tl.store(gt + H * g_sc, z.to(ty), mask=mask)
+        tl.store(gt + 2 * H * g_sc, cand.to(ty), mask=mask)
+        tl.store(_at(aux_ptr, n64, y, x, co, a_sn, a_sc, a_sy, a_sx), h_n.to(aux_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------
+
+#: Pixels per program: 64 is the smallest M of one Hopper wgmma (4 warps = one warpgroup).
+BLOCK_M = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def _blocks(hidden: int, channels: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): hidden channels per program (up to 32) and input
+    channels per reduction step (up to 64; 32 in float32), powers of two from
+    16 (tl.dot's smallest). BLOCK_N 64 with up to three float32 accumulators
+    took 239-255 registers per thread and spilled at sm_90 (bfloat16, RAFT's
+    hidden 128 on 46x62, Triton 3.9); 32 compiles to 72-168 with no spills."""
+    block_n = max(16, min(32, triton.next_power_of_2(hidden)))
+    block_k = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(channels)))
+    return block_n, block_k
+
+
+def _within_sample_32bit(t: Tensor) -> bool:
+    """Every offset within one sample of ``t`` fits 32 bits (the kernels'
+    assumption; the sample offset itself is 64-bit)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31
+
+
+def _strides(t: Tensor) -> Tuple[int, ...]:
+    # A dim of size 1 may carry any stride: 0 keeps the index math exact whatever it is.
+    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride()))
+
+
+def _constexprs(spec: ConvSpec, dtype: torch.dtype, channels: int, has_bias: bool, block_n: int,
+                block_k: int) -> dict:
+    (pad_y, _), (pad_x, _) = spec.pad_per_dim
+    return dict(
+        C=channels, KH=spec.kernel_size[0], KW=spec.kernel_size[1], DIL_Y=spec.dilation[0], DIL_X=spec.dilation[1],
+        PAD_Y=pad_y, PAD_X=pad_x, HAS_BIAS=has_bias, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        # IEEE float32 products (not TF32): the results match the reference.
+        PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+
+
+def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weights: Sequence[Tensor],
+                 bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], state: Tensor, gates: Optional[Tensor],
+                 aux: Optional[Tensor], save: bool) -> bool:
+    """One fused forward step into the operator's buffers, the contract of
+    ``conv_gru._step_forward``: ``gx`` (N, 3H, Y, X), ``h`` (N, H, Y, X),
+    ``weights`` ``(W_h,)`` (3H, H, kh, kw) with ``reset_after``, else ``(W_hrz,
+    W_hn)`` ((2H, H, kh, kw), (H, H, kh, kw)); biases (3H,) or ``None``.
+    Writes h' into ``state``; ``gates`` (N, 3H, Y, X) and ``aux`` (N, H, Y, X)
+    receive (r, z, n) and aux as the gate kernels write them (with
+    ``reset_after`` and not ``save`` they are ``None``; without ``reset_after``
+    they are needed within the step: scratch when not ``save``, and n is then
+    not stored). All tensors of one dtype, any strides.
+
+    Returns ``False``, having written nothing, where these kernels do not
+    apply (:func:`supports`, mixed dtypes, a sample too large for 32-bit
+    offsets): the caller then runs today's path."""
+    dtype = h.dtype
+    if h.dim() != 4 or not supports(spec, dtype, h.device):
+        return False
+    others = [gx, state, *weights] + [t for t in (gates, aux, bias_ih, bias_hh) if t is not None]
+    if any(t.dtype != dtype or t.device != h.device for t in others):
+        return False
+    if not all(_within_sample_32bit(t) for t in (gx, h, state) + ((gates, aux) if gates is not None else ())):
+        return False
+    batch, hidden, height, width = h.shape
+    if h.numel() == 0:
+        return True
+    has_bias = bias_ih is not None
+    # Dense (3H,) vectors, as the kernels index them; without biases any pointer stands in (never read).
+    b_ih, b_hh = (bias_ih.contiguous(), bias_hh.contiguous()) if has_bias else (h, h)
+    m = batch * height * width
+    block_n, block_k = _blocks(hidden, hidden, dtype)
+    if h.stride(1) == 1 and hidden > 1:  # channels_last state: flat pixel tiles
+        block_x, tiles = 0, triton.cdiv(m, BLOCK_M)
+    else:  # columns contiguous: patches of whole column runs (see _pixels)
+        block_x = max(8, min(BLOCK_M, triton.next_power_of_2(width)))
+        tiles = batch * triton.cdiv(height, BLOCK_M // block_x) * triton.cdiv(width, block_x)
+    grid = (tiles, triton.cdiv(hidden, block_n))
+    sizes = (m, height * width, height, width, hidden)
+    kw = _constexprs(spec, dtype, hidden, has_bias, block_n, block_k)
+    kw["BLOCK_X"] = block_x
+    if reset_after:
+        w = weights[0]
+        if gates is None:  # nothing saved: h' stands in for the pointers of gates and aux (SAVE=False)
+            gates_t, aux_t = state, state
+        else:
+            gates_t, aux_t = gates, aux
+        _conv_reset_after_fwd_kernel[grid](
+            h, w, gx, state, gates_t, aux_t, b_ih, b_hh, *sizes,
+            *_strides(h), *_strides(w), *_strides(gx), *_strides(state), *_strides(gates_t), *_strides(aux_t),
+            SAVE=gates is not None, **kw)
+        return True
+    w_rz, w_n = weights
+    _conv_rz_fwd_kernel[grid](
+        h, w_rz, gx, h, gates, aux, b_ih, b_hh, *sizes,
+        *_strides(h), *_strides(w_rz), *_strides(gx), *_strides(h), *_strides(gates), *_strides(aux), **kw)
+    _conv_n_fwd_kernel[grid](
+        aux, w_n, gx, h, gates, state, b_ih, b_hh, *sizes,
+        *_strides(aux), *_strides(w_n), *_strides(gx), *_strides(h), *_strides(gates), *_strides(state),
+        SAVE=save, **kw)
+    return True
+
+
+# ----------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------
+
+
+def reference_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weight_hh: Tensor,
+                   bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(h_new, gates, aux)`` of one step from the ``*_ref`` functions of
+    :mod:`.naive` and :func:`~convgru_triton._conv.conv_same`: what
+    :func:`forward_step` must write with ``save`` (gates (N, 3H, *S) = (r, z, n);
+    aux = ``W_hn * h + b_hn`` with ``reset_after``, else ``r * h``)."""
+    hidden = h.shape[1]
+    if reset_after:
+        h_new, r, z, n, hn = naive.gru_reset_after_fwd_ref(gx, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)
+        return h_new, torch.cat([r, z, n], 1), hn
+    r, z, rh = naive.gru_reset_gate_fwd_ref(gx, conv_same(h, weight_hh[: 2 * hidden], spec), h, bias_ih, bias_hh)
+    h_new, n = naive.gru_update_fwd_ref(gx, conv_same(rh, weight_hh[2 * hidden:], spec), z, h, bias_ih, bias_hh)
+    return h_new, torch.cat([r, z, n], 1), rh
