@@ -93,13 +93,13 @@ def supports(spec: ConvSpec, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the fused step applies: a 2-D 'same' convolution with zero
     padding (stride 1, any kernel size and dilation), float16, bfloat16 or
     float32 tensors on CUDA, or CPU tensors under the Triton interpreter (the
-    tests). Everything else keeps cuDNN + the gate kernels."""
-    return (
-        spec.dims == 2
-        and spec.padding_mode == "zeros"
-        and dtype in DTYPES
-        and (device.type == "cuda" or (device.type == "cpu" and _interpreter_enabled()))
-    )
+    tests; not bfloat16, which the interpreter lacks). Everything else keeps
+    cuDNN + the gate kernels."""
+    if spec.dims != 2 or spec.padding_mode != "zeros" or dtype not in DTYPES:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _interpreter_enabled() and dtype is not torch.bfloat16
 
 
 # ----------------------------------------------------------------------------
