@@ -203,13 +203,14 @@ def gate_math_disabled():
 # ----------------------------------------------------------------------------
 
 BATCH, CHANNELS, HIDDEN, SIZE, STEPS = 1, 4, 4, 4, 8
+UPDATES = 12  # RAFT's update iterations per frame pair in training: the "loop" row's state-fed-back steps
 PROVIDERS = ("raft", "seed", "ours", "ours (above launchers)", "ours (torch backend)", "ours (compiled)")
 
 
 @dataclass(frozen=True)
 class Row:
     name: str       # e.g. "ConvGRUCell2d reset_after=False"
-    kind: str       # "cell", "sep" or "sequence"
+    kind: str       # "cell", "sep", "loop" (UPDATES separable steps, state fed back) or "sequence"
     reset_after: bool
     backward: bool
 
@@ -224,6 +225,7 @@ ROWS = [
         ("ConvGRUCell2d reset_after=False", "cell", False),
         ("ConvGRUCell2d reset_after=True", "cell", True),
         ("SepConvGRUCell2d", "sep", False),
+        (f"SepConvGRUCell2d x{UPDATES} loop", "loop", False),
         (f"ConvGRU2d T={STEPS}", "sequence", False),
     )
     for backward in (False, True)
@@ -236,7 +238,7 @@ def _ours_module(row: Row, backend: str) -> nn.Module:
     torch.manual_seed(0)
     if row.kind == "cell":
         return ConvGRUCell2d(CHANNELS, HIDDEN, 3, reset_after=row.reset_after, backend=backend)
-    if row.kind == "sep":
+    if row.kind in ("sep", "loop"):
         return SepConvGRUCell2d(CHANNELS, HIDDEN, 5, backend=backend)
     return ConvGRU2d(CHANNELS, HIDDEN, 3, backend=backend)
 
@@ -249,7 +251,7 @@ def _baseline(row: Row, provider: str) -> Optional[nn.Module]:
     if row.reset_after:
         return None
     reference = _ours_module(row, "torch")
-    cells = [reference.horizontal, reference.vertical] if row.kind == "sep" else [reference]
+    cells = [reference.horizontal, reference.vertical] if row.kind in ("sep", "loop") else [reference]
     if row.kind == "sequence":
         from convgru_triton import ConvGRUCell2d
 
@@ -273,11 +275,25 @@ class _XFirst(nn.Module):
         return self.step(h, x)
 
 
+def _update_loop(step: Callable) -> Callable:
+    """``(x, h) -> h`` after UPDATES calls of ``step(x, h)``, each fed the state
+    the last returned (RAFT's update loop, the unit torch.compile sees whole)."""
+
+    def loop(x, h):
+        for _ in range(UPDATES):
+            h = step(x, h)
+        return h
+
+    return loop
+
+
 def _step_function(row: Row, provider: str, tensors) -> Optional[Callable[[], None]]:
     x, h, xs, grad = tensors
     if provider.startswith("ours"):
         module = _ours_module(row, "torch" if provider == "ours (torch backend)" else "triton")
-        call = torch.compile(module, fullgraph=True) if provider == "ours (compiled)" else module
+        call = _update_loop(module) if row.kind == "loop" else module
+        if provider == "ours (compiled)":
+            call = torch.compile(call, fullgraph=True)
         if row.kind == "sequence":
             def forward():
                 return call(xs)[0]
@@ -288,6 +304,8 @@ def _step_function(row: Row, provider: str, tensors) -> Optional[Callable[[], No
         module = _baseline(row, provider)
         if module is None:
             return None
+        if row.kind == "loop":
+            module = _update_loop(module)
         if row.kind == "sequence":
             def forward():
                 state = torch.zeros_like(h)
@@ -373,7 +391,7 @@ def count_calls(fn: Callable[[], None], aten: bool = True) -> Tuple[int, Optiona
 
 def steps_of(row: Row) -> int:
     """Cell steps per call: the sequence row runs T steps, the separable cell two updates."""
-    return STEPS if row.kind == "sequence" else 1
+    return {"sequence": STEPS, "loop": UPDATES}.get(row.kind, 1)
 
 
 def measure(rows: List[Row], providers=PROVIDERS, steps: int = 300, repeats: int = 11) -> Dict:
@@ -500,7 +518,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="calls per timed run")
     parser.add_argument("--repeats", type=int, default=11, help="interleaved runs per provider")
-    parser.add_argument("--rows", default="all", help="comma-separated row kinds: cell,sep,sequence")
+    parser.add_argument("--rows", default="all", help="comma-separated row kinds: cell,sep,loop,sequence")
     parser.add_argument("--out", default=None, help="directory for host_overhead-cpu.{json,md}")
     args = parser.parse_args(argv)
     if "triton" not in sys.modules:  # the fake target needs compiled-mode Triton, chosen at its import
