@@ -1,11 +1,29 @@
 """Test set-up shared by every test module.
 
-Without a GPU the Triton kernels run on CPU tensors under the Triton
-interpreter, which must be switched on before ``triton`` is first imported;
-with a GPU the same tests run the compiled kernels on CUDA tensors.
+One suite for every machine. Tests take their device from the ``device``
+fixture, never a device of their own:
+
+* with a GPU, ``device`` is CUDA and the Triton kernels run compiled;
+* without one, ``device`` is the CPU and the kernels run under the Triton
+  interpreter, which this file switches on (``TRITON_INTERPRET=1``) before
+  ``triton`` is first imported;
+* without one and with ``TRITON_INTERPRET=0`` set by the caller (CI's second
+  pass, ``.ci/run``), nothing can run the kernels: tests that need them are
+  skipped with the reason, everything else runs. That pass catches tests that
+  run the kernels without saying so, the way a GPU machine does (where CPU
+  tensors cannot reach the compiled kernels either).
+
+A test that needs the kernels says so with ``@pytest.mark.triton_kernels``; a
+test parametrized with the Triton backend needs them by definition and is
+treated the same way: by the suite's convention its parameter id is
+``triton`` (``backend``, ``use_triton``, autocast's ``mode``; see
+``needs_triton_kernels``).
 """
 
+from __future__ import annotations
+
 import os
+from typing import Optional
 
 import torch
 
@@ -14,12 +32,95 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from convgru_triton import _backend  # noqa: E402  (after TRITON_INTERPRET: it may import triton)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _why_no_triton_kernels() -> Optional[str]:
+    """``None`` when the Triton kernels can run on ``DEVICE`` in this session,
+    else why not: the package's rule for a forced Triton backend
+    (``_backend.select_backend``; test_suite_hygiene.py checks they agree)."""
+    error = _backend.triton_import_error()
+    if error is not None:
+        return f"needs the Triton kernels; Triton cannot be used here: {error}"
+    if DEVICE.type != "cuda" and not _backend._interpreter_enabled():
+        return "needs the Triton kernels: no CUDA device, and the Triton interpreter is off (TRITON_INTERPRET=0)"
+    return None
+
+
+#: Why the Triton kernels cannot run here, or ``None`` when they can.
+NO_TRITON_KERNELS = _why_no_triton_kernels()
+
+# Tests in modules this file does not own that run the Triton kernels (or the
+# interpreter) without a ``backend="triton"`` parameter, found by running the
+# suite with TRITON_INTERPRET=0. Each belongs in its module as
+# ``@pytest.mark.triton_kernels``; until it is there, it is marked from here.
+# test_suite_hygiene.py fails when an entry names a test that no longer exists.
+TRITON_KERNEL_TESTS_ELSEWHERE = {
+    "tests/test_backend.py::test_argument_forces_backend": "forces backend='triton' on the device",
+    "tests/test_backend.py::test_environment_variable_forces_backend": "CONVGRU_TRITON_BACKEND=triton",
+    "tests/test_backend.py::test_explain_backend_reports_module_choice": "explains a forced 'triton' backend",
+    "tests/test_backend.py::test_env_variable_switches_module_to_kernels": "counts kernel launches",
+    "tests/test_bench_baselines.py::test_bandwidth_script": "the dry run runs the kernels under the interpreter",
+    "tests/test_bench_gpu_check.py::test_bandwidth_dry_run_both_layouts": "the dry run needs the interpreter",
+    "tests/test_compile.py::test_compile_fullgraph_cell_loop": "compiles a backend='triton' cell",
+    "tests/test_compile.py::test_sequence_equals_cell_loop": "runs backend='triton' modules",
+    "tests/test_compile.py::test_compiled_cell_is_fused_by_inductor": "compiles a backend='triton' cell",
+    "tests/test_compile.py::test_compiled_cell_loop_trains_like_eager": "compiles a backend='triton' cell",
+    "tests/test_compile.py::test_no_recompiles_between_calls_of_the_same_shapes": "backend='triton' modules",
+    "tests/test_ddp.py::test_ddp_and_fsdp_match_single_process": "trains a backend='triton' model",
+    "tests/test_numerics.py::test_half_precision_sequence_error": "runs the float16 kernels",
+    "tests/test_numerics.py::test_half_gate_math_rounds_once": "launches the kernels directly",
+    "tests/test_numerics.py::test_gradcheck_whole_sequence_through_kernels": "gradchecks the kernels",
+}
+
+
+def needs_triton_kernels(item: pytest.Item) -> bool:
+    """Whether a collected test runs the Triton kernels: it is marked
+    ``triton_kernels``, one of its parameters has the id ``triton`` (the id of
+    the Triton backend wherever the suite parametrizes over backends), or it is
+    listed in ``TRITON_KERNEL_TESTS_ELSEWHERE``."""
+    if item.get_closest_marker("triton_kernels") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "triton" in callspec.id.split("-"):
+        return True
+    return item.nodeid.split("[")[0] in TRITON_KERNEL_TESTS_ELSEWHERE
+
+
+def pytest_collection_modifyitems(config, items):
+    if NO_TRITON_KERNELS is None:
+        return
+    skip = pytest.mark.skip(reason=NO_TRITON_KERNELS)
+    for item in items:
+        if needs_triton_kernels(item):
+            item.add_marker(skip)
 
 
 @pytest.fixture
 def device() -> torch.device:
+    """The device every test builds its tensors on (see the module docstring)."""
     return DEVICE
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """The settings docs/errors.md names for a bitwise deterministic layer
+    (cuDNN picks deterministic algorithms, e.g. for the weight gradient of a
+    convolution, whose default algorithms add with atomics), restored after.
+    CUBLAS_WORKSPACE_CONFIG: PyTorch raises for a cuBLAS call (gradcheck's dot
+    products) under deterministic mode without it; it is read at each call."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @pytest.fixture(autouse=True)

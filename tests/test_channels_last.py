@@ -10,10 +10,17 @@ For every layout check:
   since the interpreter copies tensors on CPU);
 * Triton backend: every tensor a launcher hands a kernel is a view of the
   caller's tensor (``_conforming`` made no copy), has channels innermost, and every
-  launch uses the channels_last element order.
+  launch uses the channels_last element order. Launches are seen where kernels
+  are launched: through Triton's binder (``kernel[grid](...)``) and as replays of
+  a kept compiled kernel (``_replay``, which compiled kernels on a GPU take from
+  the second launch of a specialization on, also through the operator's bound
+  launches, which bypass the launcher functions).
+
+Both backends run on the ``device`` fixture's device.
 """
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -63,27 +70,30 @@ class _CopyRecorder(TorchDispatchMode):
 
 
 class _PausingKernel:
-    """Stands in for a Triton kernel: launches it with the recorder paused."""
+    """Stands in for a Triton kernel: launches it with the recorder paused, and
+    records the element order of the launch."""
 
-    def __init__(self, kernel, recorder):
-        self._kernel, self._recorder = kernel, recorder
+    def __init__(self, kernel, probe):
+        self._kernel, self._probe = kernel, probe
         self.fn = getattr(kernel, "fn", None)  # its parameters (the launchers read them to replay it)
 
     def __getitem__(self, grid):
         launch = self._kernel[grid]
+        recorder = self._probe.recorder
 
         def run(*args, **kwargs):
-            paused, self._recorder.paused = self._recorder.paused, True
+            self._probe.launch_orders.append(bool(kwargs["CHANNELS_LAST"]))
+            paused, recorder.paused = recorder.paused, True
             try:
                 return launch(*args, **kwargs)
             finally:
-                self._recorder.paused = paused
+                recorder.paused = paused
 
         return run
 
 
 class LayoutProbe:
-    """Records copies outside kernels and what the Triton launchers receive."""
+    """Records copies outside kernels and what the Triton kernels receive."""
 
     def __init__(self, monkeypatch):
         self.recorder = _CopyRecorder()
@@ -91,7 +101,6 @@ class LayoutProbe:
         self.launch_orders = []  # CHANNELS_LAST of every launch
 
         def recording_launch(kernel, name, out, tensors, *args, **kwargs):
-            self.launch_orders.append(op._geometry(name, out).channels_last)
             self.launch_tensors.extend((tuple(t.shape), t.stride(), True) for t in tensors)
             return launch(kernel, name, out, tensors, *args, **kwargs)
 
@@ -100,12 +109,24 @@ class LayoutProbe:
             self.launch_tensors.extend((tuple(t.shape), t.stride(), False) for t, r in zip(tensors, ready) if r is not t)
             return ready, copy_back
 
-        launch, conforming = op._launch, op._conforming
+        def recording_replay(entry, grid, stream, pointers):
+            # A replay passes every kernel parameter in order (pointers, then the
+            # integer and constexpr arguments kept in the entry), so the
+            # kernel's signature names them. Replays never copy: all views.
+            kernel, tail = entry[5], entry[4]
+            arguments = dict(zip(inspect.signature(kernel.fn).parameters, pointers + tail))
+            self.launch_orders.append(bool(arguments["CHANNELS_LAST"]))
+            self.launch_tensors.extend((tuple(t.shape), t.stride(), True) for t in pointers
+                                       if isinstance(t, torch.Tensor))
+            return replay(entry, grid, stream, pointers)
+
+        launch, conforming, replay = op._launch, op._conforming, op._replay
         monkeypatch.setattr(op, "_launch", recording_launch)
         monkeypatch.setattr(op, "_conforming", recording_conforming)
+        monkeypatch.setattr(op, "_replay", recording_replay)
         for name in dir(op):
             if name.endswith("_kernel") and hasattr(getattr(op, name), "__getitem__"):
-                monkeypatch.setattr(op, name, _PausingKernel(getattr(op, name), self.recorder))
+                monkeypatch.setattr(op, name, _PausingKernel(getattr(op, name), self))
 
     @contextlib.contextmanager
     def forward(self):
@@ -126,10 +147,6 @@ class LayoutProbe:
         assert not self.recorder.copies, f"hidden layout-changing copies in the forward pass: {self.recorder.copies}"
 
 
-def _dev(backend, device):
-    return device if backend == "triton" else torch.device("cpu")
-
-
 def _cl_sequence(t, n, c, h, w, device, storage="TN"):
     """(T, N, C, H, W) with channels_last frames, stored T-major ("TN") or N-major ("NT")."""
     if storage == "TN":
@@ -140,11 +157,10 @@ def _cl_sequence(t, n, c, h, w, device, storage="TN"):
 @pytest.mark.parametrize("reset_after", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cell_keeps_channels_last(backend, reset_after, device, monkeypatch):
-    dev = _dev(backend, device)
     torch.manual_seed(0)
-    cell = ConvGRUCell2d(3, 4, 3, reset_after=reset_after, backend=backend, device=dev)
-    x = torch.randn(2, 3, 5, 6, device=dev).to(memory_format=CL).requires_grad_()
-    h = torch.randn(2, 4, 5, 6, device=dev).to(memory_format=CL).requires_grad_()
+    cell = ConvGRUCell2d(3, 4, 3, reset_after=reset_after, backend=backend, device=device)
+    x = torch.randn(2, 3, 5, 6, device=device).to(memory_format=CL).requires_grad_()
+    h = torch.randn(2, 4, 5, 6, device=device).to(memory_format=CL).requires_grad_()
     probe = LayoutProbe(monkeypatch)
     with probe.forward():
         h_new = cell(x, h)
@@ -162,9 +178,8 @@ def test_cell_keeps_channels_last(backend, reset_after, device, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_separable_cell_keeps_channels_last(backend, device, monkeypatch):
-    dev = _dev(backend, device)
-    cell = SepConvGRUCell2d(3, 4, 5, backend=backend, device=dev)
-    x = torch.randn(2, 3, 6, 7, device=dev).to(memory_format=CL)
+    cell = SepConvGRUCell2d(3, 4, 5, backend=backend, device=device)
+    x = torch.randn(2, 3, 6, 7, device=device).to(memory_format=CL)
     probe = LayoutProbe(monkeypatch)
     with probe.forward():
         out = cell(x)
@@ -177,11 +192,10 @@ def test_separable_cell_keeps_channels_last(backend, device, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_sequence_keeps_channels_last(backend, reset_after, num_layers, device, monkeypatch):
-    dev = _dev(backend, device)
     torch.manual_seed(1)
-    gru = ConvGRU2d(3, 4, 3, num_layers=num_layers, reset_after=reset_after, backend=backend, device=dev)
-    x = _cl_sequence(3, 2, 3, 5, 6, dev).requires_grad_()
-    hx = torch.randn(num_layers, 2, 5, 6, 4, device=dev).permute(0, 1, 4, 2, 3)
+    gru = ConvGRU2d(3, 4, 3, num_layers=num_layers, reset_after=reset_after, backend=backend, device=device)
+    x = _cl_sequence(3, 2, 3, 5, 6, device).requires_grad_()
+    hx = torch.randn(num_layers, 2, 5, 6, 4, device=device).permute(0, 1, 4, 2, 3)
     probe = LayoutProbe(monkeypatch)
     with probe.forward():
         output, h_n = gru(x)
@@ -200,9 +214,8 @@ def test_sequence_keeps_channels_last(backend, reset_after, num_layers, device, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bidirectional_keeps_channels_last(backend, device, monkeypatch):
-    dev = _dev(backend, device)
-    gru = ConvGRU2d(3, 4, 3, num_layers=2, bidirectional=True, backend=backend, device=dev)
-    x = _cl_sequence(3, 2, 3, 5, 6, dev)
+    gru = ConvGRU2d(3, 4, 3, num_layers=2, bidirectional=True, backend=backend, device=device)
+    x = _cl_sequence(3, 2, 3, 5, 6, device)
     probe = LayoutProbe(monkeypatch)
     with probe.forward():
         output, h_n = gru(x)
@@ -214,9 +227,8 @@ def test_bidirectional_keeps_channels_last(backend, device, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_first_keeps_channels_last(backend, device, monkeypatch):
-    dev = _dev(backend, device)
-    gru = ConvGRU2d(3, 4, 3, batch_first=True, backend=backend, device=dev)
-    x = _cl_sequence(3, 2, 3, 5, 6, dev, storage="NT").transpose(0, 1)  # (N, T, C, H, W), N-major storage
+    gru = ConvGRU2d(3, 4, 3, batch_first=True, backend=backend, device=device)
+    x = _cl_sequence(3, 2, 3, 5, 6, device, storage="NT").transpose(0, 1)  # (N, T, C, H, W), N-major storage
     probe = LayoutProbe(monkeypatch)
     with probe.forward():
         output, h_n = gru(x)
@@ -226,11 +238,49 @@ def test_batch_first_keeps_channels_last(backend, device, monkeypatch):
     probe.check_launches(backend)
 
 
-def test_probe_sees_layout_copies(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_state_follows_the_input_not_the_convolution(backend, device, monkeypatch):
+    """cuDNN returns a contiguous convolution of a channels_last input where it
+    has no channels_last kernel (float64; seen on an H200, issue 17). With the
+    state omitted, the zero state, and with it h' and every output frame, must
+    still follow the channels_last input. Convolutions that return contiguous
+    outputs stand in for cuDNN here, so that this runs the same on any device."""
+    from convgru_triton import _conv, functional
+    from convgru_triton.ops import conv_gru
+
+    for dims, conv in list(_conv._CONV_FUNCTIONS.items()):
+        monkeypatch.setitem(_conv._CONV_FUNCTIONS, dims,
+                            lambda *args, _conv=conv, **kwargs: _conv(*args, **kwargs).contiguous())
+    # The closures and plans made before hold the real convolutions: start afresh.
+    monkeypatch.setattr(_conv, "_SAME_CONV", {})
+    monkeypatch.setattr(conv_gru, "_PLANS", {})
+    monkeypatch.setattr(functional, "_CELL_PLANS", {})
+    dt = torch.float64
+    torch.manual_seed(2)
+    cell = ConvGRUCell2d(3, 4, 3, backend=backend, device=device, dtype=dt)
+    x = torch.randn(2, 3, 5, 6, device=device, dtype=dt)
+    x_cl = x.to(memory_format=CL)
+    # The stand-in does return a contiguous convolution of the channels_last input.
+    assert not _is_cl(_conv.conv_same(x_cl, cell.weight_ih, _conv.ConvSpec.create(2, 3)))
+    h_cl = cell(x_cl)
+    assert _is_cl(h_cl) and not h_cl.is_contiguous(), h_cl.stride()
+    torch.testing.assert_close(h_cl, cell(x))
+
+    gru = ConvGRU2d(3, 4, 3, num_layers=2, backend=backend, device=device, dtype=dt)
+    seq = _cl_sequence(3, 2, 3, 5, 6, device).to(dt)
+    output, h_n = gru(seq)
+    assert _all_frames_cl(output), f"output strides {output.stride()}"
+    assert _all_frames_cl(h_n), f"h_n strides {h_n.stride()}"
+    output_ref, h_n_ref = gru(seq.contiguous())
+    torch.testing.assert_close(output, output_ref)
+    torch.testing.assert_close(h_n, h_n_ref)
+
+
+def test_probe_sees_layout_copies(device, monkeypatch):
     """The probe itself: a layout-changing copy in the forward pass is caught, a
     copy within one layout is not."""
     probe = LayoutProbe(monkeypatch)
-    x = torch.randn(2, 3, 4, 4).to(memory_format=CL)
+    x = torch.randn(2, 3, 4, 4, device=device).to(memory_format=CL)
     with probe.forward():
         torch.empty_like(x).copy_(x)
     probe.check_no_copies()
@@ -238,3 +288,31 @@ def test_probe_sees_layout_copies(monkeypatch):
         x.contiguous()
     with pytest.raises(AssertionError, match="layout-changing copies.*clone"):
         probe.check_no_copies()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_probe_sees_replayed_launches(device, monkeypatch, channels_last):
+    """The probe itself: a replay of a kept compiled kernel (how compiled kernels
+    launch from the second time on, bound launches included) is recorded with
+    its element order, read from the arguments the replay passes, and still
+    launched. Replayed here with a stand-in for the compiled kernel."""
+    probe = LayoutProbe(monkeypatch)
+    kernel = op._gru_update_fwd_kernel  # the probe's stand-in, with the kernel's parameters
+    names = list(inspect.signature(kernel.fn).parameters)
+    pointers = tuple(torch.empty(2, 4, 3, 5, device=device).to(memory_format=CL) for _ in range(5))
+    pointers += (torch.empty(12, device=device),) * 2  # the biases
+    assert names[len(pointers) - 1] == "bias_hh_ptr"
+    tail = tuple(channels_last if name == "CHANNELS_LAST" else 1 for name in names[len(pointers):])
+    launched = []
+    entry = (lambda *args: launched.append(args), "function", "metadata", lambda grid, stream, *args: None,
+             tail, kernel)
+    op._replay(entry, (1,), None, pointers)
+    assert len(launched) == 1
+    passed = launched[0][-len(names):]
+    assert len(passed) == len(pointers + tail) and all(a is b for a, b in zip(passed, pointers + tail))
+    assert probe.launch_orders == [channels_last]
+    if channels_last:
+        probe.check_launches("triton")
+    else:
+        with pytest.raises(AssertionError, match="contiguous element order"):
+            probe.check_launches("triton")

@@ -1,5 +1,13 @@
 """Bad input gets a clear exception that names the argument, what was expected
-and what was given, raised before any kernel runs."""
+and what was given, raised before any kernel runs.
+
+The bad-input tests build their tensors on the CPU (the default device) on every
+machine, on purpose: the argument checks run before anything is computed and
+before a backend is chosen (``nothing_computed`` fails any test that gets
+further), so they take the same path on every device, and the messages they
+match, quoted in docs/errors.md, name the CPU. The tests of odd but valid
+input compute results and take their device from the ``device`` fixture.
+"""
 
 import pytest
 import torch
@@ -105,11 +113,11 @@ def test_cell_input_errors(backend):
         cell(torch.ones(2, 2, 5, 6, dtype=torch.bool))
 
 
-def test_reflect_padding_larger_than_input(backend):
-    model = ConvGRU1d(2, 3, 5, dilation=2, padding_mode="reflect", backend=backend)  # padding 4 each side
+def test_reflect_padding_larger_than_input(backend, device):
+    model = ConvGRU1d(2, 3, 5, dilation=2, padding_mode="reflect", backend=backend, device=device)  # padding 4
     with pytest.raises(ValueError, match=r"padding_mode='reflect' needs every spatial size of input larger than the padding 4, got spatial size \(4,\)"):
-        model(torch.randn(3, 1, 2, 4))
-    out, _ = model(torch.randn(3, 1, 2, 5))
+        model(torch.randn(3, 1, 2, 4, device=device))
+    out, _ = model(torch.randn(3, 1, 2, 5, device=device))  # the smallest size it pads
     assert out.shape == (3, 1, 3, 5)
 
 
@@ -332,14 +340,14 @@ def test_errors_doc_table_lists_every_bad_input():
 # --- inputs that look odd but are valid: exact results, no error ---------------
 
 
-def test_expanded_input_and_state(backend):
+def test_expanded_input_and_state(backend, device):
     """Stride-0 (expanded) input, initial state and incoming gradient: the
     kernels only read them (every output is freshly allocated), so the result
     and the gradients equal those of dense copies."""
     torch.manual_seed(0)
-    model = ConvGRU(2, 3, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend)
-    x0 = torch.randn(1, 1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(1, 1, 3, 1, 6, dtype=torch.float64, requires_grad=True)
+    model = ConvGRU(2, 3, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend, device=device)
+    x0 = torch.randn(1, 1, 2, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    h0 = torch.randn(1, 1, 3, 1, 6, dtype=torch.float64, device=device, requires_grad=True)
     x = x0.expand(3, 2, 2, 5, 6)  # every step and sample the same frame
     hx = h0.expand(4, 2, 3, 5, 6)  # one row broadcast over layers, batch and height
     out, h_n = model(x, hx)
@@ -347,7 +355,8 @@ def test_expanded_input_and_state(backend):
     grads = [x0.grad, h0.grad] + [p.grad for p in model.parameters()]
 
     x0_ref, h0_ref = x0.detach().clone().requires_grad_(True), h0.detach().clone().requires_grad_(True)
-    ref_model = ConvGRU(2, 3, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend="torch")
+    ref_model = ConvGRU(2, 3, 3, num_layers=2, bidirectional=True, dtype=torch.float64, backend="torch",
+                        device=device)
     ref_model.load_state_dict(model.state_dict())
     out_ref, h_n_ref = ref_model(x0_ref.expand(3, 2, 2, 5, 6).contiguous(), h0_ref.expand(4, 2, 3, 5, 6).contiguous())
     (out_ref.sum() + h_n_ref.sum()).backward()
@@ -358,8 +367,9 @@ def test_expanded_input_and_state(backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.triton_kernels
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
-def test_expanded_tensors_straight_into_the_kernels(reset_after):
+def test_expanded_tensors_straight_into_the_kernels(reset_after, device):
     """The gate pre-activations, the state and the gradient arriving at the
     operator all expanded (stride 0 over steps, batch and space) go into the
     kernels as they are; results equal the reference on dense copies."""
@@ -368,11 +378,15 @@ def test_expanded_tensors_straight_into_the_kernels(reset_after):
     from convgru_triton.ops.naive import conv_gru_cell_ref
 
     gen = torch.Generator().manual_seed(3)
+
+    def leaf(*shape, scale=1.0):  # drawn on the CPU (the same values on every device), used on the device
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device).requires_grad_(True)
+
     hidden, spec = 2, ConvSpec.create(2, 3)
-    gx_row = torch.randn(1, 1, 3 * hidden, 1, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
-    h_col = torch.randn(1, hidden, 4, 1, generator=gen, dtype=torch.float64).requires_grad_(True)
-    w = (torch.randn(3 * hidden, hidden, 3, 3, generator=gen, dtype=torch.float64) * 0.3).requires_grad_(True)
-    b_ih, b_hh = (torch.randn(3 * hidden, generator=gen, dtype=torch.float64).requires_grad_(True) for _ in "ab")
+    gx_row = leaf(1, 1, 3 * hidden, 1, 5)
+    h_col = leaf(1, hidden, 4, 1)
+    w = leaf(3 * hidden, hidden, 3, 3, scale=0.3)
+    b_ih, b_hh = leaf(3 * hidden), leaf(3 * hidden)
     gates_x, h0 = gx_row.expand(3, 2, 3 * hidden, 4, 5), h_col.expand(2, hidden, 4, 5)
     assert 0 in gates_x.stride() and 0 in h0.stride()
 
@@ -395,18 +409,22 @@ def test_expanded_tensors_straight_into_the_kernels(reset_after):
 
 
 @pytest.mark.parametrize("bias_view", ["sliced", "expanded"])
-def test_non_dense_biases(bias_view, backend):
+def test_non_dense_biases(bias_view, backend, device):
     """A bias that is a strided slice or an expanded scalar is read correctly
     (the kernels read biases as dense vectors; the functional form densifies)."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64)
-    w_ih = torch.randn(6, 3, 3, generator=gen, dtype=torch.float64)
-    w_hh = torch.randn(6, 2, 3, generator=gen, dtype=torch.float64)
+
+    def rand(*shape):  # drawn on the CPU (the same values on every device), used on the device
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device)
+
+    x = rand(2, 3, 7)
+    w_ih = rand(6, 3, 3)
+    w_hh = rand(6, 2, 3)
     if bias_view == "sliced":
-        base = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
+        base = rand(12).requires_grad_(True)
         b_ih, b_hh = base[::2], base[1::2]
     else:
-        base = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        base = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
         b_ih, b_hh = base.expand(6), (-base).expand(6)
     out = conv_gru_cell(x, None, w_ih, w_hh, b_ih, b_hh, backend=backend)
     (grad,) = torch.autograd.grad(out.sum(), base)
@@ -421,12 +439,12 @@ def test_non_dense_biases(bias_view, backend):
     torch.testing.assert_close(grad, grad_ref)
 
 
+@pytest.mark.triton_kernels  # the check belongs to the Triton backend, which must be usable to get there
 @pytest.mark.parametrize("kind", ["sequence", "cell"])
-def test_sample_too_large_for_the_kernels(kind, nothing_computed):
+def test_sample_too_large_for_the_kernels(kind, nothing_computed, device):
     """A sample whose gates (3 x hidden x spatial) reach 2**31 elements, which
     the fused kernels address with 32-bit offsets: a ValueError before the
     (possibly huge) input convolution runs, on the Triton backend only."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.zeros(1, 1, 1, 1024, 1024, device=device)  # 3 x 1024 x 2**20 = 3 x 2**30 gate elements
     if kind == "sequence":
         call = lambda: ConvGRU(1, 1024, 1, backend="triton", device=device)(x)  # noqa: E731

@@ -611,6 +611,7 @@ def test_cell_non_contiguous(view, backend, device):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.triton_kernels
 def test_dropout_same_on_both_backends_and_matches_reference(device):
     dt = torch.float64
     torch.manual_seed(0)
@@ -720,6 +721,7 @@ def test_aliases():
     assert convgru_triton.ConvGRU is ConvGRU2d and convgru_triton.ConvGRUCell is ConvGRUCell2d
 
 
+@pytest.mark.triton_kernels
 @pytest.mark.parametrize("direction", ["torch->triton", "triton->torch"])
 def test_state_dict_round_trip_between_backends(direction, device):
     src_backend, dst_backend = direction.split("->")
@@ -751,6 +753,7 @@ def test_state_dict_round_trip_between_backends(direction, device):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.triton_kernels
 def test_training_reduces_loss(device):
     torch.manual_seed(0)
     model = ConvGRU2d(2, 4, 3, device=device, backend="triton")

@@ -24,46 +24,46 @@ def counted_plans(monkeypatch):
     return calls
 
 
-def test_checks_run_once_per_shape(counted_plans):
-    cell = ConvGRUCell2d(3, 4, 3)
-    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+def test_checks_run_once_per_shape(counted_plans, device):
+    cell = ConvGRUCell2d(3, 4, 3, device=device)
+    x, h = torch.randn(2, 3, 5, 5, device=device), torch.randn(2, 4, 5, 5, device=device)
     for _ in range(3):
         cell(x, h)
     assert len(counted_plans) == 1
-    cell(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 5, 5))  # another batch: checked again
+    cell(torch.randn(1, 3, 5, 5, device=device), torch.randn(1, 4, 5, 5, device=device))  # another batch: checked again
     cell(x)  # no state: another key
     assert len(counted_plans) == 3
 
 
-def test_changed_parameters_are_checked_again(counted_plans):
-    cell = ConvGRUCell2d(3, 4, 3)
-    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+def test_changed_parameters_are_checked_again(counted_plans, device):
+    cell = ConvGRUCell2d(3, 4, 3, device=device)
+    x, h = torch.randn(2, 3, 5, 5, device=device), torch.randn(2, 4, 5, 5, device=device)
     cell(x, h)
     with torch.no_grad():
-        cell.weight_hh.data = torch.randn(12, 4, 3, 5)  # same object, other kernel size
+        cell.weight_hh.data = torch.randn(12, 4, 3, 5, device=device)  # same object, other kernel size
     with pytest.raises(ValueError, match="must share the kernel size"):
         cell(x, h)
     with torch.no_grad():
-        cell.weight_hh.data = torch.randn(12, 4, 3, 3)
+        cell.weight_hh.data = torch.randn(12, 4, 3, 3, device=device)
     cell(x, h)
     cell.double()  # parameters change dtype in place: the float32 plan must not be replayed
     with pytest.raises(ValueError, match="input must have the same dtype as weight_ih"):
         cell(x, h)
 
 
-def test_bad_state_after_a_good_call_still_raises(counted_plans):
-    cell = ConvGRUCell2d(3, 4, 3)
-    x = torch.randn(2, 3, 5, 5)
-    cell(x, torch.randn(2, 4, 5, 5))
+def test_bad_state_after_a_good_call_still_raises(counted_plans, device):
+    cell = ConvGRUCell2d(3, 4, 3, device=device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    cell(x, torch.randn(2, 4, 5, 5, device=device))
     with pytest.raises(ValueError, match=r"hx must have shape \(2, 4, 5, 5\), got \(2, 4, 5, 6\)"):
-        cell(x, torch.randn(2, 4, 5, 6))
+        cell(x, torch.randn(2, 4, 5, 6, device=device))
     with pytest.raises(TypeError, match="hx must be a torch.Tensor"):
         cell(x, [1.0])
 
 
-def test_unhashable_arguments_take_the_checked_path(counted_plans):
-    w_ih, w_hh = torch.randn(12, 3, 3, 3), torch.randn(12, 4, 3, 3)
-    x, h = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+def test_unhashable_arguments_take_the_checked_path(counted_plans, device):
+    w_ih, w_hh = torch.randn(12, 3, 3, 3, device=device), torch.randn(12, 4, 3, 3, device=device)
+    x, h = torch.randn(2, 3, 5, 5, device=device), torch.randn(2, 4, 5, 5, device=device)
     a = conv_gru_cell(x, h, w_ih, w_hh, dilation=[1, 2])  # a list: no cache key, checked every call
     b = conv_gru_cell(x, h, w_ih, w_hh, dilation=[1, 2])
     assert torch.equal(a, b)
@@ -73,19 +73,31 @@ def test_unhashable_arguments_take_the_checked_path(counted_plans):
 
 def test_forced_triton_rechecks_the_interpreter(monkeypatch, counted_plans):
     """A cached plan for Triton on CPU tensors (the interpreter) is refused once
-    the interpreter is off, as the first call would have been."""
-    cell = ConvGRUCell2d(3, 4, 3, backend="triton")
-    x, h = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)
+    the interpreter is off, as the first call would have been.
+
+    About CPU tensors by definition, so on the CPU on every machine. The
+    interpreter is only pretended on: the step itself (the replay of the plan,
+    the kernels) is replaced, as what is tested is the checks around it, and
+    compiled kernels cannot run on CPU tensors."""
+    cpu = torch.device("cpu")
+    replayed = []
+    monkeypatch.setattr(functional, "_replay_cell", lambda cell_plan, *args: replayed.append(cell_plan))
+    cell = ConvGRUCell2d(3, 4, 3, backend="triton", device=cpu)
+    x, h = torch.randn(1, 3, 4, 4, device=cpu), torch.randn(1, 4, 4, 4, device=cpu)
     monkeypatch.setattr(backend_module, "_interpreter_enabled", lambda: True)
     cell(x, h)
+    cell(x, h)  # the cached plan, replayed
+    assert len(counted_plans) == 1 and len(replayed) == 2
+    assert replayed[0].use_triton and replayed[0].recheck_backend
     monkeypatch.setattr(backend_module, "_interpreter_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         cell(x, h)
+    assert len(replayed) == 2
 
 
-def test_environment_variable_is_part_of_the_key(monkeypatch, counted_plans):
-    cell = ConvGRUCell2d(3, 4, 3)
-    x, h = torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)
+def test_environment_variable_is_part_of_the_key(monkeypatch, counted_plans, device):
+    cell = ConvGRUCell2d(3, 4, 3, device=device)
+    x, h = torch.randn(1, 3, 4, 4, device=device), torch.randn(1, 4, 4, 4, device=device)
     monkeypatch.setenv(backend_module.ENV_VAR, "torch")
     cell(x, h)
     monkeypatch.setenv(backend_module.ENV_VAR, "nonsense")

@@ -32,11 +32,13 @@ from convgru_triton import ConvGRU1d, ConvGRU2d, ConvGRU3d  # noqa: E402
 from convgru_triton._conv import ConvSpec  # noqa: E402
 from convgru_triton.ops.conv_gru import conv_gru_sequence  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_GPU = DEVICE.type == "cuda"
+# bfloat16 is drawn only where the kernels are compiled (the interpreter has
+# none): known at collection, before the ``device`` fixture, from the same rule.
+ON_GPU = torch.cuda.is_available()
 
-# The conftest's autouse fixture (NaN-poisoned kernel outputs) is function
-# scoped and stays in force for every example of a test: that is intended.
+# The conftest's autouse fixture (NaN-poisoned kernel outputs) and the ``device``
+# fixture are function scoped and stay in force for every example of a test:
+# that is intended (``device`` never changes within a session).
 _COMMON = dict(
     deadline=None,
     print_blob=True,
@@ -228,7 +230,7 @@ def _assert_close(got, want, dtype, what, scale_by_max=False):
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=tol["rtol"], msg=lambda m: f"{what}: {m}")
 
 
-def check_sequence_case(case: SequenceCase, backend: str):
+def check_sequence_case(case: SequenceCase, backend: str, device: torch.device):
     gen = torch.Generator().manual_seed(case.seed)
     dirs = 2 if case.bidirectional else 1
     model = MODULES[case.dims](
@@ -236,7 +238,7 @@ def check_sequence_case(case: SequenceCase, backend: str):
         batch_first=case.batch_first, bidirectional=case.bidirectional, reset_after=case.reset_after,
         padding_mode=case.padding_mode, dilation=case.dilation, dtype=torch.float64, backend=backend,
     )
-    model.to(DEVICE, case.dtype)
+    model.to(device, case.dtype)
     params = [tuple(p for p in group) for group in model.all_weights]
     n = 1 if case.batch is None else case.batch
     time_major = (case.steps, n, case.c_in) + case.spatial
@@ -257,11 +259,11 @@ def check_sequence_case(case: SequenceCase, backend: str):
     # The module's input and state: leaf views in the drawn layout (an expanded
     # one repeats its first entry along dim 0); gradients are taken w.r.t. them.
     channel_dim = 1 if case.batch is None else 2
-    x_view = make_layout(arrange(x64, True).to(DEVICE, case.dtype), case.x_layout, channel_dim)
+    x_view = make_layout(arrange(x64, True).to(device, case.dtype), case.x_layout, channel_dim)
     x_view.requires_grad_(True)
     hx_in = None
     if hx64 is not None:
-        hx_in = make_layout(arrange(hx64, False).to(DEVICE, case.dtype), case.hx_layout, channel_dim)
+        hx_in = make_layout(arrange(hx64, False).to(device, case.dtype), case.hx_layout, channel_dim)
         hx_in.requires_grad_(True)
     out, h_n = model(x_view, hx_in)
 
@@ -288,10 +290,12 @@ def check_sequence_case(case: SequenceCase, backend: str):
         loss = out.sum() + h_n.sum()
         loss_ref = out_ref.sum() + h_n_ref.sum()
     else:
-        g_out = torch.randn(out_ref.shape, generator=gen, dtype=torch.float64)
-        g_hn = torch.randn(h_n_ref.shape, generator=gen, dtype=torch.float64)
-        loss = (out * g_out.to(DEVICE, case.dtype)).sum() + (h_n * g_hn.to(DEVICE, case.dtype)).sum()
-        loss_ref = (out_ref * g_out.to(case.dtype).double()).sum() + (h_n_ref * g_hn.to(case.dtype).double()).sum()
+        # Drawn on the CPU (the same values on every device), then rounded to
+        # the dtype, so that the module and the reference get the same ones.
+        g_out = torch.randn(out_ref.shape, generator=gen, dtype=torch.float64).to(device, case.dtype)
+        g_hn = torch.randn(h_n_ref.shape, generator=gen, dtype=torch.float64).to(device, case.dtype)
+        loss = (out * g_out).sum() + (h_n * g_hn).sum()
+        loss_ref = (out_ref * g_out.double()).sum() + (h_n_ref * g_hn.double()).sum()
     flat = [x_view, hx_in] + [p for group in params for p in group]
     flat_ref = [x_ref, hx_ref] + [p for group in ref_params for p in group]
     grads = _grads(loss, flat, None)
@@ -304,14 +308,14 @@ def check_sequence_case(case: SequenceCase, backend: str):
         _assert_close(g, g_ref, case.dtype, f"grad {name}", scale_by_max=True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @SEQUENCE_SETTINGS
 @given(case=sequence_cases())
-def test_modules_match_reference(case):
+def test_modules_match_reference(case, backend, device):
     """Outputs, final states and gradients (input, initial state, every weight
     and bias) of a random ConvGRU{1,2,3}d equal the float64 reference, through
-    the Triton kernels and through eager PyTorch."""
-    for backend in ("triton", "torch"):
-        check_sequence_case(case, backend)
+    the Triton kernels and through eager PyTorch (the same cases for both)."""
+    check_sequence_case(case, backend, device)
 
 
 # ----------------------------------------------------------------------------
@@ -358,9 +362,10 @@ def operator_cases(draw):
     )
 
 
+@pytest.mark.triton_kernels
 @OPERATOR_SETTINGS
 @given(case=operator_cases())
-def test_operator_matches_reference_for_any_layout(case):
+def test_operator_matches_reference_for_any_layout(case, device):
     """The sequence operator with the Triton gate kernels, fed gate
     pre-activations and an initial state in any layout (channels_last, strided,
     channel slices, transposed, stride-0 expanded), equals the reference."""
@@ -376,10 +381,10 @@ def test_operator_matches_reference_for_any_layout(case):
     def rand(*shape, scale=1.0):
         return scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    gx = op_layout(rand(T, N, 3 * H, *sizes).to(DEVICE, dtype), case["gx_layout"])
-    h0 = op_layout(rand(N, H, *sizes, scale=0.5).to(DEVICE, dtype), case["h_layout"])
-    leaves = [gx, h0, rand(3 * H, H, *kernel, scale=0.4).to(DEVICE, dtype)]
-    leaves += [rand(3 * H).to(DEVICE, dtype), rand(3 * H).to(DEVICE, dtype)] if case["bias"] else [None, None]
+    gx = op_layout(rand(T, N, 3 * H, *sizes).to(device, dtype), case["gx_layout"])
+    h0 = op_layout(rand(N, H, *sizes, scale=0.5).to(device, dtype), case["h_layout"])
+    leaves = [gx, h0, rand(3 * H, H, *kernel, scale=0.4).to(device, dtype)]
+    leaves += [rand(3 * H).to(device, dtype), rand(3 * H).to(device, dtype)] if case["bias"] else [None, None]
     for t in leaves:
         if t is not None:
             t.requires_grad_(True)  # leaf views keep their layout
@@ -395,8 +400,8 @@ def test_operator_matches_reference_for_any_layout(case):
     ref_states = torch.stack(ref_states)
     _assert_close(states, ref_states, dtype, "states")
 
-    g = torch.randn(ref_states.shape, generator=gen, dtype=torch.float64)
-    got = _grads(states, leaves, g.to(DEVICE, dtype))
-    want = _grads(ref_states, ref_leaves, g.to(dtype).double())
+    g = torch.randn(ref_states.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    got = _grads(states, leaves, g)
+    want = _grads(ref_states, ref_leaves, g.double())
     for i, (a, b) in enumerate(zip(got, want)):
         _assert_close(a, b, dtype, f"grad {i}", scale_by_max=True)

@@ -1,7 +1,9 @@
 """The tuning registry (convgru_triton._tuning) and the tuner (convgru_triton.tune).
 
-Everything here runs on CPU: a fake GPU name stands in for a CUDA device, the
-tuner's timer is injected, and the kernels run under the Triton interpreter.
+The registry tests run the same on every machine: a fake GPU name stands in
+for a CUDA device, which is only a registry key there (no tensor is made on
+it). The tuner's tests that run kernels take the ``device`` fixture (compiled
+kernels on a GPU, the Triton interpreter on CPU) with an injected timer.
 """
 
 import builtins
@@ -19,7 +21,14 @@ from convgru_triton._tuning import DEFAULT_CONFIG, KERNELS, LaunchConfig, Tuning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_GPU = "fake_gpu_9000"
-GPU = torch.device("cuda", 0)  # only a key here: _device_key is replaced in the registry fixture
+# Registry keys, not where tensors are made: the registry answers for a CUDA
+# device from its files (``_device_key`` is replaced in the registry fixture),
+# for any other device with the defaults.
+GPU = torch.device("cuda", 0)
+NOT_CUDA = torch.device("cpu")
+# Compiled kernels (a GPU session, see conftest.py) depend on the number of
+# warps and stages as well as the block size; the interpreter only on the latter.
+COMPILED_KERNELS = torch.cuda.is_available()
 
 
 def _doc(entries, **fields):
@@ -191,7 +200,7 @@ def test_cpu_device_gets_defaults_without_io(monkeypatch):
     monkeypatch.setattr(os.path, "lexists", no_io)
     monkeypatch.setattr(torch.cuda, "get_device_name", no_io)
     for kernel in KERNELS:
-        assert _tuning.launch_config(kernel, torch.float32, 1000, torch.device("cpu")) == DEFAULT_CONFIG
+        assert _tuning.launch_config(kernel, torch.float32, 1000, NOT_CUDA) == DEFAULT_CONFIG
     _tuning.clear_cache()
 
 
@@ -199,7 +208,7 @@ def test_unknown_kernel_is_an_error(registry):
     with pytest.raises(ValueError, match="unknown kernel"):
         lookup(kernel="gru_nonsense")
     with pytest.raises(ValueError, match="unknown kernel"):
-        _tuning.launch_config("gru_nonsense", torch.float32, 10, torch.device("cpu"))
+        _tuning.launch_config("gru_nonsense", torch.float32, 10, NOT_CUDA)
 
 
 def test_env_folder_without_file_warns_once(registry):
@@ -358,7 +367,7 @@ def test_lookup_is_fast_when_cached(registry):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_torch_compile_traces_the_lookup(registry, dynamic):
+def test_torch_compile_traces_the_lookup(registry, dynamic, device):
     """fullgraph: the first look-up (which reads a file) happens while Dynamo traces."""
     torch._dynamo.reset()
     registry.write(registry.shipped, _doc([_entry(128, 1, numel=2**6), _entry(2048, 8, numel=2**12)]))
@@ -369,7 +378,7 @@ def test_torch_compile_traces_the_lookup(registry, dynamic):
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager", dynamic=dynamic)
     for numel, cfg in ((64, LaunchConfig(128, 1)), (4096, LaunchConfig(2048, 8)), (4000, LaunchConfig(2048, 8))):
-        x = torch.randn(numel)
+        x = torch.randn(numel, device=device)
         torch.testing.assert_close(compiled(x), x * cfg.block_size + cfg.num_warps)
         torch.testing.assert_close(fn(x), x * cfg.block_size + cfg.num_warps)
     torch._dynamo.reset()
@@ -385,7 +394,7 @@ def test_forced_config(registry):
     forced = LaunchConfig(4096, 16, 2)
     with _tuning.forced_config(forced):
         assert lookup() == forced
-        assert _tuning.launch_config("gru_update_bwd", torch.float16, 7, torch.device("cpu")) == forced
+        assert _tuning.launch_config("gru_update_bwd", torch.float16, 7, NOT_CUDA) == forced
         with _tuning.forced_config(LaunchConfig(128, 1)):
             assert lookup() == LaunchConfig(128, 1)
         assert lookup() == forced
@@ -479,17 +488,17 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch, where):
 # ----------------------------------------------------------------------------
 
 
-def _fake_case(run=None, check=None):
-    return tune.Case("gru_update_fwd", torch.float32, 1024, torch.device("cpu"),
+def _fake_case(device, run=None, check=None):
+    return tune.Case("gru_update_fwd", torch.float32, 1024, device,
                      run=run or (lambda: "out"), check=check or (lambda out: None))
 
 
-def test_search_picks_the_fastest_and_skips_failures():
+def test_search_picks_the_fastest_and_skips_failures(device):
     times = {128: 3.0, 256: 1.5, 512: 0.5, 1024: 2.0, 2048: 0.1, 4096: 0.2}
     seen = []
 
     def active():  # what a launcher would get from the registry right now
-        return _tuning.launch_config("gru_update_fwd", torch.float32, 1024, torch.device("cpu"))
+        return _tuning.launch_config("gru_update_fwd", torch.float32, 1024, device)
 
     def run():
         cfg = active()
@@ -510,7 +519,7 @@ def test_search_picks_the_fastest_and_skips_failures():
     candidates = [LaunchConfig(b, 4) for b in times]
     # float16: its default configuration is (1024, 4 warps), one of the candidates.
     result = tune.Result("gru_update_fwd", torch.float16, 1024, 6 * 1024 * 2)
-    result.trials = tune.search(_fake_case(run, check), candidates, timer)
+    result.trials = tune.search(_fake_case(device, run, check), candidates, timer)
     assert result.best.config == LaunchConfig(256, 4)
     assert seen == [128, 256, 1024, 4096]  # neither the failing nor the wrong candidate is timed
     skipped = {t.config.block_size: t.skipped for t in result.trials if t.skipped}
@@ -522,11 +531,11 @@ def test_search_picks_the_fastest_and_skips_failures():
     assert _tuning._FORCED is None  # nothing left forced
 
 
-def test_search_with_nothing_that_runs():
+def test_search_with_nothing_that_runs(device):
     def run():
         raise RuntimeError("compilation failed")
 
-    trials = tune.search(_fake_case(run), [LaunchConfig(128, 4), LaunchConfig(256, 4)], lambda fn: 1.0)
+    trials = tune.search(_fake_case(device, run), [LaunchConfig(128, 4), LaunchConfig(256, 4)], lambda fn: 1.0)
     result = tune.Result("gru_update_fwd", torch.float32, 1024, 1)
     result.trials = trials
     assert result.best is None and all("compilation failed" in t.skipped for t in trials)
@@ -545,15 +554,16 @@ def test_candidates_and_ladder():
     assert tune.parse_size("2^20") == tune.parse_size("2**20") == tune.parse_size("1048576") == 2**20
 
 
-def test_tune_end_to_end_with_the_interpreter():
+@pytest.mark.triton_kernels
+def test_tune_end_to_end(device):
     """The real cases (inputs, launchers, reference checks) with an injected timer."""
     candidates = [LaunchConfig(128, 4), LaunchConfig(1024, 4)]
 
     def timer(fn):  # pretend the small block is faster
-        active = _tuning.launch_config(KERNELS[0], torch.float32, 1, torch.device("cpu"))
+        active = _tuning.launch_config(KERNELS[0], torch.float32, 1, device)
         return {128: 1.0, 1024: 2.0}[active.block_size]
 
-    results = tune.tune(KERNELS, [torch.float32], [2**10], candidates, torch.device("cpu"), timer, progress=False)
+    results = tune.tune(KERNELS, [torch.float32], [2**10], candidates, device, timer, progress=False)
     assert [r.kernel for r in results] == list(KERNELS)
     for r in results:
         assert [t.skipped for t in r.trials] == [None, None], r.kernel
@@ -562,9 +572,10 @@ def test_tune_end_to_end_with_the_interpreter():
     assert len(doc["entries"]) == len(KERNELS)
 
 
+@pytest.mark.triton_kernels
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_case_check_catches_wrong_and_unwritten_outputs(kernel):
-    case = tune.build_case(kernel, torch.float32, 2**8, torch.device("cpu"))
+def test_case_check_catches_wrong_and_unwritten_outputs(kernel, device):
+    case = tune.build_case(kernel, torch.float32, 2**8, device)
     case.reset()
     out = case.run()
     assert case.check(out) is None
@@ -607,6 +618,8 @@ def test_shipped_files_are_valid():
 
 def _all_configs():
     configs = set(_tuning.DEFAULT_CONFIGS.values()) | _shipped_configs() | set(tune.candidate_configs())
+    if COMPILED_KERNELS:  # each its own compiled kernel
+        return sorted(configs, key=lambda c: (c.block_size, c.num_warps, c.num_stages))
     # Under the interpreter only the block size changes what runs: one config per block size.
     by_block = {}
     for cfg in sorted(configs, key=lambda c: (c.block_size, c.num_warps, c.num_stages)):
@@ -614,13 +627,14 @@ def _all_configs():
     return sorted(by_block.values(), key=lambda c: c.block_size)
 
 
+@pytest.mark.triton_kernels
 @pytest.mark.parametrize("cfg", _all_configs(), ids=str)
-def test_kernels_correct_with_config(cfg):
+def test_kernels_correct_with_config(cfg, device):
     """Every kernel against its reference with ``cfg``, on planes of 1.5 blocks
     (3 channels x S, which no block size divides), two samples."""
     spatial = cfg.block_size // 2 + 1
     for kernel in KERNELS:
-        case = tune.build_case(kernel, torch.float32, 2 * 3 * spatial, torch.device("cpu"), shape=(2, 3, spatial))
+        case = tune.build_case(kernel, torch.float32, 2 * 3 * spatial, device, shape=(2, 3, spatial))
         trials = tune.search(case, [cfg], timer=lambda fn: 1.0)
         assert trials[0].skipped is None, f"{kernel} with {cfg}: {trials[0].skipped}"
 
@@ -682,7 +696,7 @@ def test_command_writes_the_file_the_registry_then_uses(registry, monkeypatch, c
 
     monkeypatch.setattr(tune, "tune", fake_tune)
     assert tune.main(["--kernels", "gru_update_fwd", "--dtypes", "float16,bfloat16", "--max-size", "2^18", "-q"]) == 0
-    assert calls == [(("gru_update_fwd",), (torch.float16, torch.bfloat16), (2**16, 2**18), torch.device("cuda", 0))]
+    assert calls == [(("gru_update_fwd",), (torch.float16, torch.bfloat16), (2**16, 2**18), GPU)]
     out = capsys.readouterr().out
     path = registry.cache / (FAKE_GPU + ".json")
     assert f"wrote {path}" in out and "GB/s" in out
@@ -698,8 +712,10 @@ def test_command_refuses_to_time_the_interpreter(monkeypatch, capsys):
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
-def test_tune_skips_sizes_that_do_not_fit(monkeypatch):
+@pytest.mark.triton_kernels
+def test_tune_skips_sizes_that_do_not_fit(monkeypatch, device):
     monkeypatch.setattr(tune, "_memory_free", lambda device: 2**20)
-    results = tune.tune(["gru_update_fwd"], [torch.float32], [2**8, 2**20], [DEFAULT_CONFIG], torch.device("cpu"),
+    results = tune.tune(["gru_update_fwd"], [torch.float32], [2**8, 2**20], [DEFAULT_CONFIG], device,
                         lambda fn: 1.0, progress=False)
     assert [r.numel for r in results] == [2**8]
+    assert [t.skipped for t in results[0].trials] == [None]  # the size that fits was tuned
