@@ -52,41 +52,14 @@ def _why_no_triton_kernels() -> Optional[str]:
 #: Why the Triton kernels cannot run here, or ``None`` when they can.
 NO_TRITON_KERNELS = _why_no_triton_kernels()
 
-# Tests in modules this file does not own that run the Triton kernels (or the
-# interpreter) without a ``backend="triton"`` parameter, found by running the
-# suite with TRITON_INTERPRET=0. Each belongs in its module as
-# ``@pytest.mark.triton_kernels``; until it is there, it is marked from here.
-# test_suite_hygiene.py fails when an entry names a test that no longer exists.
-TRITON_KERNEL_TESTS_ELSEWHERE = {
-    "tests/test_backend.py::test_argument_forces_backend": "forces backend='triton' on the device",
-    "tests/test_backend.py::test_environment_variable_forces_backend": "CONVGRU_TRITON_BACKEND=triton",
-    "tests/test_backend.py::test_explain_backend_reports_module_choice": "explains a forced 'triton' backend",
-    "tests/test_backend.py::test_env_variable_switches_module_to_kernels": "counts kernel launches",
-    "tests/test_bench_baselines.py::test_bandwidth_script": "the dry run runs the kernels under the interpreter",
-    "tests/test_bench_gpu_check.py::test_bandwidth_dry_run_both_layouts": "the dry run needs the interpreter",
-    "tests/test_compile.py::test_compile_fullgraph_cell_loop": "compiles a backend='triton' cell",
-    "tests/test_compile.py::test_sequence_equals_cell_loop": "runs backend='triton' modules",
-    "tests/test_compile.py::test_compiled_cell_is_fused_by_inductor": "compiles a backend='triton' cell",
-    "tests/test_compile.py::test_compiled_cell_loop_trains_like_eager": "compiles a backend='triton' cell",
-    "tests/test_compile.py::test_no_recompiles_between_calls_of_the_same_shapes": "backend='triton' modules",
-    "tests/test_ddp.py::test_ddp_and_fsdp_match_single_process": "trains a backend='triton' model",
-    "tests/test_numerics.py::test_half_precision_sequence_error": "runs the float16 kernels",
-    "tests/test_numerics.py::test_half_gate_math_rounds_once": "launches the kernels directly",
-    "tests/test_numerics.py::test_gradcheck_whole_sequence_through_kernels": "gradchecks the kernels",
-}
-
-
 def needs_triton_kernels(item: pytest.Item) -> bool:
     """Whether a collected test runs the Triton kernels: it is marked
-    ``triton_kernels``, one of its parameters has the id ``triton`` (the id of
-    the Triton backend wherever the suite parametrizes over backends), or it is
-    listed in ``TRITON_KERNEL_TESTS_ELSEWHERE``."""
+    ``triton_kernels``, or one of its parameters has the id ``triton`` (the id
+    of the Triton backend wherever the suite parametrizes over backends)."""
     if item.get_closest_marker("triton_kernels") is not None:
         return True
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and "triton" in callspec.id.split("-"):
-        return True
-    return item.nodeid.split("[")[0] in TRITON_KERNEL_TESTS_ELSEWHERE
+    return callspec is not None and "triton" in callspec.id.split("-")
 
 
 def pytest_collection_modifyitems(config, items):

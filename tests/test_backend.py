@@ -42,6 +42,7 @@ def test_auto_uses_triton_on_cuda(monkeypatch):
     assert select_backend(torch.device("cuda")).name == "triton"
 
 
+@pytest.mark.triton_kernels
 def test_argument_forces_backend(monkeypatch, device):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert select_backend(device, "torch").name == "torch"
@@ -49,6 +50,7 @@ def test_argument_forces_backend(monkeypatch, device):
     assert choice.name == "triton" and "backend='triton'" in choice.reason
 
 
+@pytest.mark.triton_kernels
 def test_environment_variable_forces_backend(monkeypatch, device):
     monkeypatch.setenv(ENV_VAR, "triton")
     assert select_backend(device).name == "triton"
@@ -67,6 +69,7 @@ def test_bad_backend_name():
         select_backend("cpu", "gpu")
 
 
+@pytest.mark.triton_kernels
 def test_explain_backend_reports_module_choice(monkeypatch, device):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert explain_backend(ConvGRU(2, 3, 3)).name == "torch"  # parameters on the CPU
@@ -76,6 +79,7 @@ def test_explain_backend_reports_module_choice(monkeypatch, device):
     assert "triton" in str(forced)
 
 
+@pytest.mark.triton_kernels
 def test_env_variable_switches_module_to_kernels(monkeypatch, device):
     """CONVGRU_TRITON_BACKEND=triton makes an 'auto' module run the kernels."""
     from convgru_triton.ops import conv_gru_cell as kernels

@@ -195,6 +195,7 @@ def test_benchmark_suite_runs_and_reports(tmp_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.triton_kernels
 def test_bandwidth_script(tmp_path):
     """On CPU: the dry run (tiny sizes, kernels checked under the interpreter); on a GPU a
     small real run. Either way the JSON and markdown come out."""

@@ -474,6 +474,7 @@ def test_uses_tf32_follows_the_device_and_the_settings(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path; the GPU check runs the real one")
+@pytest.mark.triton_kernels
 def test_bandwidth_dry_run_both_layouts(tmp_path):
     assert bandwidth.main(["--dry-run", "--layouts", "nchw,cl", "--name", "cpu-bw", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "cpu-bw.json").read_text())

@@ -70,6 +70,7 @@ def test_compile_fullgraph_sequence(device, backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.triton_kernels
 def test_compile_fullgraph_cell_loop(device):
     """RAFT-style loop of cell steps compiles without graph breaks."""
     torch.manual_seed(0)
@@ -110,6 +111,7 @@ def test_autocast(device, backend):
         assert torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.triton_kernels
 def test_sequence_equals_cell_loop(device):
     """The whole-sequence operator and a loop of cell steps (one autograd node
     per step) compute the same outputs and gradients."""
@@ -177,6 +179,7 @@ def test_compiled_sequence_graph_holds_no_copies(device, backend):
     assert not {k: seen[k] for k in _COPIES if seen[k]}, seen
 
 
+@pytest.mark.triton_kernels
 def test_compiled_cell_is_fused_by_inductor(device):
     """A compiled cell step traces the step's math (convolutions and pointwise
     ops, which Inductor fuses), not the opaque operator, and holds no copy."""
@@ -196,6 +199,7 @@ def test_compiled_cell_is_fused_by_inductor(device):
 
 
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+@pytest.mark.triton_kernels
 def test_compiled_cell_loop_trains_like_eager(device, reset_after):
     """The compiled cell loop (Inductor's fusion of the step's math) gives the
     eager outputs and every gradient."""
@@ -220,6 +224,7 @@ def test_compiled_cell_loop_trains_like_eager(device, reset_after):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.triton_kernels
 def test_no_recompiles_between_calls_of_the_same_shapes(device):
     """Calls with the same shapes reuse the compiled graphs, also when eager
     calls in between fill the package's plan caches (a traced cache read would

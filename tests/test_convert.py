@@ -66,10 +66,6 @@ def _randomise(module, scale=0.5):
     return module
 
 
-def _device_for(backend, device):
-    return device if backend == "triton" else torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------
 # RAFT
 # ----------------------------------------------------------------------------
@@ -78,7 +74,7 @@ def _device_for(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 3])
 def test_raft_convgru_module_same_outputs(backend, k, device):
-    dev = _device_for(backend, device)
+    dev = device
     torch.manual_seed(0)
     raft = _randomise(RaftConvGRU(hidden_dim=6, input_dim=5, k=k)).double().to(dev)
     cell = from_raft_convgru(raft, backend=backend)
@@ -138,7 +134,7 @@ def test_raft_convgru_without_bias_and_dtype_override():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_raft_sepconvgru_same_outputs(backend, device):
-    dev = _device_for(backend, device)
+    dev = device
     torch.manual_seed(2)
     raft = _randomise(RaftSepConvGRU(hidden_dim=5, input_dim=4, k=5)).double().to(dev)
     cell = from_raft_sepconvgru(raft.state_dict(), backend=backend)
@@ -255,7 +251,7 @@ def test_from_torch_gru_same_outputs(num_layers, bidirectional, batch_first, bia
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_from_torch_gru_every_pixel(backend, device):
     """At any spatial size, the converted module is the GRU run on every pixel."""
-    dev = _device_for(backend, device)
+    dev = device
     torch.manual_seed(6)
     gru = _randomise(nn.GRU(3, 4, num_layers=2, bidirectional=True)).to(dev)
     conv = from_torch_gru(gru, dims=2, backend=backend)

@@ -102,6 +102,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.triton_kernels
 def test_ddp_and_fsdp_match_single_process(tmp_path):
     # The Triton backend on CPU tensors needs the interpreter; with a GPU the
     # tests' tensors are CUDA tensors, which these CPU/gloo processes do not use.

@@ -94,6 +94,7 @@ def half_precision_errors(dtype, reset_after, device, seed=0):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @RESET
+@pytest.mark.triton_kernels
 def test_half_precision_sequence_error(dtype, reset_after, record_property):
     """Within the documented bounds of float64, and never worse than twice the
     error of eager PyTorch run in the same precision."""
@@ -119,6 +120,7 @@ def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.triton_kernels
 def test_half_gate_math_rounds_once(dtype):
     """The gate kernels alone: from half inputs, every output is the float64
     result rounded once (within 0.51 units in the last place: float32 math inside),
@@ -319,6 +321,7 @@ def _functional_case(reset_after, bidirectional, num_layers, seed=0):
     [(False, True, 1), (True, False, 2)],
     ids=["reset_before-bidirectional", "reset_after-2layers"],
 )
+@pytest.mark.triton_kernels
 def test_gradcheck_whole_sequence_through_kernels(reset_after, bidirectional, num_layers):
     """float64 gradcheck of the functional sequence (input, state and every
     weight and bias) with the Triton gate kernels, reflect padding."""

@@ -58,10 +58,7 @@ ALLOWED: Dict[Tuple[str, str], str] = {
 # Tests outside this change that still pick a device of their own, each with
 # what to do; listed (rather than failing CI) until their owners take the
 # fixture's device, and checked like ALLOWED for staleness. Not exceptions.
-KNOWN_VIOLATIONS: Dict[Tuple[str, str], str] = {
-    ("test_convert.py", "_device_for"):
-        "runs the torch backend on the CPU even on a GPU: use `device` for both backends (as test_channels_last)",
-}
+KNOWN_VIOLATIONS: Dict[Tuple[str, str], str] = {}
 
 
 class Finding(NamedTuple):
@@ -229,19 +226,3 @@ def test_needs_triton_kernels():
     assert not needs_triton_kernels(_Item("tests/test_x.py::test_a[2-torch-True]"))
     assert not needs_triton_kernels(_Item("tests/test_x.py::test_a[gru_reset_gate_fwd]"))
     assert not needs_triton_kernels(_Item("tests/test_x.py::test_a"))
-    assert needs_triton_kernels(_Item("tests/test_backend.py::test_argument_forces_backend"))
-
-
-def test_tests_marked_from_conftest_exist():
-    """Every test conftest.py marks for another module (until that module marks
-    it itself) is still a test of that module."""
-    from conftest import TRITON_KERNEL_TESTS_ELSEWHERE
-
-    missing = []
-    for nodeid in TRITON_KERNEL_TESTS_ELSEWHERE:
-        path, name = nodeid.split("::")
-        with open(os.path.join(os.path.dirname(TESTS), path), encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        if not any(isinstance(n, ast.FunctionDef) and n.name == name for n in tree.body):
-            missing.append(nodeid)
-    assert not missing, f"TRITON_KERNEL_TESTS_ELSEWHERE names tests that do not exist: {missing}"
