@@ -943,9 +943,11 @@ def conv_gru_step_compiled(gates_x: Tensor, h: Tensor, weight_hh: Tensor, bias_i
     own, forward and backward, in the layouts it chooses, and launches from
     its generated code. The operator would stay an opaque node with a Python
     dispatch per step: on the host (CPU, GPU work stubbed, bench/host_overhead)
-    a compiled 12-step loop of that cost 1.6-2.2x eager, and on an H200 the
-    compiled cell ran 0.23-0.44x as fast as eager (../shared/gpu-runs,
-    issue 16). Sequences keep the operator (compile time would grow with T).
+    a compiled 12-step loop of that cost 1.6-2.2x eager (commit 4e68686), and
+    on an H200 the compiled cell ran 0.23-0.44x as fast as eager (the first
+    GPU run, commit 3046799; issue 16); the traced math costs 0.41-0.48x
+    (bench/results/host_overhead-cpu-compiled.md, the loop row). Sequences
+    keep the operator (compile time would grow with T).
 
     Under autocast the inputs get the operators' autocast rule
     (:func:`autocast_cast`), so the step computes in and returns the autocast
