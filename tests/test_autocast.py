@@ -43,7 +43,12 @@ LOW = {"float16": F16, "bfloat16": BF16}
 REL_TOL = {F16: 1e-2, BF16: 4e-2}
 
 
-@pytest.fixture(params=[("torch", "bfloat16"), ("torch", "float16"), ("triton", "float16"), ("triton", "bfloat16")],
+# The eager backend in bfloat16 (CPU autocast's dtype; on CUDA the forced
+# fallback), the Triton kernels (CUDA's default backend) in float16 and
+# bfloat16. The eager backend in float16 would add a quarter to this file's
+# time for no rule of its own: the autocast rule is the operator's, the same
+# for both backends, and test_grad_scaler_float16 runs float16 on it.
+@pytest.fixture(params=[("torch", "bfloat16"), ("triton", "float16"), ("triton", "bfloat16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def mode(request, device):
     """(backend, autocast dtype) for this device."""
@@ -377,3 +382,25 @@ def test_converted_raft_gru_runs_raft_mixed_precision_loop(mode, device):
     got.square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == F32 and torch.isfinite(p.grad).all()
                for p in ours.parameters())
+
+
+def test_torch_func_under_autocast(mode, device):
+    """torch.func.grad and vmap of a cell under autocast: the Function that
+    carries the operator through the transforms saves its inputs as the
+    operator's autocast rule casts them, so its backward sees one dtype."""
+    backend, low = mode
+    torch.manual_seed(0)
+    cell = ConvGRUCell2d(3, 4, 3, backend=backend, device=device)
+    x = torch.randn(2, 3, 5, 6, device=device)
+    h = torch.randn(2, 4, 5, 6, device=device)
+    with torch.autocast(device.type, dtype=low):
+        got = torch.func.grad(lambda x: cell(x, h).float().sum())(x)
+        batched = torch.func.vmap(lambda x: cell(x, h))(x.unsqueeze(0).expand(3, -1, -1, -1, -1))
+    x_ref = x.clone().requires_grad_()
+    with torch.autocast(device.type, dtype=low):
+        out = cell(x_ref, h)
+    want, = torch.autograd.grad(out.float().sum(), x_ref)
+    assert got.dtype == F32
+    _close(got, want, low, "torch.func.grad")
+    assert batched.dtype == low
+    _close(batched[1], out.detach(), low, "vmap")

@@ -904,11 +904,20 @@ def conv_gru_sequence(
         # standard operators only, no custom operator to translate.
         return naive.conv_gru_sequence_ref(gates_x, h0, weight_hh, bias_ih, bias_hh, spec, reset_after, reverse)
     run = _runner(gates_x)
+    cast = autocast_dtype(gates_x.device.type)
     if run is None:
-        if autocast_dtype(gates_x.device.type) is None:
+        if cast is None:
             return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
         # Under autocast: the operator, whose registered autocast rule casts.
         run = conv_gru_fwd
+    elif cast is not None and run == _ConvGRUFunctorch.apply:  # (a bound method: a new object per access)
+        # torch.func: the Function saves its inputs for its backward, which
+        # must see them as the operator's forward did: cast by the same rule
+        # here, before the Function (the operator inside then casts nothing).
+        device_type = gates_x.device.type
+        gates_x, h0, weight_hh, bias_ih, bias_hh = (
+            autocast_cast(t, device_type, cast) for t in (gates_x, h0, weight_hh, bias_ih, bias_hh)
+        )
     tensors: Sequence[Optional[Tensor]] = (gates_x, h0, weight_hh, bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     states, _, _ = run(
