@@ -190,20 +190,22 @@ class _FakeCheck(gpu_check.Check):
 
 
 def test_a_slow_or_stuck_part_costs_only_its_own_numbers(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_check, "GRACE_S", 1)
+    # 2 s of grace: a part that exits on SIGINT must be seen to stop within it
+    # also on a loaded 2-core machine (1 s flaked once there, with CI running).
+    monkeypatch.setattr(gpu_check, "GRACE_S", 2)
     P = gpu_check.Part
     plan = (P("env", 2, 1, "x"), P("tests", 2, 1, "x"), P("eager", 2, 1, "x"), P("bandwidth", 2, 1, "x"),
             P("compiled", None, 2, "x"), P("report", 2, 1, "x"))
     lines = []
     (tmp_path / "committed-result.json").write_text("{}")  # e.g. bench/results: left where it is
-    check = _FakeCheck(str(tmp_path), budget=14, plan=plan, echo=lines.append)
+    check = _FakeCheck(str(tmp_path), budget=20, plan=plan, echo=lines.append)
     start = time.monotonic()
     status = check.main()
     took = time.monotonic() - start
-    assert took <= 14 + 1.5  # the budget holds with a slow and a stuck part
+    assert took <= 20 + 2.5  # the budget holds with a slow and a stuck part
     o = check.outcomes
     assert o["eager"].status == "stopped at its limit" and 1.9 <= o["eager"].took <= 3.5
-    assert o["bandwidth"].status == "killed at its limit" and o["bandwidth"].took <= 2 + 1 + 1.5
+    assert o["bandwidth"].status == "killed at its limit" and o["bandwidth"].took <= 2 + 2 + 1.5
     assert o["compiled"].status == "ok" and o["report"].status == "ok"  # later parts still ran
     assert o["compiled"].limit >= 2  # and had their time
     assert status == 1
