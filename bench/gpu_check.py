@@ -188,14 +188,24 @@ class Job:
     start: float
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default action. A command
+    started in the background by a non-interactive shell (a device tool, or
+    CI's second pass) inherits SIGINT ignored, and so would every part: pytest
+    would then never stop at its limit and write what it measured, only be
+    killed 5 s later."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(name: str, cmd: Sequence[str], log_path: str, env: Dict[str, str]) -> Job:
     """Start ``cmd`` in a process group of its own (so that SIGINT reaches pytest's
-    xdist workers and Inductor's compile workers too), output to ``log_path``."""
+    xdist workers and Inductor's compile workers too), with SIGINT's default
+    action, output to ``log_path``."""
     log = open(log_path, "wb")
     log.write(("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
     log.flush()
     proc = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_default_sigint)
     return Job(name, proc, log, time.monotonic())
 
 

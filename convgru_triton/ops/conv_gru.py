@@ -910,10 +910,12 @@ def conv_gru_sequence(
             return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
         # Under autocast: the operator, whose registered autocast rule casts.
         run = conv_gru_fwd
-    elif cast is not None and run == _ConvGRUFunctorch.apply:  # (a bound method: a new object per access)
-        # torch.func: the Function saves its inputs for its backward, which
-        # must see them as the operator's forward did: cast by the same rule
-        # here, before the Function (the operator inside then casts nothing).
+    elif cast is not None and run is not conv_gru_fwd:
+        # torch.func (_ConvGRUFunctorch.apply): the Function saves its inputs
+        # for its backward, which must see them as the operator's forward did:
+        # cast by the same rule here, before the Function (the operator inside
+        # then casts nothing). (An identity test with conv_gru_fwd, not with the
+        # bound method apply: torch.compile cannot compare those, a graph break.)
         device_type = gates_x.device.type
         gates_x, h0, weight_hh, bias_ih, bias_hh = (
             autocast_cast(t, device_type, cast) for t in (gates_x, h0, weight_hh, bias_ih, bias_hh)
