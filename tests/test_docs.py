@@ -205,3 +205,12 @@ def test_errors_doc_lists_deployment_errors():
         _ConvGRUFunctorch.jvp(None)
     assert f"`{jvp_error.value}`" in table
     assert "`Expected 3 elements in a list but found 4`" in table
+
+
+def test_readme_has_no_unfilled_placeholders():
+    """Figures the README quotes are filled in: no ``SOMETHING_TIME``-style
+    placeholder left from writing it (two were, once)."""
+    import re
+
+    left = re.findall(r"\b[A-Z]+_(?:TIME|FIGURE|TODO|TBD)\b", _read("README.md"))
+    assert not left, f"README.md still has placeholders: {left}"
