@@ -813,8 +813,15 @@ def autocast_result_dtype(dtype: torch.dtype, cast: Optional[torch.dtype]) -> to
 _autocast_lib = torch.library.Library("convgru_triton", "IMPL")
 
 
+def _autocast_key(device_type: str) -> str:
+    """The name of ``device_type``'s Autocast dispatch key, e.g. ``AutocastCUDA``
+    (torch._C._dispatch_key_for_device where this torch has it)."""
+    key_for = getattr(torch._C, "_dispatch_key_for_device", None)
+    return "Autocast" + (key_for(device_type) if key_for is not None else device_type.upper())
+
+
 def _register_autocast(name: str, device_type: str, cast: bool) -> None:
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = _autocast_key(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
     overload = getattr(torch.ops.convgru_triton, name).default
 
@@ -830,7 +837,7 @@ def _register_autocast(name: str, device_type: str, cast: bool) -> None:
 
 for _device_type in sorted(
     d for d in _AUTOCAST_DEVICE_TYPES
-    if hasattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(d))
+    if hasattr(torch._C.DispatchKey, _autocast_key(d))
 ):
     # The forward computes in the autocast dtype: its floating inputs (the
     # input pre-activations, the state, the hidden weight, the biases) are cast
