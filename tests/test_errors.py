@@ -182,8 +182,19 @@ def _cell_call(backend, input, hx, bias_ih, bias_hh):
     return conv_gru_cell(input, hx, w_ih, w_hh, bias_ih, bias_hh, backend=backend)
 
 
+def _under_bfloat16_autocast(call):
+    """``call()`` inside CPU bfloat16 autocast (where this file's tensors are)."""
+    with torch.autocast(_x(1).device.type, dtype=torch.bfloat16):
+        return call()
+
+
 # (row, call(backend), exception type, the message as the docs/errors.md table shows it)
 BAD_INPUTS = [
+    # --- under autocast: dtypes compared after autocast's cast, which leaves float64 as it is ---
+    ("autocast: float64 input, float32 weights", lambda b: _under_bfloat16_autocast(
+        lambda: _seq(b)(_x(dtype=torch.float64))), ValueError,
+     "input must have the same dtype as weight_ih after autocast's cast to torch.bfloat16 (which leaves "
+     "float64 as it is), got input torch.float64 and weight_ih torch.float32"),
     # --- constructor arguments ---
     ("kernel_size 0", lambda b: _seq(b, kernel_size=0), ValueError,
      "kernel_size entries must be positive, got 0"),
