@@ -149,6 +149,23 @@ def _at(ptr, n64, y, x, ch, sn, sc, sy, sx):
 
 
 @triton.jit
+def _tap(kk, y, x, m_mask, Y, X, C: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+         PAD_Y: tl.constexpr, PAD_X: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``kk`` of the reduction loop over (tap, channel block): the tap
+    (ky, kx), the input pixels (iy, ix) it reads for the tile's pixels, which
+    of them lie inside the map (the rest is the zero padding), and the
+    channel block ``ci``. Shared by the three kernels (inlined by Triton)."""
+    tap = kk // tl.cdiv(C, BLOCK_K)
+    ky = tap // KW
+    kx = tap - ky * KW
+    iy = y + (ky * DIL_Y - PAD_Y)
+    ix = x + (kx * DIL_X - PAD_X)
+    valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
+    ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return ky, kx, iy, ix, valid, ci
+
+
+@triton.jit
 def _state_tile(x_ptr, n64, iy, ix, valid, ci, C, sn, sc, sy, sx):
     """(BLOCK_M, BLOCK_K) tile of the convolution's input at pixels (iy, ix) and
     channels ``ci``; zero outside the map (the 'same' zero padding) and past C."""
@@ -196,13 +213,7 @@ def _conv_rz_fwd_kernel(
     # One flat reduction loop over (tap, channel block), not unrolled: short
     # live ranges, and one loop for the software pipeliner.
     for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
-        tap = kk // tl.cdiv(C, BLOCK_K)
-        ky = tap // KW
-        kx = tap - ky * KW
-        iy = y + (ky * DIL_Y - PAD_Y)
-        ix = x + (kx * DIL_X - PAD_X)
-        valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
-        ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
         a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
         # One state tile, two gates: the r and z weight rows are H apart.
         b_r = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
@@ -251,13 +262,7 @@ def _conv_n_fwd_kernel(
     # One flat reduction loop over (tap, channel block), not unrolled: short
     # live ranges, and one loop for the software pipeliner.
     for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
-        tap = kk // tl.cdiv(C, BLOCK_K)
-        ky = tap // KW
-        kx = tap - ky * KW
-        iy = y + (ky * DIL_Y - PAD_Y)
-        ix = x + (kx * DIL_X - PAD_X)
-        valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
-        ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
         a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
         b = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
@@ -304,13 +309,7 @@ def _conv_reset_after_fwd_kernel(
     # One flat reduction loop over (tap, channel block), not unrolled: short
     # live ranges, and one loop for the software pipeliner.
     for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
-        tap = kk // tl.cdiv(C, BLOCK_K)
-        ky = tap // KW
-        kx = tap - ky * KW
-        iy = y + (ky * DIL_Y - PAD_Y)
-        ix = x + (kx * DIL_X - PAD_X)
-        valid = m_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
-        ci = (kk - tap * tl.cdiv(C, BLOCK_K)) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
         a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
         b_r = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
         acc_r = tl.dot(a, b_r, acc_r, input_precision=PRECISION, out_dtype=COMPUTE)
