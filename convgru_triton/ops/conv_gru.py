@@ -962,8 +962,8 @@ def conv_gru_step_compiled(gates_x: Tensor, h: Tensor, weight_hh: Tensor, bias_i
     its generated code. The operator would stay an opaque node with a Python
     dispatch per step: on the host (CPU, GPU work stubbed, bench/host_overhead)
     a compiled 12-step loop of that cost 1.6-2.2x eager (at 2d1ac7c), and
-    on an H200 the compiled cell ran 0.23-0.44x as fast as eager (the first
-    GPU run, commit 3046799; issue 16); the traced math costs 0.41-0.48x
+    on an H200 the compiled cell ran 0.23-0.44x as fast as eager (issue 16's
+    independent harness at commit 3046799); the traced math costs 0.41-0.48x
     (bench/results/host_overhead-cpu-compiled.md, the loop row). Sequences
     keep the operator (compile time would grow with T).
 
