@@ -172,7 +172,10 @@ def test_benchmark_suite_runs_and_reports(tmp_path):
     """``pytest bench --benchmark-only`` end to end on tiny shapes, then the report."""
     out = tmp_path / "cpu-tiny.json"
     # One thread: tiny ops with two OpenMP threads stall badly when the CPU is shared.
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    # Without xdist's variables: started from an xdist worker (the GPU check's
+    # run), pytest-benchmark would take itself for parallel and refuse --benchmark-only.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider",
          "--bench-device", "cpu", "--bench-size", "tiny", "--bench-providers", "seed,raft,ours",

@@ -38,7 +38,11 @@ DEVICE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    # Not xdist's variables either: a benchmark run started from an xdist worker
+    # (the GPU check runs the suite with -n) inherits PYTEST_XDIST_WORKER, and
+    # pytest-benchmark then refuses --benchmark-only (the H200 run at 20a2c17).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "OUT") and not k.startswith("PYTEST_XDIST")}
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
