@@ -103,15 +103,15 @@ class Part:
 # 2.11, Triton 3.6, 16 cores; /work/shared/gpu-runs/2026-12-04-h200).
 PLAN: Sequence[Part] = (
     Part("env", 20, 10, "import torch + CUDA start: a few seconds"),
-    Part("tests", 180, 60, "134 s measured with 12 xdist workers (load scheduling) for 617 tests, including a "
+    Part("tests", 170, 60, "134 s measured with 12 xdist workers (load scheduling) for 617 tests, including a "
          "failing hypothesis test that shrank for 95 s; the suite has ~1000 tests since (autocast, compile, "
-         "fused step: small tests but for ~30 that compile), so 180 s; 12 workers with work stealing, and a "
+         "fused step: small tests but for ~30 that compile): 159 s on the H200 at 20a2c17, so 170 s; 12 workers with work stealing, and a "
          "120 s limit per test"),
     Part("eager", 60, 20, "52 s measured for these 60 benchmarks (max-time 0.2 s, at least 10 rounds)"),
     Part("bandwidth", 40, 15, "25 s measured (72 rows: 6 kernels, 1 MiB..1 GiB, float32 and bfloat16)"),
     Part("raft_bandwidth", 20, 10, "24 rows (2 sizes, 2 layouts, bfloat16) at ~0.2 s of do_bench each + ~8 s "
          "start: ~14 s"),
-    Part("cuda_graphs", 25, 15, "each reduce-overhead compile took 3.4-3.6 s; the timed loops are ms"),
+    Part("cuda_graphs", 35, 15, "each reduce-overhead compile took 3.4-3.6 s; the timed loops are ms; stopped at 25 s on the H200 at 20a2c17 (28 s needed)"),
     Part("profile", 30, 15, "5 providers, 13 steps each; the compiled ones from the caches the prewarm filled"),
     Part("compiled", None, 60, "never ran before; 40 benchmarks, ~68 graphs: ~2 s each from warm caches "
          "(the prewarm), far more cold, so last, with all time the others leave (100-200 s expected)"),
