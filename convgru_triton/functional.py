@@ -28,7 +28,7 @@ from ._backend import ENV_VAR, select_backend
 from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
 from .ops.conv_gru import (
-    Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled, plan,
+    _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled, plan,
 )
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
@@ -207,6 +207,7 @@ def conv_gru_cell(
             None if bias_ih is None else (bias_ih.shape, bias_ih.dtype, bias_ih.device),
             None if bias_hh is None else (bias_hh.shape, bias_hh.dtype, bias_hh.device),
             reset_after, padding_mode, dilation, backend, os.environ.get(ENV_VAR),
+            os.environ.get(_FUSED_ENV_VAR),  # the step plan's fused-step switch (ops.conv_gru.plan)
             autocast_dtype(input.device.type),  # the checks compare dtypes after autocast's cast
         )
         cell_plan = _CELL_PLANS.get(key)

@@ -30,6 +30,7 @@ or as their references in :mod:`.naive`; both write into the same buffers.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -180,7 +181,9 @@ def plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: bool) -> 
         # No cache while torch.compile traces (a cache read guards the graph,
         # a write then recompiles it; see _conv.same_conv).
         return _make_plan(spec, reset_after, reverse, use_triton)
-    key = (spec, reset_after, reverse, use_triton)
+    # The fused step's switch is in the key: setting or clearing it between
+    # calls (a benchmark's providers, the tests) takes effect at the next call.
+    key = (spec, reset_after, reverse, use_triton, os.environ.get(_FUSED_ENV_VAR))
     p = _PLANS.get(key)
     if p is None:
         p = _PLANS[key] = _make_plan(spec, reset_after, reverse, use_triton)
@@ -199,6 +202,7 @@ def _make_plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: boo
 
 # --- Fused forward step (issue 18; opt-in) -----------------------------------
 _fused = None  # convgru_triton.ops.fused_step, imported by the first plan that opts in
+_FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"  # = fused_step.ENV_VAR (not imported: it imports Triton)
 
 
 def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
@@ -209,9 +213,7 @@ def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
     step, where anything they do not take runs the usual path. Default off:
     nothing measured says it is faster than cuDNN + the gate kernels."""
     global _fused
-    import os
-
-    if not use_triton or os.environ.get("CONVGRU_TRITON_FUSED_STEP", "0").strip() != "1":
+    if not use_triton or os.environ.get(_FUSED_ENV_VAR, "0").strip() != "1":
         return False
     if _fused is None:
         from . import fused_step
