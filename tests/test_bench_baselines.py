@@ -220,6 +220,25 @@ def test_bandwidth_script(tmp_path):
     assert "| state MiB |" in (tmp_path / f"{stem}.md").read_text()
 
 
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_bandwidth_launches_copy_nothing(device, channels_last):
+    """Every launch the bandwidth script times runs on its tensors as given: at
+    20a2c17 gru_reset_gate_fwd was handed gh[:, :2H], a view the launcher copied
+    first, and the H200 run timed that copy with the kernel (45-58% of copy
+    bandwidth). A launch that copies is refused, naming the kernel."""
+    from bench import bandwidth
+
+    case = bandwidth.Case(2, torch.float32, device, grad2=True, hidden=8, spatial=(5, 7),
+                          channels_last=channels_last)
+    case.check()
+    for name, _, launch in case.kernels():
+        bandwidth._launch_checked(name, launch)  # raises if the launch copied
+    case.gh_rz = case.gh[:, : 2 * case.hidden]  # the old harness's view
+    with pytest.raises(AssertionError, match="gru_reset_gate_fwd: the launch copied"):
+        bandwidth._launch_checked("gru_reset_gate_fwd", case.reset_gate_fwd)
+
+
 def test_profile_script(capsys):
     """The profiler breakdown the GPU check prints (here on CPU, tiny shapes)."""
     from bench import profile_workload
