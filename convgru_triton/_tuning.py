@@ -327,6 +327,9 @@ def clear_cache() -> None:
     _WARNED.clear()
     _CACHE.clear()
     _DEVICE_NAMES.clear()
+    _FUSED_SECTIONS.clear()
+    _PATH_CACHE.clear()
+    _TILE_CACHE.clear()
 
 
 def _warn(path: str, problem: str) -> None:
@@ -365,10 +368,13 @@ def _load(path: str, device_key: str, explicit: bool = False) -> Optional[Table]
             else:
                 try:
                     table = parse_document(doc, device_key)
+                    sections = parse_fused_sections(doc)
                     check_triton_version(doc["triton_version"], triton_version())
                 except TuningFileError as exc:
                     table = None
                     _warn(path, str(exc))
+                else:
+                    _FUSED_SECTIONS[path] = sections
     _FILES[path] = table
     return table
 
@@ -486,4 +492,259 @@ def forced_config(cfg: LaunchConfig) -> Iterator[LaunchConfig]:
         yield cfg
     finally:
         _FORCED = previous
+        generation += 1
+
+
+# ----------------------------------------------------------------------------
+# The fused step (issue 18): which path a step takes, and the fused kernels' tiles
+# ----------------------------------------------------------------------------
+#
+# Two optional lists of a tuning file (schema 1; files without them stay valid):
+#
+# "step_paths": [{"dtype", "reset_after": bool, "direction": "fwd"|"bwd",
+#                 "numel" (of the state N*H*Y*X), "kernel_size"?: [kh, kw],
+#                 "path": "fused"|"cudnn", "fused_ms"?, "cudnn_ms"?}]
+# "fused_tiles": [{"kernel" (one of FUSED_KERNELS), "dtype", "numel",
+#                  "block_m", "block_n", "block_k", "num_warps", "num_stages"}]
+
+#: Paths a step can take: the fused kernels of ops/fused_step.py, or cuDNN's
+#: convolution followed by the gate kernels.
+STEP_PATHS = ("fused", "cudnn")
+#: The path without a tuned entry. "cudnn": no committed GPU figure of the fused
+#: step exists yet (bench/results holds only cuDNN + gate kernel runs, commit
+#: 3046799 on an H200), so the measured-faster path is today's.
+DEFAULT_STEP_PATH = "cudnn"
+DIRECTIONS = ("fwd", "bwd")
+#: The fused kernels whose tiles the registry holds (names as in ops/fused_step.py,
+#: without the leading underscore and the _kernel suffix). Backward kernels are
+#: added here as they land.
+FUSED_KERNELS = ("conv_rz_fwd", "conv_n_fwd", "conv_reset_after_fwd")
+TILE_BLOCK_M = (16, 32, 64, 128, 256)
+TILE_BLOCK_NK = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A fused kernel's tile: ``block_m`` output pixels x ``block_n`` hidden
+    channels per program, ``block_k`` input channels per reduction step (the
+    launcher caps block_n/block_k at the next power of two of the channels),
+    ``num_warps`` warps, ``num_stages`` software-pipelining stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return (f"BLOCK_M {self.block_m}, BLOCK_N {self.block_n}, BLOCK_K {self.block_k}, "
+                f"{self.num_warps} warps, {self.num_stages} stages")
+
+
+def default_tile(kernel: str, dtype: torch.dtype) -> TileConfig:
+    """The tile a fused kernel gets without a tuned entry. BLOCK_M 64 is the
+    smallest M of one Hopper wgmma with 4 warps (one warpgroup). BLOCK_N 32:
+    BLOCK_N 64 with up to three float32 accumulators took 239-255 registers per
+    thread and spilled at sm_90 (bfloat16, RAFT's hidden 128 on 46x62, Triton
+    3.9). BLOCK_K 64 (32 in float32, whose tiles are twice the bytes)."""
+    block_k = 32 if dtype in (torch.float32, torch.float64) else 64
+    return TileConfig(block_m=64, block_n=32, block_k=block_k, num_warps=4, num_stages=2)
+
+
+def check_tile_values(block_m: Any, block_n: Any, block_k: Any, num_warps: Any, num_stages: Any) -> TileConfig:
+    """A :class:`TileConfig` from the values, or :class:`TuningFileError` naming the bad one."""
+    _require(_is_int(block_m) and block_m in TILE_BLOCK_M, f"block_m must be one of {TILE_BLOCK_M}, got {block_m!r}")
+    for name, value in (("block_n", block_n), ("block_k", block_k)):
+        _require(_is_int(value) and value in TILE_BLOCK_NK, f"{name} must be one of {TILE_BLOCK_NK}, got {value!r}")
+    _require(_is_int(num_warps) and num_warps in (4, 8), f"num_warps must be 4 or 8, got {num_warps!r}")
+    _require(
+        _is_int(num_stages) and num_stages in NUM_STAGES,
+        f"num_stages must be an integer from {NUM_STAGES[0]} to {NUM_STAGES[-1]}, got {num_stages!r}",
+    )
+    _require(block_m * block_n >= 32 * num_warps, f"a {block_m}x{block_n} tile is too small for {num_warps} warps")
+    return TileConfig(block_m, block_n, block_k, num_warps, num_stages)
+
+
+# (dtype name, reset_after, direction, kernel_size or None) -> [(size class, path)]
+PathTable = Dict[Tuple[str, bool, str, Optional[Tuple[int, int]]], List[Tuple[int, str]]]
+# (kernel, dtype name) -> [(size class, tile)]
+TileTable = Dict[Tuple[str, str], List[Tuple[int, TileConfig]]]
+
+
+def _check_number_fields(entry: dict, where: str, fields: Tuple[str, ...]) -> None:
+    for name in fields:
+        value = entry.get(name)
+        _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                 f"{where}: '{name}' must be a number")
+
+
+def parse_fused_sections(doc: Any) -> Tuple[PathTable, TileTable]:
+    """The ``step_paths`` and ``fused_tiles`` lists of a tuning file (both
+    optional) as tables; :class:`TuningFileError` on the first problem."""
+    paths: PathTable = {}
+    tiles: TileTable = {}
+    if not isinstance(doc, dict):
+        return paths, tiles
+    raw_paths = doc.get("step_paths", [])
+    _require(isinstance(raw_paths, list), "'step_paths' must be a list")
+    seen = set()
+    for i, entry in enumerate(raw_paths):
+        where = f"step_paths[{i}]"
+        _require(isinstance(entry, dict), f"{where} must be an object")
+        dtype, numel, path = entry.get("dtype"), entry.get("numel"), entry.get("path")
+        reset_after, direction, ks = entry.get("reset_after"), entry.get("direction"), entry.get("kernel_size")
+        _require(dtype in DTYPES, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        _require(isinstance(reset_after, bool), f"{where}: 'reset_after' must be true or false, got {reset_after!r}")
+        _require(direction in DIRECTIONS, f"{where}: 'direction' must be one of {DIRECTIONS}, got {direction!r}")
+        _require(_is_int(numel) and numel > 0, f"{where}: 'numel' must be a positive integer, got {numel!r}")
+        _require(path in STEP_PATHS, f"{where}: 'path' must be one of {STEP_PATHS}, got {path!r}")
+        _require(ks is None or (isinstance(ks, list) and len(ks) == 2 and all(_is_int(k) and k > 0 for k in ks)),
+                 f"{where}: 'kernel_size' must be [kh, kw] with positive integers, got {ks!r}")
+        _check_number_fields(entry, where, ("fused_ms", "cudnn_ms"))
+        key = (dtype, reset_after, direction, tuple(ks) if ks is not None else None)
+        cls = size_class(numel)
+        _require(key + (cls,) not in seen, f"{where}: a second entry for {key}, size class 2**{cls}")
+        seen.add(key + (cls,))
+        paths.setdefault(key, []).append((cls, path))
+    raw_tiles = doc.get("fused_tiles", [])
+    _require(isinstance(raw_tiles, list), "'fused_tiles' must be a list")
+    seen = set()
+    for i, entry in enumerate(raw_tiles):
+        where = f"fused_tiles[{i}]"
+        _require(isinstance(entry, dict), f"{where} must be an object")
+        kernel, dtype, numel = entry.get("kernel"), entry.get("dtype"), entry.get("numel")
+        _require(kernel in FUSED_KERNELS, f"{where}: unknown kernel {kernel!r} (known: {', '.join(FUSED_KERNELS)})")
+        _require(dtype in DTYPES, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        _require(_is_int(numel) and numel > 0, f"{where}: 'numel' must be a positive integer, got {numel!r}")
+        try:
+            tile = check_tile_values(*(entry.get(k) for k in ("block_m", "block_n", "block_k", "num_warps",
+                                                               "num_stages")))
+        except TuningFileError as exc:
+            raise TuningFileError(f"{where}: {exc}") from None
+        _check_number_fields(entry, where, ("time_ms",))
+        cls = size_class(numel)
+        _require((kernel, dtype, cls) not in seen, f"{where}: a second entry for {kernel}, {dtype}, size class 2**{cls}")
+        seen.add((kernel, dtype, cls))
+        tiles.setdefault((kernel, dtype), []).append((cls, tile))
+    for rows in list(paths.values()) + list(tiles.values()):
+        rows.sort(key=lambda row: row[0])
+    return paths, tiles
+
+
+# path of a file -> its (PathTable, TileTable), filled by _load with the gate table
+_FUSED_SECTIONS: Dict[str, Tuple[PathTable, TileTable]] = {}
+# (device, dtype, reset_after, direction, kernel_size, size class) -> path
+_PATH_CACHE: Dict[Tuple[Any, ...], str] = {}
+# (device, kernel, dtype, size class) -> tile
+_TILE_CACHE: Dict[Tuple[Any, ...], TileConfig] = {}
+
+
+def _sections(path: str, device_key: str, explicit: bool) -> Optional[Tuple[PathTable, TileTable]]:
+    _load(path, device_key, explicit)
+    return _FUSED_SECTIONS.get(path)
+
+
+def resolve_step_path(device_key: str, dtype: torch.dtype, reset_after: bool, direction: str,
+                      kernel_size: Tuple[int, int], numel: int) -> Tuple[str, str]:
+    """Uncached: the path (``"fused"`` or ``"cudnn"``) a step takes on a GPU and
+    where that came from (a file, or ``"defaults"``). The first file with entries
+    for (dtype, reset_after, direction) decides: its entries for this kernel size
+    if it has any, else those without a kernel size; the nearest size class."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    name, cls = dtype_name(dtype), size_class(numel)
+    for origin, path in source_paths(device_key):
+        sections = _sections(path, device_key, explicit=origin == ENV_DIR)
+        if sections is None:
+            continue
+        rows = (sections[0].get((name, bool(reset_after), direction, tuple(kernel_size)))
+                or sections[0].get((name, bool(reset_after), direction, None)))
+        if rows:
+            return min(rows, key=lambda row: (abs(row[0] - cls), -row[0]))[1], path
+    return DEFAULT_STEP_PATH, "defaults"
+
+
+def resolve_tile(device_key: str, kernel: str, dtype: torch.dtype, numel: int) -> Tuple[TileConfig, str]:
+    """Uncached: a fused kernel's tile on a GPU and where it came from."""
+    if kernel not in FUSED_KERNELS:
+        raise ValueError(f"unknown fused kernel {kernel!r}; known: {FUSED_KERNELS}")
+    for origin, path in source_paths(device_key):
+        sections = _sections(path, device_key, explicit=origin == ENV_DIR)
+        rows = sections[1].get((kernel, dtype_name(dtype))) if sections is not None else None
+        if rows:
+            return min(rows, key=lambda row: (abs(row[0] - size_class(numel)), -row[0]))[1], path
+    return default_tile(kernel, dtype), "defaults"
+
+
+#: Set by forced_tile(): every fused launch uses this tile (the tuner, the tests).
+_FORCED_TILE: Optional[TileConfig] = None
+#: Set by forced_step_path(): every step decision returns this path (the tuner, the tests).
+_FORCED_PATH: Optional[str] = None
+
+
+def step_path(device: torch.device, dtype: torch.dtype, reset_after: bool, direction: str,
+              kernel_size: Tuple[int, int], numel: int) -> str:
+    """``"fused"`` or ``"cudnn"`` for a step on ``device`` (cached per device, dtype,
+    formulation, direction, kernel size and size class: a dict look-up after
+    the first). Non-CUDA devices get :data:`DEFAULT_STEP_PATH`."""
+    if _FORCED_PATH is not None:
+        return _FORCED_PATH
+    key = (device, dtype, bool(reset_after), direction, tuple(kernel_size), size_class(numel))
+    path = _PATH_CACHE.get(key)
+    if path is None:
+        device_key = _device_key(device)
+        if device_key is None:
+            path = DEFAULT_STEP_PATH
+        else:
+            path = resolve_step_path(device_key, dtype, reset_after, direction, kernel_size, 1 << key[-1])[0]
+        _PATH_CACHE[key] = path
+    return path
+
+
+def tile_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.device) -> TileConfig:
+    """A fused kernel's tile for a state of ``numel`` elements (cached as
+    :func:`step_path`); non-CUDA devices get :func:`default_tile`."""
+    if _FORCED_TILE is not None:
+        return _FORCED_TILE
+    key = (device, kernel, dtype, size_class(numel))
+    tile = _TILE_CACHE.get(key)
+    if tile is None:
+        device_key = _device_key(device)
+        if device_key is None:
+            if kernel not in FUSED_KERNELS:
+                raise ValueError(f"unknown fused kernel {kernel!r}; known: {FUSED_KERNELS}")
+            tile = default_tile(kernel, dtype)
+        else:
+            tile = resolve_tile(device_key, kernel, dtype, 1 << key[-1])[0]
+        _TILE_CACHE[key] = tile
+    return tile
+
+
+@contextlib.contextmanager
+def forced_tile(tile: Optional[TileConfig]) -> Iterator[Optional[TileConfig]]:
+    """Within the block every fused launch uses ``tile`` (``None``: the registry's)."""
+    global _FORCED_TILE, generation
+    if tile is not None and not isinstance(tile, TileConfig):
+        raise TypeError(f"forced_tile takes a TileConfig or None, got {type(tile).__name__}")
+    previous, _FORCED_TILE = _FORCED_TILE, tile
+    generation += 1
+    try:
+        yield tile
+    finally:
+        _FORCED_TILE = previous
+        generation += 1
+
+
+@contextlib.contextmanager
+def forced_step_path(path: Optional[str]) -> Iterator[Optional[str]]:
+    """Within the block every step decision returns ``path`` (``None``: the registry's)."""
+    global _FORCED_PATH, generation
+    if path is not None and path not in STEP_PATHS:
+        raise ValueError(f"path must be one of {STEP_PATHS} or None, got {path!r}")
+    previous, _FORCED_PATH = _FORCED_PATH, path
+    generation += 1
+    try:
+        yield path
+    finally:
+        _FORCED_PATH = previous
         generation += 1

@@ -52,6 +52,13 @@ def _inputs(device, dtype, batch, hidden, size, kernel, seed=0, bias=True):
     return gx, h, weight_hh, *biases
 
 
+@pytest.fixture(autouse=True)
+def fused_forced(monkeypatch):
+    """CONVGRU_TRITON_FUSED_STEP=1: the launcher runs wherever supports() holds
+    (under auto it declines on CPU: the registry's default is cuDNN + gate kernels)."""
+    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+
+
 @pytest.fixture
 def float64_kernels(monkeypatch):
     """Let the launcher take float64 (not selected in production: tl.dot in
@@ -236,7 +243,13 @@ def test_training_step_equals_default_path(device, monkeypatch, what):
     monkeypatch.delenv(fused_step.ENV_VAR, raising=False)
     fresh_plans()
     expected = _train_step(module, x, h0)
-    assert calls == []  # default off
+    # auto (unset): consulted, declined (no tuned entry: the default is cuDNN + gate kernels)
+    assert calls and not any(calls)
+    calls.clear()
+    monkeypatch.setenv(fused_step.ENV_VAR, "0")
+    fresh_plans()
+    _train_step(module, x, h0)
+    assert calls == []  # 0: plans never consult it
 
     monkeypatch.setenv(fused_step.ENV_VAR, "1")
     fresh_plans()

@@ -169,7 +169,7 @@ class Plan(NamedTuple):
     conv: Callable  # (x, weight) -> weight * x, 'same' padded
     conv_backward: Callable  # (grad, x, weight, need_input, need_weight) -> (d_x, d_weight)
     op_args: tuple  # (kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
-    fused_step: bool = False  # the fused forward step (opt-in, issue 18): see _fused_step_wanted
+    fused_step: bool = False  # this plan may use the fused step (issue 18): see _fused_step_wanted
 
 
 _PLANS: dict = {}
@@ -206,20 +206,27 @@ _FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"  # = fused_step.ENV_VAR (not import
 
 
 def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
-    """Whether a plan runs the forward step as :mod:`.fused_step`'s kernels
-    (convolution and gate math in one pass): only with
-    ``CONVGRU_TRITON_FUSED_STEP=1`` set when the plan is made, the Triton gate
-    math, and a spec those kernels take; dtype and device are checked at each
-    step, where anything they do not take runs the usual path. Default off:
-    nothing measured says it is faster than cuDNN + the gate kernels."""
+    """Whether a plan may run steps as :mod:`.fused_step`'s kernels
+    (convolution and gate math in one pass), per ``CONVGRU_TRITON_FUSED_STEP``
+    when the plan is made: ``1`` or ``auto`` (also unset or empty) with the
+    Triton gate math and a spec those kernels take; ``0`` never. Whether a
+    step then does is decided per call by ``fused_step.use_fused`` (under
+    ``auto`` the tuning registry, whose default is cuDNN + the gate kernels:
+    no GPU figure of the fused step exists yet). Raises ValueError on any
+    other value of the variable (at the first call, as CONVGRU_TRITON_BACKEND)."""
     global _fused
-    if not use_triton or os.environ.get(_FUSED_ENV_VAR, "0").strip() != "1":
+    raw = os.environ.get(_FUSED_ENV_VAR)
+    text = (raw or "").strip().lower() or "auto"
+    if text not in ("1", "0", "auto"):  # = fused_step.mode(), without importing Triton where it is absent
+        raise ValueError(f"{_FUSED_ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
+                         f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
+    if not use_triton or text == "0" or spec.dims != 2 or spec.padding_mode != "zeros":
         return False
     if _fused is None:
         from . import fused_step
 
         _fused = fused_step
-    return spec.dims == 2 and spec.padding_mode == "zeros"
+    return True
 # --- end of the fused forward step's hook -----------------------------------
 
 

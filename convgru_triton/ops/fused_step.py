@@ -67,6 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _tuning
 from .._conv import ConvSpec, conv_same
 from . import naive
 from .conv_gru_cell import _sigmoid, _tanh
@@ -80,9 +81,28 @@ ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+#: The values ``CONVGRU_TRITON_FUSED_STEP`` takes: ``1`` force the fused step
+#: where :func:`supports` holds, ``0`` force cuDNN + the gate kernels, ``auto``
+#: (also unset or empty) the tuning registry decides per shape (:func:`use_fused`).
+MODES = ("1", "0", "auto")
+
+
+def mode(value: Optional[str] = None) -> str:
+    """``"1"``, ``"0"`` or ``"auto"`` from ``value`` (default: the environment
+    variable ``CONVGRU_TRITON_FUSED_STEP``; unset or empty is ``"auto"``).
+    Raises ValueError naming the variable, the allowed values and the value
+    given for anything else."""
+    raw = os.environ.get(ENV_VAR) if value is None else value
+    text = (raw or "").strip().lower() or "auto"
+    if text not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
+                         f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
+    return text
+
+
 def enabled() -> bool:
-    """Whether ``CONVGRU_TRITON_FUSED_STEP=1`` is set (read when a plan is made)."""
-    return os.environ.get(ENV_VAR, "0").strip() == "1"
+    """Whether the fused step is forced on (``CONVGRU_TRITON_FUSED_STEP=1``)."""
+    return mode() == "1"
 
 
 def _interpreter_enabled() -> bool:
@@ -349,21 +369,72 @@ def _conv_reset_after_fwd_kernel(
 # Launcher
 # ----------------------------------------------------------------------------
 
+# The defaults (a tile without a tuning-file entry: ``_tuning.default_tile``).
 #: Pixels per program: 64 is the smallest M of one Hopper wgmma (4 warps = one warpgroup).
 BLOCK_M = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
 
+#: Each kernel's name in the tuning registry (``fused_tiles``), by its Triton function.
+_REGISTRY_NAMES = {"_conv_rz_fwd_kernel": "conv_rz_fwd", "_conv_n_fwd_kernel": "conv_n_fwd",
+                   "_conv_reset_after_fwd_kernel": "conv_reset_after_fwd"}
 
-def _blocks(hidden: int, channels: int, dtype: torch.dtype) -> Tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): hidden channels per program (up to 32) and input
-    channels per reduction step (up to 64; 32 in float32), powers of two from
-    16 (tl.dot's smallest). BLOCK_N 64 with up to three float32 accumulators
-    took 239-255 registers per thread and spilled at sm_90 (bfloat16, RAFT's
-    hidden 128 on 46x62, Triton 3.9); 32 compiles to 72-168 with no spills."""
-    block_n = max(16, min(32, triton.next_power_of_2(hidden)))
-    block_k = max(16, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(channels)))
+
+def _blocks(hidden: int, channels: int, dtype: torch.dtype, tile: Optional["_tuning.TileConfig"] = None
+            ) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): hidden channels per program and input channels per
+    reduction step, the tile's (default: up to 32 and up to 64, 32 in float32)
+    capped at the next power of two of the channels, at least 16 (tl.dot's
+    smallest). BLOCK_N 64 with up to three float32 accumulators took 239-255
+    registers per thread and spilled at sm_90 (bfloat16, RAFT's hidden 128 on
+    46x62, Triton 3.9); 32 compiles to 72-168 with no spills."""
+    if tile is None:
+        tile = _tuning.default_tile("conv_rz_fwd", dtype)
+    block_n = max(16, min(tile.block_n, triton.next_power_of_2(hidden)))
+    block_k = max(16, min(tile.block_k, triton.next_power_of_2(channels)))
     return block_n, block_k
+
+
+# (mode, direction, reset_after, spec, device, dtype, shape, strides) -> whether the fused path runs
+_DECISIONS: dict = {}
+
+
+def use_fused(direction: str, reset_after: bool, spec: ConvSpec, h: Tensor) -> bool:
+    """Whether a step in ``direction`` (``"fwd"`` or ``"bwd"``) on the state
+    ``h`` (N, H, Y, X) runs the fused kernels, per ``CONVGRU_TRITON_FUSED_STEP``:
+    ``1`` yes where :func:`supports` holds; ``0`` no; ``auto`` (or unset) as the
+    tuning registry says for this GPU, dtype, formulation, direction, kernel
+    size and state size (``step_paths``; without an entry cuDNN + the gate
+    kernels, the path the committed GPU figures measured: no figure of the
+    fused step exists yet). :func:`forward_step` (and the fused backward)
+    consult it and decline when it is False. Cached per (mode, direction,
+    formulation, spec, device, dtype, shape, strides): after the first call a
+    dict look-up. Raises ValueError on a bad ``CONVGRU_TRITON_FUSED_STEP`` or
+    ``direction``."""
+    raw = os.environ.get(ENV_VAR)
+    # _tuning.generation moves when a tuning file may have changed (clear_cache, forced_step_path).
+    key = (raw, _tuning.generation, direction, reset_after, spec, h.device, h.dtype, tuple(h.shape), h.stride())
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        if direction not in _tuning.DIRECTIONS:
+            raise ValueError(f"direction must be one of {_tuning.DIRECTIONS}, got {direction!r}")
+        m = mode(raw or "")
+        if m == "0" or h.dim() != 4 or not supports(spec, h.dtype, h.device):
+            decision = False
+        elif m == "1":
+            decision = True
+        else:
+            decision = _tuning.step_path(h.device, h.dtype, reset_after, direction, spec.kernel_size,
+                                         h.numel()) == "fused"
+        if len(_DECISIONS) > 4096:  # many shapes (a sweep): start over rather than grow without bound
+            _DECISIONS.clear()
+        _DECISIONS[key] = decision
+    return decision
+
+
+def clear_decisions() -> None:
+    """Forget :func:`use_fused`'s cached decisions (after a tuning file changed)."""
+    _DECISIONS.clear()
 
 
 def _within_sample_32bit(t: Tensor) -> bool:
@@ -378,16 +449,36 @@ def _strides(t: Tensor) -> Tuple[int, ...]:
 
 
 def _constexprs(spec: ConvSpec, dtype: torch.dtype, channels: int, has_bias: bool, block_n: int,
-                block_k: int) -> dict:
+                block_k: int, tile: Optional["_tuning.TileConfig"] = None) -> dict:
     (pad_y, _), (pad_x, _) = spec.pad_per_dim
     return dict(
         C=channels, KH=spec.kernel_size[0], KW=spec.kernel_size[1], DIL_Y=spec.dilation[0], DIL_X=spec.dilation[1],
-        PAD_Y=pad_y, PAD_X=pad_x, HAS_BIAS=has_bias, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        PAD_Y=pad_y, PAD_X=pad_x, HAS_BIAS=has_bias, BLOCK_M=tile.block_m if tile else BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k,
         # IEEE float32 products (not TF32): the results match the reference.
         PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=tile.num_warps if tile else NUM_WARPS, num_stages=tile.num_stages if tile else NUM_STAGES,
     )
+
+
+def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple, **extra) -> None:
+    """Launch one fused kernel over the state ``h``'s pixels with the tile the
+    registry gives it (``_tuning.tile_config``: a dict look-up after the first)."""
+    batch, hidden, height, width = h.shape
+    dtype = h.dtype
+    tile = _tuning.tile_config(_REGISTRY_NAMES[kernel.__name__], dtype, h.numel(), h.device)
+    block_n, block_k = _blocks(hidden, hidden, dtype, tile)
+    m = batch * height * width
+    if h.stride(1) == 1 and hidden > 1:  # channels_last state: flat pixel tiles
+        block_x, tiles = 0, triton.cdiv(m, tile.block_m)
+    else:  # columns contiguous: patches of whole column runs (see _pixels)
+        block_x = max(8, min(tile.block_m, triton.next_power_of_2(width)))
+        tiles = batch * triton.cdiv(height, tile.block_m // block_x) * triton.cdiv(width, block_x)
+    grid = (tiles, triton.cdiv(hidden, block_n))
+    kw = _constexprs(spec, dtype, hidden, has_bias, block_n, block_k, tile)
+    kw["BLOCK_X"] = block_x
+    kernel[grid](*args[:8], m, height * width, height, width, hidden, *args[8:], **kw, **extra)
 
 
 def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weights: Sequence[Tensor],
@@ -401,55 +492,46 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weigh
     receive (r, z, n) and aux as the gate kernels write them (with
     ``reset_after`` and not ``save`` they are ``None``; without ``reset_after``
     they are needed within the step: scratch when not ``save``, and n is then
-    not stored). All tensors of one dtype, any strides.
+    not stored). All tensors of one dtype, any strides. Tiles (BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages) come from the tuning registry
+    (``_tuning.tile_config``; default ``_tuning.default_tile``).
 
     Returns ``False``, having written nothing, where these kernels do not
-    apply (:func:`supports`, mixed dtypes, a sample too large for 32-bit
-    offsets): the caller then runs today's path."""
-    dtype = h.dtype
-    if h.dim() != 4 or not supports(spec, dtype, h.device):
+    apply or are not chosen (:func:`use_fused` with ``"fwd"``: the mode,
+    :func:`supports`, the registry's decision; mixed dtypes, a sample too
+    large for 32-bit offsets): the caller then runs today's path."""
+    if h.dim() != 4 or not use_fused("fwd", reset_after, spec, h):
         return False
+    dtype = h.dtype
     others = [gx, state, *weights] + [t for t in (gates, aux, bias_ih, bias_hh) if t is not None]
     if any(t.dtype != dtype or t.device != h.device for t in others):
         return False
     if not all(_within_sample_32bit(t) for t in (gx, h, state) + ((gates, aux) if gates is not None else ())):
         return False
-    batch, hidden, height, width = h.shape
     if h.numel() == 0:
         return True
     has_bias = bias_ih is not None
     # Dense (3H,) vectors, as the kernels index them; without biases any pointer stands in (never read).
     b_ih, b_hh = (bias_ih.contiguous(), bias_hh.contiguous()) if has_bias else (h, h)
-    m = batch * height * width
-    block_n, block_k = _blocks(hidden, hidden, dtype)
-    if h.stride(1) == 1 and hidden > 1:  # channels_last state: flat pixel tiles
-        block_x, tiles = 0, triton.cdiv(m, BLOCK_M)
-    else:  # columns contiguous: patches of whole column runs (see _pixels)
-        block_x = max(8, min(BLOCK_M, triton.next_power_of_2(width)))
-        tiles = batch * triton.cdiv(height, BLOCK_M // block_x) * triton.cdiv(width, block_x)
-    grid = (tiles, triton.cdiv(hidden, block_n))
-    sizes = (m, height * width, height, width, hidden)
-    kw = _constexprs(spec, dtype, hidden, has_bias, block_n, block_k)
-    kw["BLOCK_X"] = block_x
     if reset_after:
         w = weights[0]
         if gates is None:  # nothing saved: h' stands in for the pointers of gates and aux (SAVE=False)
             gates_t, aux_t = state, state
         else:
             gates_t, aux_t = gates, aux
-        _conv_reset_after_fwd_kernel[grid](
-            h, w, gx, state, gates_t, aux_t, b_ih, b_hh, *sizes,
-            *_strides(h), *_strides(w), *_strides(gx), *_strides(state), *_strides(gates_t), *_strides(aux_t),
-            SAVE=gates is not None, **kw)
+        _launch(_conv_reset_after_fwd_kernel, spec, h, has_bias, (
+            h, w, gx, state, gates_t, aux_t, b_ih, b_hh,
+            *_strides(h), *_strides(w), *_strides(gx), *_strides(state), *_strides(gates_t), *_strides(aux_t)),
+            SAVE=gates is not None)
         return True
     w_rz, w_n = weights
-    _conv_rz_fwd_kernel[grid](
-        h, w_rz, gx, h, gates, aux, b_ih, b_hh, *sizes,
-        *_strides(h), *_strides(w_rz), *_strides(gx), *_strides(h), *_strides(gates), *_strides(aux), **kw)
-    _conv_n_fwd_kernel[grid](
-        aux, w_n, gx, h, gates, state, b_ih, b_hh, *sizes,
-        *_strides(aux), *_strides(w_n), *_strides(gx), *_strides(h), *_strides(gates), *_strides(state),
-        SAVE=save, **kw)
+    _launch(_conv_rz_fwd_kernel, spec, h, has_bias, (
+        h, w_rz, gx, h, gates, aux, b_ih, b_hh,
+        *_strides(h), *_strides(w_rz), *_strides(gx), *_strides(h), *_strides(gates), *_strides(aux)))
+    _launch(_conv_n_fwd_kernel, spec, h, has_bias, (
+        aux, w_n, gx, h, gates, state, b_ih, b_hh,
+        *_strides(aux), *_strides(w_n), *_strides(gx), *_strides(h), *_strides(gates), *_strides(state)),
+        SAVE=save)
     return True
 
 
