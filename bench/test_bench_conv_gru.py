@@ -13,7 +13,7 @@ compares the providers on one workload, pass and dtype.
 
 CUDA work is synchronised inside the timed function (pytest-benchmark measures
 wall clock). Every benchmark is warmed up first (torch.compile compiles, Triton
-compiles, cuDNN picks its algorithms), and ``ours``, run as it is timed, is
+compiles, cuDNN picks its algorithms), and each ``ours*`` provider, run as it is timed, is
 checked against the package's eager reference in float32 without TF32 (as is
 the ``raft`` baseline, with the same weights, in float32) before it is timed:
 :func:`check_ours`, with the tolerances of :func:`allowed_error`. The peak of
@@ -129,7 +129,7 @@ def _describe(failures, what, dtype, tf32) -> str:
 
 
 def check_ours(model, case, master, device):
-    """Assert that ``model`` (ours or ours-compile), run exactly as it is timed,
+    """Assert that ``model`` (ours, ours-compile or ours-fused), run exactly as it is timed,
     computes what the package's eager reference (backend="torch") computes in
     float32 without TF32, within :func:`allowed_error`; in float32 the raft
     baseline, run as it is timed, too (all providers compute one function)."""
@@ -162,11 +162,33 @@ def check_ours(model, case, master, device):
 # ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _fused_launches(provider: str):
+    """:func:`bench.workloads.count_fused_launches`, or ``None`` where Triton
+    cannot be imported (ours then runs the eager backend: nothing to count;
+    ours-fused was skipped by :func:`bench.workloads.unavailable`)."""
+    try:
+        counter = wl.count_fused_launches()
+        launches = counter.__enter__()
+    except ImportError:
+        if provider in wl.FUSED:
+            raise
+        yield None
+        return
+    try:
+        yield launches
+    finally:
+        counter.__exit__(None, None, None)
+
+
 def run_benchmark(benchmark, case, device):
     workload, provider = case.workload, case.provider
     dtype = wl.DTYPES[case.dtype]
     backward = case.pass_ == "fwd+bwd"
     benchmark.group = case.group
+    reason = wl.unavailable(provider, device, dtype)
+    if reason:  # never today's path under the fused step's name
+        pytest.skip(reason)
     if provider in wl.COMPILED:
         torch._dynamo.reset()  # a fresh cache per benchmark: no recompile limit, no stale graphs
     master = wl.make_master(workload, device)
@@ -193,7 +215,12 @@ def run_benchmark(benchmark, case, device):
     rounds = 1
     try:
         if provider in wl.OURS:
-            check_ours(model, case, master, device)
+            # Which path ran: the fused step's kernels for ours-fused, none for ours.
+            with _fused_launches(provider) as launches:
+                check_ours(model, case, master, device)
+            if launches is not None:
+                wl.check_path(provider, launches[0])
+                benchmark.extra_info["fused_launches_checked"] = launches[0]
         if not benchmark.disabled:
             warmup = 3 if provider in wl.COMPILED else 2
             start = time.perf_counter()

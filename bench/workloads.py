@@ -14,12 +14,21 @@ from the same master weights (:func:`make_master`):
   ``(1, k)`` and ``(k, 1)``, for the separable update) and ``ConvGRU2d`` for
   sequences, which runs the input convolution once for all time steps.
 * ``ours-compile``: ``torch.compile`` of the ``ours`` modules.
+* ``ours-fused``: the ``ours`` modules with the fused step forced
+  (``CONVGRU_TRITON_FUSED_STEP=1``: :mod:`convgru_triton.ops.fused_step`'s
+  convolution + gate math in one pass) during forward and backward; ``ours``
+  and ``ours-compile`` force ``0`` (cuDNN + the gate kernels, today's path)
+  so that their names keep meaning that path whatever the default becomes.
+  It needs the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``
+  without bfloat16): :func:`unavailable` says why not elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,10 +38,15 @@ from convgru_triton import ConvGRU2d, ConvGRUCell2d
 from .baselines import TwoPass, raft_from_cells, seed_from_cells
 
 OPS = ("conv_gru_cell", "conv_gru")
-PROVIDERS = ("seed", "raft", "compile", "ours", "ours-compile")
+PROVIDERS = ("seed", "raft", "compile", "ours", "ours-compile", "ours-fused")
 EAGER_BASELINES = ("seed", "raft")
 BASELINES = ("seed", "raft", "compile")
-OURS = ("ours", "ours-compile")
+OURS = ("ours", "ours-compile", "ours-fused")
+FUSED = ("ours-fused",)
+#: The fused step's switch (= convgru_triton.ops.fused_step.ENV_VAR; not imported: it imports Triton)
+#: and its value per provider of ours: forced, so that each name means one path.
+FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
+FUSED_SWITCH = {"ours": "0", "ours-compile": "0", "ours-fused": "1"}
 COMPILED = ("compile", "ours-compile")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -180,14 +194,87 @@ def _sequence_from_cells(cells: Sequence[ConvGRUCell2d], dtype, backend: str) ->
 # ----------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------
+# The fused step's switch, held during forward and backward
+# ----------------------------------------------------------------------------
+
+
+def _set_switch(value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(FUSED_ENV_VAR, None)
+    else:
+        os.environ[FUSED_ENV_VAR] = value
+
+
+@contextlib.contextmanager
+def fused_switch(value: Optional[str]) -> Iterator[None]:
+    """``CONVGRU_TRITON_FUSED_STEP=value`` inside, the previous value (or its
+    absence) restored after; ``None`` leaves the variable alone. The package
+    reads it per call (plan keys, ``fused_step.use_fused``), so a switch
+    around a call takes effect at that call."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(FUSED_ENV_VAR)
+    _set_switch(value)
+    try:
+        yield
+    finally:
+        _set_switch(old)
+
+
+_BACKWARD_SWITCH: List[Optional[str]] = []  # the value to restore, while a backward pass holds the switch
+
+
+def _hold_switch_for_this_backward(value: str) -> None:
+    if _BACKWARD_SWITCH:  # another output of the same backward pass set it already
+        return
+    _BACKWARD_SWITCH.append(os.environ.get(FUSED_ENV_VAR))
+    _set_switch(value)
+
+    def restore() -> None:
+        _set_switch(_BACKWARD_SWITCH.pop())
+
+    # Runs when the engine has finished this whole backward pass (every node,
+    # the parameters' gradients included), as DDP's gradient hooks use it.
+    torch.autograd.Variable._execution_engine.queue_callback(restore)
+
+
+class _SwitchInBackward(torch.autograd.Function):
+    """Identity on a model output. The backward runs after ``forward`` has
+    returned (and its switch is restored), started by the caller's
+    ``backward()``; this node is the first of the model's to run in it (every
+    gradient of the model flows from the outputs), so it sets the switch for
+    the nodes after it, and the engine's end-of-pass callback restores it."""
+
+    @staticmethod
+    def forward(ctx, value, x):
+        ctx.value = value
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _hold_switch_for_this_backward(ctx.value)
+        return None, grad
+
+
+def _switch_in_backward(outputs: List[torch.Tensor], value: Optional[str]) -> List[torch.Tensor]:
+    if value is None or not torch.is_grad_enabled():
+        return outputs
+    return [_SwitchInBackward.apply(value, o) if o.requires_grad else o for o in outputs]
+
+
 class StepRunner(nn.Module):
-    def __init__(self, steps: Sequence[nn.Module], state_first: bool) -> None:
+    def __init__(self, steps: Sequence[nn.Module], state_first: bool, fused: Optional[str] = None) -> None:
         super().__init__()
         self.steps = nn.ModuleList(steps)
         self.state_first = state_first
+        self.fused = fused  # CONVGRU_TRITON_FUSED_STEP during forward and backward (ours: FUSED_SWITCH)
 
     def forward(self, xs, hs):
-        return [step(h, x) if self.state_first else step(x, h) for step, x, h in zip(self.steps, xs, hs)]
+        with fused_switch(self.fused):
+            outputs = [step(h, x) if self.state_first else step(x, h) for step, x, h in zip(self.steps, xs, hs)]
+        return _switch_in_backward(outputs, self.fused)
 
 
 class LoopRunner(nn.Module):
@@ -217,12 +304,15 @@ class LoopRunner(nn.Module):
 class SequenceRunner(nn.Module):
     """``ours`` over sequences: one ConvGRU2d per stage."""
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
+    def __init__(self, modules: Sequence[nn.Module], fused: Optional[str] = None) -> None:
         super().__init__()
         self.grus = nn.ModuleList(modules)
+        self.fused = fused  # as StepRunner.fused
 
     def forward(self, xs, hs=None):
-        return [gru(x)[0] for gru, x in zip(self.grus, xs)]
+        with fused_switch(self.fused):
+            outputs = [gru(x)[0] for gru, x in zip(self.grus, xs)]
+        return _switch_in_backward(outputs, self.fused)
 
 
 def _compile(module: nn.Module) -> nn.Module:
@@ -235,26 +325,31 @@ def build_model(workload: Workload, provider: str, master: Master, dtype: torch.
                 backend: str = "auto") -> nn.Module:
     """The ``provider``'s model of ``workload`` with the ``master`` weights cast to ``dtype``.
 
-    ``backend`` applies to ``ours``/``ours-compile`` (``"torch"`` gives the package's
-    eager reference with the same structure and parameter names)."""
+    ``backend`` applies to the ``ours*`` providers (``"torch"`` gives the package's
+    eager reference with the same structure and parameter names; ``ours-fused``
+    with ``"auto"`` is ``"triton"``: on a CPU under the interpreter ``auto``
+    would pick the eager backend, which has no fused step)."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     step_op = workload.op == "conv_gru_cell"
     if provider in OURS:
+        fused = FUSED_SWITCH[provider]
+        if provider in FUSED and backend == "auto":
+            backend = "triton"
         if step_op:
             steps = []
             for layers in master:
                 cells = [_copy_cell(c, dtype, backend) for c in layers[0]]
                 step = cells[0] if len(cells) == 1 else TwoPass(*cells)
                 steps.append(_compile(step) if provider == "ours-compile" else step)
-            return StepRunner(steps, state_first=False)
+            return StepRunner(steps, state_first=False, fused=fused)
         grus = []
         for layers in master:
             if workload.separable:
                 raise ValueError("separable sequence workloads are not defined")
             gru = _sequence_from_cells([passes[0] for passes in layers], dtype, backend)
             grus.append(_compile(gru) if provider == "ours-compile" else gru)
-        return SequenceRunner(grus)
+        return SequenceRunner(grus, fused=fused)
 
     convert = seed_from_cells if provider == "seed" else raft_from_cells
     stages = []
@@ -267,6 +362,60 @@ def build_model(workload: Workload, provider: str, master: Master, dtype: torch.
     if step_op:
         return StepRunner([layers[0] for layers in stages], state_first)
     return LoopRunner(stages, state_first)
+
+
+def unavailable(provider: str, device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``provider`` cannot run on ``device`` in ``dtype`` (``None``: it can).
+    Only ``ours-fused`` has conditions: the fused step is Triton kernels, so it
+    needs CUDA, or the CPU under ``TRITON_INTERPRET=1`` (which has no
+    bfloat16); elsewhere it would run today's path under its name."""
+    if provider not in FUSED:
+        return None
+    from convgru_triton._backend import select_backend
+
+    device = torch.device(device)
+    try:
+        select_backend(device, "triton")
+    except RuntimeError as exc:
+        return f"{provider} needs the Triton kernels: {exc}"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return f"{provider}: the Triton interpreter has no bfloat16"
+    return None
+
+
+@contextlib.contextmanager
+def count_fused_launches() -> Iterator[List[int]]:
+    """``[n]``: the launches of :mod:`convgru_triton.ops.fused_step`'s forward
+    kernels inside (its ``_launch``, counted), so that a benchmark can say which
+    path ran: ``ours-fused`` must launch them, ``ours`` must not."""
+    from convgru_triton.ops import fused_step
+
+    launch = getattr(fused_step, "_launch", None)
+    if launch is None:
+        raise RuntimeError("convgru_triton.ops.fused_step._launch is gone: the benchmarks count the fused "
+                           "step's launches through it (bench/workloads.count_fused_launches)")
+    count = [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return launch(*args, **kwargs)
+
+    fused_step._launch = counted
+    try:
+        yield count
+    finally:
+        fused_step._launch = launch
+
+
+def check_path(provider: str, launches: int) -> None:
+    """Raise AssertionError when ``provider`` ran the other path than its name says
+    (``launches``: :func:`count_fused_launches` over one of its calls)."""
+    if provider in FUSED and launches == 0:
+        raise AssertionError(f"{provider} launched no fused-step kernel: it ran cuDNN + the gate kernels "
+                             f"(CONVGRU_TRITON_FUSED_STEP=1 was not honoured, or the fused step declined)")
+    if provider in OURS and provider not in FUSED and launches:
+        raise AssertionError(f"{provider} launched {launches} fused-step kernels with "
+                             f"CONVGRU_TRITON_FUSED_STEP=0")
 
 
 # ----------------------------------------------------------------------------
