@@ -546,14 +546,18 @@ def make_document(
     key = _tuning.normalize_device_name(device_name)
     version = triton_version or _tuning.triton_version() or "unknown"
     entries: Dict[Tuple[str, str, int], dict] = {}
+    carried: Dict[str, Any] = {}
     if existing is not None:
         try:
             _tuning.parse_document(existing, key)
             _tuning.check_triton_version(existing["triton_version"], version)
+            _tuning.parse_fused_sections(existing)
             for e in existing["entries"]:
                 entries[(e["kernel"], e["dtype"], _tuning.size_class(e["numel"]))] = dict(e)
+            # The fused step's entries (another mode of the tuner) are kept as they are.
+            carried = {k: existing[k] for k in ("step_paths", "fused_tiles") if k in existing}
         except (_tuning.TuningFileError, KeyError):
-            entries = {}
+            entries, carried = {}, {}
     for r in results:
         best = r.best
         if best is None:
@@ -581,6 +585,7 @@ def make_document(
         "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": "python -m convgru_triton.tune",
         "entries": [entries[k] for k in sorted(entries, key=lambda k: (order.get(k[0], 99), k[1], k[2]))],
+        **carried,
     }
     _tuning.parse_document(doc, key)  # what we write must be what we read
     return doc
@@ -611,6 +616,403 @@ def _read_existing(path: str) -> Optional[dict]:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+# ----------------------------------------------------------------------------
+# The fused step (issue 18): fused kernels or cuDNN + gate kernels, and their tiles
+# ----------------------------------------------------------------------------
+
+#: RAFT's update step: N=6 on the 1/8 map of a 368x496 crop, hidden 128.
+RAFT_STEP = (6, 128, 46, 62)
+#: RAFT's ConvGRU (3x3) and SepConvGRU ((1, 5) then (5, 1)).
+DEFAULT_STEP_KERNELS = ((3, 3), (1, 5), (5, 1))
+#: The sequence workloads of bench/workloads.py (FULL_WORKLOADS): (N, hidden, Y, X, (kh, kw)).
+SEQUENCE_STEPS = (
+    (4, 64, 96, 96, (3, 3)), (4, 192, 32, 32, (3, 3)), (4, 192, 16, 16, (3, 3)),  # nowcast
+    (16, 128, 16, 16, (5, 5)),  # mmnist
+    (16, 384, 8, 8, (3, 3)),  # dgmr
+)
+# Tile candidates. BLOCK_M 128 is aimed at wave quantization: RAFT's
+# M = 6*46*62 = 17,112 pixels at BLOCK_M 64 and BLOCK_N 32 over hidden 128 are
+# 268 x 4 = 1072 programs, 8.1 waves of 132 SMs at one program per SM (the
+# ninth wave 12% full); at 128 x 64 they are 134 x 2 = 268 = 2.03 waves (the
+# cuDNN figure of the issue: 134 tiles of 128 on 132 SMs). Which wins depends
+# on occupancy (programs per SM), so it is measured, not assumed.
+DEFAULT_BLOCK_M = (64, 128)
+DEFAULT_BLOCK_N = (32, 64)
+DEFAULT_FUSED_WARPS = (4, 8)
+DEFAULT_FUSED_STAGES = (2, 3, 4)
+#: Largest difference of a step's outputs (h', r, z, n, aux) from the float64
+#: reference. float32: the cuDNN path may use TF32 (torch's default for
+#: convolutions), K = 128 * 9 products; a wrong tile is off by O(1) or NaN.
+STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One step to tune: state (batch, hidden, height, width), kernel, formulation, dtype, layout."""
+
+    batch: int
+    hidden: int
+    height: int
+    width: int
+    kernel_size: Tuple[int, int]
+    reset_after: bool
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def numel(self) -> int:
+        return self.batch * self.hidden * self.height * self.width
+
+    def __str__(self) -> str:
+        return (f"N={self.batch} H={self.hidden} {self.height}x{self.width} {self.kernel_size[0]}x{self.kernel_size[1]} "
+                f"{'reset_after' if self.reset_after else 'reset_before'} {_tuning.dtype_name(self.dtype)} "
+                f"{'cl' if self.channels_last else 'nchw'}")
+
+
+def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_BLOCK_M,
+                          block_n: Sequence[int] = DEFAULT_BLOCK_N, num_warps: Sequence[int] = DEFAULT_FUSED_WARPS,
+                          num_stages: Sequence[int] = DEFAULT_FUSED_STAGES) -> List[_tuning.TileConfig]:
+    """The default tile first, then every valid combination (BLOCK_K the
+    default's: 64, 32 in float32). Raises TuningFileError on a bad value."""
+    block_k = _tuning.default_tile("conv_rz_fwd", dtype).block_k
+    out = [_tuning.default_tile("conv_rz_fwd", dtype)]
+    for m in block_m:
+        for n in block_n:
+            for w in num_warps:
+                for st in num_stages:
+                    tile = _tuning.check_tile_values(m, n, block_k, w, st)
+                    if tile not in out:
+                        out.append(tile)
+    return out
+
+
+@contextlib.contextmanager
+def _fused_env(value: str):
+    from .ops import fused_step
+
+    old = os.environ.get(fused_step.ENV_VAR)
+    os.environ[fused_step.ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(fused_step.ENV_VAR, None)
+        else:
+            os.environ[fused_step.ENV_VAR] = old
+
+
+class StepCase:
+    """Inputs, NaN-poisoned output buffers and the float64 reference of one
+    forward step (``direction="fwd"``), run through the operator's own step
+    (``conv_gru._step_forward``) on either path. A fused backward plugs in as
+    another direction with the same three methods."""
+
+    def __init__(self, shape: StepShape, device: torch.device, direction: str = "fwd"):
+        from ._conv import ConvSpec
+        from .ops import conv_gru, fused_step
+
+        if direction != "fwd":
+            raise ValueError(f"direction {direction!r}: only 'fwd' is tuned (no fused backward step yet)")
+        self.shape, self.device, self.direction = shape, device, direction
+        n, hid, y, x, kk = shape.batch, shape.hidden, shape.height, shape.width, shape.kernel_size
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*size, scale):
+            return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(device)
+
+        fmt = torch.channels_last if shape.channels_last else torch.contiguous_format
+        gx64, h64 = rand(n, 3 * hid, y, x, scale=0.5), rand(n, hid, y, x, scale=0.5)
+        w64 = rand(3 * hid, hid, *kk, scale=(hid * kk[0] * kk[1]) ** -0.5)
+        b_ih64, b_hh64 = rand(3 * hid, scale=0.1), rand(3 * hid, scale=0.1)
+        d = shape.dtype
+        self.gx, self.h = gx64.to(d).contiguous(memory_format=fmt), h64.to(d).contiguous(memory_format=fmt)
+        self.w, self.b_ih, self.b_hh = w64.to(d), b_ih64.to(d), b_hh64.to(d)
+        self.spec = ConvSpec(tuple(kk), (1, 1))
+        # The reference from the dtype-rounded inputs, in float64.
+        self.expected = fused_step.reference_step(shape.reset_after, self.spec, *(
+            t.to(torch.float64) for t in (self.gx, self.h, self.w, self.b_ih, self.b_hh)))
+        p = conv_gru.plan(self.spec, shape.reset_after, False, True)
+        self.plan = p._replace(fused_step=False)  # cuDNN + the gate kernels
+        self.weights = conv_gru._hidden_weights(self.plan, self.w)
+        cl = shape.channels_last
+        self.state = conv_gru._empty_frame(self.h, hid, cl)
+        self.gates = conv_gru._empty_frame(self.h, 3 * hid, cl)
+        self.aux = conv_gru._empty_frame(self.h, hid, cl)
+        self.math = self.plan.math.bind(self.state, self.b_ih, self.b_hh, (self.gx, self.h))
+        self._step = conv_gru._step_forward
+        self._fused = fused_step
+
+    def outputs(self) -> Tuple[torch.Tensor, ...]:
+        return self.state, self.gates, self.aux
+
+    def poison(self) -> None:
+        for t in self.outputs():
+            t.fill_(float("nan"))
+
+    def run(self, fused: bool) -> None:
+        if fused:
+            with _fused_env("1"):
+                ran = self._fused.forward_step(self.shape.reset_after, self.spec, self.gx, self.h, self.weights,
+                                               self.b_ih, self.b_hh, self.state, self.gates, self.aux, True)
+            if not ran:
+                raise RuntimeError("the fused step declined this case (fused_step.supports)")
+            return
+        self._step(self.plan, self.math, self.gx, self.h, self.weights, self.b_ih, self.b_hh, self.state,
+                   self.gates, self.aux, True)
+
+    def check(self) -> Optional[str]:
+        """``None`` when every output is within :data:`STEP_TOLERANCE` of the reference, else what is off."""
+        tol = STEP_TOLERANCE.get(self.shape.dtype, 1e-2)
+        for name, got, want in zip(("h'", "gates", "aux"), self.outputs(), self.expected):
+            diff = (got.to(torch.float64) - want).abs()
+            if not torch.isfinite(diff).all():
+                return f"{name}: {int((~torch.isfinite(diff)).sum())} elements not written or not finite"
+            worst = float(diff.max()) if diff.numel() else 0.0
+            if worst > tol:
+                return f"{name}: max abs difference {worst:.3g} > {tol:g}"
+        return None
+
+
+@dataclass
+class StepResult:
+    """One step shape: the cuDNN path's trial (config ``None``) and each tile's."""
+
+    shape: StepShape
+    direction: str
+    cudnn: Trial
+    fused: List[Trial] = field(default_factory=list)
+
+    @property
+    def best_fused(self) -> Optional[Trial]:
+        timed = [t for t in self.fused if t.ms is not None]
+        return min(timed, key=lambda t: t.ms) if timed else None
+
+    @property
+    def path(self) -> str:
+        """The faster path; cuDNN when the fused step did not run (or the cuDNN path did not either)."""
+        best = self.best_fused
+        if best is not None and (self.cudnn.ms is None or best.ms < self.cudnn.ms):
+            return "fused"
+        return "cudnn"
+
+
+def _spills(compiled: Sequence[Any]) -> Optional[str]:
+    """Why a tile is dropped for what the compiler made of it: spills (n_spills),
+    read from the kernels that ran (nothing to read under the interpreter)."""
+    for k in compiled:
+        spills = getattr(k, "n_spills", None)
+        if spills:
+            name = getattr(getattr(k, "src", None), "name", None) or getattr(k, "name", "kernel")
+            return f"{name} spills {spills} registers ({getattr(k, 'n_regs', '?')} registers per thread)"
+    return None
+
+
+def _trial(case: StepCase, fused: bool, tile: Optional[_tuning.TileConfig], timer: Timer) -> Trial:
+    """Check (into NaN-poisoned buffers), then time, one path of ``case``."""
+    from .ops import fused_step
+
+    trial = Trial(tile)  # type: ignore[arg-type]
+    try:
+        with _tuning.forced_tile(tile):
+            case.poison()
+            fused_step._COMPILED = compiled = []
+            try:
+                case.run(fused)
+            finally:
+                fused_step._COMPILED = None
+            _synchronize(case.device)
+            problem = case.check()
+    except Exception as exc:  # CompilationError, OutOfResources, CUDA errors, a declined case
+        trial.skipped = f"failed: {_reason(exc)}"
+        return trial
+    if problem:
+        trial.skipped = f"wrong result: {problem}"
+        return trial
+    spills = _spills(compiled) if fused else None
+    if spills:
+        trial.skipped = spills
+        return trial
+    try:
+        with _tuning.forced_tile(tile):
+            ms = float(timer(lambda: case.run(fused)))
+    except Exception as exc:
+        trial.skipped = f"failed while timing: {_reason(exc)}"
+        return trial
+    if not (math.isfinite(ms) and ms > 0):
+        trial.skipped = f"bad timing {ms!r}"
+    else:
+        trial.ms = ms
+    return trial
+
+
+def tune_fused_step(shapes: Sequence[StepShape], tiles_of: Callable[[torch.dtype], Sequence[_tuning.TileConfig]],
+                    device: torch.device, timer: Timer, progress: bool = True,
+                    directions: Sequence[str] = ("fwd",)) -> List[StepResult]:
+    """For each shape and direction: the whole step on the cuDNN + gate kernel
+    path, then on the fused path with every tile of ``tiles_of(dtype)``; each
+    run's outputs are checked against the float64 reference before it is
+    timed (a wrong or spilling tile is skipped with the reason)."""
+    results = []
+    bar = _Progress(len(shapes) * len(directions), progress)
+    try:
+        for direction in directions:
+            for shape in shapes:
+                label = f"{direction} {shape}"
+                try:
+                    case = StepCase(shape, device, direction)
+                except torch.cuda.OutOfMemoryError as exc:
+                    bar.step(f"{label}: skipped, out of memory ({_reason(exc)})")
+                    _free(device)
+                    continue
+                result = StepResult(shape, direction, _trial(case, False, None, timer))
+                result.fused = [_trial(case, True, tile, timer) for tile in tiles_of(shape.dtype)]
+                results.append(result)
+                del case
+                _free(device)
+                best = result.best_fused
+                cudnn = f"{result.cudnn.ms * 1e3:.1f} us" if result.cudnn.ms else result.cudnn.skipped
+                fused = f"{best.ms * 1e3:.1f} us ({best.config})" if best else "no tile ran"
+                bar.step(f"{label}: cuDNN + gates {cudnn}; fused {fused} -> {result.path}")
+    finally:
+        bar.close()
+    return results
+
+
+def format_step_table(results: Sequence[StepResult]) -> str:
+    lines = ["step  cuDNN+gates us  fused us  tile  ran  choice"]
+    for r in results:
+        best = r.best_fused
+        ran = f"{sum(t.ms is not None for t in r.fused)}/{len(r.fused)}"
+        lines.append(f"{r.direction} {r.shape}  {r.cudnn.ms * 1e3 if r.cudnn.ms else float('nan'):.2f}  "
+                     f"{best.ms * 1e3 if best else float('nan'):.2f}  {best.config if best else '-'}  {ran}  {r.path}")
+    return "\n".join(lines)
+
+
+def _tile_kernels(reset_after: bool, direction: str) -> Tuple[str, ...]:
+    if direction != "fwd":
+        return ()
+    return ("conv_reset_after_fwd",) if reset_after else ("conv_rz_fwd", "conv_n_fwd")
+
+
+def fused_sections(results: Sequence[StepResult]) -> Tuple[List[dict], List[dict]]:
+    """The ``step_paths`` and ``fused_tiles`` entries for ``results``. Shapes that
+    share a registry key (two layouts, or two kernel sizes for a tile; one
+    size class) are decided together: the path by their summed times, the
+    tile by its summed time relative to each shape's best (tiles that ran on
+    all of them)."""
+    paths: Dict[tuple, List[StepResult]] = {}
+    tiles: Dict[tuple, List[StepResult]] = {}
+    for r in results:
+        s, cls = r.shape, _tuning.size_class(r.shape.numel)
+        paths.setdefault((_tuning.dtype_name(s.dtype), s.reset_after, r.direction, tuple(s.kernel_size), cls),
+                         []).append(r)
+        if r.best_fused is not None:
+            for kernel in _tile_kernels(s.reset_after, r.direction):
+                tiles.setdefault((kernel, _tuning.dtype_name(s.dtype), cls), []).append(r)
+    path_entries = []
+    for (dtype, reset_after, direction, ks, cls), group in paths.items():
+        both = [r for r in group if r.cudnn.ms is not None and r.best_fused is not None]
+        if both:
+            fused_ms = sum(r.best_fused.ms for r in both)
+            cudnn_ms = sum(r.cudnn.ms for r in both)
+            path = "fused" if fused_ms < cudnn_ms else "cudnn"
+        elif any(r.cudnn.ms is not None for r in group):
+            path, fused_ms, cudnn_ms = "cudnn", None, sum(r.cudnn.ms for r in group if r.cudnn.ms is not None)
+        else:
+            continue  # neither path ran: nothing measured to write
+        entry = {"dtype": dtype, "reset_after": reset_after, "direction": direction, "kernel_size": list(ks),
+                 "numel": max(r.shape.numel for r in group), "path": path, "cudnn_ms": round(cudnn_ms, 6)}
+        if fused_ms is not None:
+            entry["fused_ms"] = round(fused_ms, 6)
+        path_entries.append(entry)
+    tile_entries = []
+    for (kernel, dtype, cls), group in tiles.items():
+        scores: Dict[_tuning.TileConfig, float] = {}
+        for tile in {t.config for r in group for t in r.fused if t.ms is not None}:
+            times = [next((t.ms for t in r.fused if t.config == tile and t.ms is not None), None) for r in group]
+            if all(ms is not None for ms in times):
+                scores[tile] = sum(ms / r.best_fused.ms for ms, r in zip(times, group))
+        if not scores:
+            continue
+        tile = min(scores, key=lambda t: (scores[t], str(t)))
+        tile_entries.append({"kernel": kernel, "dtype": dtype, "numel": max(r.shape.numel for r in group),
+                             "block_m": tile.block_m, "block_n": tile.block_n, "block_k": tile.block_k,
+                             "num_warps": tile.num_warps, "num_stages": tile.num_stages,
+                             "time_ms": round(min(t.ms for r in group for t in r.fused
+                                                  if t.config == tile and t.ms is not None), 6)})
+    return path_entries, tile_entries
+
+
+def merge_fused_sections(doc: dict, results: Sequence[StepResult], existing: Optional[dict] = None) -> dict:
+    """``doc`` (a tuning file) with the fused-step entries of ``results`` added;
+    those of ``existing`` (a valid file for the same GPU and Triton version)
+    that this run did not re-tune are kept."""
+    new_paths, new_tiles = fused_sections(results)
+
+    def path_key(e):
+        return (e["dtype"], e["reset_after"], e["direction"], tuple(e.get("kernel_size") or ()),
+                _tuning.size_class(e["numel"]))
+
+    def tile_key(e):
+        return (e["kernel"], e["dtype"], _tuning.size_class(e["numel"]))
+
+    old_paths, old_tiles = [], []
+    if existing is not None:
+        try:
+            _tuning.parse_document(existing, doc["device"])
+            _tuning.parse_fused_sections(existing)
+            _tuning.check_triton_version(existing["triton_version"], doc["triton_version"])
+            old_paths, old_tiles = list(existing.get("step_paths", [])), list(existing.get("fused_tiles", []))
+        except (_tuning.TuningFileError, KeyError):
+            pass
+    paths = {path_key(e): e for e in old_paths + list(doc.get("step_paths", [])) + new_paths}
+    tiles = {tile_key(e): e for e in old_tiles + list(doc.get("fused_tiles", [])) + new_tiles}
+    doc = dict(doc)
+    doc["step_paths"] = [paths[k] for k in sorted(paths, key=str)]
+    doc["fused_tiles"] = [tiles[k] for k in sorted(tiles, key=str)]
+    _tuning.parse_fused_sections(doc)  # what we write must be what we read
+    return doc
+
+
+def parse_step_shape(text: str) -> Tuple[int, int, int, int, Optional[Tuple[int, int]]]:
+    """``"6,128,46x62"`` or ``"6,128,46x62,3x3"`` -> (N, hidden, Y, X, kernel or None)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) not in (3, 4):
+            raise ValueError
+        n, hid = int(parts[0]), int(parts[1])
+        y, x = (int(v) for v in parts[2].lower().split("x"))
+        ks = tuple(int(v) for v in parts[3].lower().split("x")) if len(parts) == 4 else None
+        if min(n, hid, y, x) <= 0 or (ks is not None and (len(ks) != 2 or min(ks) <= 0)):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a step shape is N,hidden,YxX or N,hidden,YxX,KHxKW with positive integers, got {text!r}") from None
+    return n, hid, y, x, ks  # type: ignore[return-value]
+
+
+def _kernel_size(text: str) -> Tuple[int, int]:
+    try:
+        kh, kw = (int(v) for v in text.lower().split("x"))
+        if kh <= 0 or kw <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"a kernel size is KHxKW, got {text!r}") from None
+    return kh, kw
+
+
+def step_shapes(shapes: Sequence[tuple], kernel_sizes: Sequence[Tuple[int, int]], dtypes: Sequence[torch.dtype],
+                formulations: Sequence[bool], layouts: Sequence[bool]) -> List[StepShape]:
+    out = []
+    for n, hid, y, x, ks in shapes:
+        for kk in ([ks] if ks is not None else kernel_sizes):
+            for dtype in dtypes:
+                for reset_after in formulations:
+                    for cl in layouts:
+                        out.append(StepShape(n, hid, y, x, tuple(kk), reset_after, dtype, cl))
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -646,8 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"${_tuning.ENV_DIR} or {_tuning.user_cache_dir()}, file <gpu>.json")
     p.add_argument("--device", default=None, help="CUDA device to tune (default: the current one)")
     p.add_argument("--kernels", type=_list(str, KERNELS), default=list(KERNELS), help="comma-separated (default: all)")
-    p.add_argument("--dtypes", type=_list(str, list(_tuning.DTYPES)), default=list(DEFAULT_DTYPES),
-                   help="comma-separated (default: float32,float16,bfloat16)")
+    p.add_argument("--dtypes", type=_list(str, list(_tuning.DTYPES)), default=None,
+                   help="comma-separated (default: float32,float16,bfloat16; with --fused-step bfloat16)")
     p.add_argument("--min-size", type=parse_size, default=DEFAULT_MIN_SIZE,
                    help="smallest state, elements (default 2^16)")
     p.add_argument("--max-size", type=parse_size, default=DEFAULT_MAX_SIZE,
@@ -660,6 +1062,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up per candidate, ms (default 10)")
     p.add_argument("--rep", type=float, default=50.0, help="do_bench measuring time per candidate, ms (default 50)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    f = p.add_argument_group("the fused step (--fused-step): fused kernels or cuDNN + gate kernels, and their tiles")
+    f.add_argument("--fused-step", action="store_true",
+                   help="time whole steps on both paths and over the fused kernels' tiles; write the choice "
+                   "(step_paths) and the best tile (fused_tiles) instead of tuning the gate kernels")
+    f.add_argument("--shapes", type=parse_step_shape, nargs="+", default=None,
+                   help="N,hidden,YxX[,KHxKW] ... (default: RAFT's 6,128,46x62)")
+    f.add_argument("--sequence-shapes", action="store_true",
+                   help="also the sequence workloads' steps of bench/workloads.py (nowcast, mmnist, dgmr)")
+    f.add_argument("--kernel-sizes", type=_list(_kernel_size), default=list(DEFAULT_STEP_KERNELS),
+                   help="for shapes without one (default: 3x3,1x5,5x1)")
+    f.add_argument("--formulations", type=_list(str, ["reset_before", "reset_after"]),
+                   default=["reset_before", "reset_after"], help="comma-separated (default: both)")
+    f.add_argument("--layouts", type=_list(str, ["cl", "nchw"]), default=["cl"],
+                   help="cl (channels_last, the package's layout inside) and/or nchw (default: cl)")
+    f.add_argument("--block-m", type=_list(int), default=list(DEFAULT_BLOCK_M))
+    f.add_argument("--block-n", type=_list(int), default=list(DEFAULT_BLOCK_N))
+    f.add_argument("--fused-warps", type=_list(int), default=list(DEFAULT_FUSED_WARPS))
+    f.add_argument("--fused-stages", type=_list(int), default=list(DEFAULT_FUSED_STAGES))
     return p
 
 
@@ -683,7 +1103,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not candidates:
         parser.error("no valid candidate: every block size / warps pair gives less than 1 "
                      f"or more than {MAX_ELEMENTS_PER_THREAD} elements per thread")
+    if args.dtypes is None:
+        args.dtypes = ["bfloat16"] if args.fused_step else list(DEFAULT_DTYPES)
     dtypes = [_tuning.DTYPES[d] for d in args.dtypes]
+    shapes: List[StepShape] = []
+    if args.fused_step:
+        try:
+            for d in dtypes:
+                fused_tile_candidates(d, args.block_m, args.block_n, args.fused_warps, args.fused_stages)
+        except _tuning.TuningFileError as exc:
+            parser.error(f"a tile candidate: {exc}")
+        base = list(args.shapes or [RAFT_STEP + (None,)])
+        if args.sequence_shapes:
+            base += list(SEQUENCE_STEPS)
+        shapes = step_shapes(base, args.kernel_sizes, dtypes, [f == "reset_after" for f in args.formulations],
+                             [layout == "cl" for layout in args.layouts])
     try:
         device = torch.device(args.device or "cuda")
     except RuntimeError:
@@ -701,8 +1135,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             key = "<gpu>"
             where = "GPU: none visible here (a real run needs one; this is the plan only)"
         output = args.output or _default_output(key)
-        n_cases = len(args.kernels) * len(dtypes) * len(sizes)
         print(where)
+        if args.fused_step:
+            print(f"fused step, forward: {len(shapes)} steps x (cuDNN + gate kernels, and "
+                  f"{len(fused_tile_candidates(dtypes[0], args.block_m, args.block_n, args.fused_warps, args.fused_stages))}"
+                  " fused tiles), each checked against the reference before it is timed")
+            for shape in shapes:
+                print(f"  {shape}")
+            print(f"would write: {output}")
+            return 0
+        n_cases = len(args.kernels) * len(dtypes) * len(sizes)
         print(f"kernels ({len(args.kernels)}): {', '.join(args.kernels)}")
         print(f"dtypes ({len(dtypes)}): {', '.join(args.dtypes)}")
         print(f"sizes ({len(sizes)}): {', '.join(_fmt_size(s) for s in sizes)} elements of the state")
@@ -743,6 +1185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{name} has no bfloat16: not tuning it", file=sys.stderr)
         dtypes.remove(torch.bfloat16)
 
+    if args.fused_step:
+        return _main_fused_step(args, shapes, device, name, key, output)
+
     print(f"tuning {len(args.kernels)} kernels x {len(dtypes)} dtypes x {len(sizes)} sizes x {len(candidates)} "
           f"candidates on {name} (Triton {_tuning.triton_version()}, torch {torch.__version__})", file=sys.stderr)
 
@@ -767,6 +1212,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         folder = os.path.dirname(os.path.abspath(output))
         print(f"note: the package does not look there; set {_tuning.ENV_DIR}={folder} "
               f"(with the file named {key}.json) or copy it to {_default_output(key)}")
+    return 0
+
+
+def _main_fused_step(args, shapes: Sequence[StepShape], device: torch.device, name: str, key: str,
+                     output: str) -> int:
+    import triton.testing
+
+    print(f"tuning the fused step: {len(shapes)} steps on {name} (Triton {_tuning.triton_version()}, "
+          f"torch {torch.__version__})", file=sys.stderr)
+
+    def timer(fn):
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    def tiles_of(dtype):
+        return fused_tile_candidates(dtype, args.block_m, args.block_n, args.fused_warps, args.fused_stages)
+
+    torch.cuda.set_device(device)
+    results = tune_fused_step(shapes, tiles_of, device, timer, progress=not args.quiet)
+    print(format_step_table(results))
+    if not any(r.cudnn.ms is not None for r in results):
+        print("convgru_triton.tune: no step could be timed; nothing written", file=sys.stderr)
+        return 1
+    existing = _read_existing(output)
+    doc = make_document([], name, existing)
+    doc = merge_fused_sections(doc, results, existing)
+    try:
+        write_atomic(output, doc)
+    except OSError as exc:
+        print(f"convgru_triton.tune: cannot write {output}: {exc}", file=sys.stderr)
+        return 1
+    _tuning.clear_cache()
+    print(f"wrote {output} ({len(doc['step_paths'])} step paths, {len(doc['fused_tiles'])} fused tiles)")
     return 0
 
 

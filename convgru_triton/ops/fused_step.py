@@ -478,7 +478,14 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple, **ex
     grid = (tiles, triton.cdiv(hidden, block_n))
     kw = _constexprs(spec, dtype, hidden, has_bias, block_n, block_k, tile)
     kw["BLOCK_X"] = block_x
-    kernel[grid](*args[:8], m, height * width, height, width, hidden, *args[8:], **kw, **extra)
+    compiled = kernel[grid](*args[:8], m, height * width, height, width, hidden, *args[8:], **kw, **extra)
+    if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
+        _COMPILED.append(compiled)
+
+
+#: ``None``, or a list the launcher appends each launch's compiled kernel to
+#: (``python -m convgru_triton.tune --fused-step`` drops tiles that spill).
+_COMPILED: Optional[list] = None
 
 
 def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weights: Sequence[Tensor],
@@ -553,3 +560,220 @@ def reference_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, wei
     r, z, rh = naive.gru_reset_gate_fwd_ref(gx, conv_same(h, weight_hh[: 2 * hidden], spec), h, bias_ih, bias_hh)
     h_new, n = naive.gru_update_fwd_ref(gx, conv_same(rh, weight_hh[2 * hidden:], spec), z, h, bias_ih, bias_hh)
     return h_new, torch.cat([r, z, n], 1), rh
+
+
+# ----------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------
+#
+# The data gradient (dgrad) of a stride-1 'same' convolution y = W * x is a
+# 'same'-style correlation of dy with W transposed (in/out channels swapped)
+# and flipped (tap ky -> KH - 1 - ky), padded on the mirrored side: the left/top
+# pad becomes d (k - 1) - pad_left, which is the forward's right/bottom pad
+# (equal for odd k). The kernels below run that correlation as the forward's
+# implicit GEMM (the same _pixels/_tap/_state_tile/_weight_tile, the weight read
+# through its own strides at the flipped tap: no weight copy) with the step's
+# gate backward in the epilogue:
+#
+#   reset_after=False  update_bwd (gate kernel, elementwise: d_az, d_an, d_h = g (1 - z))
+#                      _conv_dgrad_reset_gate_bwd_kernel: acc = dgrad(d_n, W_hn) = dL/d(r h);
+#                          d_gx[:, :H] = acc h r (1 - r); d_h += acc r
+#                      _conv_dgrad_bwd_kernel: d_h += dgrad(d_rz, W_hrz)     (reads d_ar at neighbours)
+#   reset_after=True   reset_after_bwd (gate kernel, elementwise: d_gx, d_gh, d_h)
+#                      _conv_dgrad_bwd_kernel: d_h += dgrad(d_gh, W_h)
+#
+# replacing, per step, cuDNN's dgrad + reset_gate_bwd (and the d_rh round trip
+# through memory) and cuDNN's dgrad + d_h.add_ (the d_h_conv round trip). The
+# elementwise first kernel stays: its outputs are read at neighbouring pixels.
+# The weight gradients (wgrad) stay on cuDNN (one batched call over all T in
+# conv_gru._backward; per step for the one-step cell, in the hook).
+
+
+@triton.jit
+def _dgrad_acc(dy_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, Y, X,
+               dy_sn, dy_sc, dy_sy, dy_sx, w_so, w_si, w_sy, w_sx,
+               C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+               PAD_Y: tl.constexpr, PAD_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, COMPUTE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) dgrad tile: ``sum_{o, ky, kx} W[o, co, KH-1-ky, KW-1-kx] *
+    dy[o, y + ky d - PAD_Y, x + kx d - PAD_X]`` over the C = ``o`` channels of
+    ``dy`` (PAD_* the mirrored pads). ``w_so``/``w_si``: W's strides along its
+    dim 0 (``o``, the reduction here) and dim 1 (``co``, the output here)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+    # One flat loop over (tap, channel block), as the forward kernels.
+    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
+        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
+        a = _state_tile(dy_ptr, n64, iy, ix, valid, ci, C, dy_sn, dy_sc, dy_sy, dy_sx)
+        # Transposed: rows the reduction channels o (W's dim 0), columns the
+        # output channels (W's dim 1); flipped: tap (KH-1-ky, KW-1-kx).
+        b = _weight_tile(w_ptr, co, co_mask, ci, C, KH - 1 - ky, KW - 1 - kx, w_si, w_so, w_sy, w_sx)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    return acc
+
+
+@triton.jit
+def _conv_dgrad_reset_gate_bwd_kernel(
+    dy_ptr, w_ptr, gates_ptr, h_ptr, d_gx_ptr, d_h_ptr,
+    M, HW, Y, X, H,
+    dy_sn, dy_sc, dy_sy, dy_sx,
+    w_so, w_si, w_sy, w_sx,
+    g_sn, g_sc, g_sy, g_sx,
+    h_sn, h_sc, h_sy, h_sx,
+    dg_sn, dg_sc, dg_sy, dg_sx,
+    dh_sn, dh_sc, dh_sy, dh_sx,
+    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+    PAD_Y: tl.constexpr, PAD_X: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """d_rh = dgrad(d_n, W_hn) (= dL/d(r * h)); d_gx[:, :H] = d_rh h r (1 - r); d_h += d_rh r
+    (= :func:`~.naive.gru_reset_gate_bwd_ref`). ``dy`` is d_n = d_gx[:, 2H:] (C = H
+    channels), ``w`` W_hn (H, H, KH, KW); r is read from ``gates``."""
+    n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < H
+    d_rh = _dgrad_acc(dy_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, Y, X, dy_sn, dy_sc, dy_sy, dy_sx,
+                      w_so, w_si, w_sy, w_sx, C, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_M, BLOCK_N, BLOCK_K,
+                      PRECISION, COMPUTE)
+    mask = m_mask[:, None] & co_mask[None, :]
+    r = tl.load(_at(gates_ptr, n64, y, x, co, g_sn, g_sc, g_sy, g_sx), mask=mask).to(COMPUTE)
+    h = tl.load(_at(h_ptr, n64, y, x, co, h_sn, h_sc, h_sy, h_sx), mask=mask).to(COMPUTE)
+    dh = _at(d_h_ptr, n64, y, x, co, dh_sn, dh_sc, dh_sy, dh_sx)
+    d_h = tl.load(dh, mask=mask).to(COMPUTE)
+    tl.store(dh, (d_h + d_rh * r).to(d_h_ptr.dtype.element_ty), mask=mask)
+    tl.store(_at(d_gx_ptr, n64, y, x, co, dg_sn, dg_sc, dg_sy, dg_sx),
+             (d_rh * h * r * (1.0 - r)).to(d_gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_dgrad_bwd_kernel(
+    dy_ptr, w_ptr, d_h_ptr,
+    M, HW, Y, X, H,
+    dy_sn, dy_sc, dy_sy, dy_sx,
+    w_so, w_si, w_sy, w_sx,
+    dh_sn, dh_sc, dh_sy, dh_sx,
+    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+    PAD_Y: tl.constexpr, PAD_X: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """d_h += dgrad(dy, W) over the C channels of ``dy``: d_rz = d_gx[:, :2H] with
+    W_hrz (2H, H, KH, KW), or d_gh (3H) with W_h (3H, H, KH, KW) (reset_after)."""
+    n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < H
+    acc = _dgrad_acc(dy_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, Y, X, dy_sn, dy_sc, dy_sy, dy_sx,
+                     w_so, w_si, w_sy, w_sx, C, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_M, BLOCK_N, BLOCK_K,
+                     PRECISION, COMPUTE)
+    mask = m_mask[:, None] & co_mask[None, :]
+    dh = _at(d_h_ptr, n64, y, x, co, dh_sn, dh_sc, dh_sy, dh_sx)
+    d_h = tl.load(dh, mask=mask).to(COMPUTE)
+    tl.store(dh, (d_h + acc).to(d_h_ptr.dtype.element_ty), mask=mask)
+
+
+#: Each backward kernel's name in the tuning registry (``fused_tiles``).
+_BWD_REGISTRY_NAMES = {"_conv_dgrad_reset_gate_bwd_kernel": "conv_dgrad_reset_gate_bwd",
+                       "_conv_dgrad_bwd_kernel": "conv_dgrad_bwd"}
+
+
+def _tile_bwd(name: str, dtype: torch.dtype, numel: int, device: torch.device) -> "_tuning.TileConfig":
+    """The registry's tile for a backward kernel; the default tile where the
+    registry does not know the name (``_tuning.FUSED_KERNELS``)."""
+    if name in _tuning.FUSED_KERNELS:
+        return _tuning.tile_config(name, dtype, numel, device)
+    return _tuning.default_tile(name, dtype)
+
+
+def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: tuple, strides: tuple) -> None:
+    """Launch one dgrad kernel over the pixels and channels of ``d_h`` (N, H, Y,
+    X), reducing over ``channels`` (C) channels of the output gradient and the
+    kernel's taps, with the mirrored 'same' pads; ``pointers`` and ``strides``
+    are the kernel's tensor and stride arguments, in its order."""
+    batch, hidden, height, width = d_h.shape
+    dtype = d_h.dtype
+    tile = _tile_bwd(_BWD_REGISTRY_NAMES[kernel.__name__], dtype, d_h.numel(), d_h.device)
+    block_n, block_k = _blocks(hidden, channels, dtype, tile)
+    m = batch * height * width
+    if d_h.stride(1) == 1 and hidden > 1:  # channels_last: flat pixel tiles (see _pixels)
+        block_x, tiles = 0, triton.cdiv(m, tile.block_m)
+    else:  # columns contiguous: patches of whole column runs
+        block_x = max(8, min(tile.block_m, triton.next_power_of_2(width)))
+        tiles = batch * triton.cdiv(height, tile.block_m // block_x) * triton.cdiv(width, block_x)
+    (_, pad_bottom), (_, pad_right) = spec.pad_per_dim
+    kernel[(tiles, triton.cdiv(hidden, block_n))](
+        *pointers, m, height * width, height, width, hidden, *strides,
+        C=channels, KH=spec.kernel_size[0], KW=spec.kernel_size[1], DIL_Y=spec.dilation[0],
+        DIL_X=spec.dilation[1], PAD_Y=pad_bottom, PAD_X=pad_right,
+        BLOCK_M=tile.block_m, BLOCK_X=block_x, BLOCK_N=block_n, BLOCK_K=block_k,
+        # IEEE float32 products (not TF32), as the forward: results match the reference.
+        PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def backward_step(reset_after: bool, spec: ConvSpec, math, grad: Tensor, grad2: Optional[Tensor], h: Tensor,
+                  weights: Sequence[Tensor], gates: Tensor, aux: Tensor, d_gx: Tensor, d_gh: Optional[Tensor],
+                  d_h: Tensor) -> bool:
+    """One backward step's data gradients into the operator's buffers, the
+    contract of ``conv_gru._step_backward`` without the weight gradients:
+    from dL/dh' = ``grad`` + ``grad2`` (``grad2`` may be ``None``), the saved
+    ``gates`` (N, 3H, Y, X) = (r, z, n) and ``aux`` (N, H, Y, X) and the step's
+    input state ``h`` (N, H, Y, X), writes ``d_gx`` (N, 3H, Y, X), ``d_gh``
+    (N, 3H, Y, X; ``reset_after`` only, else ``None``) and ``d_h`` (N, H, Y, X)
+    = dL/dh. ``weights``: ``(W_h,)`` (3H, H, kh, kw) with ``reset_after``, else
+    ``(W_hrz, W_hn)``. ``math``: the bound gate math of the call (its
+    elementwise first kernel, update_bwd or reset_after_bwd, runs here). All
+    tensors of one dtype, any strides.
+
+    Returns ``False``, having written nothing, where these kernels do not apply
+    or are not chosen (:func:`use_fused` with ``"bwd"``: the mode,
+    :func:`supports`, the registry; mixed dtypes or devices, a sample too large
+    for 32-bit offsets): the caller then runs today's path."""
+    if h.dim() != 4 or not use_fused("bwd", reset_after, spec, h):
+        return False
+    dtype, device = h.dtype, h.device
+    others = [grad, gates, aux, d_gx, d_h, *weights] + [t for t in (grad2, d_gh) if t is not None]
+    if any(t.dtype != dtype or t.device != device for t in others):
+        return False
+    if not all(_within_sample_32bit(t) for t in [h, gates, d_gx, d_h] + ([d_gh] if reset_after else [])):
+        return False
+    hidden = h.shape[1]
+    if reset_after:
+        math.reset_after_bwd(grad, grad2, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
+        if h.numel():
+            w = weights[0]
+            _launch_dgrad(_conv_dgrad_bwd_kernel, spec, d_h, 3 * hidden, (d_gh, w, d_h),
+                          (*_strides(d_gh), *_strides(w), *_strides(d_h)))
+        return True
+    math.update_bwd(grad, grad2, gates, h, d_gx, d_h=d_h)
+    if not h.numel():
+        return True
+    w_rz, w_n = weights
+    d_rz, d_n = d_gx.split_with_sizes((2 * hidden, hidden), 1)
+    _launch_dgrad(_conv_dgrad_reset_gate_bwd_kernel, spec, d_h, hidden, (d_n, w_n, gates, h, d_gx, d_h),
+                  (*_strides(d_n), *_strides(w_n), *_strides(gates), *_strides(h), *_strides(d_gx), *_strides(d_h)))
+    # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
+    _launch_dgrad(_conv_dgrad_bwd_kernel, spec, d_h, 2 * hidden, (d_rz, w_rz, d_h),
+                  (*_strides(d_rz), *_strides(w_rz), *_strides(d_h)))
+    return True
+
+
+def reference_backward_step(reset_after: bool, spec: ConvSpec, grad: Tensor, gx: Tensor, h: Tensor,
+                            weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]
+                            ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(d_gx, d_gh, d_h)`` that :func:`backward_step` must write for dL/dh' =
+    ``grad``, by autograd through :func:`~.naive.conv_gru_cell_ref` (the
+    ``*_ref`` functions): d_gx = dL/d gates_x, d_h = dL/dh; with
+    ``reset_after`` d_gh = dL/d(W_h * h) (= d_gx with its n slot times r), else
+    ``None``."""
+    hidden = h.shape[1]
+    gx, h = gx.detach().requires_grad_(), h.detach().requires_grad_()
+    with torch.enable_grad():
+        if not reset_after:
+            out = naive.conv_gru_cell_ref(gx, h, weight_hh, bias_ih, bias_hh, spec, False)
+            d_gx, d_h = torch.autograd.grad(out, (gx, h), grad)
+            return d_gx, None, d_h
+        gh = conv_same(h, weight_hh, spec)
+        out = naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh)[0]
+        d_gx, d_gh, d_h = torch.autograd.grad(out, (gx, gh, h), grad)
+    return d_gx, d_gh, d_h
