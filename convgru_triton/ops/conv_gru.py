@@ -391,6 +391,12 @@ def _step_backward(p: Plan, math, grad: Tensor, grad2: Optional[Tensor], h: Tens
     same convolution backward calls; else ``None`` for each. ``math``:
     ``p.math`` bound to the call."""
     conv_backward = p.conv_backward
+    if p.fused_step and _fused.backward_step(p.reset_after, p.spec, math, grad, grad2, h, weights, gates, aux,
+                                             d_gx, d_gh, d_h):
+        # Fused dgrad + gate backward (issue 18) wrote d_gx, d_gh, d_h; wgrad stays on cuDNN.
+        dys, xs = ((d_gh,), (h,)) if p.reset_after else ((d_rz, d_n), (h, aux))
+        return tuple(conv_backward(dy, x, w, False, True)[1] if with_weights else None
+                     for dy, x, w in zip(dys, xs, weights))
     if p.reset_after:
         math.reset_after_bwd(grad, grad2, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
         d_h_conv, d_w = conv_backward(d_gh, h, weights[0], True, with_weights)
