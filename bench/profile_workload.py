@@ -1,7 +1,7 @@
 """Where the time goes: torch.profiler tables of one benchmark workload per provider.
 
     python -m bench.profile_workload [--workload raft-convgru] [--pass fwd+bwd] [--dtype bfloat16]
-                            [--providers raft,compile,ours] [--size full|cpu|tiny] [--steps 5]
+                            [--providers raft,compile,ours,ours-fused] [--size full|cpu|tiny] [--steps 5]
 
 For each provider: the workload's model and inputs exactly as in the benchmark
 suite, a warm-up, then ``--steps`` calls under ``torch.profiler``; prints the
@@ -27,6 +27,9 @@ from bench.machine import sync
 def profile_provider(workload, provider, dtype, device, backward: bool, steps: int, rows: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
+    reason = wl.unavailable(provider, device, dtype)
+    if reason:  # never today's path under the fused step's name
+        return f"**{provider}**: skipped: {reason}\n"
     torch._dynamo.reset()
     master = wl.make_master(workload, device)
     model = wl.build_model(workload, provider, master, dtype)
@@ -37,7 +40,13 @@ def profile_provider(workload, provider, dtype, device, backward: bool, steps: i
         run()
         sync(device)
 
-    for _ in range(3):
+    note = ""
+    if provider in wl.OURS:  # which path ran: the fused step's kernels for ours-fused only
+        with wl.count_fused_launches() as launches:
+            step()
+        wl.check_path(provider, launches[0])
+        note = f"; {launches[0]} fused-step launches per call"
+    for _ in range(2):
         step()
     start = time.perf_counter()
     for _ in range(steps):
@@ -56,7 +65,7 @@ def profile_provider(workload, provider, dtype, device, backward: bool, steps: i
     total = sum(getattr(e, key, 0) for e in averages) or 1
     where = "GPU" if device.type == "cuda" else "CPU"
     lines = [f"**{provider}**: {per_call * 1e3:.3f} ms per call (wall, unprofiled); "
-             f"profiled self {where} time {total / steps / 1e3:.3f} ms per call", "",
+             f"profiled self {where} time {total / steps / 1e3:.3f} ms per call{note}", "",
              f"| operator / kernel | self {where} ms per call | share | calls per call |", "|---|--:|--:|--:|"]
     for e in events[:rows]:
         t = getattr(e, key, 0)
@@ -72,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workload", default="raft-convgru")
     parser.add_argument("--pass", dest="pass_", default="fwd+bwd", choices=wl.PASSES)
     parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--providers", default="raft,compile,ours")
+    parser.add_argument("--providers", default="raft,compile,ours,ours-fused")
     parser.add_argument("--size", default=None, choices=sorted(wl.WORKLOAD_SETS), help="default full on CUDA, cpu on CPU")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=5)
