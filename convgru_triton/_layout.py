@@ -9,7 +9,8 @@ silently turning everything contiguous.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import torch
 
@@ -71,3 +72,74 @@ def cat_channels(sequences: Sequence[torch.Tensor]) -> torch.Tensor:
     if not frames_channels_last(sequences[0]):
         return torch.cat(list(sequences), dim=2)
     return torch.cat([s.movedim(2, -1) for s in sequences], dim=-1).movedim(-1, 2)
+
+
+# --- Internal layout policy (issue 18, item 1) --------------------------------
+
+LAYOUT_ENV_VAR = "CONVGRU_TRITON_LAYOUT"
+_LAYOUT_CHOICES = ("auto", "channels_last", "keep")
+# The tensor-core dtypes the policy's default targets on CUDA.
+_TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def layout_setting() -> str:
+    """The value of ``CONVGRU_TRITON_LAYOUT`` (``'auto'`` when unset), checked.
+
+    Raises:
+        ValueError: the variable holds something other than ``auto``,
+            ``channels_last`` or ``keep``.
+    """
+    value = os.environ.get(LAYOUT_ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in _LAYOUT_CHOICES:
+        raise ValueError(
+            f"{LAYOUT_ENV_VAR} must be one of {', '.join(_LAYOUT_CHOICES)}, got "
+            f"{os.environ.get(LAYOUT_ENV_VAR)!r}"
+        )
+    return value
+
+
+def internal_memory_format(device: torch.device, dtype: torch.dtype, dims: int) -> Optional[torch.memory_format]:
+    """The memory format the package computes in for ``dims`` spatial dims
+    (1, 2 or 3) of ``dtype`` (the compute dtype: the autocast dtype under
+    autocast) on ``device``: ``torch.channels_last`` (2-D),
+    ``torch.channels_last_3d`` (3-D), or ``None`` for "the caller's layout,
+    as given" (1-D always: a (N, C, L) tensor has no channels_last form).
+
+    ``CONVGRU_TRITON_LAYOUT`` decides: ``keep`` -> ``None``; ``channels_last``
+    -> channels_last on every device and dtype (for tests, and for users who
+    measured it); ``auto`` (default) -> channels_last on CUDA in float16 and
+    bfloat16 only. There cuDNN's tensor-core convolutions want NHWC: on the H200
+    profile of a RAFT training step (bench/results/gpu-h200-2026-12-04-20a2c17)
+    the NCHW<->NHWC transposes cuDNN inserted around each convolution of NCHW
+    bfloat16 tensors were 27 kernels per step and 14% of GPU time. For float32,
+    float64 and on the CPU nothing measured says channels_last is faster, so
+    those keep the caller's layout as before.
+
+    Raises:
+        ValueError: ``CONVGRU_TRITON_LAYOUT`` is set to an unknown value.
+    """
+    setting = layout_setting()
+    if dims not in (2, 3) or setting == "keep":
+        return None
+    if setting == "auto" and (device.type != "cuda" or dtype not in _TENSOR_CORE_DTYPES):
+        return None
+    return torch.channels_last if dims == 2 else torch.channels_last_3d
+
+
+def frames_in_format(t: torch.Tensor, fmt: torch.memory_format, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A (T, N, C, *S) tensor whose frames ``t[i]`` (N, C, *S) are all in
+    ``fmt`` (channels_last, channels_last_3d or contiguous), keeping the
+    storage order of the two leading dims (time-major, or batch-major for a
+    transposed batch_first sequence), cast to ``dtype`` if given in the same
+    copy; ``t``'s storage when it already is (no copy). Differentiable (views,
+    ``contiguous`` and ``to``)."""
+
+    def dense(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous() if dtype is None else x.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+    moved = t if fmt == torch.contiguous_format else t.movedim(2, -1)
+    if moved.stride(0) < moved.stride(1):  # batch-major storage of a (T, N) view: keep it
+        moved = dense(moved.transpose(0, 1)).transpose(0, 1)
+    else:
+        moved = dense(moved)
+    return moved if fmt == torch.contiguous_format else moved.movedim(-1, 2)

@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import ENV_VAR, select_backend
 from ._conv import ConvSpec, conv_same, same_conv
-from ._layout import cat_channels, check_kernel_sample_size, empty_in_layout, is_channels_last, stack_frames
+from ._layout import (
+    LAYOUT_ENV_VAR, cat_channels, check_kernel_sample_size, empty_in_layout, frames_channels_last, frames_in_format,
+    internal_memory_format,
+    is_channels_last, stack_frames,
+)
 from .ops.conv_gru import (
     _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled, plan,
 )
@@ -145,6 +149,43 @@ def _zeros_state(gates_x: torch.Tensor, hidden: int, input_frame: torch.Tensor) 
     return empty_in_layout(shape, gates_x.dtype, gates_x.device, channels_last).zero_()
 
 
+def _internal_format(device: torch.device, dtype: torch.dtype, dims: int,
+                     cast: Optional[torch.dtype]) -> Optional[torch.memory_format]:
+    """The layout policy (:func:`~convgru_triton._layout.internal_memory_format`)
+    for tensors of ``dtype`` computed in after autocast's cast (``cast``). Not
+    applied while torch.compile traces: Inductor chooses the layouts of the
+    graph it compiles (explicit conversions would only pin them and add copies),
+    and reading the environment there would guard the graph on it."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    return internal_memory_format(device, autocast_result_dtype(dtype, cast), dims)
+
+
+def _to_internal(t: Optional[torch.Tensor], fmt: Optional[torch.memory_format],
+                 cast: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """``t`` in ``fmt`` with one copy at most: under autocast, the layout change
+    and autocast's cast in one ``to`` (autocast then finds the dtype it wants
+    and copies nothing); ``t`` itself when it is already in ``fmt`` and dtype.
+    Differentiable; the gradient flows back in ``fmt`` and autograd's
+    accumulation gives a parameter's ``.grad`` the parameter's own layout."""
+    if t is None or fmt is None:
+        return t
+    if cast is not None and autocast_result_dtype(t.dtype, cast) != t.dtype:
+        return t.to(dtype=cast, memory_format=fmt)
+    return t.contiguous(memory_format=fmt)
+
+
+def _frames_to_internal(t: Optional[torch.Tensor], fmt: Optional[torch.memory_format],
+                        cast: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """:func:`_to_internal` for a (T, N, C, *S) stack of frames (a sequence, or
+    hx's (L * D, N, H, *S)): every frame in ``fmt``, one copy at most."""
+    if t is None or fmt is None:
+        return t
+    if cast is not None and autocast_result_dtype(t.dtype, cast) != t.dtype:
+        return frames_in_format(t, fmt, cast)
+    return frames_in_format(t, fmt)
+
+
 def _conv_frames(sequence: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """The convolution of every frame of a (T, N, C, *S) sequence as one batched
     call, returned as (T, N, C_out, *S). The frames are merged in the order they
@@ -208,6 +249,7 @@ def conv_gru_cell(
             None if bias_hh is None else (bias_hh.shape, bias_hh.dtype, bias_hh.device),
             reset_after, padding_mode, dilation, backend, os.environ.get(ENV_VAR),
             os.environ.get(_FUSED_ENV_VAR),  # the step plan's fused-step switch (ops.conv_gru.plan)
+            os.environ.get(LAYOUT_ENV_VAR),  # the internal layout policy (_CellPlan.memory_format)
             autocast_dtype(input.device.type),  # the checks compare dtypes after autocast's cast
         )
         cell_plan = _CELL_PLANS.get(key)
@@ -236,6 +278,8 @@ class _CellPlan(NamedTuple):
     use_triton: bool
     step: Optional[Plan]  # None while torch.compile traces: the operator runs, no eager replay to plan
     recheck_backend: bool  # Triton forced on non-CUDA tensors: only valid while the interpreter is on
+    memory_format: Optional[torch.memory_format]  # the internal layout (_layout.internal_memory_format), or None
+    cast: Optional[torch.dtype]  # the autocast dtype at planning (it is in the plan key)
 
 
 _CELL_PLANS: dict = {}
@@ -282,7 +326,7 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
     step = None if torch.compiler.is_compiling() else plan(spec, reset_after, False, use_triton)
     return _CellPlan(
         batched, hidden, same_conv(spec)[0], spec, reset_after, use_triton, step,
-        use_triton and input.device.type != "cuda",
+        use_triton and input.device.type != "cuda", _internal_format(input.device, input.dtype, dims, cast), cast,
     )
 
 
@@ -290,6 +334,14 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
     if not p.batched:
         input = input.unsqueeze(0)
         hx = None if hx is None else hx.unsqueeze(0)
+    fmt = p.memory_format
+    if fmt is not None:
+        # Once per call, not once per convolution (cuDNN transposes NCHW half
+        # tensors around each of its tensor-core convolutions): the state's
+        # convolution, the gate math and h' then all run in ``fmt``.
+        caller_channels_last = is_channels_last(input if hx is None else hx)
+        input, hx = _to_internal(input, fmt, p.cast), _to_internal(hx, fmt, p.cast)
+        weight_ih, weight_hh = _to_internal(weight_ih, fmt, p.cast), _to_internal(weight_hh, fmt, p.cast)
     gates_x = p.conv_ih(input, weight_ih)
     if hx is None:
         hx = _zeros_state(gates_x, p.hidden, input)
@@ -297,6 +349,8 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
         h_new = conv_gru_step_compiled(gates_x, hx, weight_hh, bias_ih, bias_hh, p.spec, p.reset_after)
     else:  # one step is the sequence operator's step: the same plan and kernels
         h_new = conv_gru_step(gates_x, hx, weight_hh, bias_ih, bias_hh, p.step)
+    if fmt is not None and not caller_channels_last:
+        h_new = h_new.contiguous()  # h' in the caller's layout (hx's, else the input's)
     return h_new if p.batched else h_new.squeeze(0)
 
 
@@ -401,6 +455,17 @@ def conv_gru(
     use_triton = select_backend(input.device, backend).name == "triton"
     if use_triton:
         check_kernel_sample_size(hidden, spatial)
+    fmt = _internal_format(input.device, input.dtype, dims, cast)
+    if fmt is not None:
+        # Converted once per call: the sequence, h0 and the weights; every
+        # convolution and step of every layer then runs in ``fmt``.
+        caller_frames_channels_last = frames_channels_last(input)
+        caller_state_channels_last = caller_frames_channels_last if hx is None else frames_channels_last(hx)
+        input, hx = _frames_to_internal(input, fmt, cast), _frames_to_internal(hx, fmt, cast)
+        params = [
+            (_to_internal(w_ih, fmt, cast), _to_internal(w_hh, fmt, cast), b_ih, b_hh)
+            for w_ih, w_hh, b_ih, b_hh in params
+        ]
     layer_input = input
     final_states: List[torch.Tensor] = []
     for layer in range(num_layers):
@@ -427,6 +492,11 @@ def conv_gru(
 
     output = layer_input
     h_n = stack_frames(final_states)
+    if fmt is not None:  # (output, h_n) in the caller's layout: the input's, and hx's (else the input's)
+        if not caller_frames_channels_last:
+            output = frames_in_format(output, torch.contiguous_format)
+        if not caller_state_channels_last:
+            h_n = h_n.contiguous()
     if not batched:
         return output.squeeze(1), h_n.squeeze(1)
     if batch_first:
