@@ -13,6 +13,16 @@ inference:
   input and state tensors; ``copy_`` new inputs in, ``replay()``);
 * ``reduce-overhead``: ``torch.compile(loop, mode="reduce-overhead")``.
 
+Each cell runs twice: first with the fused step forced
+(``CONVGRU_TRITON_FUSED_STEP=1``, issue 18: convolution and gate math in one
+pass; eager and graph, the rows named "fused step", first so that a time
+limit leaves them measured; ``reduce-overhead`` traces the step's math for
+Inductor, not the fused kernels, so it is not repeated), then today's path
+(``=0``: cuDNN + the gate kernels). A fused row counts the fused step's
+launches in its warm-up and fails when there are none (never today's path
+under its name); under ``--dry-run`` it runs the kernels in the Triton
+interpreter (``TRITON_INTERPRET=1``) or says why it is skipped.
+
 Each replay is checked against the eager loop (same kernels, so the same
 values are expected; the maximum difference is reported), then timed: ms per
 step (the loop's time / 12), median of ``--repeats`` runs, CUDA-synchronised.
@@ -34,6 +44,8 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+
+from bench import workloads as wl
 
 STEPS = 12
 
@@ -89,12 +101,28 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> Dict:
 
 
 def run_cell(name: str, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, repeats: int,
-             deadline: float) -> Dict:
+             deadline: float, fused: str = "0") -> Dict:
+    """One row: ``fused`` is ``CONVGRU_TRITON_FUSED_STEP`` while the row runs
+    (``"1"``: the fused step, checked to launch; ``"0"``: today's path)."""
+    result: Dict = {"cell": name + (" · fused step" if fused == "1" else ""), "fused_step": fused}
+    reason = wl.unavailable("ours-fused", x.device, x.dtype) if fused == "1" else None
+    if reason:
+        result["eager"] = f"skipped: {reason}"
+        return result
+    with wl.fused_switch(fused):
+        return _run_cell(result, cell, x, h, repeats, deadline, compile_too=fused != "1")
+
+
+def _run_cell(result: Dict, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, repeats: int,
+              deadline: float, compile_too: bool) -> Dict:
     device = x.device
     loop = raft_loop(cell)
-    result: Dict = {"cell": name}
     with torch.no_grad():
-        want = loop(x, h)  # warm-up (plans, Triton compilation, cuDNN set-up) and the reference
+        # warm-up (plans, Triton compilation, cuDNN set-up) and the reference
+        with wl.count_fused_launches() as launches:
+            want = loop(x, h)
+        result["fused_launches"] = launches[0]
+        wl.check_path("ours-fused" if result["fused_step"] == "1" else "ours", launches[0])
         times = _timed(lambda: loop(x, h), device, repeats, deadline)
         result["eager_ms_per_step"] = statistics.median(times) / STEPS * 1e3
         result["eager_runs"] = len(times)
@@ -111,6 +139,9 @@ def run_cell(name: str, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor,
             result["graph_ms_per_step"] = statistics.median(times) / STEPS * 1e3
         except Exception as exc:  # report and go on: the other half may still work
             result["graph"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        if not compile_too:
+            result["reduce-overhead"] = "not run: torch.compile traces the step's math, not the fused kernels"
+            return result
         if time.perf_counter() > deadline:
             result["reduce-overhead"] = "skipped: time limit"
             return result
@@ -131,14 +162,14 @@ def run_cell(name: str, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor,
     return result
 
 
-def build(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool):
+def build(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool, backend: str = "auto"):
     from convgru_triton import ConvGRUCell2d, SepConvGRUCell2d
 
     c_in, hidden, size = (6, 4, (5, 7)) if tiny else (256, 128, (46, 62))
     torch.manual_seed(0)
     cells = {
-        "ConvGRUCell2d 3x3": ConvGRUCell2d(c_in, hidden, 3, device=device, dtype=dtype),
-        "SepConvGRUCell2d 1x5+5x1": SepConvGRUCell2d(c_in, hidden, 5, device=device, dtype=dtype),
+        "ConvGRUCell2d 3x3": ConvGRUCell2d(c_in, hidden, 3, device=device, dtype=dtype, backend=backend),
+        "SepConvGRUCell2d 1x5+5x1": SepConvGRUCell2d(c_in, hidden, 5, device=device, dtype=dtype, backend=backend),
     }
     x = torch.randn(batch, c_in, *size, device=device, dtype=dtype)
     h = torch.tanh(torch.randn(batch, hidden, *size, device=device, dtype=dtype))
@@ -163,7 +194,7 @@ def markdown(rows: List[Dict], header: str) -> str:
                      f"{ms(r, 'reduce_overhead_ms_per_step')} | {check(r, 'graph_check')} | "
                      f"{check(r, 'reduce_overhead_check')} |")
     for r in rows:
-        for key in ("graph", "reduce-overhead"):
+        for key in ("eager", "graph", "reduce-overhead"):
             if isinstance(r.get(key), str):
                 lines.append(f"\n{r['cell']}, {key}: {r[key]}")
     return "\n".join(lines) + "\n"
@@ -186,9 +217,20 @@ def main(argv=None) -> int:
         device, dtype, batch = torch.device("cuda"), torch.bfloat16, args.batch
     deadline = time.perf_counter() + args.time_limit
     cells, x, h = build(device, dtype, batch, tiny=args.dry_run)
+    repeats = 3 if args.dry_run else args.repeats
     rows = []
+    # The fused step first (issue 18's replay target), the same weights (same seed); on
+    # the CPU under the interpreter its cells are forced to the Triton backend (auto: eager).
+    if wl.unavailable("ours-fused", device, dtype):
+        fused_cells = cells
+    else:
+        fused_cells = build(device, dtype, batch, tiny=args.dry_run, backend="triton")[0]
+    for name, cell in fused_cells.items():
+        if args.dry_run and rows:  # the interpreter takes ~0.6 s a step: one cell, one timed loop
+            break
+        rows.append(run_cell(name, cell, x, h, 1 if args.dry_run else repeats, deadline, fused="1"))
     for name, cell in cells.items():
-        rows.append(run_cell(name, cell, x, h, 3 if args.dry_run else args.repeats, deadline))
+        rows.append(run_cell(name, cell, x, h, repeats, deadline, fused="0"))
     what = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "CPU (dry run)")
     header = (f"12-step RAFT update loop, N={batch}, {tuple(x.shape[1:])} input, {tuple(h.shape[1:])} state, "
               f"{str(dtype).replace('torch.', '')}, inference · {what} · torch {torch.__version__}")
