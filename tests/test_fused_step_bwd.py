@@ -1,0 +1,414 @@
+"""The fused backward step (:func:`convgru_triton.ops.fused_step.backward_step`):
+the hidden convolutions' data gradient (dgrad) as Triton implicit GEMM with the
+gate backward in its epilogue, against the references and today's path.
+
+* One step through ``conv_gru._step_backward`` (the hook), into NaN-poisoned
+  buffers from the operator's allocator: d_gates_x, d_gates_h (reset_after),
+  dL/dh and the hidden weight gradients equal the default path (cuDNN/ATen
+  dgrad + the gate kernels) and autograd through the ``*_ref`` functions
+  (:func:`fused_step.reference_backward_step`), on shapes that are not block
+  multiples, float32/float16/float64, both formulations, contiguous and
+  channels_last (and mixed), kernels (3, 3), (1, 5), (5, 1), dilation 2 and an
+  even (2, 4) kernel with dilation (1, 3) (asymmetric 'same' padding), with and
+  without the carried gradient (``grad2``).
+* T > 1 sequences through the operator, forward and reverse: every gradient
+  (d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh) equals the default path
+  and autograd through :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref`;
+  the fused backward ran at every step.
+* Through the cell and the bidirectional sequence modules: d_input too.
+* Where it does not apply it declines, having written nothing.
+* The float16/bfloat16 kernels compiled for sm_90 on this machine (no GPU:
+  ``bench/_triton_compat``, as ``bench/codegen.py``) use wgmma and spill nothing.
+
+On CPU the kernels run under the Triton interpreter (no bfloat16 there); on a
+GPU compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convgru_triton._conv import ConvSpec, conv_same
+from convgru_triton.ops import conv_gru, fused_step, naive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOLERANCE = {
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.float32: dict(atol=3e-5, rtol=3e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+}
+
+# Not block multiples: 2 x 7 x 9 = 126 pixels (BLOCK_M 64; NCHW patches of
+# 4 x 16), 5 or 20 hidden channels (BLOCK_N 16/32; the reductions over 2H = 40
+# and 3H = 60 channels take two BLOCK_K-32 blocks that straddle the gate slots).
+SPECS = {
+    "3x3": ConvSpec((3, 3), (1, 1)),
+    "1x5": ConvSpec((1, 5), (1, 1)),
+    "5x1": ConvSpec((5, 1), (1, 1)),
+    "3x3-dil2": ConvSpec((3, 3), (2, 2)),
+    "2x4-dil1x3": ConvSpec((2, 4), (1, 3)),  # even: left/top pad d(k-1)//2, the dgrad's the other side's
+}
+
+
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    """``CONVGRU_TRITON_FUSED_STEP=1`` (the plans made under it may fuse; each test
+    that wants today's path sets ``0``)."""
+    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+
+
+@pytest.fixture
+def float64_kernels(monkeypatch):
+    """Let the launchers take float64 (not a production dtype), to compare at float64 precision."""
+    monkeypatch.setattr(fused_step, "DTYPES", fused_step.DTYPES + (torch.float64,))
+
+
+@pytest.fixture
+def bwd_calls(monkeypatch):
+    """The results of every ``fused_step.backward_step`` call, in order."""
+    calls = []
+    launch = fused_step.backward_step
+
+    def counted(*args, **kwargs):
+        ran = launch(*args, **kwargs)
+        calls.append(ran)
+        return ran
+
+    monkeypatch.setattr(fused_step, "backward_step", counted)
+    return calls
+
+
+def _rand(gen, device, dtype, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _fmt(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------
+# One step through the hook
+# ----------------------------------------------------------------------------
+
+
+def _one_step(device, dtype, reset_after, spec, hidden, size, channels_last, grad2=True, seed=0,
+              saved_channels_last=None):
+    """Saved tensors of one step from the float64 reference (cast to ``dtype``),
+    then ``conv_gru._step_backward`` with the fused step and without it, into
+    poisoned buffers. Returns (inputs, grad, fused results, default results)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = 2
+    gx = _rand(gen, device, dtype, batch, 3 * hidden, *size)
+    h = torch.tanh(_rand(gen, device, dtype, batch, hidden, *size)).contiguous(memory_format=_fmt(channels_last))
+    weight_hh = _rand(gen, device, dtype, 3 * hidden, hidden, *spec.kernel_size, scale=0.3)
+    bias_ih, bias_hh = _rand(gen, device, dtype, 3 * hidden), _rand(gen, device, dtype, 3 * hidden)
+    g1 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=_fmt(channels_last))
+    g2 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=_fmt(channels_last)) if grad2 else None
+    saved_fmt = _fmt(channels_last if saved_channels_last is None else saved_channels_last)
+    _, gates, aux = fused_step.reference_step(reset_after, spec, gx.double(), h.double(), weight_hh.double(),
+                                              bias_ih.double(), bias_hh.double())
+    gates, aux = (t.to(dtype).contiguous(memory_format=saved_fmt) for t in (gates, aux))
+    p = conv_gru.plan(spec, reset_after, False, True)
+    assert p.fused_step
+    weights = conv_gru._hidden_weights(p, weight_hh)
+    results = []
+    for plan in (p, p._replace(fused_step=False)):
+        d_gx = conv_gru._empty_frame(h, 3 * hidden, channels_last)
+        d_h = conv_gru._empty_frame(h, hidden, channels_last)
+        assert torch.isnan(d_h).all()  # the conftest poisoning is in force
+        if reset_after:
+            d_gh, d_rz, d_n = conv_gru._empty_frame(h, 3 * hidden, channels_last), None, None
+        else:
+            d_gh, (d_rz, d_n) = None, d_gx.split_with_sizes((2 * hidden, hidden), 1)
+        d_w = conv_gru._step_backward(plan, plan.math, g1, g2, h, weights, gates, aux, d_gx, d_gh, d_rz, d_n, d_h,
+                                      True)
+        results.append((d_gx, d_gh, d_h, torch.cat(d_w)))
+    return (gx, h, weight_hh, bias_ih, bias_hh), g1 if g2 is None else g1 + g2, results[0], results[1]
+
+
+def _check_step(dtype, reset_after, spec, inputs, grad, fused, default):
+    tol = TOLERANCE[dtype]
+    names = ("d_gates_x", "d_gates_h", "d_h", "d_weight_hh")
+    for name, got, want in zip(names, fused, default):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name} vs the default path: {m}")
+    ref = fused_step.reference_backward_step(reset_after, spec, grad.double(), *(t.double() for t in inputs))
+    for name, got, want in zip(names, fused, ref):
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name} vs the reference: {m}")
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+@pytest.mark.parametrize("spec_id", list(SPECS))
+def test_float32_step_equals_default_and_reference(device, bwd_calls, spec_id, reset_after, layout):
+    spec = SPECS[spec_id]
+    hidden = 20 if spec_id == "3x3" else 5
+    inputs, grad, fused, default = _one_step(device, torch.float32, reset_after, spec, hidden, (7, 9),
+                                             layout == "cl", grad2=spec_id != "1x5")
+    assert bwd_calls == [True]  # the fused plan ran it; the other plan (fused_step off) never asks
+    _check_step(torch.float32, reset_after, spec, inputs, grad, fused, default)
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+def test_float16_step(device, bwd_calls, reset_after, layout):
+    spec = SPECS["3x3-dil2"]
+    inputs, grad, fused, default = _one_step(device, torch.float16, reset_after, spec, 5, (7, 9), layout == "cl")
+    assert bwd_calls[0] is True
+    _check_step(torch.float16, reset_after, spec, inputs, grad, fused, default)
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+def test_float64_step(device, float64_kernels, bwd_calls, reset_after):
+    if device.type == "cuda":
+        pytest.skip("float64 tl.dot is exercised under the interpreter only (not a production dtype)")
+    spec = SPECS["5x1"]
+    inputs, grad, fused, default = _one_step(device, torch.float64, reset_after, spec, 5, (7, 9), True)
+    assert bwd_calls[0] is True
+    _check_step(torch.float64, reset_after, spec, inputs, grad, fused, default)
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+def test_channel_blocks_and_mixed_layouts(device, bwd_calls, reset_after):
+    """40 hidden channels: two output-channel blocks (BLOCK_N 32, the second
+    partial) and 2-4 reduction blocks per tap (BLOCK_K 32 over H, 2H or 3H);
+    the gradients channels_last and the saved gates contiguous (reset_before),
+    the other way round (reset_after)."""
+    spec = SPECS["3x3"]
+    state_cl = not reset_after
+    inputs, grad, fused, default = _one_step(device, torch.float32, reset_after, spec, 40, (3, 5), state_cl,
+                                             saved_channels_last=not state_cl)
+    _check_step(torch.float32, reset_after, spec, inputs, grad, fused, default)
+    assert bwd_calls == [True]
+
+
+# ----------------------------------------------------------------------------
+# Sequences through the operator: the carried gradient, reverse, wgrad over all T
+# ----------------------------------------------------------------------------
+
+
+def _sequence_grads(device, dtype, reset_after, reverse, spec, steps, hidden, size, channels_last, fused,
+                    monkeypatch):
+    monkeypatch.setenv(fused_step.ENV_VAR, "1" if fused else "0")
+    gen = torch.Generator().manual_seed(1)
+    batch = 2
+    gx = _rand(gen, device, dtype, steps, batch, 3 * hidden, *size)
+    h0 = torch.tanh(_rand(gen, device, dtype, batch, hidden, *size))
+    if channels_last:
+        gx = torch.stack([f.contiguous(memory_format=torch.channels_last) for f in gx])
+        h0 = h0.contiguous(memory_format=torch.channels_last)
+    weight_hh = _rand(gen, device, dtype, 3 * hidden, hidden, *spec.kernel_size, scale=0.3)
+    bias_ih, bias_hh = _rand(gen, device, dtype, 3 * hidden), _rand(gen, device, dtype, 3 * hidden)
+    grad = _rand(gen, device, dtype, steps, batch, hidden, *size)
+    leaves = [t.detach().clone().requires_grad_() for t in (gx, h0, weight_hh, bias_ih, bias_hh)]
+    out = conv_gru.conv_gru_sequence(*leaves, spec, reset_after, reverse, True)
+    got = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (gx, h0, weight_hh, bias_ih, bias_hh)]
+    ref_out = naive.conv_gru_sequence_ref(*ref_leaves, spec, reset_after, reverse)
+    ref = torch.autograd.grad(ref_out, ref_leaves, grad.double())
+    return got, ref
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("case", ["reset_before-forward-nchw", "reset_before-reverse-cl",
+                                  "reset_after-forward-cl", "reset_after-reverse-nchw"])
+def test_sequence_gradients(device, monkeypatch, bwd_calls, case):
+    form, direction, layout = case.split("-")
+    reset_after, reverse, cl = form == "reset_after", direction == "reverse", layout == "cl"
+    spec, steps = SPECS["3x3-dil2"] if reset_after else SPECS["1x5"], 2
+    args = (device, torch.float32, reset_after, reverse, spec, steps, 6, (5, 7), cl)
+    got, ref = _sequence_grads(*args, True, monkeypatch)
+    assert bwd_calls == [True] * steps, "the fused backward did not run at every step"
+    default, _ = _sequence_grads(*args, False, monkeypatch)
+    assert bwd_calls == [True] * steps  # at 0 the plan never asks
+    names = ("d_gates_x", "d_h0", "d_weight_hh", "d_bias_ih", "d_bias_hh")
+    for name, g, d, r in zip(names, got, default, ref):
+        torch.testing.assert_close(g, d, atol=5e-5, rtol=3e-5, msg=lambda m: f"{name} vs the default path: {m}")
+        torch.testing.assert_close(g.double(), r, atol=5e-5, rtol=3e-5, msg=lambda m: f"{name} vs the reference: {m}")
+
+
+# ----------------------------------------------------------------------------
+# Through the modules: d_input
+# ----------------------------------------------------------------------------
+
+
+def _module_grads(module, x, h0, fused, monkeypatch):
+    from convgru_triton import functional
+
+    monkeypatch.setenv(fused_step.ENV_VAR, "1" if fused else "0")
+    monkeypatch.setattr(functional, "_CELL_PLANS", {})  # keyed on the variable too; no stale plan either way
+    for p in module.parameters():
+        p.grad = None
+    x, h0 = (t.detach().clone().requires_grad_() for t in (x, h0))
+    out = module(x, h0)
+    out = out[0] if isinstance(out, tuple) else out
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype).to(out.device)
+    out.backward(grad)
+    return grad, x.grad, h0.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("kind", ["cell-reset_before-cl", "cell-reset_after", "bidirectional-reset_before"])
+def test_modules_input_gradient(device, monkeypatch, bwd_calls, kind):
+    import convgru_triton as cg
+
+    what, form, *cl = kind.split("-")
+    reset_after = form == "reset_after"
+    torch.manual_seed(0)
+    if what == "cell":
+        module = cg.ConvGRUCell2d(3, 6, (3, 3), reset_after=reset_after, dilation=(2, 1), backend="triton").to(device)
+        x, h0 = torch.randn(2, 3, 7, 9, device=device), torch.randn(2, 6, 7, 9, device=device)
+        if cl:
+            x, h0 = (t.contiguous(memory_format=torch.channels_last) for t in (x, h0))
+        steps = 1
+    else:
+        module = cg.ConvGRU2d(3, 6, (5, 1), reset_after=reset_after, bidirectional=True, backend="triton").to(device)
+        x, h0 = torch.randn(2, 2, 3, 6, 5, device=device), torch.randn(2, 2, 6, 6, 5, device=device)
+        steps = 2 * x.shape[0]  # both directions
+    grad, *got = _module_grads(module, x, h0, True, monkeypatch)
+    assert bwd_calls == [True] * steps, "the fused backward did not run at every step"
+    _, *default = _module_grads(module, x, h0, False, monkeypatch)
+    tol = dict(atol=5e-5, rtol=3e-5)
+    torch.testing.assert_close(got[0], default[0], **tol, msg=lambda m: f"d input: {m}")
+    torch.testing.assert_close(got[1], default[1], **tol, msg=lambda m: f"d h0: {m}")
+    assert set(got[2]) == set(default[2]) and got[2]
+    for name in default[2]:
+        torch.testing.assert_close(got[2][name], default[2][name], atol=1e-4, rtol=3e-5,
+                                   msg=lambda m: f"d {name}: {m}")
+    if what == "cell":  # and the reference: the input convolution, then autograd through the *_ref step
+        params = [t.detach().double().requires_grad_() for t in
+                  (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)]
+        xr, hr = x.detach().double().requires_grad_(), h0.detach().double().requires_grad_()
+        spec = ConvSpec((3, 3), (2, 1))
+        out = naive.conv_gru_cell_ref(conv_same(xr, params[0], spec), hr, *params[1:], spec, reset_after)
+        ref = torch.autograd.grad(out, [xr, hr] + params, grad.double())
+        names = ["d input", "d h0", "d weight_ih", "d weight_hh", "d bias_ih", "d bias_hh"]
+        mine = [got[0], got[1]] + [got[2][n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        for name, g, r in zip(names, mine, ref):
+            torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=3e-5, msg=lambda m: f"{name} vs reference: {m}")
+
+
+# ----------------------------------------------------------------------------
+# Declining
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.triton_kernels
+def test_declines_without_writing(device, monkeypatch):
+    """Mixed dtypes, the switch at 0, bfloat16 under the interpreter, a 3-D
+    state: ``False``, every output still NaN."""
+    spec, hidden = SPECS["3x3"], 4
+    h = torch.rand(1, hidden, 3, 4, device=device)
+    gates, aux, grad = torch.rand(1, 3 * hidden, 3, 4, device=device), torch.rand_like(h), torch.rand_like(h)
+    w = torch.rand(3 * hidden, hidden, 3, 3, device=device)
+    weights = w.split_with_sizes((2 * hidden, hidden))
+    math = conv_gru.plan(spec, False, False, True).math
+
+    def run(**over):
+        args = dict(grad=grad, h=h, weights=weights, gates=gates, aux=aux)
+        args.update(over)
+        d_gx = torch.full((1, 3 * hidden, 3, 4), float("nan"), device=device, dtype=args["h"].dtype)
+        d_h = torch.full_like(args["h"], float("nan"))
+        ran = fused_step.backward_step(False, spec, math, args["grad"], None, args["h"], args["weights"],
+                                       args["gates"], args["aux"], d_gx, None, d_h)
+        assert torch.isnan(d_gx).all() and torch.isnan(d_h).all()
+        return ran
+
+    assert not run(grad=grad.double())  # mixed dtypes
+    assert not run(weights=tuple(t.half() for t in weights))
+    assert not run(h=h[0])  # not (N, H, Y, X)
+    if device.type == "cpu":
+        assert not run(**{k: v.bfloat16() for k, v in dict(grad=grad, h=h, gates=gates, aux=aux).items()},
+                       weights=tuple(t.bfloat16() for t in weights))  # no bfloat16 in the interpreter
+    monkeypatch.setenv(fused_step.ENV_VAR, "0")
+    assert not run()
+
+
+# ----------------------------------------------------------------------------
+# Compiled for sm_90 on this machine (no GPU): wgmma, no spills
+# ----------------------------------------------------------------------------
+
+_CODEGEN = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+sys.path.insert(0, sys.argv[1])
+from bench import _triton_compat as tc
+error = tc.nvidia_backend_error()
+if error:
+    print(json.dumps({"skip": error})); sys.exit(0)
+from convgru_triton._conv import ConvSpec
+from convgru_triton.ops import fused_step as fs
+records = []
+# RAFT's 1/8 map (N=6, 46x62), hidden 128, the 3x3 ConvGRU; compiled, never launched.
+spec, n, hid, y, x = ConvSpec((3, 3), (1, 1)), 6, 128, 46, 62
+with tc.compile_without_launch(90, records):
+    # bfloat16 in both layouts; float16 (the same tensor-core path) channels_last only: each compile ~1.5 s.
+    for dtype, cl in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        d_gx = torch.zeros(n, 3 * hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+        h = torch.zeros(n, hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+        w = torch.zeros(3 * hid, hid, 3, 3, dtype=dtype)
+        S = fs._strides
+        d_rz, d_n = d_gx.split_with_sizes((2 * hid, hid), 1)
+        w_rz, w_n = w.split_with_sizes((2 * hid, hid))
+        fs._launch_dgrad(fs._conv_dgrad_reset_gate_bwd_kernel, spec, h, hid, (d_n, w_n, d_gx, h, d_gx, h),
+                         (*S(d_n), *S(w_n), *S(d_gx), *S(h), *S(d_gx), *S(h)))
+        fs._launch_dgrad(fs._conv_dgrad_bwd_kernel, spec, h, 2 * hid, (d_rz, w_rz, h), (*S(d_rz), *S(w_rz), *S(h)))
+        fs._launch_dgrad(fs._conv_dgrad_bwd_kernel, spec, h, 3 * hid, (d_gx, w, h), (*S(d_gx), *S(w), *S(h)))
+out = []
+for rec in records:
+    ptx = tc.ptx(rec.kernel)
+    res = tc.resource_usage(rec.kernel)
+    out.append(dict(name=rec.name, dtype=str(rec.signature.get("dy_ptr")), C=rec.constexprs.get("C"),
+                    bx=rec.constexprs.get("BLOCK_X"), regs=res["regs"], stack=res["stack"], local=res["local"],
+                    wgmma=ptx.count("wgmma.mma_async"), warps=rec.num_warps))
+print(json.dumps({"kernels": out}))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _CODEGEN, ROOT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"compiling the fused backward kernels for sm_90 failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result["kernels"]
+
+
+def test_sm90_every_kernel_compiles(sm90_kernels):
+    got = sorted((k["name"], k["dtype"], k["C"], k["bx"] == 0) for k in sm90_kernels)
+    want = sorted((name, dtype, c, cl) for dtype, cl in (("*bf16", False), ("*bf16", True), ("*fp16", True))
+                  for name, c in (("_conv_dgrad_reset_gate_bwd_kernel", 128), ("_conv_dgrad_bwd_kernel", 256),
+                                  ("_conv_dgrad_bwd_kernel", 384)))
+    assert got == want
+
+
+def test_sm90_uses_wgmma(sm90_kernels):
+    bad = [f"{k['name']} {k['dtype']} C={k['C']}" for k in sm90_kernels if k["wgmma"] == 0]
+    assert not bad, "no wgmma.mma_async in the PTX (no Hopper tensor cores):\n" + "\n".join(bad)
+
+
+def test_sm90_no_spills(sm90_kernels):
+    bad = [f"{k['name']} {k['dtype']} C={k['C']}: {k['regs']} registers, stack {k['stack']} B, local {k['local']} B"
+           for k in sm90_kernels if k["stack"] or k["local"]]
+    assert not bad, "spills to local memory:\n" + "\n".join(bad)
