@@ -146,7 +146,7 @@ def test_test_suite_command(tmp_path, monkeypatch):
 def test_benchmark_commands(tmp_path):
     check = gpu_check.Check(str(tmp_path), bench_args=["--bench-workloads=dgmr"], echo=lambda *a: None)
     eager = check.bench_command("eager", gpu_check.EAGER_PROVIDERS)
-    assert "--bench-providers=seed,raft,ours" in eager and "--bench-order=target" in eager
+    assert "--bench-providers=ours-fused,seed,raft,ours" in eager and "--bench-order=target" in eager
     assert f"--bench-json={os.path.join(str(tmp_path), 'raw', 'eager.json')}" in eager  # in the output, no temp dir
     assert "--benchmark-only" in eager and eager[-1] == "--bench-workloads=dgmr"
     # The prewarm runs the same compiled benchmarks once, untimed, in parallel: the same graphs.
@@ -262,7 +262,8 @@ def test_smoke_run_every_part_writes_into_the_output(tmp_path):
                        ["cuda_graphs-cpu.json", "cuda_graphs-cpu.md"], ["profile.md"],
                        ["compiled.json", "compiled.log"], ["report.log"]):
         assert set(part_files) <= members, part_files
-    assert {b["extra_info"]["provider"] for b in eager["benchmarks"]} == {"seed", "raft", "ours"}
+    # ours-fused under the interpreter: run, not skipped (never today's path under its name)
+    assert {b["extra_info"]["provider"] for b in eager["benchmarks"]} == {"ours-fused", "seed", "raft", "ours"}
     assert {b["extra_info"]["provider"] for b in compiled["benchmarks"]} == {"ours-compile"}
     assert "data" in eager["benchmarks"][0]["stats"]  # the final write has every round
     merged = json.loads((out / f"{stem}.json").read_text())
@@ -277,6 +278,8 @@ def test_smoke_run_every_part_writes_into_the_output(tmp_path):
         assert heading in summary, heading
     assert "| raft-convgru | bfloat16 | fwd+bwd |" in summary  # the roofline floors of every workload
     assert "**raft**" in summary and "**ours**" in summary  # the profile, per provider
+    assert "**ours-fused**" in summary and "fused-step launches per call" in summary
+    assert "ConvGRUCell2d 3x3 · fused step |" in summary  # the CUDA-graphs part's fused row
 
 
 # ----------------------------------------------------------------------------
