@@ -632,12 +632,13 @@ SEQUENCE_STEPS = (
     (16, 128, 16, 16, (5, 5)),  # mmnist
     (16, 384, 8, 8, (3, 3)),  # dgmr
 )
-# Tile candidates. BLOCK_M 128 is aimed at wave quantization: RAFT's
-# M = 6*46*62 = 17,112 pixels at BLOCK_M 64 and BLOCK_N 32 over hidden 128 are
-# 268 x 4 = 1072 programs, 8.1 waves of 132 SMs at one program per SM (the
-# ninth wave 12% full); at 128 x 64 they are 134 x 2 = 268 = 2.03 waves (the
-# cuDNN figure of the issue: 134 tiles of 128 on 132 SMs). Which wins depends
-# on occupancy (programs per SM), so it is measured, not assumed.
+# Tile candidates; the tile sets the wave count. RAFT's step in channels_last,
+# M = 6*46*62 = 17,112 pixels, hidden 128, on 132 SMs: 64x32 tiles make
+# 268 x 4 = 1072 programs, 2.7 waves at 3 programs per SM (168 registers x 128
+# threads each, sm_90, Triton 3.9); 64x64 or 128x32 at 8 warps make 536, 4.06
+# waves at one per SM (162-175 registers x 256 threads), 2.03 at two. Which
+# wins depends on the occupancy the GPU reaches, so it is measured, not
+# assumed; a persistent grid and split-K are not built (issue 18).
 DEFAULT_BLOCK_M = (64, 128)
 DEFAULT_BLOCK_N = (32, 64)
 DEFAULT_FUSED_WARPS = (4, 8)
@@ -671,11 +672,24 @@ class StepShape:
                 f"{'cl' if self.channels_last else 'nchw'}")
 
 
+#: The most float32 accumulator values a thread of a candidate holds: three
+#: accumulators (reset_after's kernel) x BLOCK_M x BLOCK_N / (32 x num_warps).
+#: Compiled for sm_90 (bfloat16, RAFT's hidden 128 on 46x62, 3x3, NCHW, Triton
+#: 3.9; registers did not depend on num_stages 2-4): 48 values took 80-175
+#: registers per thread (64x32 at 8 warps 80, 64x32 at 4 warps 168, 64x64 at 8
+#: warps 162, 128x32 at 8 warps 175); 96 took 255 with no room left (128x32 at
+#: 4 warps) or spilled (64x64 at 4 warps, 128x64 at 8 warps: 112-byte stack
+#: frames), 192 spilled 1992 bytes (128x64 at 4 warps).
+MAX_ACCUMULATOR_VALUES_PER_THREAD = 48
+
+
 def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_BLOCK_M,
                           block_n: Sequence[int] = DEFAULT_BLOCK_N, num_warps: Sequence[int] = DEFAULT_FUSED_WARPS,
                           num_stages: Sequence[int] = DEFAULT_FUSED_STAGES) -> List[_tuning.TileConfig]:
     """The default tile first, then every valid combination (BLOCK_K the
-    default's: 64, 32 in float32). Raises TuningFileError on a bad value."""
+    default's: 64, 32 in float32) within
+    :data:`MAX_ACCUMULATOR_VALUES_PER_THREAD` (the others spill or have no
+    register left at sm_90). Raises TuningFileError on a bad value."""
     block_k = _tuning.default_tile("conv_rz_fwd", dtype).block_k
     out = [_tuning.default_tile("conv_rz_fwd", dtype)]
     for m in block_m:
@@ -683,7 +697,7 @@ def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_B
             for w in num_warps:
                 for st in num_stages:
                     tile = _tuning.check_tile_values(m, n, block_k, w, st)
-                    if tile not in out:
+                    if 3 * m * n // (32 * w) <= MAX_ACCUMULATOR_VALUES_PER_THREAD and tile not in out:
                         out.append(tile)
     return out
 

@@ -280,31 +280,57 @@ from bench import _triton_compat as tc
 error = tc.nvidia_backend_error()
 if error:
     print(json.dumps({"skip": error})); sys.exit(0)
+from convgru_triton import _tuning, tune
 from convgru_triton._conv import ConvSpec
 from convgru_triton.ops import fused_step
 fused_step.supports = lambda spec, dtype, device: True  # CPU tensors through the launcher; compiled, never launched
+os.environ[fused_step.ENV_VAR] = "1"
 out = []
 records = []
+tags = []
+
+
+def step(dtype, reset_after, cl, kernel, tile):
+    # RAFT's 1/8 map and hidden size.
+    n, hid, y, x = 2, 128, 46, 62
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    gx = torch.zeros(n, 3 * hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+    h = torch.zeros(n, hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+    w = torch.zeros(3 * hid, hid, *kernel, dtype=dtype)
+    b = torch.zeros(3 * hid, dtype=dtype)
+    ws = (w,) if reset_after else w.split_with_sizes((2 * hid, hid))
+    gates, aux, state = torch.empty_like(gx), torch.empty_like(h), torch.empty_like(h)
+    before = len(records)
+    with _tuning.forced_tile(tile):
+        fused_step.forward_step(reset_after, ConvSpec(kernel, (1, 1)), gx, h, ws, b, b, state, gates, aux, True)
+    tags.extend([("default" if tile is None else str(tile), "cl" if cl else "nchw")] * (len(records) - before))
+
+
 with tc.compile_without_launch(90, records):
+    # The defaults: every kernel, both half dtypes and layouts, SepConvGRU's (1, 5).
     for dtype in (torch.bfloat16, torch.float16):
         for reset_after in (False, True):
             for cl in (False, True):
-                # RAFT's 1/8 map and hidden size, SepConvGRU's (1, 5) kernel.
-                n, hid, y, x = 2, 128, 46, 62
-                fmt = torch.channels_last if cl else torch.contiguous_format
-                gx = torch.zeros(n, 3 * hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
-                h = torch.zeros(n, hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
-                w = torch.zeros(3 * hid, hid, 1, 5, dtype=dtype)
-                b = torch.zeros(3 * hid, dtype=dtype)
-                ws = (w,) if reset_after else w.split_with_sizes((2 * hid, hid))
-                gates, aux, state = torch.empty_like(gx), torch.empty_like(h), torch.empty_like(h)
-                fused_step.forward_step(reset_after, ConvSpec((1, 5), (1, 1)), gx, h, ws, b, b, state, gates, aux, True)
-for rec in records:
+                step(dtype, reset_after, cl, (1, 5), None)
+    for reset_after in (False, True):  # and RAFT's 3x3 in NCHW, where reset_after's registers peaked
+        step(torch.bfloat16, reset_after, False, (3, 3), None)
+    # Every other (BLOCK_M, BLOCK_N, num_warps) the tuner may choose, at one
+    # num_stages (registers did not depend on it: same counts at 2, 3 and 4),
+    # bfloat16, NCHW (where the reset_after kernel's registers peaked), 3x3.
+    seen = {(t.block_m, t.block_n, t.num_warps) for t in (_tuning.default_tile(k, torch.bfloat16)
+                                                          for k in ("conv_rz_fwd", "conv_reset_after_fwd"))}
+    for tile in tune.fused_tile_candidates(torch.bfloat16):
+        if (tile.block_m, tile.block_n, tile.num_warps) in seen:
+            continue
+        seen.add((tile.block_m, tile.block_n, tile.num_warps))
+        for reset_after in (False, True):
+            step(torch.bfloat16, reset_after, False, (3, 3), tile)
+for rec, (tile, layout) in zip(records, tags):
     ptx = tc.ptx(rec.kernel)
     res = tc.resource_usage(rec.kernel)
     out.append(dict(name=rec.name, dtype=str(rec.signature.get("x_ptr")), regs=res["regs"], stack=res["stack"],
-                    local=res["local"], wgmma=ptx.count("wgmma.mma_async"), warps=rec.num_warps,
-                    cl=str(rec.constexprs.get("CHANNELS_LAST", ""))))
+                    local=res["local"], wgmma=ptx.count("wgmma.mma_async"), warps=rec.num_warps, tile=tile,
+                    layout=layout))
 print(json.dumps({"kernels": out}))
 """
 
@@ -323,19 +349,36 @@ def sm90_kernels():
     return result["kernels"]
 
 
+FWD_KERNELS = ("_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel")
+#: The defaults keep this many of the 255 registers a thread may have free, so
+#: that a compiler version (or a small kernel change) does not tip them into
+#: spills: Triton 3.6 compiled the 4-warp reset_after kernel at 255.
+DEFAULT_REGISTER_HEADROOM = 32
+
+
 def test_sm90_every_kernel_compiles(sm90_kernels):
-    names = {(k["name"], k["dtype"]) for k in sm90_kernels}
-    want = {(n, d) for n in ("_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel")
-            for d in ("*bf16", "*fp16")}
+    names = {(k["name"], k["dtype"], k["layout"]) for k in sm90_kernels if k["tile"] == "default"}
+    want = {(n, d, lay) for n in FWD_KERNELS for d in ("*bf16", "*fp16") for lay in ("nchw", "cl")}
     assert names == want
+    # Every other tile the tuner may choose (64x32 and 64x64 and 128x32 at 8 warps), each kernel.
+    tiles = {k["tile"] for k in sm90_kernels} - {"default"}
+    assert len(tiles) >= 2
+    for tile in tiles:
+        assert {k["name"] for k in sm90_kernels if k["tile"] == tile} == set(FWD_KERNELS), tile
+
+
+def test_sm90_defaults_have_register_headroom(sm90_kernels):
+    bad = [f"{k['name']} {k['dtype']} {k['layout']}: {k['regs']} registers" for k in sm90_kernels
+           if k["tile"] == "default" and k["regs"] > 255 - DEFAULT_REGISTER_HEADROOM]
+    assert not bad, "default tiles at the register limit:\n" + "\n".join(bad)
 
 
 def test_sm90_uses_wgmma(sm90_kernels):
-    bad = [f"{k['name']} {k['dtype']}" for k in sm90_kernels if k["wgmma"] == 0]
+    bad = [f"{k['name']} {k['dtype']} {k['tile']}" for k in sm90_kernels if k["wgmma"] == 0]
     assert not bad, "no wgmma.mma_async in the PTX (no Hopper tensor cores):\n" + "\n".join(bad)
 
 
 def test_sm90_no_spills(sm90_kernels):
-    bad = [f"{k['name']} {k['dtype']}: {k['regs']} registers, stack {k['stack']} B, local {k['local']} B"
+    bad = [f"{k['name']} {k['dtype']} {k['tile']}: {k['regs']} registers, stack {k['stack']} B, local {k['local']} B"
            for k in sm90_kernels if k["stack"] or k["local"]]
     assert not bad, "spills to local memory:\n" + "\n".join(bad)

@@ -719,3 +719,230 @@ def test_tune_skips_sizes_that_do_not_fit(monkeypatch, device):
                         lambda fn: 1.0, progress=False)
     assert [r.numel for r in results] == [2**8]
     assert [t.skipped for t in results[0].trials] == [None]  # the size that fits was tuned
+
+
+# ----------------------------------------------------------------------------
+# The fused step (issue 18): the path per shape, the fused kernels' tiles, the tuner
+# ----------------------------------------------------------------------------
+
+
+def _path_entry(path, numel=2**20, dtype="bfloat16", reset_after=False, direction="fwd", kernel_size=(3, 3), **f):
+    entry = dict(dtype=dtype, reset_after=reset_after, direction=direction, numel=numel, path=path, **f)
+    if kernel_size is not None:
+        entry["kernel_size"] = list(kernel_size)
+    return entry
+
+
+def _tile_entry(block_m=128, block_n=64, block_k=64, warps=8, stages=3, kernel="conv_rz_fwd", dtype="bfloat16",
+                numel=2**20):
+    return dict(kernel=kernel, dtype=dtype, numel=numel, block_m=block_m, block_n=block_n, block_k=block_k,
+                num_warps=warps, num_stages=stages)
+
+
+def _step_path(dtype=torch.bfloat16, reset_after=False, direction="fwd", kernel_size=(3, 3), numel=2**20):
+    return _tuning.step_path(GPU, dtype, reset_after, direction, kernel_size, numel)
+
+
+def test_step_path_and_tiles_default_without_files(registry):
+    # No figure of the fused step exists: cuDNN + gate kernels; today's tiles.
+    assert _tuning.DEFAULT_STEP_PATH == "cudnn"
+    assert _step_path() == "cudnn" and _step_path(direction="bwd") == "cudnn"
+    assert _tuning.tile_config("conv_rz_fwd", torch.bfloat16, 2**20, GPU) == _tuning.TileConfig(64, 32, 64, 4, 2)
+    assert _tuning.tile_config("conv_n_fwd", torch.float32, 2**20, GPU) == _tuning.TileConfig(64, 32, 32, 4, 2)
+    # reset_after's kernel: 8 warps (at 4, 255 registers on Triton 3.6: no headroom).
+    assert _tuning.tile_config("conv_reset_after_fwd", torch.float16, 9, NOT_CUDA) == _tuning.TileConfig(64, 32, 64, 8, 2)
+
+
+def test_step_paths_and_tiles_from_a_file(registry):
+    registry.write(registry.shipped, _doc(
+        [_entry(256, 2)],
+        step_paths=[_path_entry("fused", numel=2**20), _path_entry("cudnn", numel=2**26),
+                    _path_entry("fused", direction="bwd", kernel_size=None),
+                    _path_entry("cudnn", kernel_size=(1, 5))],
+        fused_tiles=[_tile_entry(numel=2**20), _tile_entry(block_m=64, numel=2**26)]))
+    assert lookup() == LaunchConfig(256, 2)  # the gate kernels' entries are read as before
+    assert _step_path(numel=2**19) == "fused"  # nearest size class
+    assert _step_path(numel=2**25) == "cudnn"
+    assert _step_path(kernel_size=(1, 5)) == "cudnn"  # its own kernel size's entry
+    assert _step_path(kernel_size=(5, 1)) == "cudnn"  # no entry for it, none without a kernel size: default
+    assert _step_path(direction="bwd", kernel_size=(5, 1)) == "fused"  # an entry for every kernel size
+    assert _step_path(reset_after=True) == "cudnn"  # another formulation: default
+    assert _step_path(dtype=torch.float16) == "cudnn"
+    assert _tuning.tile_config("conv_rz_fwd", torch.bfloat16, 2**20, GPU) == _tuning.TileConfig(128, 64, 64, 8, 3)
+    assert _tuning.tile_config("conv_rz_fwd", torch.bfloat16, 2**27, GPU).block_m == 64
+    assert _tuning.tile_config("conv_n_fwd", torch.bfloat16, 2**20, GPU) == _tuning.default_tile("conv_n_fwd",
+                                                                                              torch.bfloat16)
+    # Non-CUDA devices: defaults, no look-up.
+    assert _tuning.step_path(NOT_CUDA, torch.bfloat16, False, "fwd", (3, 3), 2**20) == "cudnn"
+    with _tuning.forced_step_path("fused"):
+        assert _step_path(numel=2**25) == "fused"
+    assert _step_path(numel=2**25) == "cudnn"
+
+
+def test_step_decision_is_cached(registry, monkeypatch):
+    registry.write(registry.shipped, _doc([], step_paths=[_path_entry("fused")]))
+    assert _step_path() == "fused"
+    reads = []
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: reads.append(a) or pytest.fail("file access"))
+    for _ in range(3):
+        assert _step_path(numel=2**20 - 5) == "fused"  # same size class: the cache
+        assert _tuning.tile_config("conv_rz_fwd", torch.bfloat16, 2**20, GPU).block_m == 64
+    assert reads == []
+
+
+@pytest.mark.parametrize("bad", [
+    dict(step_paths=[_path_entry("fast")]),
+    dict(step_paths=[_path_entry("fused", direction="sideways")]),
+    dict(step_paths=[_path_entry("fused", kernel_size=(3, 0))]),
+    dict(step_paths=[dict(_path_entry("fused"), reset_after=1)]),
+    dict(step_paths=[_path_entry("fused"), _path_entry("cudnn")]),  # twice the same key
+    dict(step_paths={"path": "fused"}),
+    dict(fused_tiles=[_tile_entry(block_m=96)]),
+    dict(fused_tiles=[_tile_entry(warps=16)]),
+    dict(fused_tiles=[_tile_entry(kernel="conv_magic")]),
+    dict(fused_tiles=[_tile_entry(block_k=8)]),
+])
+def test_bad_fused_sections_skip_the_file_with_a_warning(registry, bad):
+    registry.write(registry.env, _doc([_entry(256, 2)], **bad))
+    with pytest.warns(TuningFileWarning, match="step_paths|fused_tiles|not using"):
+        assert _step_path() == "cudnn"
+    assert lookup() == DEFAULT_CONFIG  # the whole file is skipped, as for any schema error
+
+
+def test_fused_step_mode_values(monkeypatch):
+    pytest.importorskip("triton")
+    from convgru_triton.ops import fused_step
+
+    for raw, want in ((None, "auto"), ("", "auto"), (" AUTO ", "auto"), ("1", "1"), ("0", "0")):
+        assert fused_step.mode(raw if raw is not None else "") == want
+    monkeypatch.setenv(fused_step.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=r"CONVGRU_TRITON_FUSED_STEP must be one of '1'.*'0'.*'auto'.*'yes'"):
+        fused_step.mode()
+
+
+@pytest.mark.triton_kernels
+def test_fused_step_bad_env_value_raises_at_the_first_call(monkeypatch, device):
+    import convgru_triton as cg
+    from convgru_triton.ops import conv_gru
+
+    monkeypatch.setenv("CONVGRU_TRITON_FUSED_STEP", "true")
+    monkeypatch.setattr(conv_gru, "_PLANS", {})
+    gru = cg.ConvGRU2d(2, 3, 3, backend="triton").to(device)
+    with pytest.raises(ValueError, match="CONVGRU_TRITON_FUSED_STEP must be one of .*got 'true'"):
+        gru(torch.randn(2, 1, 2, 4, 5, device=device))
+
+
+@pytest.mark.triton_kernels
+def test_use_fused_follows_mode_and_registry(monkeypatch, device):
+    from convgru_triton._conv import ConvSpec
+    from convgru_triton.ops import fused_step
+
+    spec = ConvSpec((3, 3), (1, 1))
+    h = torch.zeros(2, 4, 5, 6, device=device)
+    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    assert fused_step.use_fused("fwd", False, spec, h) and fused_step.use_fused("bwd", True, spec, h)
+    assert not fused_step.use_fused("fwd", False, ConvSpec((3, 3), (1, 1), "reflect"), h)  # supports() is False
+    monkeypatch.setenv(fused_step.ENV_VAR, "0")
+    assert not fused_step.use_fused("fwd", False, spec, h)
+    monkeypatch.delenv(fused_step.ENV_VAR)
+    assert not fused_step.use_fused("fwd", False, spec, h)  # auto: the default, cuDNN + gate kernels
+    with _tuning.forced_step_path("fused"):  # as a tuned entry saying "fused" would
+        assert fused_step.use_fused("fwd", False, spec, h)
+    with pytest.raises(ValueError, match="direction"):
+        fused_step.use_fused("sideways", False, spec, h)
+
+
+def _fake_step_timer(tile_ms, cudnn_ms=1.0):
+    """Times by what runs: the cuDNN path (no forced tile) or a tile's BLOCK_M."""
+    def timer(fn):
+        fn()
+        tile = _tuning._FORCED_TILE
+        return cudnn_ms if tile is None else tile_ms[tile.block_m]
+    return timer
+
+
+@pytest.mark.triton_kernels
+def test_tune_fused_step_chooses_and_writes(registry, device):
+    """Both paths and every tile checked against the reference (NaN-poisoned
+    buffers) and timed; the faster path and the best tile are written and
+    then read by the registry. Tiny shapes not block multiples, float32; both
+    formulations, NCHW for 3x3 and channels_last for 1x5 (~7 s interpreted).
+    The choice of cuDNN: test_fused_sections_decide_shared_keys_together."""
+    dtype, fused_wins = torch.float32, True
+    shapes = (tune.step_shapes([(2, 5, 5, 7, (3, 3))], [], [dtype], [False, True], [False])
+              + tune.step_shapes([(2, 5, 5, 7, (1, 5))], [], [dtype], [False, True], [True]))
+    tiles = [_tuning.default_tile("conv_rz_fwd", dtype), _tuning.TileConfig(32, 16, 16, 4, 2)]
+    timer = _fake_step_timer({64: 2.0, 32: 0.5 if fused_wins else 1.5})
+    results = tune.tune_fused_step(shapes, lambda d: tiles, device, timer, progress=False)
+    assert len(results) == 4
+    for r in results:
+        assert r.cudnn.ms == 1.0, r.cudnn.skipped
+        assert [t.skipped for t in r.fused] == [None, None]  # every tile gave the reference's result
+        assert r.best_fused.config == tiles[1]
+        assert r.path == ("fused" if fused_wins else "cudnn")
+    doc = tune.merge_fused_sections(tune.make_document([], "Fake GPU 9000"), results)
+    registry.write(registry.cache, doc)
+    want = "fused" if fused_wins else "cudnn"
+    for reset_after in (False, True):
+        for ks in ((3, 3), (1, 5)):
+            assert _tuning.step_path(GPU, dtype, reset_after, "fwd", ks, 350) == want
+    assert _tuning.step_path(GPU, dtype, False, "fwd", (5, 1), 350) == "cudnn"  # not tuned
+    for kernel in ("conv_rz_fwd", "conv_n_fwd", "conv_reset_after_fwd"):
+        assert _tuning.tile_config(kernel, dtype, 350, GPU) == tiles[1]
+    # A later gate-kernel run keeps the fused entries of the file.
+    kept = tune.make_document([], "Fake GPU 9000", doc)
+    assert kept["step_paths"] == doc["step_paths"] and kept["fused_tiles"] == doc["fused_tiles"]
+
+
+@pytest.mark.triton_kernels
+def test_tune_fused_step_skips_a_wrong_tile(monkeypatch, device):
+    """A tile whose result is wrong (a broken launch, as Inductor's 8-warp
+    convolution template was) is skipped with the reason and never timed."""
+    from convgru_triton.ops import fused_step
+
+    bad = _tuning.TileConfig(32, 16, 16, 8, 2)
+    launch = fused_step._launch
+
+    def broken(kernel, spec, h, has_bias, args, **extra):
+        launch(kernel, spec, h, has_bias, args, **extra)
+        if _tuning._FORCED_TILE == bad:
+            args[3 if kernel is fused_step._conv_reset_after_fwd_kernel else 5][0, 0, 0, 0] += 1.0
+
+    monkeypatch.setattr(fused_step, "_launch", broken)
+    timed = []
+    shape = tune.StepShape(2, 5, 5, 7, (3, 3), True, torch.float32, True)
+    results = tune.tune_fused_step([shape], lambda d: [_tuning.default_tile("conv_rz_fwd", d), bad], device,
+                                   lambda fn: timed.append(_tuning._FORCED_TILE) or 1.0, progress=False)
+    trials = results[0].fused
+    assert trials[0].ms == 1.0 and trials[1].ms is None
+    assert trials[1].skipped.startswith("wrong result: h'")
+    assert bad not in timed
+
+
+def test_fused_sections_decide_shared_keys_together():
+    def trial(ms, tile=None):
+        return tune.Trial(tile, ms=ms)
+
+    a, b = _tuning.TileConfig(64, 32, 64, 4, 2), _tuning.TileConfig(128, 64, 64, 8, 3)
+    cl = tune.StepShape(6, 128, 46, 62, (3, 3), False, torch.bfloat16, True)
+    nchw = tune.StepShape(6, 128, 46, 62, (3, 3), False, torch.bfloat16, False)
+    results = [tune.StepResult(cl, "fwd", trial(1.0), [trial(0.9, a), trial(0.8, b)]),
+               tune.StepResult(nchw, "fwd", trial(1.0), [trial(1.0, a), trial(1.5, b)])]
+    paths, tiles = tune.fused_sections(results)
+    # One registry key (layout is not part of it): fused 0.8 + 1.0 < cuDNN 2.0.
+    assert [(p["path"], p["fused_ms"], p["cudnn_ms"]) for p in paths] == [("fused", 1.8, 2.0)]
+    # Tile a: 0.9/0.8 + 1.0/1.0 = 2.125; tile b: 1 + 1.5 = 2.5 -> a, for both kernels of reset_before.
+    assert {(t["kernel"], t["block_m"]) for t in tiles} == {("conv_rz_fwd", 64), ("conv_n_fwd", 64)}
+
+
+def test_command_fused_step_dry_run_and_bad_arguments(capsys):
+    assert tune.main(["--fused-step", "--dry-run", "--sequence-shapes"]) == 0
+    out = capsys.readouterr().out
+    assert "N=6 H=128 46x62 1x5 reset_after bfloat16 cl" in out and "N=16 H=384 8x8 3x3" in out
+    assert "12 fused tiles" in out  # (64x32 at 4 warps, 64x32, 64x64, 128x32 at 8) x 2-4 stages
+    for args in (["--shapes", "6,128"], ["--block-m", "96"], ["--fused-warps", "16"], ["--kernel-sizes", "3"],
+                 ["--layouts", "nhwc"]):
+        with pytest.raises(SystemExit) as exc:
+            tune.main(["--fused-step", "--dry-run", *args])
+        assert exc.value.code == 2, args
+        assert "error" in capsys.readouterr().err
