@@ -7,9 +7,9 @@ environment variable ``CONVGRU_TRITON_FUSED_STEP=1`` was set when its plan was
 made (plans are cached per static arguments, so set it before the first call),
 the plan uses the Triton gate math, and :func:`supports` holds for the call.
 Default off: no GPU measurement says it is faster than cuDNN's convolution
-followed by the gate kernels of :mod:`.conv_gru_cell`. The backward pass is
-unchanged: these kernels save exactly what the gate kernels save (``gates``
-and ``aux``), so ``conv_gru._backward`` works on it as it is.
+followed by the gate kernels of :mod:`.conv_gru_cell`. These kernels save
+exactly what the gate kernels save (``gates`` and ``aux``), so either backward
+works on what either forward saved.
 
 The equations (module docstring of :mod:`convgru_triton.functional`), gate
 order (r, z, n) along the channels, ``*`` a 'same'-padded stride-1 convolution::
@@ -52,10 +52,19 @@ four strides, so contiguous (NCHW) and channels_last (NHWC) tensors, and any
 mix of them, work without copies. The sample offset is 64-bit; offsets
 within a sample are 32-bit, which :func:`forward_step` checks before launch.
 
-Not yet (issue 18): the backward (dgrad/wgrad with the gate derivatives
-fused), the input convolution of the one-step cell, a tuned or persistent
-grid, pre-packed weights (the weight tile is gathered with the weight's own
-strides), and any GPU measurement.
+Backward (section "Backward" at the end, :func:`backward_step`, run from
+``conv_gru._step_backward`` where :func:`use_fused` says ``"bwd"``): the
+hidden convolutions' data gradient (dgrad) as the same implicit GEMM over the
+transposed, flipped weight, with the gate backward in its epilogue:
+``_conv_dgrad_reset_gate_bwd_kernel`` (dgrad of W_hn + the reset-gate
+backward) then ``_conv_dgrad_bwd_kernel`` (dgrad of W_hrz, added to dL/dh);
+with ``reset_after`` the latter alone over the 3H channels of d_gh. The
+elementwise first kernel of the step (``update_bwd``/``reset_after_bwd``)
+and the weight gradient (wgrad, cuDNN) are today's.
+
+Not yet (issue 18): wgrad as a Triton kernel, the input convolution of the
+one-step cell, a tuned or persistent grid, pre-packed weights (the weight
+tile is gathered with the weight's own strides), and any GPU measurement.
 """
 
 from __future__ import annotations
@@ -585,6 +594,12 @@ def reference_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, wei
 # replacing, per step, cuDNN's dgrad + reset_gate_bwd (and the d_rh round trip
 # through memory) and cuDNN's dgrad + d_h.add_ (the d_h_conv round trip). The
 # elementwise first kernel stays: its outputs are read at neighbouring pixels.
+# Counted, not measured (one (N, H, Y, X) plane = P; compulsory traffic, weights
+# and halo re-reads aside): reset_after=False moves 10 P instead of 14 P in 2
+# launches instead of 4 (cuDNN's NCHW<->NHWC transposes aside), reset_after=True
+# 5 P instead of 7 P in 1 launch instead of 2. RAFT's shape (N=6, 46x62, H=128,
+# bfloat16: P = 4.38 MB): 17.5 MB and 2 launches less per ConvGRU step, twice
+# that per SepConvGRU step.
 # The weight gradients (wgrad) stay on cuDNN (one batched call over all T in
 # conv_gru._backward; per step for the one-step cell, in the hook).
 
@@ -700,7 +715,7 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
         block_x = max(8, min(tile.block_m, triton.next_power_of_2(width)))
         tiles = batch * triton.cdiv(height, tile.block_m // block_x) * triton.cdiv(width, block_x)
     (_, pad_bottom), (_, pad_right) = spec.pad_per_dim
-    kernel[(tiles, triton.cdiv(hidden, block_n))](
+    compiled = kernel[(tiles, triton.cdiv(hidden, block_n))](
         *pointers, m, height * width, height, width, hidden, *strides,
         C=channels, KH=spec.kernel_size[0], KW=spec.kernel_size[1], DIL_Y=spec.dilation[0],
         DIL_X=spec.dilation[1], PAD_Y=pad_bottom, PAD_X=pad_right,
@@ -709,6 +724,8 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
         PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
+        _COMPILED.append(compiled)
 
 
 def backward_step(reset_after: bool, spec: ConvSpec, math, grad: Tensor, grad2: Optional[Tensor], h: Tensor,
