@@ -1,13 +1,21 @@
 """The fused ConvGRU forward step: hidden convolution and gate math in one pass.
 
 Groundwork for issue 18 ("a fused ConvGRU step"). Kernels, launcher and the
-reference they are checked against live together in this file. Opt-in: the
-sequence operator (:mod:`.conv_gru`) runs these kernels only when the
-environment variable ``CONVGRU_TRITON_FUSED_STEP=1`` was set when its plan was
-made (plans are cached per static arguments, so set it before the first call),
-the plan uses the Triton gate math, and :func:`supports` holds for the call.
-Default off: no GPU measurement says it is faster than cuDNN's convolution
-followed by the gate kernels of :mod:`.conv_gru_cell`. These kernels save
+reference they are checked against live together in this file.
+
+Selection (docs/tuning.md, "The fused step"): the sequence operator
+(:mod:`.conv_gru`) asks :func:`use_fused` per step and direction.
+``CONVGRU_TRITON_FUSED_STEP=1`` runs these kernels wherever :func:`supports`
+holds and the plan uses the Triton gate math; ``0`` never; unset, empty or
+``auto`` lets the tuning registry decide per GPU, dtype, formulation,
+direction, kernel size and state size (``step_paths``, written by ``python -m
+convgru_triton.tune --fused-step``), and without an entry the answer is
+cuDNN's convolution followed by the gate kernels of :mod:`.conv_gru_cell`:
+no committed GPU figure of the fused step exists yet, and the default is what
+measured faster. Any other value of the variable is a ValueError at the first
+call. Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) come from the
+registry too (``fused_tiles``; defaults ``_tuning.default_tile``, chosen for
+registers: see there). These kernels save
 exactly what the gate kernels save (``gates`` and ``aux``), so either backward
 works on what either forward saved.
 
@@ -380,6 +388,7 @@ def _conv_reset_after_fwd_kernel(
 
 # The defaults (a tile without a tuning-file entry: ``_tuning.default_tile``).
 #: Pixels per program: 64 is the smallest M of one Hopper wgmma (4 warps = one warpgroup).
+#: (Kept for callers; the launcher takes its tiles from ``_tuning.tile_config``.)
 BLOCK_M = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
