@@ -8,8 +8,9 @@ Options (all optional; the defaults pick the device and its workload sizes):
     auto: the full workloads on CUDA, the scaled-down ones on CPU.
 ``--bench-dtypes float32,bfloat16``
     auto: float32 on CPU; float32 and bfloat16 on CUDA.
-``--bench-providers seed,raft,compile,ours,ours-compile``
-    which providers run (default all).
+``--bench-providers seed,raft,compile,ours,ours-compile,ours-fused``
+    which providers run (default all; ``ours-fused`` is skipped, with the
+    reason, where the Triton kernels cannot run: :func:`bench.workloads.unavailable`).
 ``--bench-workloads raft-convgru,...``
     which workloads run (default all).
 ``--bench-passes fwd,fwd+bwd``

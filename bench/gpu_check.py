@@ -13,14 +13,14 @@ Parts, in order, each with its own time limit (:data:`PLAN`):
    its reason). Beside it, on the cores the tests leave, ``torch.compile``
    fills its on-disk caches for every compiled benchmark (``prewarm``: the
    same benchmarks run once, not timed), and the roofline floors are computed.
-3. ``eager``: the full-size benchmarks of the eager providers (seed, raft,
-   ours), bfloat16 and float32, forward and training step.
+3. ``eager``: the full-size benchmarks of the eager providers (ours-fused,
+   seed, raft, ours), bfloat16 and float32, forward and training step.
 4. ``bandwidth``: the gate kernels against a device-to-device copy, 1 MiB to 1
    GiB; then ``raft_bandwidth``: the same at RAFT's 46x62 map, both layouts.
 5. ``cuda_graphs``: a 12-step RAFT loop eager, replayed from a CUDA graph, and
-   under ``torch.compile(mode="reduce-overhead")``.
+   under ``torch.compile(mode="reduce-overhead")``; the fused step's rows first.
 6. ``profile``: where the time of the RAFT training step (bfloat16) goes, per
-   provider (seed, raft, ours, compile, ours-compile).
+   provider (ours-fused, seed, raft, ours, compile, ours-compile).
 7. ``compiled``: the benchmarks of the ``torch.compile`` providers (compile,
    ours-compile), bfloat16 training first; they get whatever time is left.
 8. ``sequence``, ``registers``: run only when time is left (sequence operator
