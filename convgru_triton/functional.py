@@ -228,7 +228,18 @@ def conv_gru_cell(
         backend: ``'auto'``, ``'torch'`` or ``'triton'``.
 
     Returns:
-        h': the new state, shaped like ``hx``.
+        h': the new state, shaped like ``hx``, in hx's memory layout (the
+        input's when ``hx`` is ``None``).
+
+    Memory layout: where ``CONVGRU_TRITON_LAYOUT`` (default ``auto``: CUDA
+    float16/bfloat16) says so, input, hx, weight_ih and weight_hh are
+    converted to channels_last once per call (together with autocast's cast)
+    and every convolution runs channels_last; not under torch.compile. See
+    docs/what-runs-where.md.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type, dtype, device or
+            shape (the message names it), or an unknown ``CONVGRU_TRITON_LAYOUT``.
     """
     if torch.compiler.is_compiling():
         # Checked and planned at trace time only, without the plan cache (a
@@ -387,7 +398,11 @@ def conv_gru(
     Returns:
         ``(output, h_n)``: output (T, N, D * H, *S) (batch first if
         ``batch_first``), the last layer's state at every step; h_n
-        (L * D, N, H, *S), every layer's final state.
+        (L * D, N, H, *S), every layer's final state. Where the layout policy
+        computes in channels_last (``CONVGRU_TRITON_LAYOUT``, as in
+        :func:`conv_gru_cell`: the sequence, hx and the weights converted once
+        per call), output's frames come back in the input's layout and h_n in
+        hx's (the input's when ``hx`` is ``None``).
     """
     _check_floating("input", input)
     _check_floating("hx", hx)

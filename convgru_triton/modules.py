@@ -129,7 +129,9 @@ class _ConvGRUCellNd(_ConvGRUBase):
 
     def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Args: input (N, C_in, *S) or (C_in, *S); hx (N, H, *S) or (H, *S), zeros
-        if ``None``. Returns h' shaped like hx."""
+        if ``None``. Returns h' shaped like hx, in hx's memory layout (the
+        input's when hx is ``None``); see :func:`~convgru_triton.functional.conv_gru_cell`
+        for the internal layout (``CONVGRU_TRITON_LAYOUT``)."""
         return conv_gru_cell(
             input,
             hx,
@@ -166,7 +168,11 @@ _CELL_DOC = """A ConvGRU cell over {d}-D feature maps: one time step.
     Shapes:
         input: (N, C_in, {s}) or unbatched (C_in, {s}).
         hx: (N, H, {s}) or unbatched (H, {s}); zeros when omitted.
-        output: h', shaped like hx.
+        output: h', shaped like hx, in hx's memory layout (the input's when
+            hx is omitted). On CUDA in float16/bfloat16 a 2-D or 3-D cell computes in
+            channels_last (``CONVGRU_TRITON_LAYOUT``, docs/what-runs-where.md);
+            ``module.to(memory_format=torch.channels_last)`` saves the weights'
+            conversion at every call.
 
     Parameters (gate order (r, z, n), as in torch.nn.GRU):
         weight_ih: (3H, C_in, {k}); weight_hh: (3H, H, {k});
