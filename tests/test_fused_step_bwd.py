@@ -7,8 +7,8 @@ gate backward in its epilogue, against the references and today's path.
   dL/dh and the hidden weight gradients equal the default path (cuDNN/ATen
   dgrad + the gate kernels) and autograd through the ``*_ref`` functions
   (:func:`fused_step.reference_backward_step`), on shapes that are not block
-  multiples, float32/float16/float64, both formulations, contiguous and
-  channels_last (and mixed), kernels (3, 3), (1, 5), (5, 1), dilation 2 and an
+  multiples, float32/float16/float64 (and bfloat16 on a GPU), both
+  formulations, contiguous and channels_last (and mixed), kernels (3, 3), (1, 5), (5, 1), dilation 2 and an
   even (2, 4) kernel with dilation (1, 3) (asymmetric 'same' padding), with and
   without the carried gradient (``grad2``).
 * T > 1 sequences through the operator, forward and reverse: every gradient
@@ -43,6 +43,7 @@ TOLERANCE = {
     torch.float64: dict(atol=1e-12, rtol=1e-10),
     torch.float32: dict(atol=3e-5, rtol=3e-5),
     torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),  # 8 mantissa bits (GPU only)
 }
 
 # Not block multiples: 2 x 7 x 9 = 126 pixels (BLOCK_M 64; NCHW patches of
@@ -109,8 +110,9 @@ def _one_step(device, dtype, reset_after, spec, hidden, size, channels_last, gra
     h = torch.tanh(_rand(gen, device, dtype, batch, hidden, *size)).contiguous(memory_format=_fmt(channels_last))
     weight_hh = _rand(gen, device, dtype, 3 * hidden, hidden, *spec.kernel_size, scale=0.3)
     bias_ih, bias_hh = _rand(gen, device, dtype, 3 * hidden), _rand(gen, device, dtype, 3 * hidden)
-    g1 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=_fmt(channels_last))
-    g2 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=_fmt(channels_last)) if grad2 else None
+    fmt = _fmt(channels_last)
+    g1 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=fmt)
+    g2 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=fmt) if grad2 else None
     saved_fmt = _fmt(channels_last if saved_channels_last is None else saved_channels_last)
     _, gates, aux = fused_step.reference_step(reset_after, spec, gx.double(), h.double(), weight_hh.double(),
                                               bias_ih.double(), bias_hh.double())
@@ -163,11 +165,14 @@ def test_float32_step_equals_default_and_reference(device, bwd_calls, spec_id, r
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
-def test_float16_step(device, bwd_calls, reset_after, layout):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_step(device, bwd_calls, dtype, reset_after, layout):
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        pytest.skip("bfloat16 kernels need a GPU (the Triton interpreter has no bfloat16)")
     spec = SPECS["3x3-dil2"]
-    inputs, grad, fused, default = _one_step(device, torch.float16, reset_after, spec, 5, (7, 9), layout == "cl")
+    inputs, grad, fused, default = _one_step(device, dtype, reset_after, spec, 5, (7, 9), layout == "cl")
     assert bwd_calls[0] is True
-    _check_step(torch.float16, reset_after, spec, inputs, grad, fused, default)
+    _check_step(dtype, reset_after, spec, inputs, grad, fused, default)
 
 
 @pytest.mark.triton_kernels
