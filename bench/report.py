@@ -229,13 +229,15 @@ def floor_lookup(data: dict):
         return None
     _, shapes = collect(data)
 
-    def floor(workload: str, pass_: str, dtype: str, kind: Optional[str] = None) -> Optional[float]:
-        """Seconds, like the medians; ``kind`` "gate" or "conv": only those pieces."""
+    def floor(workload: str, pass_: str, dtype: str, kind: Optional[str] = None,
+              fused: bool = False) -> Optional[float]:
+        """Seconds, like the medians; ``kind`` "gate" or "conv": only those pieces;
+        ``fused``: the fused step's floor (``ours-fused``)."""
         for ws in WORKLOAD_SETS.values():
             for w in ws:
                 if w.name == workload and (workload not in shapes or shapes[workload] == w.describe()):
                     try:
-                        return roofline.floor_ms(w, device, dtype, pass_, kind=kind) / 1e3
+                        return roofline.floor_ms(w, device, dtype, pass_, kind=kind, fused=fused) / 1e3
                     except (KeyError, ValueError):
                         return None
         return None
@@ -314,12 +316,14 @@ def roofline_lines(data: dict, floor=None) -> List[str]:
     present = [p for p in PROVIDERS if any(p in r for r in results.values())]
     lines = [f"**Roofline** on {floor.device}: each provider's median / the floor (1.0 is the floor; "
              "floor = gate kernels' fewest bytes over copy bandwidth + convolution FLOPs over the matrix rate, "
-             "`python -m bench.roofline`). `ours-fused / floor` is over the convolutions' FLOP floor alone: "
-             "the fused step does the gate math in the convolution's epilogue, so the gate kernels' bytes "
-             "are not a cost it must pay; its unavoidable bytes (x, h, weights in; h' and what the backward "
-             "saves out) are not modelled yet, so that floor is a lower bound.", ""]
+             "`python -m bench.roofline`). `ours-fused` is measured against the fused step's own floor "
+             "(the column `fused floor ms`): the forward's hidden convolution and gate kernels replaced by "
+             "the fused kernels' FLOPs and unavoidable bytes (h, gx, weights in; gates, r*h, h' out: the "
+             "pre-activations W_h*h never reach memory); the input convolution and the backward as today's.", ""]
     for dtype in _dtype_order(OrderedDict.fromkeys(k[2] for k in results)):
-        head = ["workload", "pass", "floor ms (gates + convs)"] + [f"{p} / floor" for p in present]
+        fused_col = "ours-fused" in present
+        head = (["workload", "pass", "floor ms (gates + convs)"] + (["fused floor ms"] if fused_col else [])
+                + [f"{p} / floor" for p in present])
         lines += [f"*{dtype}*", "", "| " + " | ".join(head) + " |",
                   "|" + "|".join(["---"] * 2 + ["--:"] * (len(head) - 2)) + "|"]
         for (workload, pass_, dt), recs in results.items():
@@ -327,12 +331,12 @@ def roofline_lines(data: dict, floor=None) -> List[str]:
                 continue
             total = floor(workload, pass_, dtype)
             if total is None:
-                cells = ["—"] * (1 + len(present))
+                cells = ["—"] * (1 + fused_col + len(present))
             else:
                 gates, convs = floor(workload, pass_, dtype, "gate"), floor(workload, pass_, dtype, "conv")
-                cells = [f"{_ms(total)} ({_ms(gates)} + {_ms(convs)})"]
-                fused_floor = convs if convs else None
-                cells += ["—" if _median(recs.get(p)) is None or (p == "ours-fused" and fused_floor is None)
+                fused_floor = floor(workload, pass_, dtype, fused=True) if fused_col else None
+                cells = [f"{_ms(total)} ({_ms(gates)} + {_ms(convs)})"] + ([_ms(fused_floor)] if fused_col else [])
+                cells += ["—" if _median(recs.get(p)) is None or (p == "ours-fused" and not fused_floor)
                           else f"{_median(recs.get(p)) / (fused_floor if p == 'ours-fused' else total):.1f}"
                           for p in present]
             lines.append("| " + " | ".join([workload, pass_] + cells) + " |")

@@ -31,6 +31,22 @@ pieces run one after another, so a step's floor is the sum of its pieces'.
   benchmarks' fwd+bwd, whose inputs require grad). Bytes = input + weight +
   output once. float32 convolutions run as TF32 (PyTorch's default
   ``torch.backends.cudnn.allow_tf32 = True``).
+* **The fused step** (``fused=True``; issue 18, ``convgru_triton.ops.fused_step``,
+  the ``ours-fused`` provider; ``reset_after=False``): the hidden convolution
+  and the forward gate kernels become two kernels whose only bytes are the
+  unavoidable ones (the gate pre-activations ``W_h * h`` never reach memory):
+
+  ==========================  =========================================================  ======  ==========
+  kernel                      reads / writes (per state element; + the weights once)     fwd     fwd (no grad)
+  ==========================  =========================================================  ======  ==========
+  conv_rz_fwd                 h 1, gx[r,z] 2 / gates[r,z] 2, r*h 1                       6E      6E
+  conv_n_fwd                  r*h 1, gx[n] 1, z 1, h 1 / h' 1, gates[n] 1 (saving)       6E      5E
+  ==========================  =========================================================  ======  ==========
+
+  FLOPs: the hidden convolution's (2H output channels, then H). The input
+  convolution and the whole backward stay as above (the fused backward is not
+  in the provider yet): the fused floor differs from the unfused one in the
+  forward's hidden convolution and gate kernels only.
 
 Device numbers (:data:`DEVICES`), each with its source: H200 copy bandwidth and
 bf16 matrix rate measured on the H200 machine type lent to this project
@@ -134,12 +150,17 @@ def _conv(name: str, n: int, s: int, c_in: int, c_out: int, taps: int, element: 
     return Piece(name, "conv", io, flops, count)
 
 
-def pieces(workload, dtype: str = "bfloat16", pass_: str = "fwd+bwd", reset_after: bool = False) -> List[Piece]:
+def pieces(workload, dtype: str = "bfloat16", pass_: str = "fwd+bwd", reset_after: bool = False,
+           fused: bool = False) -> List[Piece]:
     """Every kernel and convolution one call of ``workload`` (a
     :class:`bench.workloads.Workload`) runs, with how many times; ``pass_`` is
-    ``"fwd"`` (inference, nothing saved) or ``"fwd+bwd"``."""
+    ``"fwd"`` (inference, nothing saved) or ``"fwd+bwd"``. ``fused``: the
+    forward's hidden convolution and gate kernels as the fused step's two
+    kernels (kind ``"fused"``; ``reset_after=False`` only)."""
     if pass_ not in ("fwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd' or 'fwd+bwd', got {pass_!r}")
+    if fused and reset_after:
+        raise ValueError("fused=True models the reset_after=False kernels (the benchmarks' formulation) only")
     element = ELEMENT_BYTES[dtype]
     train = pass_ == "fwd+bwd"
     out: List[Piece] = []
@@ -157,11 +178,18 @@ def pieces(workload, dtype: str = "bfloat16", pass_: str = "fwd+bwd", reset_afte
                 taps = kh * kw
                 reps = steps
                 out.append(_conv(f"{tag} input conv {kh}x{kw}", n, s, c_in, 3 * h, taps, element, reps))
-                out.append(_conv(f"{tag} hidden conv {kh}x{kw}", n, s, h, 3 * h, taps, element, reps))
+                if fused:
+                    w = h * h * taps  # weight elements of one gate
+                    out.append(Piece(f"{tag} fused conv_rz_fwd {kh}x{kw}", "fused", (6 * e + 2 * w) * element,
+                                     2.0 * n * s * 2 * h * h * taps, reps))
+                    out.append(Piece(f"{tag} fused conv_n_fwd {kh}x{kw}", "fused",
+                                     ((6 if train else 5) * e + w) * element, 2.0 * n * s * h * h * taps, reps))
+                else:
+                    out.append(_conv(f"{tag} hidden conv {kh}x{kw}", n, s, h, 3 * h, taps, element, reps))
                 if reset_after:
                     out.append(Piece(f"{tag} gru_reset_after_fwd", "gate",
                                      gate_bytes("gru_reset_after_fwd", e, element, save=train), count=reps))
-                else:
+                elif not fused:  # the fused kernels above did the gate math
                     out.append(Piece(f"{tag} gru_reset_gate_fwd", "gate",
                                      gate_bytes("gru_reset_gate_fwd", e, element), count=reps))
                     out.append(Piece(f"{tag} gru_update_fwd", "gate",
@@ -184,14 +212,14 @@ def pieces(workload, dtype: str = "bfloat16", pass_: str = "fwd+bwd", reset_afte
 
 
 def floor_ms(workload, device="h200", dtype: str = "bfloat16", pass_: str = "fwd+bwd",
-             reset_after: bool = False, kind: Optional[str] = None) -> float:
+             reset_after: bool = False, kind: Optional[str] = None, fused: bool = False) -> float:
     """Floor of one call of ``workload`` in ms on ``device`` (a key of
     :data:`DEVICES` or a :class:`Device`): the sum over its pieces of max(bytes /
-    copy bandwidth, FLOPs / matrix rate). ``kind`` ``"gate"`` or ``"conv"`` sums
-    only those pieces. The benchmarks run ``reset_after=False`` (the modules'
-    default)."""
+    copy bandwidth, FLOPs / matrix rate). ``kind`` ``"gate"``, ``"conv"`` or
+    ``"fused"`` sums only those pieces. The benchmarks run ``reset_after=False``
+    (the modules' default). ``fused``: the fused step's floor (:func:`pieces`)."""
     dev = DEVICES[device] if isinstance(device, str) else device
-    return sum(p.floor_ms(dev, dtype) * p.count for p in pieces(workload, dtype, pass_, reset_after)
+    return sum(p.floor_ms(dev, dtype) * p.count for p in pieces(workload, dtype, pass_, reset_after, fused)
                if kind is None or p.kind == kind)
 
 
@@ -207,8 +235,10 @@ def markdown(workloads=None, devices: Sequence[str] = ("h200", "h100-sxm"), dtyp
     """One row per workload and pass: floor (ms) per device, split gates / convolutions."""
     if workloads is None:
         from .workloads import FULL_WORKLOADS as workloads
-    lines = ["| workload | dtype | pass | " + " | ".join(f"{DEVICES[d].name} floor ms (gates + convs)" for d in devices)
-             + " |", "|---|---|---|" + "--:|" * len(devices)]
+    fused = not reset_after  # the fused step's floor: the reset_after=False kernels only
+    lines = ["| workload | dtype | pass | " + " | ".join(
+        f"{DEVICES[d].name} floor ms (gates + convs)" + (f" | {DEVICES[d].name} fused-step floor ms" if fused else "")
+        for d in devices) + " |", "|---|---|---|" + "--:|" * (len(devices) * (2 if fused else 1))]
     for w in workloads:
         for dtype in dtypes:
             for pass_ in ("fwd", "fwd+bwd"):
@@ -217,6 +247,8 @@ def markdown(workloads=None, devices: Sequence[str] = ("h200", "h100-sxm"), dtyp
                     g = floor_ms(w, d, dtype, pass_, reset_after, "gate")
                     c = floor_ms(w, d, dtype, pass_, reset_after, "conv")
                     cells.append(f"{g + c:.3f} ({g:.3f} + {c:.3f})")
+                    if fused:
+                        cells.append(f"{floor_ms(w, d, dtype, pass_, fused=True):.3f}")
                 lines.append(f"| {w.name} | {dtype} | {pass_} | " + " | ".join(cells) + " |")
     notes = [f"- {DEVICES[d].name}: {DEVICES[d].source}" for d in devices]
     return "\n".join(lines + [""] + notes) + "\n"

@@ -94,3 +94,40 @@ def test_report_without_a_floor_still_works(tmp_path, gpu, shape):
         assert "ours / floor" not in text
     else:  # a known GPU, an unknown shape: the columns are there, the row has no floor
         assert "| — | — |" in text
+
+
+def test_fused_step_pieces_by_hand():
+    """The fused step's floor (ours-fused): the forward's hidden convolution and gate
+    kernels replaced by two kernels moving only h, gx, the weights, the gates, r*h and
+    h' (RAFT's step, bfloat16, counted by hand); the same FLOPs; the rest unchanged."""
+    n, h, s, c_in, taps = 6, 128, 46 * 62, 256, 9
+    e, w = n * h * s, h * h * taps
+    for pass_, n_kernel in (("fwd", 5), ("fwd+bwd", 6)):  # n is saved only for the backward
+        ps = roofline.pieces(RAFT, "bfloat16", pass_, fused=True)
+        fused = {p.name.split()[2]: p for p in ps if p.kind == "fused"}
+        assert fused["conv_rz_fwd"].bytes == (6 * e + 2 * w) * 2
+        assert fused["conv_n_fwd"].bytes == (n_kernel * e + w) * 2
+        assert fused["conv_rz_fwd"].flops + fused["conv_n_fwd"].flops == pytest.approx(2 * n * s * 3 * h * h * taps)
+        unfused = roofline.pieces(RAFT, "bfloat16", pass_)
+        assert not any("hidden conv 3x3" in p.name for p in ps)
+        assert not any(p.name.endswith(("gru_reset_gate_fwd", "gru_update_fwd")) for p in ps)
+        kept = {p.name for p in unfused} - {p.name for p in ps}
+        assert kept == {"raft-convgru hidden conv 3x3", "raft-convgru gru_reset_gate_fwd",
+                        "raft-convgru gru_update_fwd"}
+        assert roofline.floor_ms(RAFT, "h200", "bfloat16", pass_, fused=True) < \
+            roofline.floor_ms(RAFT, "h200", "bfloat16", pass_)
+    with pytest.raises(ValueError, match="reset_after=False"):
+        roofline.pieces(RAFT, "bfloat16", "fwd", reset_after=True, fused=True)
+
+
+def test_report_measures_ours_fused_against_its_own_floor(tmp_path):
+    data = _gpu_json("NVIDIA H200", RAFT.describe())
+    extra = dict(data["benchmarks"][1]["extra_info"], provider="ours-fused")
+    data["benchmarks"].append({"name": "f", "fullname": "f", "params": None, "extra_info": extra,
+                               "stats": {"median": 0.0015, "min": 0.0015, "max": 0.0015, "rounds": 3}})
+    text = report.markdown(data)
+    floor = roofline.floor_ms(RAFT, "h200", "bfloat16", "fwd+bwd")
+    fused_floor = roofline.floor_ms(RAFT, "h200", "bfloat16", "fwd+bwd", fused=True)
+    assert "| workload | pass | floor ms (gates + convs) | fused floor ms | raft / floor | ours / floor | " \
+           "ours-fused / floor |" in text
+    assert f"| {fused_floor:.3f} | {4.0 / floor:.1f} | {2.0 / floor:.1f} | {1.5 / fused_floor:.1f} |" in text
