@@ -1198,6 +1198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if torch.bfloat16 in dtypes and not torch.cuda.is_bf16_supported():
         print(f"{name} has no bfloat16: not tuning it", file=sys.stderr)
         dtypes.remove(torch.bfloat16)
+        shapes = [s for s in shapes if s.dtype != torch.bfloat16]
 
     if args.fused_step:
         return _main_fused_step(args, shapes, device, name, key, output)

@@ -946,3 +946,31 @@ def test_command_fused_step_dry_run_and_bad_arguments(capsys):
             tune.main(["--fused-step", "--dry-run", *args])
         assert exc.value.code == 2, args
         assert "error" in capsys.readouterr().err
+
+
+def test_command_fused_step_writes_the_file_the_registry_then_uses(registry, monkeypatch, capsys):
+    """--fused-step on a new card (GPU calls and the timing run faked): the
+    choice lands in the user file, next to the gate entries already there."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    registry.write(registry.cache, _doc([_entry(256, 2)]))
+    tile = _tuning.TileConfig(128, 32, 64, 8, 3)
+    seen = []
+
+    def fake_tune_fused_step(shapes, tiles_of, device, timer, progress=True):
+        seen.extend(shapes)
+        assert tile in tiles_of(torch.bfloat16)
+        return [tune.StepResult(s, "fwd", tune.Trial(None, ms=1.0), [tune.Trial(tile, ms=0.5)]) for s in shapes]
+
+    monkeypatch.setattr(tune, "tune_fused_step", fake_tune_fused_step)
+    assert tune.main(["--fused-step", "--shapes", "6,128,46x62,3x3", "--formulations", "reset_after", "-q"]) == 0
+    assert [str(s) for s in seen] == ["N=6 H=128 46x62 3x3 reset_after bfloat16 cl"]
+    assert "wrote" in capsys.readouterr().out
+    _tuning.clear_cache()
+    assert _tuning.step_path(GPU, torch.bfloat16, True, "fwd", (3, 3), 6 * 128 * 46 * 62) == "fused"
+    assert _tuning.tile_config("conv_reset_after_fwd", torch.bfloat16, 6 * 128 * 46 * 62, GPU) == tile
+    assert lookup() == LaunchConfig(256, 2)  # the gate entry kept
