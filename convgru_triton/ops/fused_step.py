@@ -700,14 +700,6 @@ _BWD_REGISTRY_NAMES = {"_conv_dgrad_reset_gate_bwd_kernel": "conv_dgrad_reset_ga
                        "_conv_dgrad_bwd_kernel": "conv_dgrad_bwd"}
 
 
-def _tile_bwd(name: str, dtype: torch.dtype, numel: int, device: torch.device) -> "_tuning.TileConfig":
-    """The registry's tile for a backward kernel; the default tile where the
-    registry does not know the name (``_tuning.FUSED_KERNELS``)."""
-    if name in _tuning.FUSED_KERNELS:
-        return _tuning.tile_config(name, dtype, numel, device)
-    return _tuning.default_tile(name, dtype)
-
-
 def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: tuple, strides: tuple) -> None:
     """Launch one dgrad kernel over the pixels and channels of ``d_h`` (N, H, Y,
     X), reducing over ``channels`` (C) channels of the output gradient and the
@@ -715,7 +707,8 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
     are the kernel's tensor and stride arguments, in its order."""
     batch, hidden, height, width = d_h.shape
     dtype = d_h.dtype
-    tile = _tile_bwd(_BWD_REGISTRY_NAMES[kernel.__name__], dtype, d_h.numel(), d_h.device)
+    # The registry's tile (``_tuning.tile_config``; one float32 accumulator: 4 warps by default).
+    tile = _tuning.tile_config(_BWD_REGISTRY_NAMES[kernel.__name__], dtype, d_h.numel(), d_h.device)
     block_n, block_k = _blocks(hidden, channels, dtype, tile)
     m = batch * height * width
     if d_h.stride(1) == 1 and hidden > 1:  # channels_last: flat pixel tiles (see _pixels)
