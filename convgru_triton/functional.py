@@ -149,14 +149,24 @@ def _zeros_state(gates_x: torch.Tensor, hidden: int, input_frame: torch.Tensor) 
     return empty_in_layout(shape, gates_x.dtype, gates_x.device, channels_last).zero_()
 
 
+def _in_functorch_transform() -> bool:
+    """Inside torch.vmap, torch.func.grad or another functorch transform:
+    there ``contiguous(memory_format=torch.channels_last)`` raises ("NYI:
+    querying is_contiguous inside of vmap", torch 2.13), so the layout policy
+    is not applied (0.13 us per call to ask)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _internal_format(device: torch.device, dtype: torch.dtype, dims: int,
-                     cast: Optional[torch.dtype]) -> Optional[torch.memory_format]:
+                     cast: Optional[torch.dtype], planning: bool = False) -> Optional[torch.memory_format]:
     """The layout policy (:func:`~convgru_triton._layout.internal_memory_format`)
     for tensors of ``dtype`` computed in after autocast's cast (``cast``). Not
     applied while torch.compile traces: Inductor chooses the layouts of the
     graph it compiles (explicit conversions would only pin them and add copies),
-    and reading the environment there would guard the graph on it."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    and reading the environment there would guard the graph on it; nor under
+    jit.trace, nor inside a functorch transform (unless ``planning``: a cell
+    plan, cached across calls, leaves that to each call)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (not planning and _in_functorch_transform()):
         return None
     return internal_memory_format(device, autocast_result_dtype(dtype, cast), dims)
 
@@ -337,7 +347,8 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
     step = None if torch.compiler.is_compiling() else plan(spec, reset_after, False, use_triton)
     return _CellPlan(
         batched, hidden, same_conv(spec)[0], spec, reset_after, use_triton, step,
-        use_triton and input.device.type != "cuda", _internal_format(input.device, input.dtype, dims, cast), cast,
+        use_triton and input.device.type != "cuda", _internal_format(input.device, input.dtype, dims, cast, planning=True),
+        cast,
     )
 
 
@@ -346,6 +357,8 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
         input = input.unsqueeze(0)
         hx = None if hx is None else hx.unsqueeze(0)
     fmt = p.memory_format
+    if fmt is not None and _in_functorch_transform():
+        fmt = None
     if fmt is not None:
         # Once per call, not once per convolution (cuDNN transposes NCHW half
         # tensors around each of its tensor-core convolutions): the state's

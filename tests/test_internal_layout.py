@@ -380,3 +380,18 @@ def test_not_applied_under_compile(layout, device):
     compiled = torch.compile(cell, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, h), cell(x, h))
     assert functional._internal_format(device, torch.float32, 2, None) == torch.channels_last
+
+
+def test_not_applied_inside_vmap(layout, device):
+    """torch.vmap cannot make channels_last copies (NYI in torch): inside a
+    functorch transform the cell, the sequence and SepConvGRU keep the layout."""
+    layout("channels_last")
+    torch.manual_seed(0)
+    x, h = torch.randn(2, 3, 3, 5, 7, device=device), torch.randn(2, 3, 4, 5, 7, device=device)
+    for module in (ConvGRUCell2d(3, 4, 3, device=device), SepConvGRUCell2d(3, 4, 5, device=device)):
+        torch.testing.assert_close(torch.vmap(module)(x, h), module(x.flatten(0, 1), h.flatten(0, 1)).unflatten(0, (2, 3)))
+    gru = ConvGRU2d(3, 4, 3, device=device)
+    seq = torch.randn(2, 4, 3, 3, 5, 7, device=device)  # vmapped over dim 0: (T=4, N=3, C=3, 5, 7)
+    out, h_n = torch.vmap(gru)(seq)
+    for i in range(2):
+        torch.testing.assert_close(out[i], gru(seq[i])[0])
