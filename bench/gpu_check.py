@@ -115,7 +115,7 @@ PLAN: Sequence[Part] = (
          "start: ~14 s"),
     Part("cuda_graphs", 40, 15, "each reduce-overhead compile took 3.4-3.6 s; the timed loops are ms; stopped at 25 s "
          "on the H200 at 20a2c17 (28 s needed); +5 for the fused step's replay (captured first)"),
-    Part("profile", 35, 15, "5 providers, 13 steps each: 28 s at 20a2c17; +5 for ours-fused (profiled first); the "
+    Part("profile", 35, 15, "6 providers, 13 steps each: 28 s for 5 at 20a2c17; +5 for ours-fused (profiled first); the "
          "compiled ones from the caches the prewarm filled"),
     Part("compiled", None, 45, "40 benchmarks, ~68 graphs from the prewarm's caches: 65 s at 20a2c17 (limit 142); "
          "minimum 45 (bfloat16 first), with all time the others leave"),

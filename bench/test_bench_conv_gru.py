@@ -258,6 +258,7 @@ def run_benchmark(benchmark, case, device):
         device=device.type,
         state_bytes=wl.state_bytes(workload, dtype),
         checked=provider in wl.OURS,
+        fused_step=wl.FUSED_SWITCH.get(provider),  # CONVGRU_TRITON_FUSED_STEP during its calls (None: untouched)
     )
     if provider in wl.OURS:
         from convgru_triton import explain_backend
