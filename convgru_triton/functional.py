@@ -347,7 +347,8 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
     step = None if torch.compiler.is_compiling() else plan(spec, reset_after, False, use_triton)
     return _CellPlan(
         batched, hidden, same_conv(spec)[0], spec, reset_after, use_triton, step,
-        use_triton and input.device.type != "cuda", _internal_format(input.device, input.dtype, dims, cast, planning=True),
+        use_triton and input.device.type != "cuda",
+        _internal_format(input.device, input.dtype, dims, cast, planning=True),
         cast,
     )
 

@@ -145,7 +145,10 @@ def test_cell_equals_policy_off_and_reference(layout, device, backend, dims, cal
 
     spec = ConvSpec.create(dims, cell.kernel_size, 1, "zeros")
     xb = x if batched else x.unsqueeze(0)
-    hb = torch.zeros((xb.shape[0], 4) + xb.shape[2:], device=device) if h is None else (h if batched else h.unsqueeze(0))
+    if h is None:
+        hb = torch.zeros((xb.shape[0], 4) + xb.shape[2:], device=device)
+    else:
+        hb = h if batched else h.unsqueeze(0)
     ref = conv_gru_cell_ref(conv_same(xb, cell.weight_ih, spec), hb, cell.weight_hh, cell.bias_ih, cell.bias_hh,
                             spec, reset_after)
     ref = ref if batched else ref.squeeze(0)
@@ -389,7 +392,8 @@ def test_not_applied_inside_vmap(layout, device):
     torch.manual_seed(0)
     x, h = torch.randn(2, 3, 3, 5, 7, device=device), torch.randn(2, 3, 4, 5, 7, device=device)
     for module in (ConvGRUCell2d(3, 4, 3, device=device), SepConvGRUCell2d(3, 4, 5, device=device)):
-        torch.testing.assert_close(torch.vmap(module)(x, h), module(x.flatten(0, 1), h.flatten(0, 1)).unflatten(0, (2, 3)))
+        expected = module(x.flatten(0, 1), h.flatten(0, 1)).unflatten(0, (2, 3))
+        torch.testing.assert_close(torch.vmap(module)(x, h), expected)
     gru = ConvGRU2d(3, 4, 3, device=device)
     seq = torch.randn(2, 4, 3, 3, 5, 7, device=device)  # vmapped over dim 0: (T=4, N=3, C=3, 5, 7)
     out, h_n = torch.vmap(gru)(seq)
