@@ -35,5 +35,17 @@ def test_cuda_graphs_dry_run(tmp_path):
 
     assert cuda_graphs.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "30"]) == 0
     rows = json.loads((tmp_path / "cuda_graphs-cpu.json").read_text())["rows"]
-    assert [r["cell"] for r in rows] == ["ConvGRUCell2d 3x3", "SepConvGRUCell2d 1x5+5x1"]
-    assert all(r["eager_ms_per_step"] > 0 and r["graph"].startswith("skipped") for r in rows)
+    # The dry run's one fused-step row first (issue 18's replay target), then today's path per cell.
+    assert [r["cell"] for r in rows] == ["ConvGRUCell2d 3x3 · fused step", "ConvGRUCell2d 3x3",
+                                         "SepConvGRUCell2d 1x5+5x1"]
+    fused, today = rows[0], rows[1:]
+    assert fused["fused_step"] == "1" and all(r["fused_step"] == "0" for r in today)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The interpreter runs the fused kernels: the row was timed and launched them.
+        assert fused["eager_ms_per_step"] > 0 and fused["fused_launches"] > 0
+        assert fused["graph"].startswith("skipped")
+    else:
+        # Nothing can run the Triton kernels on CPU tensors: the row says why instead of a number.
+        assert fused["eager"].startswith("skipped: ours-fused") and "eager_ms_per_step" not in fused
+    assert all(r["eager_ms_per_step"] > 0 and r["graph"].startswith("skipped") for r in today)
+    assert all(r["fused_launches"] == 0 for r in today)

@@ -48,6 +48,10 @@ ALLOWED: Dict[Tuple[str, str], str] = {
     ("test_bench_baselines.py", "test_report_never_mixes_cpu_and_gpu"): "synthetic reports of both kinds (strings)",
     ("test_bench_gpu_check.py", "test_uses_tf32_follows_the_device_and_the_settings"):
         "the TF32 rule per device type (no tensor is made)",
+    ("test_bench_fused.py", "test_ours_fused_says_why_it_cannot_run"):
+        "why ours-fused cannot run on CPU tensors (the reason for the CPU; no tensor is made)",
+    ("test_internal_layout.py", "test_policy_default_and_override"):
+        "the layout policy's rule per device type (no tensor is made)",
     ("test_bench_sequence.py", "test_sequence_vs_steps_tiny"): "a smoke run of bench/sequence.py on the CPU",
     ("test_cuda_graph_safety.py", "test_the_mode_catches_host_reads"):
         "the host-read detector's own test: a copy to the CPU is one of the reads it must catch",
