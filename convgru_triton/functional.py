@@ -32,7 +32,8 @@ from ._layout import (
     is_channels_last, stack_frames,
 )
 from .ops.conv_gru import (
-    _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled, plan,
+    _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
+    fused_step_setting, plan,
 )
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
@@ -484,6 +485,8 @@ def conv_gru(
     use_triton = select_backend(input.device, backend).name == "triton"
     if use_triton:
         check_kernel_sample_size(hidden, spatial)
+    if not torch.compiler.is_compiling():
+        fused_step_setting()  # a bad CONVGRU_TRITON_FUSED_STEP raises here, before any convolution
     fmt = _internal_format(input.device, input.dtype, dims, cast)
     if fmt is not None:
         # Converted once per call: the sequence, h0 and the weights; every

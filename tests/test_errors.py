@@ -156,6 +156,7 @@ def test_3d_module_rejects_2d_input():
 # ----------------------------------------------------------------------------
 
 import os  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import convgru_triton._backend as _backend_module  # noqa: E402
 import convgru_triton.functional as _functional  # noqa: E402
@@ -188,8 +189,26 @@ def _under_bfloat16_autocast(call):
         return call()
 
 
+def _with_env(name, value, call):
+    """``call()`` with the environment variable ``name`` set to ``value``."""
+    with mock.patch.dict(os.environ, {name: value}):
+        return call()
+
+
 # (row, call(backend), exception type, the message as the docs/errors.md table shows it)
 BAD_INPUTS = [
+    # --- environment variables: read at the first call, checked before anything runs ---
+    ("CONVGRU_TRITON_FUSED_STEP unknown (sequence)", lambda b: _with_env(
+        "CONVGRU_TRITON_FUSED_STEP", "yes", lambda: _seq(b)(_x())), ValueError,
+     "CONVGRU_TRITON_FUSED_STEP must be one of '1' (fused step), '0' (cuDNN + gate kernels) or 'auto' "
+     "(unset or empty: the tuning registry decides), got 'yes'"),
+    ("CONVGRU_TRITON_FUSED_STEP unknown (cell)", lambda b: _with_env(
+        "CONVGRU_TRITON_FUSED_STEP", "yes", lambda: _cell_call(b, _x(4, 2, 5, 6), None, None, None)), ValueError,
+     "CONVGRU_TRITON_FUSED_STEP must be one of '1' (fused step), '0' (cuDNN + gate kernels) or 'auto' "
+     "(unset or empty: the tuning registry decides), got 'yes'"),
+    ("CONVGRU_TRITON_LAYOUT unknown", lambda b: _with_env(
+        "CONVGRU_TRITON_LAYOUT", "nhwc", lambda: _seq(b)(_x())), ValueError,
+     "CONVGRU_TRITON_LAYOUT must be one of auto, channels_last, keep, got 'nhwc'"),
     # --- under autocast: dtypes compared after autocast's cast, which leaves float64 as it is ---
     ("autocast: float64 input, float32 weights", lambda b: _under_bfloat16_autocast(
         lambda: _seq(b)(_x(dtype=torch.float64))), ValueError,

@@ -205,6 +205,25 @@ _fused = None  # convgru_triton.ops.fused_step, imported by the first plan that 
 _FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"  # = fused_step.ENV_VAR (not imported: it imports Triton)
 
 
+def fused_step_setting(raw: Optional[str] = None) -> str:
+    """``"1"``, ``"0"`` or ``"auto"`` from ``raw`` (default: the environment
+    variable ``CONVGRU_TRITON_FUSED_STEP``; unset or empty is ``"auto"``).
+    Here rather than in :mod:`.fused_step` so that it is checked without
+    importing Triton where Triton is absent.
+
+    Raises:
+        ValueError: any other value, naming the variable, the values it takes
+            and the value given.
+    """
+    if raw is None:
+        raw = os.environ.get(_FUSED_ENV_VAR)
+    text = (raw or "").strip().lower() or "auto"
+    if text not in ("1", "0", "auto"):
+        raise ValueError(f"{_FUSED_ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
+                         f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
+    return text
+
+
 def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
     """Whether a plan may run steps as :mod:`.fused_step`'s kernels
     (convolution and gate math in one pass), per ``CONVGRU_TRITON_FUSED_STEP``
@@ -213,13 +232,9 @@ def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
     step then does is decided per call by ``fused_step.use_fused`` (under
     ``auto`` the tuning registry, whose default is cuDNN + the gate kernels:
     no GPU figure of the fused step exists yet). Raises ValueError on any
-    other value of the variable (at the first call, as CONVGRU_TRITON_BACKEND)."""
+    other value of the variable (:func:`fused_step_setting`)."""
     global _fused
-    raw = os.environ.get(_FUSED_ENV_VAR)
-    text = (raw or "").strip().lower() or "auto"
-    if text not in ("1", "0", "auto"):  # = fused_step.mode(), without importing Triton where it is absent
-        raise ValueError(f"{_FUSED_ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
-                         f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
+    text = fused_step_setting()
     if not use_triton or text == "0" or spec.dims != 2 or spec.padding_mode != "zeros":
         return False
     if _fused is None:

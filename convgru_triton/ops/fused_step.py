@@ -1,7 +1,9 @@
-"""The fused ConvGRU forward step: hidden convolution and gate math in one pass.
+"""The fused ConvGRU step: hidden convolution and gate math in one pass,
+forward and backward (the backward's data gradient; section "Backward").
 
-Groundwork for issue 18 ("a fused ConvGRU step"). Kernels, launcher and the
-reference they are checked against live together in this file.
+Issue 18 ("a fused ConvGRU step"). Kernels, launchers and the selection
+(:func:`use_fused`) live together in this file; the references they are
+checked against are the ``*_ref`` functions of :mod:`.naive`.
 
 Selection (docs/tuning.md, "The fused step"): the sequence operator
 (:mod:`.conv_gru`) asks :func:`use_fused` per step and direction.
@@ -87,6 +89,7 @@ import triton.language as tl
 from .. import _tuning
 from .._conv import ConvSpec, conv_same
 from . import naive
+from .conv_gru import fused_step_setting
 from .conv_gru_cell import _sigmoid, _tanh
 
 Tensor = torch.Tensor
@@ -106,15 +109,10 @@ MODES = ("1", "0", "auto")
 
 def mode(value: Optional[str] = None) -> str:
     """``"1"``, ``"0"`` or ``"auto"`` from ``value`` (default: the environment
-    variable ``CONVGRU_TRITON_FUSED_STEP``; unset or empty is ``"auto"``).
-    Raises ValueError naming the variable, the allowed values and the value
-    given for anything else."""
-    raw = os.environ.get(ENV_VAR) if value is None else value
-    text = (raw or "").strip().lower() or "auto"
-    if text not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
-                         f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
-    return text
+    variable ``CONVGRU_TRITON_FUSED_STEP``; unset or empty is ``"auto"``):
+    :func:`.conv_gru.fused_step_setting`, which raises ValueError naming the
+    variable, the values it takes and the value given for anything else."""
+    return fused_step_setting(value)
 
 
 def enabled() -> bool:
