@@ -1,20 +1,24 @@
-"""What the GPU compiler makes of the gate kernels, read on a machine without a GPU.
+"""What the GPU compiler makes of the gate kernels and the fused step, read on a machine without a GPU.
 
     python -m bench.codegen                       # every workload, sm_90 and sm_80 -> bench/results/codegen-sm90.{md,json} (+ sm80)
     python -m bench.codegen --arch 90 --dtypes bfloat16 --layouts nchw --workloads raft-convgru
     python -m bench.codegen --shape 128,46x62 --shape 24,24x41 --json /tmp/ci.json --no-markdown
+    python -m bench.codegen --arch 90 --kernels fused --out /tmp/fused    # the fused step's kernels only (~30 s)
 
 The package runs its ordinary launch path (modules -> functional -> sequence
 operator -> launchers -> ``JITFunction.run``: Triton's own argument binding and
 specialization: divisibility by 16, arguments equal to 1, constexprs) on CPU
-tensors, with two substitutions made in this module and nowhere else:
+tensors, with three substitutions made in this module and nowhere else:
 
 * Triton's active driver is a fake CUDA driver whose target is ``sm_<arch>``,
   and every kernel the launch path asks for is compiled for it and never
   launched (:func:`bench._triton_compat.compile_without_launch`);
 * the package's backend choice accepts CPU tensors for ``backend="triton"``
   (``_backend._interpreter_enabled`` answers yes, the one check that refuses
-  them), so the modules are built with the public ``backend="triton"``.
+  them), so the modules are built with the public ``backend="triton"``;
+* the fused step's ``fused_step.supports`` answers for CPU tensors as it
+  would for CUDA ones (on a CPU it accepts them only under the interpreter,
+  and never in bfloat16).
 
 Each compiled kernel is then read back: registers per thread, stack and local
 memory (spills) and shared memory from ``cuobjdump --dump-resource-usage`` of its
@@ -22,7 +26,7 @@ cubin, and every global load and store in its PTX, counted by width in bytes
 (a ``ld.global.v4.b32`` is 16 bytes) and classified by the pointer argument its
 address derives from (a def-use trace from the ``ld.param`` of each pointer
 argument): **tensor** accesses (states, gates, gradients) and **bias**
-accesses (pointer arguments whose name contains ``bias``). Counts are static
+accesses (pointer arguments named ``*bias*``, or ``b_ih_ptr``/``b_hh_ptr``). Counts are static
 PTX instructions of one thread: with no loops in the kernel, what each thread
 executes once.
 
@@ -39,6 +43,23 @@ every per-step offset ``t * N * C * S * element`` as divisible by 16 bytes as
 at full N, see :func:`shrunk_batch`). float16 convolutions run in float32 and
 are cast back (CPU float16 convolution backward takes ~20 s per RAFT step;
 layout and dtype of the result are unchanged).
+
+The fused step (issue 18, :mod:`convgru_triton.ops.fused_step`: implicit-GEMM
+convolution with the gate math in its epilogue) gets cases of its own
+(``op="fused"``, :func:`fused_cases`): at the shapes of :data:`FUSED_WORKLOADS`
+(RAFT's ConvGRU 3x3 and SepConvGRU 1x5 + 5x1: N=6, 46x62, hidden 128), in
+:data:`FUSED_DTYPES`, both layouts and formulations, its launchers
+``fused_step.forward_step`` (inference, then saving for backward) and
+``fused_step.backward_step`` (the data gradient) run with
+``CONVGRU_TRITON_FUSED_STEP=1`` on uninitialised frames, each kernel compiled at
+the tile the package gives a CPU device (``_tuning.default_tile``). Their
+report adds the tile, the pipelining stages and the tensor-core instructions
+in the PTX (``wgmma.mma_async``: Hopper's warpgroup MMA; ``mma.sync``: the
+Ampere path); their global accesses are counted as the gate kernels' (static
+instructions: these kernels loop over taps and channel blocks, so the loop's
+are executed once per iteration; operand tiles that reach shared memory by
+``cp.async`` are not counted). The gate cases
+run with the variable at ``0``, so the two sets never mix.
 """
 
 from __future__ import annotations
@@ -72,6 +93,13 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 LAYOUTS = ("nchw", "cl")
 ARCHS = (90, 80)
 INPUT_CHANNELS = 4  # stand-in C_in: any value compiles the same kernels
+#: Workloads whose fused step is compiled (at their full shapes): RAFT's two update cells.
+FUSED_WORKLOADS = ("raft-convgru", "raft-sepconvgru")
+#: The fused step's dtypes in the report: bfloat16, RAFT's training and inference dtype.
+FUSED_DTYPES = ("bfloat16",)
+#: Triton names of the fused step's kernels (``_tuning.FUSED_KERNELS`` are their registry names).
+FUSED_KERNELS = ("_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel",
+                 "_conv_dgrad_reset_gate_bwd_kernel", "_conv_dgrad_bwd_kernel")
 #: the widest global access a thread can make (ld.global.v4.b32 / v2.b64), bytes
 WIDEST_ACCESS = 16
 
@@ -86,9 +114,10 @@ class Case:
     """One run through the package: ``hidden`` channels on ``size`` maps.
 
     ``op`` is ``"cell"`` (``ConvGRUCell2d``, one step; two cells ``(1, k)`` then
-    ``(k, 1)`` when ``separable``) or ``"sequence"`` (``ConvGRU2d`` over ``steps``
-    steps, ``num_layers`` layers). ``batch``/``input_channels`` are the sizes
-    actually run (see :func:`shrunk_batch`); ``full_batch`` is the workload's."""
+    ``(k, 1)`` when ``separable``), ``"sequence"`` (``ConvGRU2d`` over ``steps``
+    steps, ``num_layers`` layers) or ``"fused"`` (the fused step's launchers,
+    one step per kernel size: :func:`run_fused_case`). ``batch``/``input_channels``
+    are the sizes actually run (see :func:`shrunk_batch`); ``full_batch`` is the workload's."""
 
     workload: str
     stage: int
@@ -114,8 +143,10 @@ class Case:
         return math.prod(self.size) if self.layout == "nchw" else self.hidden
 
     def label(self) -> str:
+        """One token (case tags are split on spaces): the workload, its stage,
+        ``:fused`` for the fused step's cases."""
         stage = f"[{self.stage}]" if self.stage else ""
-        return f"{self.workload}{stage}"
+        return f"{self.workload}{stage}{':fused' if self.op == 'fused' else ''}"
 
     def shape(self) -> str:
         return f"H={self.hidden} {'x'.join(map(str, self.size))}"
@@ -158,6 +189,28 @@ def workload_cases(workloads=None, dtypes: Sequence[str] = tuple(DTYPES), layout
                             tuple(st.size), st.kernel_size,
                             st.input_channels if full_batch else min(st.input_channels, INPUT_CHANNELS),
                             n, w.steps, st.num_layers, w.separable, dtype, layout, ra, w.batch))
+    return out
+
+
+def fused_cases(workloads=None, dtypes: Sequence[str] = FUSED_DTYPES, layouts: Sequence[str] = LAYOUTS,
+                formulations: Sequence[bool] = (False, True)) -> List[Case]:
+    """The fused step's cases (``op="fused"``) of ``workloads`` (default: those of
+    :data:`bench.workloads.FULL_WORKLOADS` named in :data:`FUSED_WORKLOADS`), one
+    per stage, dtype, layout and formulation, at the workload's own N: nothing
+    is computed on the CPU (the launchers only allocate), and M = N * Y * X is
+    an argument Triton specializes on (divisibility by 16), which a shrunk N
+    would not keep in general."""
+    from .workloads import FULL_WORKLOADS
+
+    chosen = [w for w in FULL_WORKLOADS if w.name in FUSED_WORKLOADS] if workloads is None else workloads
+    out = []
+    for w in chosen:
+        for i, st in enumerate(w.stages):
+            for dtype in dtypes:
+                for layout in layouts:
+                    for ra in formulations:
+                        out.append(Case(w.name, i, "fused", st.hidden_channels, tuple(st.size), st.kernel_size,
+                                        st.input_channels, w.batch, 1, 1, w.separable, dtype, layout, ra, w.batch))
     return out
 
 
@@ -207,28 +260,43 @@ class _Float32CpuConvolutions(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _package_on_cpu_compiling() -> Iterator[None]:
-    """Let ``backend="triton"`` run on CPU tensors (the package allows it only
-    under the interpreter, which this pretends to be), every launch through
-    Triton's binder, float16 convolutions computed in float32."""
+    """Let ``backend="triton"`` and the fused step run on CPU tensors (the
+    package allows them only under the interpreter, which this pretends to be,
+    and the fused step not in bfloat16 there), every launch through Triton's
+    binder, float16 convolutions computed in float32."""
     from convgru_triton import _backend
 
     if not hasattr(_backend, "_interpreter_enabled"):
         raise RuntimeError("convgru_triton._backend._interpreter_enabled is gone: adapt "
                            "bench.codegen._package_on_cpu_compiling to where the package now refuses CPU tensors "
                            "for backend='triton'")
-    from convgru_triton.ops import conv_gru_cell
+    from convgru_triton.ops import conv_gru_cell, fused_step
 
+    if not hasattr(fused_step, "supports") or not hasattr(fused_step, "clear_decisions"):
+        raise RuntimeError("convgru_triton.ops.fused_step.supports/clear_decisions are gone: adapt "
+                           "bench.codegen._package_on_cpu_compiling to where the fused step now refuses CPU tensors")
     saved_enabled, saved_direct = _backend._interpreter_enabled, conv_gru_cell._DIRECT_LAUNCH
+    saved_supports = fused_step.supports
+    cuda = torch.device("cuda")  # never allocated on: the device whose rules the CPU tensors get
+
+    def supports(spec, dtype, device):
+        return saved_supports(spec, dtype, cuda if device.type == "cpu" else device)
+
     _backend._interpreter_enabled = lambda: True
     # Every launch through Triton's binder, where the compile hook sees it (the
     # launchers otherwise replay a kept kernel after its first launch).
     conv_gru_cell._DIRECT_LAUNCH = False
+    fused_step.supports = supports
+    # use_fused caches its answers per device: none from before (a CPU "no"), none kept after (a CPU "yes").
+    fused_step.clear_decisions()
     try:
         with _Float32CpuConvolutions():
             yield
     finally:
         _backend._interpreter_enabled = saved_enabled
         conv_gru_cell._DIRECT_LAUNCH = saved_direct
+        fused_step.supports = saved_supports
+        fused_step.clear_decisions()
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -240,7 +308,59 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def run_case(case: Case, seed: int = 0) -> None:
-    """Forward without autograd, then forward + backward, through the public modules."""
+    """Forward without autograd, then forward + backward, through the public
+    modules (the fused step's cases: :func:`run_fused_case`), with
+    ``CONVGRU_TRITON_FUSED_STEP`` at ``1`` for the fused step's cases and ``0``
+    for the others, whatever the caller's environment says."""
+    from .workloads import fused_switch
+
+    with fused_switch("1" if case.op == "fused" else "0"):
+        if case.op == "fused":
+            run_fused_case(case)
+        else:
+            _run_modules(case, seed)
+
+
+def run_fused_case(case: Case) -> None:
+    """The fused step's launchers, as the sequence operator's step hooks call
+    them (``conv_gru._step_forward``/``_step_backward``), for each kernel size
+    of ``case`` (``(k, k)``, or ``(1, k)`` then ``(k, 1)`` when separable):
+    ``forward_step`` without saving (inference), then saving (training), then
+    ``backward_step`` (the update/reset-after gate kernel and the data-gradient
+    kernels), on uninitialised (N, C, Y, X) frames in the case's layout and a
+    contiguous weight (the modules' ``weight_hh``). Raises RuntimeError when a
+    launcher declines (the kernels would silently not be in the report)."""
+    from convgru_triton._conv import ConvSpec
+    from convgru_triton.ops import conv_gru, fused_step
+
+    dtype, hidden, k = DTYPES[case.dtype], case.hidden, case.kernel_size
+
+    def frame(channels: int) -> torch.Tensor:
+        return _layout(torch.empty(case.batch, channels, *case.size, dtype=dtype), case.layout)
+
+    ra = case.reset_after
+    for kernel in [(1, k), (k, 1)] if case.separable else [(k, k)]:
+        spec = ConvSpec(kernel, (1,) * len(kernel))
+        plan = conv_gru.plan(spec, ra, False, True)
+        if not plan.fused_step:
+            raise RuntimeError(f"{case}: the operator's plan for {kernel} does not take the fused step")
+        weights = conv_gru._hidden_weights(plan, torch.empty(3 * hidden, hidden, *kernel, dtype=dtype))
+        bias = torch.empty(3 * hidden, dtype=dtype)
+        gx, h, state, gates, aux = frame(3 * hidden), frame(hidden), frame(hidden), frame(3 * hidden), frame(hidden)
+        # Inference keeps nothing: reset_after passes no gates/aux, the other needs them as scratch.
+        ran = [fused_step.forward_step(ra, spec, gx, h, weights, bias, bias, state, None if ra else gates,
+                                       None if ra else aux, False),
+               fused_step.forward_step(ra, spec, gx, h, weights, bias, bias, state, gates, aux, True)]
+        grad, grad2, d_gx, d_h = frame(hidden), frame(hidden), frame(3 * hidden), frame(hidden)
+        d_gh = frame(3 * hidden) if ra else None
+        math = plan.math.bind(d_h, None, None, (grad, h, gates, aux))
+        ran.append(fused_step.backward_step(ra, spec, math, grad, grad2, h, weights, gates, aux, d_gx, d_gh, d_h))
+        if not all(ran):
+            raise RuntimeError(f"{case}: the fused step declined {kernel} (forward, forward saving, backward: "
+                               f"{ran}); see fused_step.use_fused")
+
+
+def _run_modules(case: Case, seed: int) -> None:
     import convgru_triton as cg
 
     torch.manual_seed(seed)
@@ -296,7 +416,12 @@ class Access:
         "unknown" when no argument pointer was traced to it."""
         if not self.pointers:
             return "unknown"
-        return "bias" if all("bias" in p for p in self.pointers) else "tensor"
+        return "bias" if all(is_bias_pointer(p) for p in self.pointers) else "tensor"
+
+
+def is_bias_pointer(name: str) -> bool:
+    """A bias argument: the gate kernels name theirs ``*bias*``, the fused step's ``b_ih_ptr``/``b_hh_ptr``."""
+    return "bias" in name or re.fullmatch(r"b_[a-z]+_ptr", name) is not None
 
 
 def _split_operands(rest: str) -> List[str]:
@@ -440,12 +565,18 @@ def summarize(rec: "tc.Compiled", arch: int) -> Dict:
                 by[f"{op}_{kind}"] = {str(w): n for w, n in sorted(c.items())}
     ptrs = {n for n in pointer_param_names(rec.signature) if n}
     dtype = next((t[1:] for t in rec.signature.values() if isinstance(t, str) and t.startswith("*")), "?")
+    ops = Counter(op.split(".", 2)[0] + "." + op.split(".", 2)[1] for op, _ in _instructions(tc.ptx(rec.kernel))
+                  if op.startswith(("wgmma.mma_async", "mma.sync")))
     return dict(
         arch=arch, kernel=rec.name, dtype=dtype, variant=_variant(rec.constexprs),
         constexprs={k: str(v) for k, v in rec.constexprs.items()}, divisible_by_16=_spec_summary(rec),
         num_warps=rec.num_warps, regs=res["regs"], stack=res["stack"], local=res["local"],
         shared=max(res["shared"], tc.shared_bytes(rec.kernel)), accesses=by, pointers=sorted(ptrs),
-        launches=rec.launches, cases=[],
+        launches=rec.launches, cases=[], fused=rec.name in FUSED_KERNELS,
+        # Static tensor-core instructions: Hopper's asynchronous warpgroup MMA, the Ampere-style MMA.
+        wgmma=ops["wgmma.mma_async"], mma_sync=ops["mma.sync"],
+        # Optional: the compiled kernel's metadata (None where a Triton version lacks the field).
+        num_stages=getattr(getattr(rec.kernel, "metadata", None), "num_stages", None),
     )
 
 
@@ -533,10 +664,21 @@ def _case_key(tag: str) -> Tuple[str, str]:
     return " ".join(parts[:3]), " ".join(parts[3:5])
 
 
+def is_fused(summary: Dict) -> bool:
+    """Whether a kernel summary is one of the fused step's kernels (saved reports
+    from before the field existed: by name)."""
+    return bool(summary.get("fused", summary["kernel"] in FUSED_KERNELS))
+
+
+def _short(name: str) -> str:
+    return name.strip("_").replace("_kernel", "")
+
+
 def markdown(result: Dict) -> str:
-    """One table per arch: one line per distinct compiled kernel."""
+    """Per arch: one table of the gate kernels and one of the fused step's
+    kernels, one line per distinct compiled kernel."""
     meta = result["meta"]
-    lines = [f"# Codegen: the gate kernels as the GPU compiler builds them", "",
+    lines = [f"# Codegen: the gate kernels and the fused step as the GPU compiler builds them", "",
              f"Triton {meta['triton']} · torch {meta['torch']} · commit {meta['commit'][:12]}"
              f"{' + uncommitted kernel changes' if meta.get('dirty') else ''} · {meta['date']} · "
              f"`python -m bench.codegen` on a CPU (fake CUDA target, the package's own launch path).", "",
@@ -544,45 +686,93 @@ def markdown(result: Dict) -> str:
              "`STL`/`LDL` in SASS; cuobjdump's LOCAL counts only declared local arrays); shared memory (bytes); global "
              "loads (`ld`) and stores (`st`) as `count×bytes`, split into **tensor** accesses (states, gates, "
              "gradients) and **bias** accesses, traced from the pointer argument each address is computed from. "
-             "Static PTX counts: the kernels have no loops, so each thread runs each once. "
+             "Static PTX counts: the gate kernels have no loops, so each thread runs each once. "
              f"{result.get('note', '')}", ""]
     for arch in result["archs"]:
-        rows = [k for k in result["kernels"] if k["arch"] == arch]
+        every = [k for k in result["kernels"] if k["arch"] == arch]
+        rows = [k for k in every if not is_fused(k)]
         lines += [f"## sm_{arch}", ""]
         worst = max((k["regs"] for k in rows), default=0)
         spills = sum(k["local"] + k["stack"] for k in rows)
-        lines += [f"{len(rows)} compiled kernels; most registers {worst}; "
+        lines += [f"{len(rows)} compiled gate kernels; most registers {worst}; "
                   f"{'no spills (stack or local memory)' if not spills else f'{spills} bytes of stack/local memory (spills) in total'}.", ""]
         failed = [e for e in result.get("errors", []) if e["arch"] == arch]
         if failed:
             lines += [f"**{len(failed)} cases failed to compile:**", ""]
             lines += [f"- {e['case']}: `{e['error'].splitlines()[-1][:300] if e['error'] else ''}`" for e in failed]
             lines.append("")
-        head = ["kernel", "variant", "dtype", "layout", "shape (workloads)", "warps", "regs", "spills", "shared",
-                "tensor ld", "tensor st", "bias ld", "narrowest tensor B"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["--:"] * 4 + ["---"] * 3 + ["--:"]) + "|"]
+        if rows:
+            head = ["kernel", "variant", "dtype", "layout", "shape (workloads)", "warps", "regs", "spills", "shared",
+                    "tensor ld", "tensor st", "bias ld", "narrowest tensor B"]
+            lines += ["| " + " | ".join(head) + " |",
+                      "|" + "|".join(["---"] * 5 + ["--:"] * 4 + ["---"] * 3 + ["--:"]) + "|"]
         for k in sorted(rows, key=lambda k: (k["kernel"], k["dtype"], k["cases"][:1])):
             shapes = sorted({_case_key(c)[0] for c in k["cases"]})
             layouts = sorted({c.split()[4] for c in k["cases"]})
             lines.append("| " + " | ".join([
-                k["kernel"].strip("_").replace("_kernel", ""), k["variant"].replace("CHANNELS_LAST", "CL"),
+                _short(k["kernel"]), k["variant"].replace("CHANNELS_LAST", "CL"),
                 k["dtype"], "/".join(layouts), "; ".join(shapes), str(k["num_warps"]), str(k["regs"]),
                 str(k["local"] + k["stack"]), str(k["shared"]), _widths(k["accesses"].get("ld_tensor")),
                 _widths(k["accesses"].get("st_tensor")), _widths(k["accesses"].get("ld_bias")),
                 str(narrowest(k) or "—")]) + " |")
         lines.append("")
+        fused = [k for k in every if is_fused(k)]
+        if fused:
+            lines += fused_lines(fused, arch)
     return "\n".join(lines)
 
 
+def fused_lines(kernels: Sequence[Dict], arch: int) -> List[str]:
+    """The fused step's kernels of one arch: one line per compiled kernel (see
+    :func:`fused_cases` for what ran)."""
+    spills = sum(k["local"] + k["stack"] for k in kernels)
+    no_wgmma = sum(1 for k in kernels if not k.get("wgmma"))
+    lines = [f"### sm_{arch}: the fused step (issue 18)", "",
+             f"{len(kernels)} compiled kernels (`convgru_triton/ops/fused_step.py`: implicit-GEMM convolution, the "
+             "gate math in the epilogue; forward without and with saving, backward = the data gradient); most "
+             f"registers {max(k['regs'] for k in kernels)}; "
+             + ("no spills" if not spills else f"{spills} bytes of stack/local memory (spills) in total") + "; "
+             + (f"wgmma in {len(kernels) - no_wgmma} of {len(kernels)}" if arch >= 90 else
+                f"mma.sync in {sum(1 for k in kernels if k.get('mma_sync'))} of {len(kernels)}")
+             + ". Tile: the package's default for the kernel (`_tuning.default_tile`); C = the channels the "
+             "reduction runs over; wgmma / mma.sync: static tensor-core instructions in the PTX; accesses: static "
+             "instructions (the reduction loop's run once per tap and channel block).", "",
+             "| kernel | kernel size | layout | formulation | C | SAVE | tile M×N×K (BLOCK_X) | warps | stages | "
+             "regs | spills | shared | wgmma | mma.sync | tensor ld | tensor st | bias ld | workloads |",
+             "|---|---|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|---|---|"]
+
+    def key(k):
+        c = k["constexprs"]
+        return (_short(k["kernel"]), c.get("KH", ""), c.get("KW", ""), c.get("BLOCK_X", "") == "0",
+                c.get("C", ""), c.get("SAVE", ""))
+
+    for k in sorted(kernels, key=key):
+        c = k["constexprs"]
+        layouts = sorted({t.split()[4] for t in k["cases"]})
+        forms = sorted({"reset_after" if t.split()[5] == "reset_after=True" else "reset_before" for t in k["cases"]})
+        workloads = sorted({t.split()[0].replace(":fused", "") for t in k["cases"]})
+        tile = f"{c.get('BLOCK_M', '?')}×{c.get('BLOCK_N', '?')}×{c.get('BLOCK_K', '?')} ({c.get('BLOCK_X', '?')})"
+        save = {"True": "1", "False": "0"}.get(c.get("SAVE", ""), "—")
+        lines.append("| " + " | ".join([
+            _short(k["kernel"]), f"{c.get('KH', '?')}×{c.get('KW', '?')}", "/".join(layouts), "/".join(forms),
+            c.get("C", "?"), save, tile, str(k["num_warps"]), str(k.get("num_stages") or "—"), str(k["regs"]),
+            str(k["local"] + k["stack"]), str(k["shared"]), str(k.get("wgmma", "—")), str(k.get("mma_sync", "—")),
+            _widths(k["accesses"].get("ld_tensor")), _widths(k["accesses"].get("st_tensor")),
+            _widths(k["accesses"].get("ld_bias")), ", ".join(workloads)]) + " |")
+    return lines + [""]
+
+
 def summary_table(result: Dict, arch: int = 90) -> str:
-    """One line per kernel (name): builds, worst registers (half/single precision
+    """One line per gate kernel (name): builds, worst registers (half/single precision
     and float64 apart), spills, the narrowest tensor access at RAFT's map
-    (46x62, contiguous and channels_last) and the most bias loads per thread."""
-    rows = [k for k in result["kernels"] if k["arch"] == arch]
+    (46x62, contiguous and channels_last) and the most bias loads per thread;
+    then, when it was compiled, one line per kernel of the fused step
+    (:func:`fused_summary`)."""
+    rows = [k for k in result["kernels"] if k["arch"] == arch and not is_fused(k)]
     names = sorted({k["kernel"] for k in rows})
     head = ["kernel", "builds", "max regs fp16/bf16/fp32", "max regs fp64", "spills (B)",
             "narrowest tensor access, RAFT 46×62 NCHW (B)", "… channels_last (B)", "bias loads/thread (max)"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)] if rows else []
     for name in names:
         ks = [k for k in rows if k["kernel"] == name]
 
@@ -595,9 +785,31 @@ def summary_table(result: Dict, arch: int = 90) -> str:
             return str(max(k["regs"] for k in sel)) if sel else "—"
 
         lines.append("| " + " | ".join([
-            name.strip("_").replace("_kernel", ""), str(len(ks)), most([k for k in ks if k["dtype"] != "fp64"]),
+            _short(name), str(len(ks)), most([k for k in ks if k["dtype"] != "fp64"]),
             most([k for k in ks if k["dtype"] == "fp64"]), str(sum(k["local"] + k["stack"] for k in ks)),
             raft("nchw"), raft("cl"), str(max(count(k, "bias", op="ld") for k in ks))]) + " |")
+    fused = fused_summary(result, arch)
+    return "\n".join(lines) + ("\n\n" if lines and fused else "\n" if lines else "") + fused
+
+
+def fused_summary(result: Dict, arch: int = 90) -> str:
+    """One line per kernel of the fused step (name): builds, registers (fewest
+    and most), spills, and the fewest tensor-core instructions of any build
+    (a build with none runs its products off the tensor cores); ``""`` when
+    none was compiled for ``arch``."""
+    rows = [k for k in result["kernels"] if k["arch"] == arch and is_fused(k)]
+    if not rows:
+        return ""
+    mma = "wgmma" if arch >= 90 else "mma_sync"
+    head = ["fused-step kernel", "builds", "regs (fewest–most)", "spills (B)",
+            f"fewest {'wgmma' if arch >= 90 else 'mma.sync'} per build"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
+    for name in [n for n in FUSED_KERNELS if any(k["kernel"] == n for k in rows)]:
+        ks = [k for k in rows if k["kernel"] == name]
+        regs = sorted(k["regs"] for k in ks)
+        lines.append("| " + " | ".join([
+            _short(name), str(len(ks)), f"{regs[0]}–{regs[-1]}", str(sum(k["local"] + k["stack"] for k in ks)),
+            str(min(k.get(mma, 0) for k in ks))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -651,6 +863,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--formulations", default="both", choices=("both", "reset_after", "reset_before"))
+    p.add_argument("--kernels", default="all", choices=("all", "gates", "fused"),
+                   help="the gate kernels' cases (--workloads or --shape), the fused step's (--fused-workloads), "
+                        "or both (default)")
+    p.add_argument("--fused-workloads", default=",".join(FUSED_WORKLOADS),
+                   help="workloads whose fused step is compiled, at their full shapes (default: RAFT's two)")
+    p.add_argument("--fused-dtypes", default=",".join(FUSED_DTYPES), help="dtypes of the fused step's cases")
     p.add_argument("--full-batch", action="store_true", help="run the workloads' own N and C_in (slow on a CPU)")
     p.add_argument("--out", default="bench/results", help="folder of codegen-sm<arch>.{md,json}")
     p.add_argument("--json", help="write the whole result as one JSON here instead")
@@ -674,11 +892,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     forms = {"both": (False, True), "reset_after": (True,), "reset_before": (False,)}[args.formulations]
-    for d in dtypes:
+    fused_dtypes = [d.strip() for d in args.fused_dtypes.split(",") if d.strip()]
+    for d in dtypes + fused_dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}")
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
-    if args.shape:
+    from .workloads import FULL_WORKLOADS
+
+    fused_names = [n for n in args.fused_workloads.split(",") if n.strip()]
+    fused_chosen = [w for w in FULL_WORKLOADS if w.name in fused_names]
+    if args.kernels != "gates" and len(fused_chosen) != len(set(fused_names)):
+        p.error(f"unknown workload in --fused-workloads {args.fused_workloads!r}")
+    if args.kernels == "fused":
+        cases = []
+        note = ""
+    elif args.shape:
         cases = []
         for spec in args.shape:
             spec, _, only_dtypes = spec.partition("/")
@@ -690,8 +918,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cases += shape_cases([shape], chosen, layouts, forms, archs=[only])
         note = ""
     else:
-        from .workloads import FULL_WORKLOADS
-
         chosen = [w for w in FULL_WORKLOADS if args.workloads == "all" or w.name in args.workloads.split(",")]
         if not chosen:
             p.error(f"no workload matches {args.workloads!r}")
@@ -700,9 +926,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "and steps; " + ("their own N and C_in." if args.full_batch else
                                  f"run with C_in={INPUT_CHANNELS} and N shrunk to the smallest divisor that keeps "
                                  "every pointer's divisibility by 16 (neither changes what is compiled)."))
+    if args.kernels != "gates":
+        cases += fused_cases(fused_chosen, fused_dtypes, layouts, forms)
+        note += (" The fused step: " + ", ".join(f"`{w.name}` ({w.describe()})" for w in fused_chosen)
+                 + f", {', '.join(fused_dtypes)}, its launchers on uninitialised frames (nothing is computed).")
+    if not cases:
+        p.error("nothing to compile (no workload, shape or fused-step workload chosen)")
     log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
-        result = run(cases, archs, log=log, note=note)
+        result = run(cases, archs, log=log, note=note.strip())
     except BackendUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_BACKEND

@@ -1,11 +1,13 @@
-"""What the GPU compiler makes of the gate kernels, checked in CI without a GPU.
+"""What the GPU compiler makes of the gate kernels and the fused step, checked in CI without a GPU.
 
-Once per session, ``python -m bench.codegen`` runs in two subprocesses, one per
-target, side by side (the test session itself runs Triton's interpreter, which
-has no compiler); they compile every kernel the package launches, through its
-ordinary launch path, for a fake sm_90 (H100/H200) and sm_80 (A100) target.
-CPU time about 95 s on this project's 2-core CPU machines. The cases (a 2-step ConvGRU2d,
-N=2, forward without autograd and forward + backward, both formulations):
+Once per session, ``python -m bench.codegen`` runs in three subprocesses side
+by side (the test session itself runs Triton's interpreter, which has no
+compiler): the gate kernels for a fake sm_90 (H100/H200) and a fake sm_80
+(A100) target, and the fused step's kernels for sm_90, each compiled
+through the package's ordinary launch path. Wall time about 45 s on this
+project's 2-core CPU machines (about 30 s each without the third). The gate
+kernels' cases (a 2-step ConvGRU2d, N=2, forward without autograd and
+forward + backward, both formulations):
 
 * RAFT's 1/8 map, 46x62 with hidden 128, every dtype and layout, sm_90 and sm_80:
   every kernel compiles; in channels_last its contiguous extent (128 channels)
@@ -14,7 +16,7 @@ N=2, forward without autograd and forward + backward, both formulations):
   of 16, where a kernel that only vectorizes multiples of 16 shows), float16 and
   float32, both layouts, sm_90.
 
-The rules, from issue 10 (item 3), per compiled kernel, at the default launch
+The rules, from issue 10 (item 3), per compiled gate kernel, at the default launch
 configuration (no tuning file: what a CPU device gets from ``_tuning``):
 
 * no local memory and no stack frame (spills);
@@ -30,6 +32,13 @@ configuration (no tuning file: what a CPU device gets from ``_tuning``):
   and stores tensors with ``ld.global``/``st.global`` (else the width rules
   would pass vacuously; a kernel moving data otherwise, e.g. by TMA, needs these
   tests extended).
+
+The fused step (issue 18; ``bench.codegen.fused_cases``): RAFT's ConvGRU 3x3
+and SepConvGRU 1x5 + 5x1 (N=6, 46x62, hidden 128), bfloat16, both layouts and
+formulations, its forward kernels (inference and saving) and backward
+kernels at the package's default tiles: each has a row in the report, uses
+wgmma and spills nothing (its registers are not issue 10's: 64 is a gate
+kernel's budget, an implicit GEMM holds accumulators).
 
 Skipped, with the reason, only when Triton's NVIDIA backend (ptxas, cuobjdump)
 is unavailable. The PTX reading itself is tested on hand-written PTX.
@@ -62,45 +71,59 @@ ARCHS = (90, 80)
 SHAPES = [f"{RAFT[0]},46x62", f"{ODD8[0]},24x41@90/float16,float32"]
 
 
+#: The subprocesses: (arch, what they compile); the fused step apart so that the three share the two cores.
+RUNS = ((90, "gates"), (80, "gates"), (90, "fused"))
+
+
 @pytest.fixture(scope="session")
 def codegen_result(tmp_path_factory):
-    """One ``python -m bench.codegen`` per target, run side by side (one CPU thread
-    each), merged into one result."""
+    """One ``python -m bench.codegen`` per entry of :data:`RUNS`, run side by
+    side (one CPU thread each), merged into one result."""
     folder = tmp_path_factory.mktemp("codegen")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = {}
-    for arch in ARCHS:
-        out = folder / f"sm{arch}.json"
+    procs = []
+    for arch, kernels in RUNS:
+        out = folder / f"sm{arch}-{kernels}.json"
         cmd = [sys.executable, "-m", "bench.codegen", "--arch", str(arch), "--json", str(out), "--quiet",
-               "--threads", "1"]
-        for s in SHAPES:
-            cmd += ["--shape", s]
-        procs[arch] = (out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True))
+               "--threads", "1", "--kernels", kernels]
+        if kernels == "gates":
+            for s in SHAPES:
+                cmd += ["--shape", s]
+        procs.append((arch, kernels, out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                           stderr=subprocess.PIPE, text=True)))
     merged = None
-    for arch, (out, proc) in procs.items():
+    for arch, kernels, out, proc in procs:
         _, err = proc.communicate(timeout=1800)
         if proc.returncode == codegen.EXIT_NO_BACKEND:
             pytest.skip(err.strip().splitlines()[-1] if err.strip() else "no NVIDIA backend")
         if not out.exists():
-            pytest.fail(f"bench.codegen --arch {arch} failed (exit {proc.returncode}):\n{err[-4000:]}")
+            pytest.fail(f"bench.codegen --arch {arch} --kernels {kernels} failed (exit {proc.returncode}):\n"
+                        f"{err[-4000:]}")
         with open(out) as f:
             part = json.load(f)
         if merged is None:
             merged = part
-        else:
-            merged["archs"] += part["archs"]
-            merged["ran"].update(part["ran"])
-            merged["errors"] += part["errors"]
-            merged["kernels"] += part["kernels"]
+            continue
+        merged["archs"] += [a for a in part["archs"] if a not in merged["archs"]]
+        for arch_key, tags in part["ran"].items():
+            merged["ran"].setdefault(arch_key, []).extend(tags)
+        merged["cases"] += [c for c in part["cases"] if c not in merged["cases"]]
+        merged["errors"] += part["errors"]
+        merged["kernels"] += part["kernels"]
     return merged
 
 
 def _cases(result, predicate):
-    return [c for c in result["cases"] if predicate(codegen.Case(**{**c, "size": tuple(c["size"]),
-                                                                    "archs": tuple(c["archs"])}))]
+    """The gate kernels' cases (dicts of result["cases"]) for which ``predicate(Case)`` holds."""
+    return [c for c in result["cases"] if c["op"] != "fused"
+            and predicate(codegen.Case(**{**c, "size": tuple(c["size"]), "archs": tuple(c["archs"])}))]
+
+
+def _gate_kernels(result):
+    """The kernels issue 10's rules are about: every one but the fused step's."""
+    return [k for k in result["kernels"] if not codegen.is_fused(k)]
 
 
 def _tag_matches(tag: str, case: dict) -> bool:
@@ -109,8 +132,8 @@ def _tag_matches(tag: str, case: dict) -> bool:
 
 
 def _kernels_of(result, cases):
-    """Kernels launched by any of ``cases`` (dicts of result["cases"])."""
-    return [k for k in result["kernels"] if any(_tag_matches(t, c) for t in k["cases"] for c in cases)]
+    """Gate kernels launched by any of ``cases`` (dicts of result["cases"])."""
+    return [k for k in _gate_kernels(result) if any(_tag_matches(t, c) for t in k["cases"] for c in cases)]
 
 
 def _name(k) -> str:
@@ -154,7 +177,7 @@ def test_no_local_memory(codegen_result):
 
 
 def test_registers_per_thread(codegen_result):
-    bad = [f"{_name(k)}: {k['regs']} registers" for k in codegen_result["kernels"] if k["regs"] > MAX_REGISTERS]
+    bad = [f"{_name(k)}: {k['regs']} registers" for k in _gate_kernels(codegen_result) if k["regs"] > MAX_REGISTERS]
     assert not bad, f"more than {MAX_REGISTERS} registers per thread:\n" + "\n".join(sorted(bad))
 
 
@@ -180,7 +203,7 @@ def test_raft_nchw_half_precision_at_least_8_bytes(codegen_result):
 
 
 def test_bias_accesses_are_few(codegen_result):
-    bad = [f"{_name(k)}: {codegen.count(k, 'bias')} bias accesses" for k in codegen_result["kernels"]
+    bad = [f"{_name(k)}: {codegen.count(k, 'bias')} bias accesses" for k in _gate_kernels(codegen_result)
            if codegen.count(k, "bias") > MAX_BIAS_ACCESSES]
     assert not bad, (f"more than {MAX_BIAS_ACCESSES} bias loads per thread (biases are per row or per channel "
                      "tile, not per element):\n" + "\n".join(sorted(bad)))
@@ -191,6 +214,95 @@ def test_every_access_traced_and_tensors_moved_by_global_loads_and_stores(codege
         assert codegen.count(k, "unknown") == 0, f"{_name(k)}: global accesses not traced to an argument"
         assert k["accesses"].get("ld_tensor") and k["accesses"].get("st_tensor"), (
             f"{_name(k)}: no ld.global/st.global of a tensor: the width rules would pass vacuously")
+
+
+# ----------------------------------------------------------------------------
+# The fused step (issue 18): a row per kernel, wgmma, no spills
+# ----------------------------------------------------------------------------
+
+#: The fused step's kernel sizes per workload compiled (RAFT's ConvGRU and SepConvGRU).
+FUSED_KERNEL_SIZES = {"raft-convgru": ((3, 3),), "raft-sepconvgru": ((1, 5), (5, 1))}
+
+
+def _fused_rows(result, arch=90):
+    return [k for k in result["kernels"] if k["arch"] == arch and codegen.is_fused(k)]
+
+
+def _fused_key(k):
+    """(kernel, (KH, KW), layout, formulation, C, SAVE) of one compiled fused kernel."""
+    c = k["constexprs"]
+    (layout,) = {t.split()[4] for t in k["cases"]}
+    (form,) = {t.split()[5] for t in k["cases"]}
+    return k["kernel"], (int(c["KH"]), int(c["KW"])), layout, form, int(c["C"]), c.get("SAVE")
+
+
+def test_fused_step_has_a_row_per_kernel(codegen_result):
+    """Forward (the inference and the saving variant) and backward, both
+    formulations and layouts, each kernel size of RAFT's two cells, at N=6,
+    46x62, hidden 128, bfloat16: one compiled kernel each, launched by its
+    workload's case, none failed."""
+    rows = _fused_rows(codegen_result)
+    hidden = 128
+    want = set()
+    for sizes in FUSED_KERNEL_SIZES.values():
+        for ks in sizes:
+            for layout in codegen.LAYOUTS:
+                before, after = "reset_after=False", "reset_after=True"
+                want |= {("_conv_rz_fwd_kernel", ks, layout, before, hidden, None),
+                         ("_conv_dgrad_reset_gate_bwd_kernel", ks, layout, before, hidden, None),
+                         ("_conv_dgrad_bwd_kernel", ks, layout, before, 2 * hidden, None),
+                         ("_conv_dgrad_bwd_kernel", ks, layout, after, 3 * hidden, None)}
+                want |= {(name, ks, layout, form, hidden, save) for save in ("False", "True")
+                         for name, form in (("_conv_n_fwd_kernel", before), ("_conv_reset_after_fwd_kernel", after))}
+    got = [_fused_key(k) for k in rows]
+    assert sorted(got) == sorted(want)  # each once: no kernel compiled twice, none missing
+    for k in rows:
+        (workload,) = {t.split()[0] for t in k["cases"]}
+        sizes = FUSED_KERNEL_SIZES[workload.replace(":fused", "")]
+        assert (int(k["constexprs"]["KH"]), int(k["constexprs"]["KW"])) in sizes, _name(k)
+        assert " H=128 46x62 bfloat16 " in k["cases"][0], _name(k)
+    failed = [e for e in codegen_result["errors"] if ":fused " in e["case"]]
+    assert not failed, "\n".join(f"{e['case']}: {e['error'][-600:]}" for e in failed)
+
+
+def test_fused_step_compiles_at_the_default_tiles(codegen_result):
+    import torch
+
+    from convgru_triton import _tuning
+
+    for k in _fused_rows(codegen_result):
+        tile = _tuning.default_tile(k["kernel"].strip("_")[: -len("_kernel")], torch.bfloat16)
+        c = k["constexprs"]
+        got = (int(c["BLOCK_M"]), int(c["BLOCK_N"]), int(c["BLOCK_K"]), k["num_warps"], k["num_stages"])
+        # BLOCK_N and BLOCK_K are the tile's capped at the channels (128 here: no cap).
+        assert got == (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages), _name(k)
+
+
+def test_fused_step_uses_wgmma_and_does_not_spill(codegen_result):
+    rows = _fused_rows(codegen_result)
+    assert rows
+    no_wgmma = [_name(k) for k in rows if not k["wgmma"]]
+    assert not no_wgmma, "no wgmma.mma_async in the PTX (no Hopper tensor cores):\n" + "\n".join(no_wgmma)
+    spills = [f"{_name(k)}: {k['regs']} registers, stack {k['stack']} B, local {k['local']} B" for k in rows
+              if k["stack"] or k["local"]]
+    assert not spills, "spills to local memory:\n" + "\n".join(spills)
+
+
+def test_fused_step_rows_in_the_report(codegen_result):
+    """The markdown report a user reads: a fused-step table for sm_90 whose rows
+    give registers, spills and wgmma, and a summary line per fused kernel."""
+    text = codegen.markdown(codegen_result)
+    section = text[text.index("### sm_90: the fused step (issue 18)"):]
+    rows = [line for line in section.splitlines() if line.startswith("| conv_")]
+    assert len(rows) == len(_fused_rows(codegen_result))
+    header = next(line for line in section.splitlines() if line.startswith("| kernel |"))
+    head = [c.strip() for c in header.strip("|").split("|")]
+    for line in rows:
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        assert int(cells["regs"]) > 0 and cells["spills"] == "0" and int(cells["wgmma"]) > 0, line
+    summary = codegen.fused_summary(codegen_result, 90)
+    for name in codegen.FUSED_KERNELS:
+        assert f"| {name.strip('_').replace('_kernel', '')} | " in summary
 
 
 # ----------------------------------------------------------------------------
