@@ -30,7 +30,10 @@ step (the loop's time / 12), median of ``--repeats`` runs, CUDA-synchronised.
     python -m bench.cuda_graphs [--out DIR] [--time-limit 90] [--batch 6]
     python -m bench.cuda_graphs --dry-run     # CPU: tiny sizes, eager parts only (checks the script)
 
-Writes ``cuda_graphs-<device>.{json,md}`` into ``--out``.
+Writes ``cuda_graphs-<device>.{json,md}`` into ``--out``; the JSON
+(:func:`result_json`) names each row's workload of ``bench/workloads.py`` and
+the shape, so that ``bench/report.py`` can set a row's replay time against
+that workload's roofline floor (issue 18's target: ≤ 2× the floor).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ import torch
 from bench import workloads as wl
 
 STEPS = 12
+#: The workload of bench/workloads.py each cell's loop is one step of, 12 times (at its full size on CUDA).
+CELL_WORKLOADS = {"ConvGRUCell2d 3x3": "raft-convgru", "SepConvGRUCell2d 1x5+5x1": "raft-sepconvgru"}
 
 
 def raft_loop(cell: torch.nn.Module, steps: int = STEPS) -> Callable:
@@ -104,7 +109,8 @@ def run_cell(name: str, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor,
              deadline: float, fused: str = "0") -> Dict:
     """One row: ``fused`` is ``CONVGRU_TRITON_FUSED_STEP`` while the row runs
     (``"1"``: the fused step, checked to launch; ``"0"``: today's path)."""
-    result: Dict = {"cell": name + (" · fused step" if fused == "1" else ""), "fused_step": fused}
+    result: Dict = {"cell": name + (" · fused step" if fused == "1" else ""), "fused_step": fused,
+                    "workload": CELL_WORKLOADS.get(name)}
     reason = wl.unavailable("ours-fused", x.device, x.dtype) if fused == "1" else None
     if reason:
         result["eager"] = f"skipped: {reason}"
@@ -176,6 +182,16 @@ def build(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool, back
     return cells, x, h
 
 
+def result_json(rows: List[Dict], device: str, device_type: str, dtype: torch.dtype, batch: int,
+                x: torch.Tensor, h: torch.Tensor) -> Dict:
+    """What ``cuda_graphs-<device>.json`` holds: ``device`` (the GPU's name, or
+    "CPU (dry run)"), ``device_type`` ("cuda"/"cpu"), ``dtype``, ``batch``,
+    ``steps``, the shape (``input_channels``, ``hidden_channels``, ``size``) of
+    ``x`` (N, C_in, Y, X) and ``h`` (N, H, Y, X), and the ``rows`` of :func:`run_cell`."""
+    return {"device": device, "device_type": device_type, "dtype": str(dtype), "batch": batch, "steps": STEPS,
+            "input_channels": x.shape[1], "hidden_channels": h.shape[1], "size": list(h.shape[2:]), "rows": rows}
+
+
 def markdown(rows: List[Dict], header: str) -> str:
     def ms(row, key):
         v = row.get(key)
@@ -240,7 +256,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"cuda_graphs-{device.type}")
         with open(stem + ".json", "w") as f:
-            json.dump({"device": what, "dtype": str(dtype), "batch": batch, "steps": STEPS, "rows": rows}, f, indent=1)
+            json.dump(result_json(rows, what, device.type, dtype, batch, x, h), f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write("# CUDA graphs: RAFT update loop\n\n" + text)
     return 0

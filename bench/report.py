@@ -3,7 +3,10 @@
     python -m bench.report RESULTS.json [MORE.json ...] --out DIR [--name STEM]
 
 writes ``DIR/STEM.md`` and ``DIR/STEM.png`` (STEM defaults to the JSON's file
-name). The table has one row per workload and pass, the median time of every
+name). Among the JSON files may be one of ``bench/cuda_graphs.py``
+(``cuda_graphs-cuda.json``): its graph-replay times go into the issue-18
+targets, against the roofline floor of each RAFT workload's inference step.
+The table has one row per workload and pass, the median time of every
 provider, the speed-up of ``ours`` over each baseline (baseline median / ours
 median) and, on CUDA, the peak memory; each dtype gets its own table. The
 machine (CPU model or GPU name), torch and triton versions and the commit are
@@ -17,12 +20,13 @@ or ``gpu`` to match the data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import sys
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 PROVIDERS = ("seed", "raft", "compile", "ours", "ours-compile", "ours-fused")
 BASELINES = ("seed", "raft", "compile")
@@ -35,6 +39,13 @@ GPU_TARGETS = {"raft": 1.5, "compile": 1.2}  # ours fwd+bwd speed-up in bfloat16
 # torch.compile of it; sequence workloads: the fused step no slower than today's path.
 ISSUE18_SPEEDUPS = {"raft": 1.5, "compile": 1.2}
 ISSUE18_SEQUENCE = ("nowcast", "mmnist", "dgmr")
+# Issue 18: the CUDA-graph replay of the RAFT inference step at most this many times the
+# roofline floor of that step (bench/cuda_graphs.py's ms per step over bench/roofline.py's floor).
+ISSUE18_REPLAY = 2.0
+# bench/cuda_graphs.py's cells -> the workload each is one step of (= its CELL_WORKLOADS; not
+# imported: it imports torch), for its JSON from before the rows named their workload.
+CUDA_GRAPH_CELLS = {"ConvGRUCell2d 3x3": "raft-convgru", "SepConvGRUCell2d 1x5+5x1": "raft-sepconvgru"}
+FUSED_SUFFIX = " · fused step"  # bench/cuda_graphs.py's fused rows: the cell's name and this
 
 
 # ----------------------------------------------------------------------------
@@ -62,16 +73,29 @@ def _machine_name(data: dict) -> str:
     return m.get("gpu") if device_kind(data) == "gpu" else m.get("cpu", "")
 
 
-def _read_benchmark_json(path: str, warn) -> Optional[dict]:
+def is_cuda_graphs_json(data) -> bool:
+    """Whether ``data`` is what ``bench/cuda_graphs.py`` writes (``steps`` and a ``rows`` list)."""
+    return isinstance(data, dict) and isinstance(data.get("rows"), list) and "steps" in data
+
+
+def _read_benchmark_json(path: str, warn, cuda_graphs: Optional[list] = None) -> Optional[dict]:
     """A pytest-benchmark JSON file's data, or ``None`` (with a warning) for a file
     that is empty or not such JSON: a benchmark run killed before pytest-benchmark
     wrote its ``--benchmark-json`` leaves an empty file, and the GPU check's other
-    parts write JSON of their own; neither may cost the report the others' data."""
+    parts write JSON of their own; neither may cost the report the others' data.
+    ``bench/cuda_graphs.py``'s JSON with rows goes to ``cuda_graphs`` (a list of
+    ``(path, data)``) when one is given; without rows it is skipped, with a warning."""
     try:
         with open(path) as f:
             data = json.load(f)
     except ValueError as exc:  # empty or cut short
         warn(f"skipped {path}: not JSON ({exc})")
+        return None
+    if cuda_graphs is not None and is_cuda_graphs_json(data):
+        if data["rows"]:
+            cuda_graphs.append((path, data))
+        else:
+            warn(f"skipped {path}: CUDA-graph results without rows")
         return None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         warn(f"skipped {path}: not pytest-benchmark JSON (no 'benchmarks' list)")
@@ -79,18 +103,44 @@ def _read_benchmark_json(path: str, warn) -> Optional[dict]:
     return data
 
 
+def _cuda_graphs_kind(cg: dict) -> str:
+    """``"gpu"`` or ``"cpu"`` (a dry run) for bench/cuda_graphs.py's JSON (``device_type``;
+    before it was written, the device's name: "CPU (dry run)" or the GPU's)."""
+    kind = cg.get("device_type")
+    if kind is None:
+        kind = "cpu" if str(cg.get("device", "")).startswith("CPU") else "cuda"
+    return "gpu" if kind == "cuda" else "cpu"
+
+
+def _check_cuda_graphs(merged: dict, path: str, cg: dict) -> None:
+    """Refuse a CUDA-graph result of another kind of device or another GPU (as
+    :func:`load` refuses such benchmark files)."""
+    kind = _cuda_graphs_kind(cg)
+    if kind != device_kind(merged):
+        raise ValueError(f"{path}: {kind} CUDA-graph results cannot be mixed with {device_kind(merged)} "
+                         "results in one report")
+    name = _machine_name(merged)
+    if kind == "gpu" and name and cg.get("device") and cg["device"] != name:
+        raise ValueError(f"{path}: CUDA-graph results of {cg['device']!r} cannot be mixed with {name!r} "
+                         "in one report")
+
+
 def load(paths: Sequence[str], warn=None) -> dict:
     """Read and merge pytest-benchmark JSON files of one machine (a later file's
     benchmark replaces an earlier one of the same name). Files that are empty or
     not pytest-benchmark JSON are skipped, each with a call of ``warn`` (default:
-    a line on stderr); results of different machines raise ``ValueError``."""
+    a line on stderr); results of different machines raise ``ValueError``.
+    A result of ``bench/cuda_graphs.py`` among them is kept under the key
+    ``"cuda_graphs"`` (the last one given, of the same machine, else
+    ``ValueError``)."""
     if warn is None:
         def warn(message):
             print(f"warning: {message}", file=sys.stderr)
     merged: Optional[dict] = None
     by_name: "OrderedDict[str, dict]" = OrderedDict()
+    cuda_graphs: List[Tuple[str, dict]] = []
     for path in paths:
-        data = _read_benchmark_json(path, warn)
+        data = _read_benchmark_json(path, warn, cuda_graphs)
         if data is None:
             continue
         if merged is None:
@@ -107,6 +157,12 @@ def load(paths: Sequence[str], warn=None) -> dict:
     if merged is None:
         raise ValueError("no pytest-benchmark results in " + (", ".join(paths) or "no input files"))
     merged["benchmarks"] = list(by_name.values())
+    for path, cg in cuda_graphs:
+        _check_cuda_graphs(merged, path, cg)
+    if len(cuda_graphs) > 1:
+        warn("several CUDA-graph results: the report uses the last, " + cuda_graphs[-1][0])
+    if cuda_graphs:
+        merged["cuda_graphs"] = cuda_graphs[-1][1]
     return merged
 
 
@@ -421,21 +477,138 @@ def issue18_targets(data: dict) -> List[Tuple[str, str, Optional[float], float, 
     return rows
 
 
+class ReplayTarget(NamedTuple):
+    """Issue 18's CUDA-graph target for one RAFT workload and path: ``graph_ms``
+    (bench/cuda_graphs.py's replay, ms per step) over ``floor_ms`` (the roofline
+    floor of the workload's inference step at the measured shape; the fused
+    step's own floor for ``ours-fused``), ``ratio`` = their quotient, ``met``
+    when ``ratio <= target``; ``None`` for what is not known, and ``missing``
+    says what (``""`` when nothing is)."""
+
+    workload: str
+    provider: str  # "ours-fused": the row with the fused step forced; "ours": today's path
+    graph_ms: Optional[float]
+    floor_ms: Optional[float]
+    ratio: Optional[float]
+    target: float
+    met: Optional[bool]
+    missing: str
+
+
+def _dtype_name(text: str) -> str:
+    return str(text).replace("torch.", "")
+
+
+def _replay_row(cg: dict, workload: str, fused: bool) -> Optional[dict]:
+    """The row of bench/cuda_graphs.py's result for ``workload`` with the fused step
+    forced (``fused``) or not (its JSON from before rows named their workload: by cell name)."""
+    for row in cg.get("rows", []):
+        cell = str(row.get("cell", ""))
+        name = row.get("workload") or CUDA_GRAPH_CELLS.get(cell[: -len(FUSED_SUFFIX)] if cell.endswith(FUSED_SUFFIX)
+                                                           else cell)
+        row_fused = row.get("fused_step", "1" if cell.endswith(FUSED_SUFFIX) else "0") == "1"
+        if name == workload and row_fused == fused:
+            return row
+    return None
+
+
+def _replay_floor(data: dict, cg: Optional[dict], workload: str, fused: bool) -> Tuple[Optional[float], str]:
+    """``(ms, "")``: the roofline floor of one inference step of ``workload`` on the
+    report's GPU, at the CUDA-graph result's batch and shape when there is one
+    (bench/cuda_graphs.py runs the full size on CUDA; its JSON from before it
+    recorded the shape has the full size); ``(None, what is missing)`` else."""
+    try:
+        from bench import roofline
+        from bench.workloads import FULL_WORKLOADS
+    except Exception as exc:  # torch or the package missing
+        return None, f"roofline floor (bench.roofline does not import: {type(exc).__name__})"
+    gpu = (cg or {}).get("device") or _machine_name(data) or ""
+    device = roofline.device_for_gpu_name(gpu)
+    if device is None:
+        return None, f"roofline floor (bench/roofline.py has no numbers for {gpu or 'this GPU'})"
+    w = next((w for w in FULL_WORKLOADS if w.name == workload), None)
+    if w is None or len(w.stages) != 1:
+        return None, f"roofline floor (no one-stage workload {workload!r} in bench/workloads.py)"
+    stage = w.stages[0]
+    if cg is not None:
+        stage = dataclasses.replace(stage, input_channels=cg.get("input_channels", stage.input_channels),
+                                    hidden_channels=cg.get("hidden_channels", stage.hidden_channels),
+                                    size=tuple(cg.get("size", stage.size)))
+        w = dataclasses.replace(w, batch=cg.get("batch", w.batch), stages=(stage,))
+    dtype = _dtype_name(cg["dtype"]) if cg is not None and cg.get("dtype") else "bfloat16"
+    try:
+        return roofline.floor_ms(w, device, dtype, "fwd", fused=fused), ""
+    except (KeyError, ValueError) as exc:
+        return None, f"roofline floor ({type(exc).__name__}: {exc})"
+
+
+def issue18_replay_targets(data: dict) -> List[ReplayTarget]:
+    """Issue 18's "CUDA-graph replay of the inference step ≤ 2× the floor", per
+    RAFT workload (``raft-convgru``, ``raft-sepconvgru``) and path (the fused
+    step's row, ``ours-fused``; today's, ``ours``): bench/cuda_graphs.py's graph
+    ms per step (``data["cuda_graphs"]``, see :func:`load`) over the roofline
+    floor of that workload's inference step, ``None`` and a ``missing`` reason
+    where either is not known: no CUDA-graph result, no such row, a replay that
+    failed or was skipped, a result not in bfloat16, a GPU the roofline has no
+    numbers for. GPU reports only (``[]`` for CPU results)."""
+    if device_kind(data) != "gpu":
+        return []
+    cg = data.get("cuda_graphs")
+    out = []
+    for workload in CUDA_GRAPH_CELLS.values():
+        for provider, fused in (("ours-fused", True), ("ours", False)):
+            missing = []
+            graph = None
+            if cg is None:
+                missing.append("CUDA-graph result (give bench/cuda_graphs.py's cuda_graphs-cuda.json to the report)")
+            elif _dtype_name(cg.get("dtype", "")) != "bfloat16":
+                missing.append(f"CUDA-graph result in bfloat16 (it ran {_dtype_name(cg.get('dtype', '?'))})")
+            else:
+                row = _replay_row(cg, workload, fused)
+                if row is None:
+                    missing.append(f"CUDA-graph replay (no row of `{workload}` with the fused step "
+                                   f"{'on' if fused else 'off'})")
+                elif not isinstance(row.get("graph_ms_per_step"), (int, float)):
+                    why = next((f"{k}: {row[k]}" for k in ("graph", "eager") if isinstance(row.get(k), str)),
+                               "no graph time")
+                    missing.append(f"CUDA-graph replay ({why[:200]})")
+                else:
+                    graph = float(row["graph_ms_per_step"])
+            floor, why_floor = _replay_floor(data, cg, workload, fused)
+            if why_floor:
+                missing.append(why_floor)
+            ratio = graph / floor if graph is not None and floor else None
+            met = None if ratio is None else ratio <= ISSUE18_REPLAY
+            out.append(ReplayTarget(workload, provider, graph, floor, ratio, ISSUE18_REPLAY, met, "; ".join(missing)))
+    return out
+
+
 def issue18_lines(data: dict) -> List[str]:
-    """:func:`issue18_targets` as a table (GPU results only)."""
+    """:func:`issue18_targets` and :func:`issue18_replay_targets` as a table (GPU results only)."""
     if device_kind(data) != "gpu":
         return []
     rows = issue18_targets(data)
-    if not rows:
+    replay = issue18_replay_targets(data)
+    if not rows and not replay:
         return []
-    lines = ["**Issue 18 targets** (bfloat16, this run; speed-up = baseline median / provider median). "
-             "Not from these rows: the CUDA-graph replay (≤ 2× the floor: the CUDA-graphs part), the gate "
-             "kernels (≥ 80% of copy bandwidth: the bandwidth parts), the whole RAFT-large step.", "",
+    lines = ["**Issue 18 targets** (bfloat16, this run; speed-up = baseline median / provider median; "
+             "replay / floor = bench/cuda_graphs.py's CUDA-graph replay, ms per step of the 12-step loop, over "
+             "the roofline floor of one inference step at its shape, the fused step's own floor for "
+             "`ours-fused`). Not from these rows: the gate kernels (≥ 80% of copy bandwidth: the bandwidth "
+             "parts), the whole RAFT-large step.", "",
              "| measure | provider | measured | target | |", "|---|---|--:|--:|---|"]
     for measure, provider, measured, goal, met in rows:
         verdict = "not measured" if met is None else ("met" if met else "missed")
         lines.append(f"| {measure} | {provider} | {'—' if measured is None else f'{measured:.2f}×'} | "
                      f"≥ {goal:g}× | {verdict} |")
+    for r in replay:
+        floor_name = "fused-step floor" if r.provider == "ours-fused" else "floor"
+        graph = "—" if r.graph_ms is None else f"{r.graph_ms:.3f}"
+        floor = "—" if r.floor_ms is None else f"{r.floor_ms:.3f}"
+        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}×"
+        verdict = f"missing: {r.missing}" if r.met is None else ("met" if r.met else "missed")
+        lines.append(f"| `{r.workload}` inference (fwd): CUDA-graph replay / {floor_name} | {r.provider} | "
+                     f"{ratio} ({graph} / {floor} ms) | ≤ {r.target:g}× | {verdict} |")
     return lines + [""]
 
 
@@ -523,7 +696,8 @@ def default_stem(paths: Sequence[str], data: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json) of one machine")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json) of one machine, "
+                                                "and bench/cuda_graphs.py's JSON of the same machine")
     parser.add_argument("--out", default=".", help="output directory (default: current)")
     parser.add_argument("--name", help="file stem of the outputs; must start with cpu or gpu (default: the JSON's)")
     parser.add_argument("--title", default="ConvGRU benchmarks")

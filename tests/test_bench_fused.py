@@ -1,8 +1,11 @@
 """The ``ours-fused`` benchmark provider (issue 18, item 5): it runs the fused
 step's kernels (forward and backward with ``CONVGRU_TRITON_FUSED_STEP=1`` held),
 computes what ``ours`` computes, ``ours`` runs none of them, the variable is
-restored after each call; and the report's issue-18 targets from numbers chosen here."""
+restored after each call; and the report's issue-18 targets from numbers chosen
+here: the benchmark rows, and the CUDA-graph replay (bench/cuda_graphs.py's JSON)
+over the roofline floor of the inference step, or what is missing for it."""
 
+import json
 import os
 import sys
 
@@ -120,3 +123,151 @@ def test_gpu_check_runs_the_fused_provider_first_within_budget():
     assert gpu_check.EAGER_PROVIDERS.split(",")[0] == "ours-fused"
     assert gpu_check.PROFILE_PROVIDERS.split(",")[0] == "ours-fused"
     assert gpu_check.worst_case_s() <= gpu_check.BUDGET_S
+
+
+# ----------------------------------------------------------------------------
+# Issue 18's CUDA-graph target: bench/cuda_graphs.py's replay over the roofline floor
+# ----------------------------------------------------------------------------
+
+H200 = "NVIDIA H200"
+
+
+def _graph_json(rows, gpu=H200, **over):
+    """bench/cuda_graphs.py's JSON of a GPU run (the keys of its result_json), RAFT's full size."""
+    data = {"device": gpu, "device_type": "cuda", "dtype": "torch.bfloat16", "batch": 6, "steps": 12,
+            "input_channels": 256, "hidden_channels": 128, "size": [46, 62], "rows": rows}
+    data.update(over)
+    return data
+
+
+def _graph_row(cell, fused, graph_ms=None, **extra):
+    from bench import cuda_graphs
+
+    row = {"cell": cell + (report.FUSED_SUFFIX if fused else ""), "fused_step": "1" if fused else "0",
+           "workload": cuda_graphs.CELL_WORKLOADS[cell], "eager_ms_per_step": 1.0}
+    if graph_ms is not None:
+        row["graph_ms_per_step"] = graph_ms
+    row.update(extra)
+    return row
+
+
+def _bench_data(gpu=H200):
+    return {"machine_info": {"convgru": {"device": "cuda", "gpu": gpu}},
+            "benchmarks": [_record("raft-convgru", p, "fwd", ms) for p, ms in (("raft", 1.0), ("ours", 0.5))]}
+
+
+def _floor(workload, fused, batch=6):
+    import dataclasses
+
+    from bench import roofline
+
+    w = next(w for w in workloads.FULL_WORKLOADS if w.name == workload)
+    return roofline.floor_ms(dataclasses.replace(w, batch=batch), "h200", "bfloat16", "fwd", fused=fused)
+
+
+def test_cuda_graphs_json_is_what_the_report_reads():
+    """The synthetic JSON here has the keys bench/cuda_graphs.py writes, and its
+    cells map to the report's workloads."""
+    from bench import cuda_graphs
+
+    x, h = torch.empty(6, 256, 46, 62, device="meta"), torch.empty(6, 128, 46, 62, device="meta")
+    written = cuda_graphs.result_json([], H200, "gpu-type", torch.bfloat16, 6, x, h)
+    assert set(written) == set(_graph_json([]))
+    assert (written["input_channels"], written["hidden_channels"], written["size"]) == (256, 128, [46, 62])
+    assert cuda_graphs.CELL_WORKLOADS == report.CUDA_GRAPH_CELLS
+
+
+def test_issue18_replay_against_the_floor(tmp_path):
+    """ConvGRU: fused replay 1.5x its floor (met), today's 2.5x its floor
+    (missed); SepConvGRU: the fused replay failed, today's row absent: each row
+    says what is missing, with no number."""
+    conv, sep = "ConvGRUCell2d 3x3", "SepConvGRUCell2d 1x5+5x1"
+    fused_floor, floor = _floor("raft-convgru", True), _floor("raft-convgru", False)
+    rows = [_graph_row(conv, True, 1.5 * fused_floor), _graph_row(conv, False, 2.5 * floor),
+            _graph_row(sep, True, graph="failed: RuntimeError: operation not permitted when stream is capturing")]
+    bench, graphs = tmp_path / "eager.json", tmp_path / "cuda_graphs-cuda.json"
+    bench.write_text(json.dumps(_bench_data()))
+    graphs.write_text(json.dumps(_graph_json(rows)))
+    data = report.load([str(graphs), str(bench)])
+    got = {(r.workload, r.provider): r for r in report.issue18_replay_targets(data)}
+    assert len(got) == 4
+    r = got[("raft-convgru", "ours-fused")]
+    assert r.ratio == pytest.approx(1.5) and r.met is True and r.missing == ""
+    assert r.floor_ms == pytest.approx(fused_floor) and fused_floor < floor  # the fused step's own floor
+    r = got[("raft-convgru", "ours")]
+    assert r.ratio == pytest.approx(2.5) and r.met is False and r.floor_ms == pytest.approx(floor)
+    r = got[("raft-sepconvgru", "ours-fused")]
+    assert r.met is None and r.ratio is None and r.graph_ms is None
+    assert "CUDA-graph replay (graph: failed: RuntimeError" in r.missing and "floor" not in r.missing
+    assert r.floor_ms == pytest.approx(_floor("raft-sepconvgru", True))  # the known input is still shown
+    r = got[("raft-sepconvgru", "ours")]
+    assert r.met is None and "no row of `raft-sepconvgru` with the fused step off" in r.missing
+
+    out = tmp_path / "out"
+    assert report.main([str(bench), str(graphs), "--out", str(out), "--name", "gpu-h200"]) == 0
+    text = (out / "gpu-h200.md").read_text()
+    assert (f"| `raft-convgru` inference (fwd): CUDA-graph replay / fused-step floor | ours-fused | 1.50× "
+            f"({1.5 * fused_floor:.3f} / {fused_floor:.3f} ms) | ≤ 2× | met |") in text
+    assert (f"| `raft-convgru` inference (fwd): CUDA-graph replay / floor | ours | 2.50× "
+            f"({2.5 * floor:.3f} / {floor:.3f} ms) | ≤ 2× | missed |") in text
+    line = next(x for x in text.splitlines() if x.startswith("| `raft-sepconvgru` inference (fwd): CUDA-graph "
+                                                              "replay / fused-step floor"))
+    assert "| — (— / " in line and "| missing: CUDA-graph replay (graph: failed: RuntimeError" in line
+
+
+def test_issue18_replay_says_which_input_is_missing(tmp_path):
+    """No CUDA-graph result: every replay row says so, with the floor it would be
+    held to; a GPU the roofline has no numbers for: the floor is what is
+    missing; neither: both are named."""
+    data = _bench_data()
+    rows = report.issue18_replay_targets(data)
+    assert len(rows) == 4 and all(r.met is None and r.ratio is None for r in rows)
+    assert all(r.missing.startswith("CUDA-graph result (give bench/cuda_graphs.py") for r in rows)
+    assert all(r.floor_ms and "floor" not in r.missing for r in rows)
+    assert "missing: CUDA-graph result" in report.markdown(data)
+
+    a100 = "NVIDIA A100-SXM4-80GB"
+    data = dict(_bench_data(a100), cuda_graphs=_graph_json([_graph_row("ConvGRUCell2d 3x3", True, 0.1)], gpu=a100))
+    r = next(r for r in report.issue18_replay_targets(data) if (r.workload, r.provider) == ("raft-convgru",
+                                                                                              "ours-fused"))
+    assert r.graph_ms == 0.1 and r.floor_ms is None and r.met is None
+    assert r.missing == f"roofline floor (bench/roofline.py has no numbers for {a100})"
+    r = report.issue18_replay_targets(_bench_data(a100))[0]
+    assert "CUDA-graph result" in r.missing and "roofline floor" in r.missing
+
+    data = dict(_bench_data(), cuda_graphs=_graph_json([_graph_row("ConvGRUCell2d 3x3", True, 0.1)],
+                                                       dtype="torch.float32"))
+    r = report.issue18_replay_targets(data)[0]
+    assert r.met is None and r.missing.startswith("CUDA-graph result in bfloat16 (it ran float32)")
+    assert report.issue18_replay_targets({"benchmarks": [], "machine_info": {"convgru": {"device": "cpu"}}}) == []
+
+
+def test_issue18_replay_reads_the_first_runs_format(tmp_path):
+    """bench/cuda_graphs.py's JSON from before it named each row's workload and
+    the shape: rows found by cell name, the floor at the recorded batch."""
+    old = {"device": H200, "dtype": "torch.bfloat16", "batch": 2, "steps": 12,
+           "rows": [{"cell": "SepConvGRUCell2d 1x5+5x1", "fused_step": "0", "graph_ms_per_step": 0.3}]}
+    data = dict(_bench_data(), cuda_graphs=old)
+    r = next(r for r in report.issue18_replay_targets(data) if (r.workload, r.provider) == ("raft-sepconvgru",
+                                                                                              "ours"))
+    floor = _floor("raft-sepconvgru", False, batch=2)
+    assert r.floor_ms == pytest.approx(floor) and r.ratio == pytest.approx(0.3 / floor)
+    assert floor < _floor("raft-sepconvgru", False)  # N=2, not the workload's 6
+
+
+def test_cuda_graph_results_of_another_machine_are_refused(tmp_path, capsys):
+    bench, graphs, empty = tmp_path / "eager.json", tmp_path / "cuda_graphs-cuda.json", tmp_path / "cg.json"
+    bench.write_text(json.dumps(_bench_data()))
+    graphs.write_text(json.dumps(_graph_json([_graph_row("ConvGRUCell2d 3x3", True, 0.1)],
+                                             gpu="NVIDIA H100 80GB HBM3")))
+    assert report.main([str(bench), str(graphs), "--out", str(tmp_path), "--name", "gpu-x"]) == 2
+    assert "cannot be mixed" in capsys.readouterr().err
+    dry = _graph_json([_graph_row("ConvGRUCell2d 3x3", False, None, graph="skipped: no CUDA device")])
+    dry.update({"device": "CPU (dry run)", "device_type": "cpu"})  # what --dry-run writes
+    graphs.write_text(json.dumps(dry))
+    with pytest.raises(ValueError, match="cpu CUDA-graph results cannot be mixed with gpu"):
+        report.load([str(bench), str(graphs)])
+    empty.write_text(json.dumps(_graph_json([])))  # no rows: skipped, with a warning
+    warnings = []
+    assert "cuda_graphs" not in report.load([str(bench), str(empty)], warn=warnings.append)
+    assert warnings == [f"skipped {empty}: CUDA-graph results without rows"]
