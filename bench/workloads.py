@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -209,9 +210,11 @@ def _set_switch(value: Optional[str]) -> None:
 @contextlib.contextmanager
 def fused_switch(value: Optional[str]) -> Iterator[None]:
     """``CONVGRU_TRITON_FUSED_STEP=value`` inside, the previous value (or its
-    absence) restored after; ``None`` leaves the variable alone. The package
-    reads it per call (plan keys, ``fused_step.use_fused``), so a switch
-    around a call takes effect at that call."""
+    absence) restored after, also when the block raises; ``None`` leaves the
+    variable alone. The package reads it per call (plan keys,
+    ``fused_step.use_fused``), so a switch around a call takes effect at that
+    call. The runners hold it through the backward pass too
+    (:class:`_SwitchInBackward`)."""
     if value is None:
         yield
         return
@@ -223,21 +226,68 @@ def fused_switch(value: Optional[str]) -> Iterator[None]:
         _set_switch(old)
 
 
-_BACKWARD_SWITCH: List[Optional[str]] = []  # the value to restore, while a backward pass holds the switch
+class _HeldSwitch:
+    """The switch as one backward pass holds it: set by the pass's first
+    :class:`_SwitchInBackward` node, which hands this object to the autograd
+    engine as an end-of-pass callback (the engine then holds the only strong
+    reference to it), and given back exactly once, whichever comes first:
+
+    * the engine calls it when the whole pass has finished;
+    * the engine drops it unrun when a node of the pass raised (a failed pass's
+      callbacks are discarded with it): ``__del__``; on CPU that happens before
+      the exception reaches the caller, on CUDA the device's worker thread may
+      let go of the pass a moment later;
+    * :func:`give_back_switch`, which :func:`make_step` calls when its backward
+      raised, so that the harness never depends on that moment."""
+
+    def __init__(self, previous: Optional[str]) -> None:
+        self.previous = previous
+        self.given_back = False
+
+    def __call__(self) -> None:
+        self.give_back()
+
+    def __del__(self) -> None:
+        self.give_back()
+
+    def give_back(self) -> None:
+        global _HELD
+        if self.given_back:
+            return
+        self.given_back = True
+        if _HELD is not None and _HELD() is self:
+            _HELD = None
+        _set_switch(self.previous)
+
+
+# The switch a backward pass holds now, weakly (a strong reference here would keep a
+# failed pass's _HeldSwitch alive, and the switch set, after the engine dropped it).
+_HELD: "Optional[weakref.ReferenceType[_HeldSwitch]]" = None
+
+
+def _held() -> Optional[_HeldSwitch]:
+    held = _HELD() if _HELD is not None else None
+    return held if held is not None and not held.given_back else None
 
 
 def _hold_switch_for_this_backward(value: str) -> None:
-    if _BACKWARD_SWITCH:  # another output of the same backward pass set it already
+    global _HELD
+    if _held() is not None:  # another output of the same backward pass set it already
         return
-    _BACKWARD_SWITCH.append(os.environ.get(FUSED_ENV_VAR))
+    held = _HeldSwitch(os.environ.get(FUSED_ENV_VAR))
     _set_switch(value)
-
-    def restore() -> None:
-        _set_switch(_BACKWARD_SWITCH.pop())
-
+    _HELD = weakref.ref(held)
     # Runs when the engine has finished this whole backward pass (every node,
     # the parameters' gradients included), as DDP's gradient hooks use it.
-    torch.autograd.Variable._execution_engine.queue_callback(restore)
+    torch.autograd.Variable._execution_engine.queue_callback(held)
+
+
+def give_back_switch() -> None:
+    """Restore ``CONVGRU_TRITON_FUSED_STEP`` if a backward pass still holds it
+    (after that pass raised: see :class:`_HeldSwitch`); nothing otherwise."""
+    held = _held()
+    if held is not None:
+        held.give_back()
 
 
 class _SwitchInBackward(torch.autograd.Function):
@@ -245,7 +295,8 @@ class _SwitchInBackward(torch.autograd.Function):
     returned (and its switch is restored), started by the caller's
     ``backward()``; this node is the first of the model's to run in it (every
     gradient of the model flows from the outputs), so it sets the switch for
-    the nodes after it, and the engine's end-of-pass callback restores it."""
+    the nodes after it, and :class:`_HeldSwitch` gives it back when the pass
+    ends, also when a node of it raised."""
 
     @staticmethod
     def forward(ctx, value, x):
@@ -469,7 +520,11 @@ def make_step(model: nn.Module, inputs: Inputs, backward: bool) -> Callable[[], 
         for t in leaves:
             t.grad = None
         if backward:
-            torch.autograd.backward(model(inputs.xs, inputs.hs), inputs.grads)
+            try:
+                torch.autograd.backward(model(inputs.xs, inputs.hs), inputs.grads)
+            except BaseException:
+                give_back_switch()  # a failed pass may still hold the fused step's switch
+                raise
         else:
             with torch.no_grad():
                 model(inputs.xs, inputs.hs)

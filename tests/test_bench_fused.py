@@ -271,3 +271,116 @@ def test_cuda_graph_results_of_another_machine_are_refused(tmp_path, capsys):
     warnings = []
     assert "cuda_graphs" not in report.load([str(bench), str(empty)], warn=warnings.append)
     assert warnings == [f"skipped {empty}: CUDA-graph results without rows"]
+
+
+# ----------------------------------------------------------------------------
+# The switch is given back when the forward or the backward raises
+# ----------------------------------------------------------------------------
+# Fake steps, no Triton: the runners' switch is the subject. Tensors on the CPU,
+# the autograd engine's calling thread: there a failed pass is released before its
+# exception reaches the caller (on CUDA the device's worker thread may release it
+# a moment later, which is why make_step gives the switch back itself).
+
+
+class _RaisingBackward(torch.autograd.Function):
+    """Identity; its backward records the switch, then raises when ``raises``."""
+
+    @staticmethod
+    def forward(ctx, x, seen, raises, keep):
+        ctx.seen, ctx.raises, ctx.keep = seen, raises, keep
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.seen.append(os.environ.get(VAR))
+        if ctx.keep is not None:  # a reference to the pass's held switch, outliving the pass
+            ctx.keep.append(workloads._held())
+        if ctx.raises:
+            raise RuntimeError("backward failed")
+        return grad, None, None, None
+
+
+class _FakeStep(torch.nn.Module):
+    def __init__(self, seen, forward_raises=False, backward_raises=False, keep=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.seen, self.forward_raises, self.backward_raises = seen, forward_raises, backward_raises
+        self.keep = keep
+
+    def forward(self, x, h):
+        self.seen.append(os.environ.get(VAR))
+        if self.forward_raises:
+            raise RuntimeError("forward failed")
+        return _RaisingBackward.apply(x * self.weight + h, self.seen, self.backward_raises, self.keep)
+
+
+def _fake_inputs(stages):
+    xs = [torch.randn(2, 3, requires_grad=True) for _ in range(stages)]
+    return workloads.Inputs(xs, [torch.zeros(2, 3) for _ in range(stages)], [torch.ones(2, 3) for _ in range(stages)])
+
+
+@pytest.mark.parametrize("before", [None, "auto"], ids=["unset", "auto"])
+def test_switch_given_back_when_the_forward_raises(restore_switch, before):
+    workloads._set_switch(before)
+    seen = []
+    runner = workloads.StepRunner([_FakeStep(seen, forward_raises=True)], state_first=False, fused="1")
+    inputs = _fake_inputs(1)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        runner(inputs.xs, inputs.hs)
+    assert seen == ["1"] and os.environ.get(VAR) == before
+    with pytest.raises(RuntimeError, match="forward failed"):
+        workloads.make_step(runner, inputs, backward=True)()
+    assert os.environ.get(VAR) == before
+
+
+@pytest.mark.parametrize("stages", [1, 2], ids=["one output", "two outputs"])
+@pytest.mark.parametrize("before", [None, "auto"], ids=["unset", "auto"])
+def test_switch_given_back_when_the_backward_raises(restore_switch, before, stages):
+    """Held at 1 through the failed backward, the caller's value back after
+    it, and the next pass holds and gives back again (the pass that raised
+    must leave nothing behind: it used to keep the switch at 1 for good, and
+    every later pass saw it taken and neither set nor restored it)."""
+    workloads._set_switch(before)
+    seen = []
+    steps = [_FakeStep(seen, backward_raises=i == 0) for i in range(stages)]
+    runner = workloads.StepRunner(steps, state_first=False, fused="1")
+    inputs = _fake_inputs(stages)
+    outputs = runner(inputs.xs, inputs.hs)
+    assert os.environ.get(VAR) == before
+    seen.clear()
+    with pytest.raises(RuntimeError, match="backward failed"):
+        torch.autograd.backward(outputs, inputs.grads)
+    assert seen and set(seen) == {"1"}
+    assert os.environ.get(VAR) == before and workloads._held() is None
+
+    # Through the harness's step: given back by make_step too.
+    seen.clear()
+    with pytest.raises(RuntimeError, match="backward failed"):
+        workloads.make_step(runner, inputs, backward=True)()
+    assert set(seen) == {"1"} and os.environ.get(VAR) == before
+
+    # The next pass, without a failure, holds the switch again and gives it back.
+    steps[0].backward_raises = False
+    seen.clear()
+    workloads.make_step(runner, inputs, backward=True)()
+    assert seen.count("1") == 2 * stages and set(seen) == {"1"}  # forward and backward of each stage
+    assert os.environ.get(VAR) == before and workloads._held() is None
+    assert inputs.xs[0].grad is not None
+
+
+def test_give_back_switch_restores_a_pass_not_yet_released(restore_switch):
+    """What make_step does when the engine has not let go of a failed pass yet
+    (CUDA's worker thread may hold it a moment longer; here the test holds it):
+    the switch comes back at once, and the later release changes nothing."""
+    os.environ[VAR] = "0"
+    keep = []
+    runner = workloads.StepRunner([_FakeStep([], backward_raises=True, keep=keep)], state_first=False, fused="1")
+    with pytest.raises(RuntimeError, match="backward failed"):
+        workloads.make_step(runner, _fake_inputs(1), backward=True)()
+    assert len(keep) == 1 and keep[0] is not None and keep[0].given_back  # alive, and given back
+    assert os.environ.get(VAR) == "0" and workloads._held() is None
+    os.environ[VAR] = "auto"  # someone's value since: the late release must not undo it
+    keep.clear()
+    assert os.environ.get(VAR) == "auto"
+    workloads.give_back_switch()  # nothing held: nothing changes
+    assert os.environ.get(VAR) == "auto"
