@@ -652,9 +652,12 @@ def _sections(path: str, device_key: str, explicit: bool) -> Optional[Tuple[Path
 def resolve_step_path(device_key: str, dtype: torch.dtype, reset_after: bool, direction: str,
                       kernel_size: Tuple[int, int], numel: int) -> Tuple[str, str]:
     """Uncached: the path (``"fused"`` or ``"cudnn"``) a step takes on a GPU and
-    where that came from (a file, or ``"defaults"``). The first file with entries
-    for (dtype, reset_after, direction) decides: its entries for this kernel size
-    if it has any, else those without a kernel size; the nearest size class."""
+    where that came from (a file, or ``"defaults"``). The first file (in
+    :func:`source_paths`' order) with entries for (dtype, reset_after,
+    direction) and either this kernel size or no kernel size decides: its
+    entries for this kernel size if it has any, else those without one; the
+    nearest size class. A file whose entries are all for other kernel sizes
+    does not decide: the next file is asked."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     name, cls = dtype_name(dtype), size_class(numel)

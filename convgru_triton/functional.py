@@ -28,8 +28,7 @@ from ._backend import ENV_VAR, select_backend
 from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import (
     LAYOUT_ENV_VAR, cat_channels, check_kernel_sample_size, empty_in_layout, frames_channels_last, frames_in_format,
-    internal_memory_format,
-    is_channels_last, stack_frames,
+    internal_memory_format, is_channels_last, layout_setting, stack_frames,
 )
 from .ops.conv_gru import (
     _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
@@ -167,7 +166,10 @@ def _internal_format(device: torch.device, dtype: torch.dtype, dims: int,
     and reading the environment there would guard the graph on it; nor under
     jit.trace, nor inside a functorch transform (unless ``planning``: a cell
     plan, cached across calls, leaves that to each call)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or (not planning and _in_functorch_transform()):
+    if torch.compiler.is_compiling():
+        return None
+    if torch.jit.is_tracing() or (not planning and _in_functorch_transform()):
+        layout_setting()  # not applied here, but a bad value raises as in eager mode
         return None
     return internal_memory_format(device, autocast_result_dtype(dtype, cast), dims)
 

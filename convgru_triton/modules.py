@@ -171,8 +171,8 @@ _CELL_DOC = """A ConvGRU cell over {d}-D feature maps: one time step.
         output: h', shaped like hx, in hx's memory layout (the input's when
             hx is omitted). On CUDA in float16/bfloat16 a 2-D or 3-D cell computes in
             channels_last (``CONVGRU_TRITON_LAYOUT``, docs/what-runs-where.md);
-            ``module.to(memory_format=torch.channels_last)`` saves the weights'
-            conversion at every call.
+            ``module.to(memory_format=torch.channels_last)`` (3-D:
+            ``torch.channels_last_3d``) saves the weights' conversion at every call.
 
     Parameters (gate order (r, z, n), as in torch.nn.GRU):
         weight_ih: (3H, C_in, {k}); weight_hh: (3H, H, {k});

@@ -685,11 +685,13 @@ MAX_ACCUMULATOR_VALUES_PER_THREAD = 48
 
 def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_BLOCK_M,
                           block_n: Sequence[int] = DEFAULT_BLOCK_N, num_warps: Sequence[int] = DEFAULT_FUSED_WARPS,
-                          num_stages: Sequence[int] = DEFAULT_FUSED_STAGES) -> List[_tuning.TileConfig]:
+                          num_stages: Sequence[int] = DEFAULT_FUSED_STAGES,
+                          dropped: Optional[List[_tuning.TileConfig]] = None) -> List[_tuning.TileConfig]:
     """The default tile first, then every valid combination (BLOCK_K the
     default's: 64, 32 in float32) within
     :data:`MAX_ACCUMULATOR_VALUES_PER_THREAD` (the others spill or have no
-    register left at sm_90). Raises TuningFileError on a bad value."""
+    register left at sm_90); those beyond it are appended to ``dropped`` when
+    given. Raises TuningFileError on a bad value."""
     block_k = _tuning.default_tile("conv_rz_fwd", dtype).block_k
     out = [_tuning.default_tile("conv_rz_fwd", dtype)]
     for m in block_m:
@@ -697,7 +699,10 @@ def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_B
             for w in num_warps:
                 for st in num_stages:
                     tile = _tuning.check_tile_values(m, n, block_k, w, st)
-                    if 3 * m * n // (32 * w) <= MAX_ACCUMULATOR_VALUES_PER_THREAD and tile not in out:
+                    if 3 * m * n // (32 * w) > MAX_ACCUMULATOR_VALUES_PER_THREAD:
+                        if dropped is not None and tile not in dropped:
+                            dropped.append(tile)
+                    elif tile not in out:
                         out.append(tile)
     return out
 
@@ -720,15 +725,17 @@ def _fused_env(value: str):
 class StepCase:
     """Inputs, NaN-poisoned output buffers and the float64 reference of one
     forward step (``direction="fwd"``), run through the operator's own step
-    (``conv_gru._step_forward``) on either path. A fused backward plugs in as
-    another direction with the same three methods."""
+    (``conv_gru._step_forward``) on either path. The fused backward
+    (``fused_step.backward_step``) is not timed here yet: a backward case
+    would plug in as another direction with the same three methods."""
 
     def __init__(self, shape: StepShape, device: torch.device, direction: str = "fwd"):
         from ._conv import ConvSpec
         from .ops import conv_gru, fused_step
 
         if direction != "fwd":
-            raise ValueError(f"direction {direction!r}: only 'fwd' is tuned (no fused backward step yet)")
+            raise ValueError(f"direction must be 'fwd', got {direction!r}: the tuner times the forward step only "
+                             "(the fused backward runs where the registry or CONVGRU_TRITON_FUSED_STEP=1 says)")
         self.shape, self.device, self.direction = shape, device, direction
         n, hid, y, x, kk = shape.batch, shape.hidden, shape.height, shape.width, shape.kernel_size
         gen = torch.Generator().manual_seed(0)
@@ -1090,10 +1097,15 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["reset_before", "reset_after"], help="comma-separated (default: both)")
     f.add_argument("--layouts", type=_list(str, ["cl", "nchw"]), default=["cl"],
                    help="cl (channels_last, the package's layout inside) and/or nchw (default: cl)")
-    f.add_argument("--block-m", type=_list(int), default=list(DEFAULT_BLOCK_M))
-    f.add_argument("--block-n", type=_list(int), default=list(DEFAULT_BLOCK_N))
-    f.add_argument("--fused-warps", type=_list(int), default=list(DEFAULT_FUSED_WARPS))
-    f.add_argument("--fused-stages", type=_list(int), default=list(DEFAULT_FUSED_STAGES))
+    f.add_argument("--block-m", type=_list(int), default=list(DEFAULT_BLOCK_M),
+                   help="output pixels per program, comma-separated (default: 64,128)")
+    f.add_argument("--block-n", type=_list(int), default=list(DEFAULT_BLOCK_N),
+                   help="hidden channels per program, comma-separated (default: 32,64)")
+    f.add_argument("--fused-warps", type=_list(int), default=list(DEFAULT_FUSED_WARPS),
+                   help="num_warps of the fused kernels, comma-separated (default: 4,8); tiles over "
+                        f"{MAX_ACCUMULATOR_VALUES_PER_THREAD} accumulator values per thread are not timed")
+    f.add_argument("--fused-stages", type=_list(int), default=list(DEFAULT_FUSED_STAGES),
+                   help="num_stages (software pipelining depth), comma-separated (default: 2,3,4)")
     return p
 
 
@@ -1124,7 +1136,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.fused_step:
         try:
             for d in dtypes:
-                fused_tile_candidates(d, args.block_m, args.block_n, args.fused_warps, args.fused_stages)
+                dropped: List[_tuning.TileConfig] = []
+                kept = fused_tile_candidates(d, args.block_m, args.block_n, args.fused_warps, args.fused_stages,
+                                             dropped)
+                if dropped:
+                    # Said, not silent: a tile asked for and not timed.
+                    print(f"not timing {len(dropped)} tile(s) in {_tuning.dtype_name(d)} with more than "
+                          f"{MAX_ACCUMULATOR_VALUES_PER_THREAD} float32 accumulator values per thread "
+                          f"(they spill or leave no register at sm_90): {'; '.join(str(t) for t in dropped)}",
+                          file=sys.stderr)
+                if len(kept) == 1 and dropped:
+                    parser.error(f"every tile asked for by --block-m/--block-n/--fused-warps holds more than "
+                                 f"{MAX_ACCUMULATOR_VALUES_PER_THREAD} accumulator values per thread "
+                                 f"(3 x BLOCK_M x BLOCK_N / (32 x num_warps)); only the default {kept[0]} is left")
         except _tuning.TuningFileError as exc:
             parser.error(f"a tile candidate: {exc}")
         base = list(args.shapes or [RAFT_STEP + (None,)])

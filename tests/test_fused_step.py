@@ -190,7 +190,7 @@ def test_even_kernel_asymmetric_padding(device):
 
 
 # ----------------------------------------------------------------------------
-# Through the modules: opt-in, and the existing backward on what it saved
+# Through the modules: chosen by CONVGRU_TRITON_FUSED_STEP=1, and the existing backward on what it saved
 # ----------------------------------------------------------------------------
 
 

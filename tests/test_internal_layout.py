@@ -385,6 +385,18 @@ def test_not_applied_under_compile(layout, device):
     assert functional._internal_format(device, torch.float32, 2, None) == torch.channels_last
 
 
+def test_bad_value_raises_inside_vmap_and_jit_trace(layout, device):
+    """Where the policy is not applied (vmap, jit.trace), a bad value still
+    raises, as it does in eager mode, rather than being ignored there."""
+    layout("nhwc")
+    x = torch.randn(2, 4, 3, 5, 7, device=device)  # a sequence (T=2, N=4), or vmapped cell inputs (N=4)
+    for module in (ConvGRU2d(3, 4, 3, device=device), ConvGRUCell2d(3, 4, 3, device=device)):
+        with pytest.raises(ValueError, match="CONVGRU_TRITON_LAYOUT must be one of .*got 'nhwc'"):
+            torch.vmap(module)(x.unsqueeze(0) if isinstance(module, ConvGRU2d) else x)
+        with pytest.raises(ValueError, match="CONVGRU_TRITON_LAYOUT must be one of .*got 'nhwc'"):
+            torch.jit.trace(module, (x if isinstance(module, ConvGRU2d) else x[0],), check_trace=False)
+
+
 def test_not_applied_inside_vmap(layout, device):
     """torch.vmap cannot make channels_last copies (NYI in torch): inside a
     functorch transform the cell, the sequence and SepConvGRU keep the layout."""

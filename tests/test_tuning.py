@@ -948,6 +948,21 @@ def test_command_fused_step_dry_run_and_bad_arguments(capsys):
         assert "error" in capsys.readouterr().err
 
 
+def test_command_fused_step_says_which_tiles_it_drops(capsys):
+    # 3 x BLOCK_M x BLOCK_N / (32 x warps) accumulator values per thread: 64x64 at 8 warps 48 (kept);
+    # 64x64 at 4 warps 96, 128x64 at 8 warps 96, 128x64 at 4 warps 192 (dropped, and said).
+    assert tune.main(["--fused-step", "--dry-run", "--block-m", "64,128", "--block-n", "64", "--fused-warps", "4,8",
+                      "--fused-stages", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "not timing 3 tile(s) in bfloat16" in captured.err
+    assert "BLOCK_M 128, BLOCK_N 64, BLOCK_K 64, 4 warps, 2 stages" in captured.err
+    assert "2 fused tiles" in captured.out  # the default and 64x64 at 8 warps
+    with pytest.raises(SystemExit) as exc:  # nothing asked for is left: an error, not a run of the default alone
+        tune.main(["--fused-step", "--dry-run", "--block-m", "128", "--block-n", "64", "--fused-warps", "4"])
+    assert exc.value.code == 2
+    assert "only the default" in capsys.readouterr().err
+
+
 def test_command_fused_step_writes_the_file_the_registry_then_uses(registry, monkeypatch, capsys):
     """--fused-step on a new card (GPU calls and the timing run faked): the
     choice lands in the user file, next to the gate entries already there."""

@@ -26,6 +26,11 @@ element of the state and step, plus h0.
 
 The gate math runs as the Triton kernels of :mod:`.conv_gru_cell` (``use_triton``)
 or as their references in :mod:`.naive`; both write into the same buffers.
+Where ``fused_step.use_fused`` says so (``CONVGRU_TRITON_FUSED_STEP``, the
+tuning registry; docs/what-runs-where.md), a step's hidden convolution and gate
+math run instead as the implicit-GEMM kernels of :mod:`.fused_step`, and in the
+backward the hidden convolutions' data gradient with the gate backward; they
+write the same buffers, so the two paths can be mixed step by step.
 """
 
 from __future__ import annotations
@@ -200,9 +205,10 @@ def _make_plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: boo
     )
 
 
-# --- Fused forward step (issue 18; opt-in) -----------------------------------
-_fused = None  # convgru_triton.ops.fused_step, imported by the first plan that opts in
+# --- Fused step (issue 18): CONVGRU_TRITON_FUSED_STEP and the hooks' switch -------------
+_fused = None  # convgru_triton.ops.fused_step, imported by the first plan that may use it
 _FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"  # = fused_step.ENV_VAR (not imported: it imports Triton)
+FUSED_STEP_MODES = ("1", "0", "auto")  # the values it takes (fused_step_setting)
 
 
 def fused_step_setting(raw: Optional[str] = None) -> str:
@@ -218,7 +224,7 @@ def fused_step_setting(raw: Optional[str] = None) -> str:
     if raw is None:
         raw = os.environ.get(_FUSED_ENV_VAR)
     text = (raw or "").strip().lower() or "auto"
-    if text not in ("1", "0", "auto"):
+    if text not in FUSED_STEP_MODES:
         raise ValueError(f"{_FUSED_ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
                          f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
     return text
@@ -242,7 +248,7 @@ def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
 
         _fused = fused_step
     return True
-# --- end of the fused forward step's hook -----------------------------------
+# --- end of the fused step's switch (the hooks: _step_forward, _step_backward) -----
 
 
 def _plan_of(kernel_size, dilation, padding_mode, reset_after, reverse, use_triton) -> Plan:
@@ -325,7 +331,7 @@ def _step_forward(p: Plan, math, gx: Tensor, h: Tensor, weights, bias_ih, bias_h
     within the step; n is then not stored). ``math``: ``p.math`` bound to the call."""
     if p.fused_step and _fused.forward_step(p.reset_after, p.spec, gx, h, weights, bias_ih, bias_hh, state,
                                             gates, aux, save):
-        return  # fused step (issue 18, opt-in): wrote what the lines below write
+        return  # fused step (issue 18; use_fused chose it): wrote what the lines below write
     conv = p.conv
     if p.reset_after:
         math.reset_after_fwd(gx, conv(h, weights[0]), h, bias_ih, bias_hh, h_new=state, gates=gates, aux=aux)

@@ -89,12 +89,12 @@ import triton.language as tl
 from .. import _tuning
 from .._conv import ConvSpec, conv_same
 from . import naive
-from .conv_gru import fused_step_setting
+from .conv_gru import FUSED_STEP_MODES, fused_step_setting
 from .conv_gru_cell import _sigmoid, _tanh
 
 Tensor = torch.Tensor
 
-#: The environment variable that opts the sequence operator into the fused step.
+#: The environment variable that chooses the fused step: 1, 0 or auto (:data:`MODES`).
 ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
 
 #: dtypes the fused step takes (float64 runs under the interpreter in the tests, not selected).
@@ -104,7 +104,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: The values ``CONVGRU_TRITON_FUSED_STEP`` takes: ``1`` force the fused step
 #: where :func:`supports` holds, ``0`` force cuDNN + the gate kernels, ``auto``
 #: (also unset or empty) the tuning registry decides per shape (:func:`use_fused`).
-MODES = ("1", "0", "auto")
+MODES = FUSED_STEP_MODES
 
 
 def mode(value: Optional[str] = None) -> str:
@@ -113,11 +113,6 @@ def mode(value: Optional[str] = None) -> str:
     :func:`.conv_gru.fused_step_setting`, which raises ValueError naming the
     variable, the values it takes and the value given for anything else."""
     return fused_step_setting(value)
-
-
-def enabled() -> bool:
-    """Whether the fused step is forced on (``CONVGRU_TRITON_FUSED_STEP=1``)."""
-    return mode() == "1"
 
 
 def _interpreter_enabled() -> bool:
