@@ -378,6 +378,23 @@ def test_report_from_what_the_parts_left(tmp_path, capsys):
     assert report.main([str(empty), str(foreign), "--out", str(out), "--name", "gpu-x"]) == 2  # nothing to report
 
 
+def test_report_part_hands_the_cuda_graph_result_to_the_report(tmp_path, monkeypatch):
+    """Issue 18's replay target needs bench/cuda_graphs.py's JSON in the report:
+    the part passes the archived cuda_graphs-cuda.json with the benchmark JSON."""
+    check = gpu_check.Check(str(tmp_path), echo=lambda *a: None)
+    os.makedirs(check.raw, exist_ok=True)
+    for name in ("eager.json", "cuda_graphs-cuda.json", "cuda_graphs.log"):
+        with open(check.raw_path(name), "w") as f:
+            f.write("{}")
+    check.stash("eager.json", "cuda_graphs-cuda.json", "cuda_graphs.log")
+    commands = []
+    monkeypatch.setattr(check, "run", lambda name, cmd, log, limit: commands.append(list(cmd)) or 0)
+    assert check.part_report(20) == 0
+    (cmd,) = commands
+    handed = [os.path.basename(a) for a in cmd if a.endswith(".json") or a.endswith(".log")]
+    assert handed == ["eager.json", "cuda_graphs-cuda.json"]
+
+
 def test_bandwidth_report_from_the_h200_run():
     """The first H200 run's raw bandwidth data (bench/results) through the markdown the
     check's summary quotes: the misses it found, and time over the roofline floor."""
