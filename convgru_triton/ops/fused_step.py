@@ -379,28 +379,20 @@ def _conv_reset_after_fwd_kernel(
 # Launcher
 # ----------------------------------------------------------------------------
 
-# The defaults (a tile without a tuning-file entry: ``_tuning.default_tile``).
-#: Pixels per program: 64 is the smallest M of one Hopper wgmma (4 warps = one warpgroup).
-#: (Kept for callers; the launcher takes its tiles from ``_tuning.tile_config``.)
-BLOCK_M = 64
-NUM_WARPS = 4
-NUM_STAGES = 2
+# Tiles: ``_tuning.tile_config`` (a tuning file's ``fused_tiles``, else ``_tuning.default_tile``).
 
 #: Each kernel's name in the tuning registry (``fused_tiles``), by its Triton function.
 _REGISTRY_NAMES = {"_conv_rz_fwd_kernel": "conv_rz_fwd", "_conv_n_fwd_kernel": "conv_n_fwd",
                    "_conv_reset_after_fwd_kernel": "conv_reset_after_fwd"}
 
 
-def _blocks(hidden: int, channels: int, dtype: torch.dtype, tile: Optional["_tuning.TileConfig"] = None
-            ) -> Tuple[int, int]:
+def _blocks(hidden: int, channels: int, tile: "_tuning.TileConfig") -> Tuple[int, int]:
     """(BLOCK_N, BLOCK_K): hidden channels per program and input channels per
     reduction step, the tile's (default: up to 32 and up to 64, 32 in float32)
     capped at the next power of two of the channels, at least 16 (tl.dot's
     smallest). BLOCK_N 64 with up to three float32 accumulators took 239-255
     registers per thread and spilled at sm_90 (bfloat16, RAFT's hidden 128 on
     46x62, Triton 3.9); 32 compiles to 72-168 with no spills."""
-    if tile is None:
-        tile = _tuning.default_tile("conv_rz_fwd", dtype)
     block_n = max(16, min(tile.block_n, triton.next_power_of_2(hidden)))
     block_k = max(16, min(tile.block_k, triton.next_power_of_2(channels)))
     return block_n, block_k
@@ -460,16 +452,16 @@ def _strides(t: Tensor) -> Tuple[int, ...]:
 
 
 def _constexprs(spec: ConvSpec, dtype: torch.dtype, channels: int, has_bias: bool, block_n: int,
-                block_k: int, tile: Optional["_tuning.TileConfig"] = None) -> dict:
+                block_k: int, tile: "_tuning.TileConfig") -> dict:
     (pad_y, _), (pad_x, _) = spec.pad_per_dim
     return dict(
         C=channels, KH=spec.kernel_size[0], KW=spec.kernel_size[1], DIL_Y=spec.dilation[0], DIL_X=spec.dilation[1],
-        PAD_Y=pad_y, PAD_X=pad_x, HAS_BIAS=has_bias, BLOCK_M=tile.block_m if tile else BLOCK_M, BLOCK_N=block_n,
+        PAD_Y=pad_y, PAD_X=pad_x, HAS_BIAS=has_bias, BLOCK_M=tile.block_m, BLOCK_N=block_n,
         BLOCK_K=block_k,
         # IEEE float32 products (not TF32): the results match the reference.
         PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-        num_warps=tile.num_warps if tile else NUM_WARPS, num_stages=tile.num_stages if tile else NUM_STAGES,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
 
 
@@ -479,7 +471,7 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple, **ex
     batch, hidden, height, width = h.shape
     dtype = h.dtype
     tile = _tuning.tile_config(_REGISTRY_NAMES[kernel.__name__], dtype, h.numel(), h.device)
-    block_n, block_k = _blocks(hidden, hidden, dtype, tile)
+    block_n, block_k = _blocks(hidden, hidden, tile)
     m = batch * height * width
     if h.stride(1) == 1 and hidden > 1:  # channels_last state: flat pixel tiles
         block_x, tiles = 0, triton.cdiv(m, tile.block_m)
@@ -702,7 +694,7 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
     dtype = d_h.dtype
     # The registry's tile (``_tuning.tile_config``; one float32 accumulator: 4 warps by default).
     tile = _tuning.tile_config(_BWD_REGISTRY_NAMES[kernel.__name__], dtype, d_h.numel(), d_h.device)
-    block_n, block_k = _blocks(hidden, channels, dtype, tile)
+    block_n, block_k = _blocks(hidden, channels, tile)
     m = batch * height * width
     if d_h.stride(1) == 1 and hidden > 1:  # channels_last: flat pixel tiles (see _pixels)
         block_x, tiles = 0, triton.cdiv(m, tile.block_m)
