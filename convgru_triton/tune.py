@@ -643,9 +643,10 @@ DEFAULT_BLOCK_M = (64, 128)
 DEFAULT_BLOCK_N = (32, 64)
 DEFAULT_FUSED_WARPS = (4, 8)
 DEFAULT_FUSED_STAGES = (2, 3, 4)
-#: Largest difference of a step's outputs (h', r, z, n, aux) from the float64
-#: reference. float32: the cuDNN path may use TF32 (torch's default for
-#: convolutions), K = 128 * 9 products; a wrong tile is off by O(1) or NaN.
+#: Largest difference of a step's outputs (forward: h', r, z, n, aux; backward:
+#: d gates_x, d gates_h, dL/dh) from the float64 reference. float32: the cuDNN
+#: path may use TF32 (torch's default for convolutions), K = 128 * 9 products
+#: (3 * 128 * 9 in the backward's dgrad); a wrong tile is off by O(1) or NaN.
 STEP_TOLERANCE = {torch.float64: 1e-8, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
@@ -672,8 +673,10 @@ class StepShape:
                 f"{'cl' if self.channels_last else 'nchw'}")
 
 
-#: The most float32 accumulator values a thread of a candidate holds: three
-#: accumulators (reset_after's kernel) x BLOCK_M x BLOCK_N / (32 x num_warps).
+#: The most float32 accumulator values a thread of a candidate holds:
+#: accumulators x BLOCK_M x BLOCK_N / (32 x num_warps), with three accumulators
+#: in the forward (reset_after's kernel) and one in the backward (the dgrad
+#: kernels: :data:`ACCUMULATORS`).
 #: Compiled for sm_90 (bfloat16, RAFT's hidden 128 on 46x62, 3x3, NCHW, Triton
 #: 3.9; registers did not depend on num_stages 2-4): 48 values took 80-175
 #: registers per thread (64x32 at 8 warps 80, 64x32 at 4 warps 168, 64x64 at 8
@@ -681,25 +684,35 @@ class StepShape:
 #: 4 warps) or spilled (64x64 at 4 warps, 128x64 at 8 warps: 112-byte stack
 #: frames), 192 spilled 1992 bytes (128x64 at 4 warps).
 MAX_ACCUMULATOR_VALUES_PER_THREAD = 48
+#: float32 accumulators per program of the fused kernels of a direction (the most of any of its kernels).
+ACCUMULATORS = {"fwd": 3, "bwd": 1}
+#: A representative kernel per direction, whose default tile leads the candidates
+#: (the forward's reset_after kernel defaults to 8 warps, the others to 4).
+_DEFAULT_TILE_KERNEL = {"fwd": "conv_rz_fwd", "bwd": "conv_dgrad_bwd"}
 
 
 def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_BLOCK_M,
                           block_n: Sequence[int] = DEFAULT_BLOCK_N, num_warps: Sequence[int] = DEFAULT_FUSED_WARPS,
                           num_stages: Sequence[int] = DEFAULT_FUSED_STAGES,
-                          dropped: Optional[List[_tuning.TileConfig]] = None) -> List[_tuning.TileConfig]:
-    """The default tile first, then every valid combination (BLOCK_K the
-    default's: 64, 32 in float32) within
-    :data:`MAX_ACCUMULATOR_VALUES_PER_THREAD` (the others spill or have no
-    register left at sm_90); those beyond it are appended to ``dropped`` when
-    given. Raises TuningFileError on a bad value."""
-    block_k = _tuning.default_tile("conv_rz_fwd", dtype).block_k
-    out = [_tuning.default_tile("conv_rz_fwd", dtype)]
+                          dropped: Optional[List[_tuning.TileConfig]] = None,
+                          direction: str = "fwd") -> List[_tuning.TileConfig]:
+    """The tile candidates of ``direction``'s fused kernels: the default tile
+    first, then every valid combination (BLOCK_K the default's: 64, 32 in
+    float32) within :data:`MAX_ACCUMULATOR_VALUES_PER_THREAD` for the
+    direction's :data:`ACCUMULATORS` (the others spill or have no register
+    left at sm_90); those beyond it are appended to ``dropped`` when given.
+    Raises TuningFileError on a bad value, ValueError on a bad direction."""
+    if direction not in ACCUMULATORS:
+        raise ValueError(f"direction must be one of {tuple(ACCUMULATORS)}, got {direction!r}")
+    default = _tuning.default_tile(_DEFAULT_TILE_KERNEL[direction], dtype)
+    block_k, accumulators = default.block_k, ACCUMULATORS[direction]
+    out = [default]
     for m in block_m:
         for n in block_n:
             for w in num_warps:
                 for st in num_stages:
                     tile = _tuning.check_tile_values(m, n, block_k, w, st)
-                    if 3 * m * n // (32 * w) > MAX_ACCUMULATOR_VALUES_PER_THREAD:
+                    if accumulators * m * n // (32 * w) > MAX_ACCUMULATOR_VALUES_PER_THREAD:
                         if dropped is not None and tile not in dropped:
                             dropped.append(tile)
                     elif tile not in out:
@@ -724,18 +737,28 @@ def _fused_env(value: str):
 
 class StepCase:
     """Inputs, NaN-poisoned output buffers and the float64 reference of one
-    forward step (``direction="fwd"``), run through the operator's own step
-    (``conv_gru._step_forward``) on either path. The fused backward
-    (``fused_step.backward_step``) is not timed here yet: a backward case
-    would plug in as another direction with the same three methods."""
+    step in ``direction``, run through the operator's own hook on either path
+    (``run(fused)``), ``check()`` against the reference:
+
+    * ``"fwd"``: the forward step (``conv_gru._step_forward``'s contract;
+      the fused path is ``fused_step.forward_step``): writes h', the saved
+      gates (r, z, n) and aux.
+    * ``"bwd"``: a middle step of a sequence's backward through
+      ``conv_gru._step_backward`` (the fused path: ``fused_step.backward_step``,
+      the dgrad kernels with the gate backward in their epilogue; the other:
+      the gate kernels and cuDNN's dgrad). Its inputs are what a forward saved
+      (the float64 reference step's gates and aux, rounded to the dtype), the
+      state h and dL/dh' as the output's gradient plus the one carried from the
+      next step; it writes d gates_x, d gates_h (reset_after) and dL/dh. The
+      weight gradient is not part of it: the sequence operator takes it in one
+      batched cuDNN call over all steps, whichever path the steps took."""
 
     def __init__(self, shape: StepShape, device: torch.device, direction: str = "fwd"):
+        if direction not in _tuning.DIRECTIONS:  # before the imports: they load Triton
+            raise ValueError(f"direction must be one of {_tuning.DIRECTIONS}, got {direction!r}")
         from ._conv import ConvSpec
         from .ops import conv_gru, fused_step
 
-        if direction != "fwd":
-            raise ValueError(f"direction must be 'fwd', got {direction!r}: the tuner times the forward step only "
-                             "(the fused backward runs where the registry or CONVGRU_TRITON_FUSED_STEP=1 says)")
         self.shape, self.device, self.direction = shape, device, direction
         n, hid, y, x, kk = shape.batch, shape.hidden, shape.height, shape.width, shape.kernel_size
         gen = torch.Generator().manual_seed(0)
@@ -751,28 +774,64 @@ class StepCase:
         self.gx, self.h = gx64.to(d).contiguous(memory_format=fmt), h64.to(d).contiguous(memory_format=fmt)
         self.w, self.b_ih, self.b_hh = w64.to(d), b_ih64.to(d), b_hh64.to(d)
         self.spec = ConvSpec(tuple(kk), (1, 1))
-        # The reference from the dtype-rounded inputs, in float64.
-        self.expected = fused_step.reference_step(shape.reset_after, self.spec, *(
-            t.to(torch.float64) for t in (self.gx, self.h, self.w, self.b_ih, self.b_hh)))
-        p = conv_gru.plan(self.spec, shape.reset_after, False, True)
-        self.plan = p._replace(fused_step=False)  # cuDNN + the gate kernels
+        # The references start from the dtype-rounded inputs, in float64.
+        rounded = [t.to(torch.float64) for t in (self.gx, self.h, self.w, self.b_ih, self.b_hh)]
+        step = fused_step.reference_step(shape.reset_after, self.spec, *rounded)
+        # Made under CONVGRU_TRITON_FUSED_STEP=1: a plan that may fuse (and the
+        # operator's fused_step module loaded) whatever the caller's variable says.
+        with _fused_env("1"):
+            p = conv_gru.plan(self.spec, shape.reset_after, False, True)
+        self.fused_plan, self.plan = p, p._replace(fused_step=False)  # the latter: cuDNN + the gate kernels
         self.weights = conv_gru._hidden_weights(self.plan, self.w)
-        cl = shape.channels_last
-        self.state = conv_gru._empty_frame(self.h, hid, cl)
-        self.gates = conv_gru._empty_frame(self.h, 3 * hid, cl)
-        self.aux = conv_gru._empty_frame(self.h, hid, cl)
-        self.math = self.plan.math.bind(self.state, self.b_ih, self.b_hh, (self.gx, self.h))
-        self._step = conv_gru._step_forward
         self._fused = fused_step
+        cl = shape.channels_last
+        if direction == "fwd":
+            self.expected = step
+            self.names = ("h'", "gates", "aux")
+            self.state = conv_gru._empty_frame(self.h, hid, cl)
+            self.gates = conv_gru._empty_frame(self.h, 3 * hid, cl)
+            self.aux = conv_gru._empty_frame(self.h, hid, cl)
+            self.math = self.plan.math.bind(self.state, self.b_ih, self.b_hh, (self.gx, self.h))
+            self._step = conv_gru._step_forward
+            return
+        # dL/dh': the output's gradient and the one carried from the next step (the kernels add them).
+        g64, g2_64 = rand(n, hid, y, x, scale=0.5), rand(n, hid, y, x, scale=0.5)
+        self.grad, self.grad2 = (t.to(d).contiguous(memory_format=fmt) for t in (g64, g2_64))
+        self.gates, self.aux = (t.to(d).contiguous(memory_format=fmt) for t in step[1:])
+        grad_sum = self.grad.to(torch.float64) + self.grad2.to(torch.float64)
+        d_gx, d_gh, d_h = fused_step.reference_backward_step(shape.reset_after, self.spec, grad_sum, *rounded)
+        self.d_gx = conv_gru._empty_frame(self.h, 3 * hid, cl)
+        self.d_h = conv_gru._empty_frame(self.h, hid, cl)
+        if shape.reset_after:
+            self.d_gh, self.d_rz, self.d_n = conv_gru._empty_frame(self.h, 3 * hid, cl), None, None
+            self.expected, self.names = (d_gx, d_gh, d_h), ("d gates_x", "d gates_h", "d h")
+        else:
+            self.d_gh, (self.d_rz, self.d_n) = None, self.d_gx.split_with_sizes((2 * hid, hid), 1)
+            self.expected, self.names = (d_gx, d_h), ("d gates_x", "d h")
+        # Bound as conv_gru._backward binds it: the state-gradient frame and the call's other tensors.
+        self.math = self.plan.math.bind(self.d_h, None, None, (self.grad, self.grad2, self.h, self.gates, self.aux))
+        self._step = conv_gru._step_backward
 
     def outputs(self) -> Tuple[torch.Tensor, ...]:
-        return self.state, self.gates, self.aux
+        if self.direction == "fwd":
+            return self.state, self.gates, self.aux
+        return (self.d_gx, self.d_gh, self.d_h) if self.shape.reset_after else (self.d_gx, self.d_h)
 
     def poison(self) -> None:
         for t in self.outputs():
             t.fill_(float("nan"))
 
     def run(self, fused: bool) -> None:
+        if self.direction == "bwd":
+            # The hook itself on either plan; a fused plan whose step declines
+            # falls back to cuDNN there, which the tuner's check run catches
+            # (no fused launch recorded).
+            if fused:
+                with _fused_env("1"):
+                    self._backward(self.fused_plan)
+            else:
+                self._backward(self.plan)
+            return
         if fused:
             with _fused_env("1"):
                 ran = self._fused.forward_step(self.shape.reset_after, self.spec, self.gx, self.h, self.weights,
@@ -783,10 +842,15 @@ class StepCase:
         self._step(self.plan, self.math, self.gx, self.h, self.weights, self.b_ih, self.b_hh, self.state,
                    self.gates, self.aux, True)
 
+    def _backward(self, plan) -> None:
+        # with_weights=False: the sequence operator's per-step call (see the class docstring).
+        self._step(plan, self.math, self.grad, self.grad2, self.h, self.weights, self.gates, self.aux, self.d_gx,
+                   self.d_gh, self.d_rz, self.d_n, self.d_h, False)
+
     def check(self) -> Optional[str]:
         """``None`` when every output is within :data:`STEP_TOLERANCE` of the reference, else what is off."""
         tol = STEP_TOLERANCE.get(self.shape.dtype, 1e-2)
-        for name, got, want in zip(("h'", "gates", "aux"), self.outputs(), self.expected):
+        for name, got, want in zip(self.names, self.outputs(), self.expected):
             diff = (got.to(torch.float64) - want).abs()
             if not torch.isfinite(diff).all():
                 return f"{name}: {int((~torch.isfinite(diff)).sum())} elements not written or not finite"
@@ -843,6 +907,9 @@ def _trial(case: StepCase, fused: bool, tile: Optional[_tuning.TileConfig], time
                 case.run(fused)
             finally:
                 fused_step._COMPILED = None
+            if fused and not compiled:
+                # The hook fell back to cuDNN + the gate kernels: timing it would label that path "fused".
+                raise RuntimeError("the fused step declined this case: no fused kernel launched")
             _synchronize(case.device)
             problem = case.check()
     except Exception as exc:  # CompilationError, OutOfResources, CUDA errors, a declined case
@@ -868,13 +935,18 @@ def _trial(case: StepCase, fused: bool, tile: Optional[_tuning.TileConfig], time
     return trial
 
 
-def tune_fused_step(shapes: Sequence[StepShape], tiles_of: Callable[[torch.dtype], Sequence[_tuning.TileConfig]],
+def tune_fused_step(shapes: Sequence[StepShape],
+                    tiles_of: Callable[[torch.dtype, str], Sequence[_tuning.TileConfig]],
                     device: torch.device, timer: Timer, progress: bool = True,
-                    directions: Sequence[str] = ("fwd",)) -> List[StepResult]:
-    """For each shape and direction: the whole step on the cuDNN + gate kernel
-    path, then on the fused path with every tile of ``tiles_of(dtype)``; each
-    run's outputs are checked against the float64 reference before it is
-    timed (a wrong or spilling tile is skipped with the reason)."""
+                    directions: Sequence[str] = _tuning.DIRECTIONS) -> List[StepResult]:
+    """For each direction (``"fwd"``, ``"bwd"``: :class:`StepCase`) and shape:
+    the whole step on the cuDNN + gate kernel path, then on the fused path with
+    every tile of ``tiles_of(dtype, direction)``; each run's outputs are
+    checked against the float64 reference before it is timed (a wrong,
+    failing, declined or spilling tile is skipped with the reason)."""
+    for direction in directions:
+        if direction not in _tuning.DIRECTIONS:
+            raise ValueError(f"direction must be one of {_tuning.DIRECTIONS}, got {direction!r}")
     results = []
     bar = _Progress(len(shapes) * len(directions), progress)
     try:
@@ -888,7 +960,7 @@ def tune_fused_step(shapes: Sequence[StepShape], tiles_of: Callable[[torch.dtype
                     _free(device)
                     continue
                 result = StepResult(shape, direction, _trial(case, False, None, timer))
-                result.fused = [_trial(case, True, tile, timer) for tile in tiles_of(shape.dtype)]
+                result.fused = [_trial(case, True, tile, timer) for tile in tiles_of(shape.dtype, direction)]
                 results.append(result)
                 del case
                 _free(device)
@@ -902,27 +974,37 @@ def tune_fused_step(shapes: Sequence[StepShape], tiles_of: Callable[[torch.dtype
 
 
 def format_step_table(results: Sequence[StepResult]) -> str:
-    lines = ["step  cuDNN+gates us  fused us  tile  ran  choice"]
+    """One row per step and direction: both paths' times, the best tile, how
+    many tiles ran, the faster path ("-": a path that did not run)."""
+    head = ("direction", "step", "cuDNN+gates us", "fused us", "tile", "ran", "choice")
+    rows = [head]
     for r in results:
         best = r.best_fused
-        ran = f"{sum(t.ms is not None for t in r.fused)}/{len(r.fused)}"
-        lines.append(f"{r.direction} {r.shape}  {r.cudnn.ms * 1e3 if r.cudnn.ms else float('nan'):.2f}  "
-                     f"{best.ms * 1e3 if best else float('nan'):.2f}  {best.config if best else '-'}  {ran}  {r.path}")
+        rows.append((r.direction, str(r.shape), f"{r.cudnn.ms * 1e3:.2f}" if r.cudnn.ms is not None else "-",
+                     f"{best.ms * 1e3:.2f}" if best else "-", str(best.config) if best else "-",
+                     f"{sum(t.ms is not None for t in r.fused)}/{len(r.fused)}", r.path))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i in (2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def _tile_kernels(reset_after: bool, direction: str) -> Tuple[str, ...]:
-    if direction != "fwd":
-        return ()
+    """The fused kernels (registry names) a step of this formulation and direction launches."""
+    if direction == "bwd":
+        return ("conv_dgrad_bwd",) if reset_after else ("conv_dgrad_reset_gate_bwd", "conv_dgrad_bwd")
     return ("conv_reset_after_fwd",) if reset_after else ("conv_rz_fwd", "conv_n_fwd")
 
 
 def fused_sections(results: Sequence[StepResult]) -> Tuple[List[dict], List[dict]]:
-    """The ``step_paths`` and ``fused_tiles`` entries for ``results``. Shapes that
-    share a registry key (two layouts, or two kernel sizes for a tile; one
-    size class) are decided together: the path by their summed times, the
-    tile by its summed time relative to each shape's best (tiles that ran on
-    all of them)."""
+    """The ``step_paths`` and ``fused_tiles`` entries for ``results``, each
+    direction's under its own ``direction`` (paths) and kernels (tiles: the
+    forward's conv_*_fwd, the backward's conv_dgrad_*). Shapes that share a
+    registry key (two layouts, or for a tile two kernel sizes, and for
+    conv_dgrad_bwd both formulations; one size class) are decided together:
+    the path by their summed times, the tile by its summed time relative to
+    each shape's best (tiles that ran on all of them)."""
     paths: Dict[tuple, List[StepResult]] = {}
     tiles: Dict[tuple, List[StepResult]] = {}
     for r in results:
@@ -1085,14 +1167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     f = p.add_argument_group("the fused step (--fused-step): fused kernels or cuDNN + gate kernels, and their tiles")
     f.add_argument("--fused-step", action="store_true",
-                   help="time whole steps on both paths and over the fused kernels' tiles; write the choice "
-                   "(step_paths) and the best tile (fused_tiles) instead of tuning the gate kernels")
+                   help="time whole steps (forward and/or backward: --directions) on both paths and over the "
+                   "fused kernels' tiles; write the choice (step_paths) and the best tile (fused_tiles) instead of "
+                   "tuning the gate kernels")
     f.add_argument("--shapes", type=parse_step_shape, nargs="+", default=None,
                    help="N,hidden,YxX[,KHxKW] ... (default: RAFT's 6,128,46x62)")
     f.add_argument("--sequence-shapes", action="store_true",
                    help="also the sequence workloads' steps of bench/workloads.py (nowcast, mmnist, dgmr)")
     f.add_argument("--kernel-sizes", type=_list(_kernel_size), default=list(DEFAULT_STEP_KERNELS),
                    help="for shapes without one (default: 3x3,1x5,5x1)")
+    f.add_argument("--directions", type=_list(str, list(_tuning.DIRECTIONS)), default=list(_tuning.DIRECTIONS),
+                   help="fwd (the forward step) and/or bwd (the backward step's data gradient and gate backward; "
+                        "the weight gradient stays cuDNN), comma-separated (default: both)")
     f.add_argument("--formulations", type=_list(str, ["reset_before", "reset_after"]),
                    default=["reset_before", "reset_after"], help="comma-separated (default: both)")
     f.add_argument("--layouts", type=_list(str, ["cl", "nchw"]), default=["cl"],
@@ -1133,22 +1219,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.dtypes = ["bfloat16"] if args.fused_step else list(DEFAULT_DTYPES)
     dtypes = [_tuning.DTYPES[d] for d in args.dtypes]
     shapes: List[StepShape] = []
+    directions = [d for d in _tuning.DIRECTIONS if d in args.directions]  # forward first, each once
     if args.fused_step:
         try:
-            for d in dtypes:
-                dropped: List[_tuning.TileConfig] = []
-                kept = fused_tile_candidates(d, args.block_m, args.block_n, args.fused_warps, args.fused_stages,
-                                             dropped)
-                if dropped:
-                    # Said, not silent: a tile asked for and not timed.
-                    print(f"not timing {len(dropped)} tile(s) in {_tuning.dtype_name(d)} with more than "
-                          f"{MAX_ACCUMULATOR_VALUES_PER_THREAD} float32 accumulator values per thread "
-                          f"(they spill or leave no register at sm_90): {'; '.join(str(t) for t in dropped)}",
-                          file=sys.stderr)
-                if len(kept) == 1 and dropped:
-                    parser.error(f"every tile asked for by --block-m/--block-n/--fused-warps holds more than "
-                                 f"{MAX_ACCUMULATOR_VALUES_PER_THREAD} accumulator values per thread "
-                                 f"(3 x BLOCK_M x BLOCK_N / (32 x num_warps)); only the default {kept[0]} is left")
+            for direction in directions:
+                acc = ACCUMULATORS[direction]
+                for d in dtypes:
+                    dropped: List[_tuning.TileConfig] = []
+                    kept = fused_tile_candidates(d, args.block_m, args.block_n, args.fused_warps, args.fused_stages,
+                                                 dropped, direction)
+                    if dropped:
+                        # Said, not silent: a tile asked for and not timed.
+                        print(f"not timing {len(dropped)} tile(s) in {_tuning.dtype_name(d)} for the {direction} "
+                              f"step, with more than {MAX_ACCUMULATOR_VALUES_PER_THREAD} float32 accumulator values "
+                              f"per thread (they spill or leave no register at sm_90): "
+                              f"{'; '.join(str(t) for t in dropped)}", file=sys.stderr)
+                    if len(kept) == 1 and dropped:
+                        parser.error(f"every tile asked for by --block-m/--block-n/--fused-warps holds more than "
+                                     f"{MAX_ACCUMULATOR_VALUES_PER_THREAD} accumulator values per thread in the "
+                                     f"{direction} step ({acc} x BLOCK_M x BLOCK_N / (32 x num_warps)); only the "
+                                     f"default {kept[0]} is left")
         except _tuning.TuningFileError as exc:
             parser.error(f"a tile candidate: {exc}")
         base = list(args.shapes or [RAFT_STEP + (None,)])
@@ -1175,12 +1265,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         output = args.output or _default_output(key)
         print(where)
         if args.fused_step:
-            print(f"fused step, forward: {len(shapes)} steps x (cuDNN + gate kernels, and "
-                  f"{len(fused_tile_candidates(dtypes[0], args.block_m, args.block_n, args.fused_warps, args.fused_stages))}"
-                  " fused tiles), each checked against the reference before it is timed")
+            paths = {"fwd": "cuDNN convolutions + gate kernels",
+                     "bwd": "gate kernels + cuDNN dgrad (the weight gradient is cuDNN on both paths, not timed)"}
+            for direction in directions:
+                n_tiles = len(fused_tile_candidates(dtypes[0], args.block_m, args.block_n, args.fused_warps,
+                                                    args.fused_stages, direction=direction))
+                kernels = sorted({k for s in shapes for k in _tile_kernels(s.reset_after, direction)})
+                print(f"fused step, {direction}: {len(shapes)} steps x ({paths[direction]}, and {n_tiles} fused "
+                      f"tiles of {', '.join(kernels)}), each checked against the float64 reference before it is timed")
             for shape in shapes:
                 print(f"  {shape}")
-            print(f"would write: {output}")
+            print(f"would write: {output} (step_paths for {', '.join(directions)}, fused_tiles)")
             return 0
         n_cases = len(args.kernels) * len(dtypes) * len(sizes)
         print(f"kernels ({len(args.kernels)}): {', '.join(args.kernels)}")
@@ -1225,7 +1320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shapes = [s for s in shapes if s.dtype != torch.bfloat16]
 
     if args.fused_step:
-        return _main_fused_step(args, shapes, device, name, key, output)
+        return _main_fused_step(args, shapes, directions, device, name, key, output)
 
     print(f"tuning {len(args.kernels)} kernels x {len(dtypes)} dtypes x {len(sizes)} sizes x {len(candidates)} "
           f"candidates on {name} (Triton {_tuning.triton_version()}, torch {torch.__version__})", file=sys.stderr)
@@ -1254,21 +1349,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _main_fused_step(args, shapes: Sequence[StepShape], device: torch.device, name: str, key: str,
-                     output: str) -> int:
+def _main_fused_step(args, shapes: Sequence[StepShape], directions: Sequence[str], device: torch.device, name: str,
+                     key: str, output: str) -> int:
     import triton.testing
 
-    print(f"tuning the fused step: {len(shapes)} steps on {name} (Triton {_tuning.triton_version()}, "
-          f"torch {torch.__version__})", file=sys.stderr)
+    print(f"tuning the fused step ({', '.join(directions)}): {len(shapes)} steps on {name} "
+          f"(Triton {_tuning.triton_version()}, torch {torch.__version__})", file=sys.stderr)
 
     def timer(fn):
         return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
-    def tiles_of(dtype):
-        return fused_tile_candidates(dtype, args.block_m, args.block_n, args.fused_warps, args.fused_stages)
+    def tiles_of(dtype, direction):
+        return fused_tile_candidates(dtype, args.block_m, args.block_n, args.fused_warps, args.fused_stages,
+                                     direction=direction)
 
     torch.cuda.set_device(device)
-    results = tune_fused_step(shapes, tiles_of, device, timer, progress=not args.quiet)
+    results = tune_fused_step(shapes, tiles_of, device, timer, progress=not args.quiet, directions=directions)
     print(format_step_table(results))
     if not any(r.cudnn.ms is not None for r in results):
         print("convgru_triton.tune: no step could be timed; nothing written", file=sys.stderr)

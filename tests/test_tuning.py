@@ -873,7 +873,8 @@ def test_tune_fused_step_chooses_and_writes(registry, device):
               + tune.step_shapes([(2, 5, 5, 7, (1, 5))], [], [dtype], [False, True], [True]))
     tiles = [_tuning.default_tile("conv_rz_fwd", dtype), _tuning.TileConfig(32, 16, 16, 4, 2)]
     timer = _fake_step_timer({64: 2.0, 32: 0.5 if fused_wins else 1.5})
-    results = tune.tune_fused_step(shapes, lambda d: tiles, device, timer, progress=False)
+    results = tune.tune_fused_step(shapes, lambda d, direction: tiles, device, timer, progress=False,
+                                   directions=("fwd",))
     assert len(results) == 4
     for r in results:
         assert r.cudnn.ms == 1.0, r.cudnn.skipped
@@ -903,20 +904,102 @@ def test_tune_fused_step_skips_a_wrong_tile(monkeypatch, device):
     bad = _tuning.TileConfig(32, 16, 16, 8, 2)
     launch = fused_step._launch
 
-    def broken(kernel, spec, h, has_bias, args, **extra):
-        launch(kernel, spec, h, has_bias, args, **extra)
+    def broken(kernel, spec, h, has_bias, args, *more, **extra):
+        launch(kernel, spec, h, has_bias, args, *more, **extra)
         if _tuning._FORCED_TILE == bad:
             args[3 if kernel is fused_step._conv_reset_after_fwd_kernel else 5][0, 0, 0, 0] += 1.0
 
     monkeypatch.setattr(fused_step, "_launch", broken)
     timed = []
     shape = tune.StepShape(2, 5, 5, 7, (3, 3), True, torch.float32, True)
-    results = tune.tune_fused_step([shape], lambda d: [_tuning.default_tile("conv_rz_fwd", d), bad], device,
-                                   lambda fn: timed.append(_tuning._FORCED_TILE) or 1.0, progress=False)
+    results = tune.tune_fused_step([shape], lambda d, direction: [_tuning.default_tile("conv_rz_fwd", d), bad],
+                                   device, lambda fn: timed.append(_tuning._FORCED_TILE) or 1.0, progress=False,
+                                   directions=("fwd",))
     trials = results[0].fused
     assert trials[0].ms == 1.0 and trials[1].ms is None
     assert trials[1].skipped.startswith("wrong result: h'")
     assert bad not in timed
+
+
+@pytest.mark.triton_kernels
+def test_tune_fused_step_backward_chooses_and_writes(registry, device):
+    """The backward step through conv_gru._step_backward: the cuDNN path and
+    every tile of the fused one into NaN-poisoned buffers, each checked
+    against autograd through the float64 references before it is timed; the
+    choice lands in step_paths as "bwd", the tile in fused_tiles under the
+    dgrad kernels. Tiny shapes not block multiples, float32: reset_before in
+    NCHW with 3x3, reset_after in channels_last with 1x5 (~3 s interpreted)."""
+    dtype = torch.float32
+    shapes = (tune.step_shapes([(2, 5, 5, 7, (3, 3))], [], [dtype], [False], [False])
+              + tune.step_shapes([(2, 5, 5, 7, (1, 5))], [], [dtype], [True], [True]))
+    tiles = [_tuning.default_tile("conv_dgrad_bwd", dtype), _tuning.TileConfig(32, 16, 16, 4, 2)]
+    asked = []
+
+    def tiles_of(d, direction):
+        asked.append((d, direction))
+        return tiles
+
+    results = tune.tune_fused_step(shapes, tiles_of, device, _fake_step_timer({64: 2.0, 32: 0.5}), progress=False,
+                                   directions=("bwd",))
+    assert asked == [(dtype, "bwd")] * 2
+    assert [(r.direction, r.shape.reset_after) for r in results] == [("bwd", False), ("bwd", True)]
+    for r in results:
+        assert r.cudnn.ms == 1.0, r.cudnn.skipped
+        assert [t.skipped for t in r.fused] == [None, None]  # both paths gave the reference's gradients
+        assert r.best_fused.config == tiles[1] and r.path == "fused"
+    table = tune.format_step_table(results)
+    head, _, *rows = table.splitlines()
+    assert head.split()[:2] == ["direction", "step"]
+    assert [row.split()[:6] for row in rows] == [["bwd", "N=2", "H=5", "5x7", "3x3", "reset_before"],
+                                                 ["bwd", "N=2", "H=5", "5x7", "1x5", "reset_after"]]
+    doc = tune.merge_fused_sections(tune.make_document([], "Fake GPU 9000"), results)
+    assert {e["direction"] for e in doc["step_paths"]} == {"bwd"}
+    assert {e["kernel"] for e in doc["fused_tiles"]} == {"conv_dgrad_reset_gate_bwd", "conv_dgrad_bwd"}
+    registry.write(registry.cache, doc)
+    assert _tuning.step_path(GPU, dtype, False, "bwd", (3, 3), 350) == "fused"
+    assert _tuning.step_path(GPU, dtype, True, "bwd", (1, 5), 350) == "fused"
+    assert _tuning.step_path(GPU, dtype, False, "fwd", (3, 3), 350) == "cudnn"  # the forward was not tuned
+    for kernel in ("conv_dgrad_reset_gate_bwd", "conv_dgrad_bwd"):
+        assert _tuning.tile_config(kernel, dtype, 350, GPU) == tiles[1]
+    assert _tuning.tile_config("conv_rz_fwd", dtype, 350, GPU) == _tuning.default_tile("conv_rz_fwd", dtype)
+
+
+@pytest.mark.triton_kernels
+def test_tune_fused_step_backward_skips_wrong_and_failing_tiles(monkeypatch, device):
+    """A backward tile whose dL/dh is wrong, or whose launch raises, is skipped
+    with the reason and never timed; the others are timed."""
+    from convgru_triton.ops import fused_step
+
+    wrong, failing = _tuning.TileConfig(32, 16, 16, 8, 2), _tuning.TileConfig(16, 16, 16, 4, 2)
+    launch = fused_step._launch_dgrad
+
+    def broken(kernel, spec, d_h, *more, **extra):
+        if _tuning._FORCED_TILE == failing:
+            raise RuntimeError("out of resources: shared memory")
+        launch(kernel, spec, d_h, *more, **extra)
+        if _tuning._FORCED_TILE == wrong:
+            d_h[0, 0, 0, 0] += 1.0
+
+    monkeypatch.setattr(fused_step, "_launch_dgrad", broken)
+    timed = []
+    shape = tune.StepShape(2, 5, 5, 7, (3, 3), True, torch.float32, False)
+    tiles = [_tuning.default_tile("conv_dgrad_bwd", torch.float32), wrong, failing]
+    results = tune.tune_fused_step([shape], lambda d, direction: tiles, device,
+                                   lambda fn: timed.append(_tuning._FORCED_TILE) or 1.0, progress=False,
+                                   directions=("bwd",))
+    trials = results[0].fused
+    assert results[0].cudnn.ms == 1.0 and trials[0].ms == 1.0
+    assert trials[1].ms is None and trials[1].skipped.startswith("wrong result: d h:")
+    assert trials[2].ms is None and trials[2].skipped == "failed: RuntimeError: out of resources: shared memory"
+    assert timed == [None, tiles[0]]
+
+
+def test_step_case_direction():
+    with pytest.raises(ValueError, match="direction"):
+        tune.StepCase(tune.StepShape(1, 4, 3, 3, (3, 3), False, torch.float32, True), NOT_CUDA, "sideways")
+    with pytest.raises(ValueError, match="direction"):
+        tune.tune_fused_step([], lambda d, direction: [], NOT_CUDA, lambda fn: 1.0, progress=False,
+                             directions=("up",))
 
 
 def test_fused_sections_decide_shared_keys_together():
@@ -933,15 +1016,35 @@ def test_fused_sections_decide_shared_keys_together():
     assert [(p["path"], p["fused_ms"], p["cudnn_ms"]) for p in paths] == [("fused", 1.8, 2.0)]
     # Tile a: 0.9/0.8 + 1.0/1.0 = 2.125; tile b: 1 + 1.5 = 2.5 -> a, for both kernels of reset_before.
     assert {(t["kernel"], t["block_m"]) for t in tiles} == {("conv_rz_fwd", 64), ("conv_n_fwd", 64)}
+    # The backward: its own step_paths entry; conv_dgrad_bwd runs in both formulations, so their
+    # steps decide its tile together (b: 0.5/0.5 + 0.7/0.6 < a: 0.6/0.5 + 0.6/0.6; reset_before's
+    # conv_dgrad_reset_gate_bwd by its step alone: b).
+    after = tune.StepShape(6, 128, 46, 62, (3, 3), True, torch.bfloat16, True)
+    results += [tune.StepResult(cl, "bwd", trial(1.0), [trial(0.6, a), trial(0.5, b)]),
+                tune.StepResult(after, "bwd", trial(0.5), [trial(0.6, a), trial(0.7, b)])]
+    paths, tiles = tune.fused_sections(results)
+    assert sorted((p["direction"], p["reset_after"], p["path"]) for p in paths) == [
+        ("bwd", False, "fused"), ("bwd", True, "cudnn"), ("fwd", False, "fused")]
+    assert {(t["kernel"], t["block_m"]) for t in tiles if t["kernel"].startswith("conv_dgrad")} == {
+        ("conv_dgrad_reset_gate_bwd", 128), ("conv_dgrad_bwd", 128)}
 
 
 def test_command_fused_step_dry_run_and_bad_arguments(capsys):
     assert tune.main(["--fused-step", "--dry-run", "--sequence-shapes"]) == 0
     out = capsys.readouterr().out
     assert "N=6 H=128 46x62 1x5 reset_after bfloat16 cl" in out and "N=16 H=384 8x8 3x3" in out
-    assert "12 fused tiles" in out  # (64x32 at 4 warps, 64x32, 64x64, 128x32 at 8) x 2-4 stages
+    # Forward (3 accumulators): 64x32 at 4 warps, 64x32, 64x64, 128x32 at 8, x 2-4 stages.
+    assert "fused step, fwd: 16 steps x (cuDNN convolutions + gate kernels, and 12 fused tiles" in out
+    # Backward (one accumulator): every combination but 128x64 at 4 warps, x 2-4 stages.
+    assert "fused step, bwd: 16 steps x (gate kernels + cuDNN dgrad" in out and "and 21 fused tiles" in out
+    assert "conv_dgrad_bwd, conv_dgrad_reset_gate_bwd" in out
+    assert "step_paths for fwd, bwd" in out
+    assert tune.main(["--fused-step", "--dry-run", "--directions", "bwd"]) == 0
+    out = capsys.readouterr().out
+    assert "fused step, bwd" in out and "fused step, fwd" not in out
     for args in (["--shapes", "6,128"], ["--block-m", "96"], ["--fused-warps", "16"], ["--kernel-sizes", "3"],
-                 ["--layouts", "nhwc"]):
+                 ["--layouts", "nhwc"], ["--directions", "sideways"], ["--directions", "fwd,up"],
+                 ["--directions", ","]):
         with pytest.raises(SystemExit) as exc:
             tune.main(["--fused-step", "--dry-run", *args])
         assert exc.value.code == 2, args
@@ -954,9 +1057,12 @@ def test_command_fused_step_says_which_tiles_it_drops(capsys):
     assert tune.main(["--fused-step", "--dry-run", "--block-m", "64,128", "--block-n", "64", "--fused-warps", "4,8",
                       "--fused-stages", "2"]) == 0
     captured = capsys.readouterr()
-    assert "not timing 3 tile(s) in bfloat16" in captured.err
+    assert "not timing 3 tile(s) in bfloat16 for the fwd step" in captured.err
     assert "BLOCK_M 128, BLOCK_N 64, BLOCK_K 64, 4 warps, 2 stages" in captured.err
-    assert "2 fused tiles" in captured.out  # the default and 64x64 at 8 warps
+    assert "fwd: 6 steps x (cuDNN convolutions + gate kernels, and 2 fused tiles" in captured.out  # default, 64x64/8w
+    # The backward's one accumulator: only 128x64 at 4 warps (64 values) is dropped.
+    assert "not timing 1 tile(s) in bfloat16 for the bwd step" in captured.err
+    assert "and 4 fused tiles" in captured.out  # the default, 64x64 at 4 and 8 warps, 128x64 at 8
     with pytest.raises(SystemExit) as exc:  # nothing asked for is left: an error, not a run of the default alone
         tune.main(["--fused-step", "--dry-run", "--block-m", "128", "--block-n", "64", "--fused-warps", "4"])
     assert exc.value.code == 2
@@ -974,18 +1080,36 @@ def test_command_fused_step_writes_the_file_the_registry_then_uses(registry, mon
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     registry.write(registry.cache, _doc([_entry(256, 2)]))
     tile = _tuning.TileConfig(128, 32, 64, 8, 3)
+    bwd_tile = _tuning.TileConfig(128, 64, 64, 8, 4)  # one accumulator: a backward candidate only
     seen = []
 
-    def fake_tune_fused_step(shapes, tiles_of, device, timer, progress=True):
-        seen.extend(shapes)
-        assert tile in tiles_of(torch.bfloat16)
-        return [tune.StepResult(s, "fwd", tune.Trial(None, ms=1.0), [tune.Trial(tile, ms=0.5)]) for s in shapes]
+    def fake_tune_fused_step(shapes, tiles_of, device, timer, progress=True, directions=("fwd", "bwd")):
+        seen.append((tuple(str(s) for s in shapes), tuple(directions)))
+        assert tile in tiles_of(torch.bfloat16, "fwd") and bwd_tile not in tiles_of(torch.bfloat16, "fwd")
+        assert bwd_tile in tiles_of(torch.bfloat16, "bwd")
+        # The forward: fused wins; the backward: cuDNN wins (its tile is still written).
+        times = {"fwd": (tile, 1.0, 0.5), "bwd": (bwd_tile, 0.5, 1.0)}
+        return [tune.StepResult(s, d, tune.Trial(None, ms=times[d][1]), [tune.Trial(times[d][0], ms=times[d][2])])
+                for d in directions for s in shapes]
 
     monkeypatch.setattr(tune, "tune_fused_step", fake_tune_fused_step)
     assert tune.main(["--fused-step", "--shapes", "6,128,46x62,3x3", "--formulations", "reset_after", "-q"]) == 0
-    assert [str(s) for s in seen] == ["N=6 H=128 46x62 3x3 reset_after bfloat16 cl"]
-    assert "wrote" in capsys.readouterr().out
+    assert seen == [(("N=6 H=128 46x62 3x3 reset_after bfloat16 cl",), ("fwd", "bwd"))]  # both by default
+    out = capsys.readouterr().out
+    assert "wrote" in out
+    assert [line.split()[:2] for line in out.splitlines() if "N=6" in line] == [["fwd", "N=6"], ["bwd", "N=6"]]
     _tuning.clear_cache()
-    assert _tuning.step_path(GPU, torch.bfloat16, True, "fwd", (3, 3), 6 * 128 * 46 * 62) == "fused"
-    assert _tuning.tile_config("conv_reset_after_fwd", torch.bfloat16, 6 * 128 * 46 * 62, GPU) == tile
+    numel = 6 * 128 * 46 * 62
+    assert _tuning.step_path(GPU, torch.bfloat16, True, "fwd", (3, 3), numel) == "fused"
+    assert _tuning.step_path(GPU, torch.bfloat16, True, "bwd", (3, 3), numel) == "cudnn"
+    assert _tuning.tile_config("conv_reset_after_fwd", torch.bfloat16, numel, GPU) == tile
+    assert _tuning.tile_config("conv_dgrad_bwd", torch.bfloat16, numel, GPU) == bwd_tile
     assert lookup() == LaunchConfig(256, 2)  # the gate entry kept
+    # --directions bwd: the backward alone, into the same file; the forward's entries stay.
+    seen.clear()
+    assert tune.main(["--fused-step", "--shapes", "6,128,46x62,3x3", "--formulations", "reset_after",
+                      "--directions", "bwd", "-q"]) == 0
+    assert seen == [(("N=6 H=128 46x62 3x3 reset_after bfloat16 cl",), ("bwd",))]
+    _tuning.clear_cache()
+    assert _tuning.step_path(GPU, torch.bfloat16, True, "fwd", (3, 3), numel) == "fused"
+    assert _tuning.tile_config("conv_dgrad_bwd", torch.bfloat16, numel, GPU) == bwd_tile
