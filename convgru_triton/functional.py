@@ -32,7 +32,7 @@ from ._layout import (
 )
 from .ops.conv_gru import (
     _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
-    fused_step_setting, plan,
+    fused_cell_step, fused_step_setting, plan,
 )
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
 
@@ -370,13 +370,19 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
         caller_channels_last = is_channels_last(input if hx is None else hx)
         input, hx = _to_internal(input, fmt, p.cast), _to_internal(hx, fmt, p.cast)
         weight_ih, weight_hh = _to_internal(weight_ih, fmt, p.cast), _to_internal(weight_hh, fmt, p.cast)
-    gates_x = p.conv_ih(input, weight_ih)
-    if hx is None:
-        hx = _zeros_state(gates_x, p.hidden, input)
-    if p.step is None:  # traced by torch.compile: the step's math, for Inductor to fuse
-        h_new = conv_gru_step_compiled(gates_x, hx, weight_hh, bias_ih, bias_hh, p.spec, p.reset_after)
-    else:  # one step is the sequence operator's step: the same plan and kernels
-        h_new = conv_gru_step(gates_x, hx, weight_hh, bias_ih, bias_hh, p.step)
+    h_new = None
+    if p.step is not None and p.step.fused_step:
+        # Issue 18: W_ih * x inside the fused step's kernels (eager only, where
+        # fused_step.use_fused says so; None where it does not apply).
+        h_new = fused_cell_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, p.step)
+    if h_new is None:
+        gates_x = p.conv_ih(input, weight_ih)
+        if hx is None:
+            hx = _zeros_state(gates_x, p.hidden, input)
+        if p.step is None:  # traced by torch.compile: the step's math, for Inductor to fuse
+            h_new = conv_gru_step_compiled(gates_x, hx, weight_hh, bias_ih, bias_hh, p.spec, p.reset_after)
+        else:  # one step is the sequence operator's step: the same plan and kernels
+            h_new = conv_gru_step(gates_x, hx, weight_hh, bias_ih, bias_hh, p.step)
     if fmt is not None and not caller_channels_last:
         h_new = h_new.contiguous()  # h' in the caller's layout (hx's, else the input's)
     return h_new if p.batched else h_new.squeeze(0)

@@ -30,7 +30,10 @@ Where ``fused_step.use_fused`` says so (``CONVGRU_TRITON_FUSED_STEP``, the
 tuning registry; docs/what-runs-where.md), a step's hidden convolution and gate
 math run instead as the implicit-GEMM kernels of :mod:`.fused_step`, and in the
 backward the hidden convolutions' data gradient with the gate backward; they
-write the same buffers, so the two paths can be mixed step by step.
+write the same buffers, so the two paths can be mixed step by step. For the
+one-step cell in eager mode, :func:`fused_cell_step` runs the input
+convolution inside those kernels too (gates_x is never made); its backward is
+this module's step backward followed by the input convolution's.
 """
 
 from __future__ import annotations
@@ -744,6 +747,127 @@ def _run(p: Plan, gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_ih, bias_
     states = _empty_frames(gates_x.shape[0], h0, h0.shape[1], channels_last)
     _forward(p, gates_x.unbind(0), h0, weight_hh, bias_ih, bias_hh, states.unbind(0), None, None)
     return states
+
+
+# ----------------------------------------------------------------------------
+# The one-step cell with its input convolution inside the fused step (issue 18)
+# ----------------------------------------------------------------------------
+
+
+class _FusedCellFunction(torch.autograd.Function):
+    """One cell step whose forward runs the input convolution ``W_ih * x``
+    inside :mod:`.fused_step`'s kernels (gx = W_ih * x is never made), and
+    whose backward is the step backward of the operator (:func:`_backward_step`,
+    or ``conv_gru_bwd`` under create_graph, as :class:`_ConvGRUFunction`) for
+    d_gx, d_h, d_W_hh and the biases, followed by the input convolution's own
+    backward (``p.conv_backward``: ``aten.convolution_backward`` with the
+    'same' padding of :func:`~convgru_triton._conv.conv_same`) for d_x and
+    d_W_ih. An autograd.Function rather than a registered operator: the path
+    is eager only (torch.compile, tracing and functorch transforms keep the
+    cell's operator path, which is registered), and ``Function.apply`` costs
+    less per call than the operator dispatch (see :class:`_ConvGRUFunction`).
+    Saves what the step backward needs (h, W_hh, gates, aux) plus x and W_ih."""
+
+    @staticmethod
+    def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, p):
+        hidden, channels_last = h0.shape[1], is_channels_last(h0)
+        state, gates, aux = (_empty_frame(h0, c, channels_last) for c in (hidden, 3 * hidden, hidden))
+        ctx.weights = _hidden_weights(p, weight_hh)
+        if not _fused.forward_step(p.reset_after, p.spec, None, h0, ctx.weights, bias_ih, bias_hh, state, gates,
+                                   aux, True, x=x, weight_ih=weight_ih):
+            # Declined for what fused_cell_step does not check (a sample past the
+            # kernels' 32-bit offsets): the same step with gx made, the same saved tensors.
+            math = p.math.bind(state, bias_ih, bias_hh, (x, h0))
+            _step_forward(p, math, p.conv(x, weight_ih), h0, ctx.weights, bias_ih, bias_hh, state, gates, aux, True)
+        ctx.save_for_backward(x, h0, weight_ih, weight_hh, state, gates, aux)
+        ctx.plan, ctx.has_bias = p, bias_ih is not None
+        return state
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h0, weight_ih, weight_hh, state, gates, aux = ctx.saved_tensors
+        p = ctx.plan
+        if torch.is_grad_enabled():
+            # create_graph=True: through the operator, whose own backward raises
+            # (a second derivative must fail loudly), as _ConvGRUFunction does.
+            results = conv_gru_bwd(grad.unsqueeze(0), h0, weight_hh, state.unsqueeze(0), gates.unsqueeze(0),
+                                   aux.unsqueeze(0), *p.op_args, ctx.has_bias)
+            results = (results[0].squeeze(0),) + tuple(results[1:])
+        else:
+            results = _backward_step(p, grad, h0, weight_hh, ctx.weights, state, gates, aux, ctx.has_bias)
+        need = ctx.needs_input_grad
+        d_x = d_weight_ih = None
+        if need[0] or need[2]:
+            d_x, d_weight_ih = p.conv_backward(results[0], x, weight_ih, need[0], need[2])
+        _, d_h0, d_weight_hh, d_bias_ih, d_bias_hh = results
+        bias = ctx.has_bias
+        return (d_x, d_h0 if need[1] else None, d_weight_ih, d_weight_hh if need[3] else None,
+                d_bias_ih if need[4] and bias else None, d_bias_hh if need[5] and bias else None, None)
+
+
+# Function.apply without its Python wrapper, as _apply_function: fused_cell_step
+# calls it only with no functorch transform active, where the wrapper's
+# unwrapping of dead functorch tensors has nothing to do.
+_apply_fused_cell = torch._C._FunctionBase.__dict__["apply"].__get__(None, _FusedCellFunction)
+
+
+def fused_cell_step(x: Tensor, h: Optional[Tensor], weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+                    bias_hh: Optional[Tensor], p: Plan) -> Optional[Tensor]:
+    """One cell step with the input convolution inside the fused step's
+    kernels (:func:`.fused_step.forward_step` with ``x`` and ``weight_ih``),
+    differentiable (:class:`_FusedCellFunction`), or ``None``, having run
+    nothing, where that does not apply: the caller then runs today's path
+    (``W_ih * x`` by cuDNN, then :func:`conv_gru_step`). ``x`` (N, C_in, Y,
+    X), ``h`` (N, H, Y, X) or ``None`` (zeros, made here in x's layout, or
+    W_ih's when that is channels_last, as the convolution's output would be),
+    ``weight_ih`` (3H, C_in, kh, kw), ``weight_hh`` (3H, H, kh, kw), biases
+    (3H,) or ``None``; returns h' (N, H, Y, X) in h's layout.
+
+    Applies in eager mode only (not under torch.compile, jit.trace or ONNX
+    export, functorch transforms, meta/fake tensors), where the plan may use
+    the fused step and :func:`.fused_step.use_fused` says ``"fwd"`` for this
+    state, with every tensor of one dtype and device; under autocast only
+    when that dtype is already the autocast dtype (else autocast's casts are
+    today's path's)."""
+    if not p.fused_step or x.dim() != 4:
+        return None
+    if (torch.compiler.is_compiling() or torch._C._get_tracing_state()
+            or torch._C._functorch.maybe_current_level() is not None or _shapes_only(x)):
+        return None
+    dtype, device = x.dtype, x.device
+    zeros = h is None
+    if zeros:  # zeroed only once the fused path is chosen (use_fused needs its shape and strides)
+        shape = (x.shape[0], weight_hh.shape[1]) + tuple(x.shape[2:])
+        h = empty_in_layout(shape, dtype, device, is_channels_last(x) or is_channels_last(weight_ih))
+    # use_fused first: a cached decision, and under auto (the default) the usual
+    # answer is no; this order took a declining call from 4.8 to 3.0 us (CPU, with hx).
+    if h.dim() != 4 or not _fused.use_fused("fwd", p.reset_after, p.spec, h):
+        return None
+    cast = autocast_dtype(device.type)
+    if cast is not None and cast != dtype:
+        return None
+    tensors = (h, weight_ih, weight_hh) + ((bias_ih, bias_hh) if bias_ih is not None else ())
+    if any(t.dtype != dtype or t.device != device for t in tensors):
+        return None
+    if zeros:
+        h.zero_()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, h, weight_ih, weight_hh, bias_ih, bias_hh)):
+        if bias_ih is not None:
+            bias_ih, bias_hh = _unwrap_if_dead(bias_ih), _unwrap_if_dead(bias_hh)
+        return _apply_fused_cell(_unwrap_if_dead(x), _unwrap_if_dead(h), _unwrap_if_dead(weight_ih),
+                                 _unwrap_if_dead(weight_hh), bias_ih, bias_hh, p)
+    # No gradient: no autograd node, nothing saved (as _run's step without one).
+    hidden, channels_last = h.shape[1], is_channels_last(h)
+    state = _empty_frame(h, hidden, channels_last)
+    if p.reset_after:
+        gates = aux = None
+    else:  # r, z and r * h are needed within the step: scratch
+        gates, aux = _empty_frame(h, 3 * hidden, channels_last), _empty_frame(h, hidden, channels_last)
+    if not _fused.forward_step(p.reset_after, p.spec, None, h, _hidden_weights(p, weight_hh), bias_ih, bias_hh,
+                               state, gates, aux, False, x=x, weight_ih=weight_ih):
+        return None  # declined (a shape or size the kernels do not take): nothing was written
+    return state
 
 
 class _ConvGRUBwdFunctorch(torch.autograd.Function):

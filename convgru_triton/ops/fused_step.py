@@ -31,7 +31,8 @@ order (r, z, n) along the channels, ``*`` a 'same'-padded stride-1 convolution::
     h' = (1 - z) * h + z * n
 
 Kernels (2-D, zero padding, stride 1, any kernel size and dilation; ``gx``
-(N, 3H, Y, X) are the input pre-activations ``W_i * x`` without bias):
+(N, 3H, Y, X) are the input pre-activations ``W_i * x`` without bias, or,
+for the one-step cell, computed in the kernel from x: see HAS_X below):
 
 ``reset_after=False``, two launches (the second convolution reads r * h of
 neighbouring pixels, which the first must have finished writing):
@@ -72,9 +73,29 @@ with ``reset_after`` the latter alone over the 3H channels of d_gh. The
 elementwise first kernel of the step (``update_bwd``/``reset_after_bwd``)
 and the weight gradient (wgrad, cuDNN) are today's.
 
-Not yet (issue 18): wgrad as a Triton kernel, the input convolution of the
-one-step cell, a tuned or persistent grid, pre-packed weights (the weight
-tile is gathered with the weight's own strides), and any GPU measurement.
+The one-step cell's input convolution (``HAS_X``; :func:`forward_step` with
+``x`` and ``weight_ih``, from ``conv_gru.fused_cell_step``): the three forward
+kernels take the cell's input x (N, C_in, Y, X) and W_ih (3H, C_in, kh, kw)
+as a second operand and walk its taps x channel blocks (BLOCK_KI channels at
+a time) through :func:`_conv_acc`, the same reduction as the hidden
+convolution's, before the hidden one: into acc_r and acc_z (W_ir, W_iz rows),
+into the n accumulator with ``reset_after=False`` (W_in * x and W_hn * (r * h)
+add before tanh) and into a fourth accumulator with ``reset_after=True`` (r
+multiplies only the hidden part). gx is then neither made nor read. Without
+HAS_X the x arguments are ``None`` (constexpr) and the branches are pruned:
+the kernels' sm_90 PTX is the same as before HAS_X existed (compared with the
+line info stripped, bfloat16, 3x3, both formulations; Triton 3.9). At RAFT's
+bfloat16 shape (x 256 channels, hidden 128, 46x62, N=6) the HAS_X kernels
+compile for sm_90 to 80-143 registers, with wgmma and no spills
+(tests/test_fused_cell_input.py). The cell's backward is the step backward
+(``conv_gru._backward_step``) followed by cuDNN's convolution backward for
+d_x and d_W_ih.
+
+Not yet (issue 18): wgrad as a Triton kernel, the input convolution inside
+the sequence operator (it stays one batched cuDNN call over all steps), a
+tuned or persistent grid, pre-packed weights (the weight tile is gathered with
+the weight's own strides), and any GPU measurement (of the cell's input
+fusion too: its tiles are the hidden-only kernels' defaults).
 """
 
 from __future__ import annotations
@@ -211,6 +232,41 @@ def _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, so, si, sy, sx):
 
 
 @triton.jit
+def _conv_acc(src_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, row0, H, Y, X,
+              s_sn, s_sc, s_sy, s_sx, w_so, w_si, w_sy, w_sx, acc_0, acc_1, acc_2,
+              C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+              PAD_Y: tl.constexpr, PAD_X: tl.constexpr, BLOCK_K: tl.constexpr, GATES: tl.constexpr,
+              PRECISION: tl.constexpr, COMPUTE: tl.constexpr):
+    """The implicit-GEMM reduction of one convolution into up to three gate
+    accumulators: ``acc_g += W[row0 + g * H + co] * src`` for g < GATES, over
+    the C channels of ``src`` and the KH x KW taps (one state tile shared by
+    the gates). The hidden convolution (``src`` the state or r * h, C = H) and
+    the one-step cell's input convolution (``src`` the input x, C = C_in, W
+    W_ih) both run through it. Returns the three accumulators (those past
+    GATES unchanged: not loop-carried, so nothing is paid for them)."""
+    # One flat reduction loop over (tap, channel block), not unrolled: short
+    # live ranges, and one loop for the software pipeliner.
+    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
+        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
+        a = _state_tile(src_ptr, n64, iy, ix, valid, ci, C, s_sn, s_sc, s_sy, s_sx)
+        b_0 = _weight_tile(w_ptr, co + row0, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        if GATES == 2:
+            # Both tiles before both products: the r/z kernel's order before this helper
+            # existed, so its PTX is unchanged. (Interleaved, as for 3 gates, it took 119
+            # registers instead of 128 at 3x3, sm_90: not measured on a GPU, so not made here.)
+            b_1 = _weight_tile(w_ptr, co + (row0 + H), co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+        acc_0 = tl.dot(a, b_0, acc_0, input_precision=PRECISION, out_dtype=COMPUTE)
+        if GATES > 1:
+            if GATES == 3:
+                b_1 = _weight_tile(w_ptr, co + (row0 + H), co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+            acc_1 = tl.dot(a, b_1, acc_1, input_precision=PRECISION, out_dtype=COMPUTE)
+        if GATES > 2:
+            b_2 = _weight_tile(w_ptr, co + (row0 + 2 * H), co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
+            acc_2 = tl.dot(a, b_2, acc_2, input_precision=PRECISION, out_dtype=COMPUTE)
+    return acc_0, acc_1, acc_2
+
+
+@triton.jit
 def _bias_pair(b_ih_ptr, b_hh_ptr, gate, H, co, co_mask, COMPUTE: tl.constexpr):
     """(b_ih + b_hh) of one gate over the tile's channels, as a (1, BLOCK_N) row."""
     b = (tl.load(b_ih_ptr + gate * H + co, mask=co_mask, other=0.0).to(COMPUTE)
@@ -220,7 +276,7 @@ def _bias_pair(b_ih_ptr, b_hh_ptr, gate, H, co, co_mask, COMPUTE: tl.constexpr):
 
 @triton.jit
 def _conv_rz_fwd_kernel(
-    x_ptr, w_ptr, gx_ptr, h_ptr, gates_ptr, aux_ptr, b_ih_ptr, b_hh_ptr,
+    x_ptr, w_ptr, gx_ptr, h_ptr, gates_ptr, aux_ptr, b_ih_ptr, b_hh_ptr, in_ptr, wi_ptr,
     M, HW, Y, X, H,
     x_sn, x_sc, x_sy, x_sx,
     w_so, w_si, w_sy, w_sx,
@@ -228,33 +284,39 @@ def _conv_rz_fwd_kernel(
     h_sn, h_sc, h_sy, h_sx,
     g_sn, g_sc, g_sy, g_sx,
     a_sn, a_sc, a_sy, a_sx,
+    i_sn, i_sc, i_sy, i_sx,
+    wi_so, wi_si, wi_sy, wi_sx,
     C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
     PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_X: tl.constexpr = False, C_IN: tl.constexpr = 0, BLOCK_KI: tl.constexpr = 16,
 ):
     """r, z = sigmoid(gx_rz + b_ih_rz + W_hrz * h + b_hh_rz); gates[:, :2H] = (r, z); aux = r * h.
-    ``x`` is the convolution's input (the state h, C = H channels), ``w`` W_hrz (2H, C, KH, KW)."""
+    ``x`` is the convolution's input (the state h, C = H channels), ``w`` W_hrz (2H, C, KH, KW).
+    HAS_X: gx_rz is W_irz * ``in`` computed here (``in`` (N, C_IN, Y, X), ``wi`` W_ih (3H, C_IN, KH, KW))."""
     n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_mask = co < H
     acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    # One flat reduction loop over (tap, channel block), not unrolled: short
-    # live ranges, and one loop for the software pipeliner.
-    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
-        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
-        a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
-        # One state tile, two gates: the r and z weight rows are H apart.
-        b_r = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
-        b_z = _weight_tile(w_ptr, co + H, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
-        acc_r = tl.dot(a, b_r, acc_r, input_precision=PRECISION, out_dtype=COMPUTE)
-        acc_z = tl.dot(a, b_z, acc_z, input_precision=PRECISION, out_dtype=COMPUTE)
+    if HAS_X:  # the cell's input convolution W_irz * x into the same accumulators; gx is not read
+        acc_r, acc_z, _ = _conv_acc(in_ptr, wi_ptr, n64, y, x, m_mask, co, co_mask, 0, H, Y, X,
+                                    i_sn, i_sc, i_sy, i_sx, wi_so, wi_si, wi_sy, wi_sx, acc_r, acc_z, acc_z,
+                                    C_IN, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_KI, 2, PRECISION, COMPUTE)
+    # One state tile, two gates: the r and z weight rows are H apart.
+    acc_r, acc_z, _ = _conv_acc(x_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, 0, H, Y, X,
+                                x_sn, x_sc, x_sy, x_sx, w_so, w_si, w_sy, w_sx, acc_r, acc_z, acc_z,
+                                C, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K, 2, PRECISION, COMPUTE)
 
     mask = m_mask[:, None] & co_mask[None, :]
-    gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
-    a_r = acc_r + tl.load(gx, mask=mask).to(COMPUTE)
-    a_z = acc_z + tl.load(gx + H * gx_sc, mask=mask).to(COMPUTE)
+    if HAS_X:
+        a_r = acc_r
+        a_z = acc_z
+    else:
+        gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
+        a_r = acc_r + tl.load(gx, mask=mask).to(COMPUTE)
+        a_z = acc_z + tl.load(gx + H * gx_sc, mask=mask).to(COMPUTE)
     if HAS_BIAS:
         a_r += _bias_pair(b_ih_ptr, b_hh_ptr, 0, H, co, co_mask, COMPUTE)
         a_z += _bias_pair(b_ih_ptr, b_hh_ptr, 1, H, co, co_mask, COMPUTE)
@@ -270,7 +332,7 @@ def _conv_rz_fwd_kernel(
 
 @triton.jit
 def _conv_n_fwd_kernel(
-    x_ptr, w_ptr, gx_ptr, h_ptr, gates_ptr, h_new_ptr, b_ih_ptr, b_hh_ptr,
+    x_ptr, w_ptr, gx_ptr, h_ptr, gates_ptr, h_new_ptr, b_ih_ptr, b_hh_ptr, in_ptr, wi_ptr,
     M, HW, Y, X, H,
     x_sn, x_sc, x_sy, x_sx,
     w_so, w_si, w_sy, w_sx,
@@ -278,28 +340,35 @@ def _conv_n_fwd_kernel(
     h_sn, h_sc, h_sy, h_sx,
     g_sn, g_sc, g_sy, g_sx,
     o_sn, o_sc, o_sy, o_sx,
+    i_sn, i_sc, i_sy, i_sx,
+    wi_so, wi_si, wi_sy, wi_sx,
     C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
     PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_X: tl.constexpr = False, C_IN: tl.constexpr = 0, BLOCK_KI: tl.constexpr = 16,
 ):
     """n = tanh(gx_n + b_in + W_hn * (r * h) + b_hn); h' = h + z (n - h); with SAVE gates[:, 2H:] = n.
-    ``x`` is aux = r * h (C = H channels), ``w`` W_hn (H, C, KH, KW); z is read from ``gates``."""
+    ``x`` is aux = r * h (C = H channels), ``w`` W_hn (H, C, KH, KW); z is read from ``gates``.
+    HAS_X: gx_n is W_in * ``in`` computed here, into the same accumulator (``wi`` W_ih, rows 2H:3H)."""
     n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_mask = co < H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    # One flat reduction loop over (tap, channel block), not unrolled: short
-    # live ranges, and one loop for the software pipeliner.
-    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
-        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
-        a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
-        b = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
+    if HAS_X:  # the cell's W_in * x: it adds to W_hn * (r * h) before tanh, so the same accumulator
+        acc, _, _ = _conv_acc(in_ptr, wi_ptr, n64, y, x, m_mask, co, co_mask, 2 * H, H, Y, X,
+                              i_sn, i_sc, i_sy, i_sx, wi_so, wi_si, wi_sy, wi_sx, acc, acc, acc,
+                              C_IN, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_KI, 1, PRECISION, COMPUTE)
+    acc, _, _ = _conv_acc(x_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, 0, H, Y, X,
+                          x_sn, x_sc, x_sy, x_sx, w_so, w_si, w_sy, w_sx, acc, acc, acc,
+                          C, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K, 1, PRECISION, COMPUTE)
 
     mask = m_mask[:, None] & co_mask[None, :]
-    gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
-    a_n = acc + tl.load(gx + 2 * H * gx_sc, mask=mask).to(COMPUTE)
+    if HAS_X:
+        a_n = acc
+    else:
+        gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
+        a_n = acc + tl.load(gx + 2 * H * gx_sc, mask=mask).to(COMPUTE)
     if HAS_BIAS:
         a_n += _bias_pair(b_ih_ptr, b_hh_ptr, 2, H, co, co_mask, COMPUTE)
     cand = _tanh(a_n)
@@ -314,7 +383,7 @@ def _conv_n_fwd_kernel(
 
 @triton.jit
 def _conv_reset_after_fwd_kernel(
-    x_ptr, w_ptr, gx_ptr, h_new_ptr, gates_ptr, aux_ptr, b_ih_ptr, b_hh_ptr,
+    x_ptr, w_ptr, gx_ptr, h_new_ptr, gates_ptr, aux_ptr, b_ih_ptr, b_hh_ptr, in_ptr, wi_ptr,
     M, HW, Y, X, H,
     x_sn, x_sc, x_sy, x_sx,
     w_so, w_si, w_sy, w_sx,
@@ -322,37 +391,44 @@ def _conv_reset_after_fwd_kernel(
     o_sn, o_sc, o_sy, o_sx,
     g_sn, g_sc, g_sy, g_sx,
     a_sn, a_sc, a_sy, a_sx,
+    i_sn, i_sc, i_sy, i_sx,
+    wi_so, wi_si, wi_sy, wi_sx,
     C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
     PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_X: tl.constexpr = False, C_IN: tl.constexpr = 0, BLOCK_KI: tl.constexpr = 16,
 ):
     """acc_r, acc_z, acc_n = W_h * h for the same hidden channels; hn = acc_n + b_hn;
     r, z = sigmoid(gx + b_ih + acc + b_hh); n = tanh(gx_n + b_in + r * hn); h' = h + z (n - h).
-    With SAVE: gates = (r, z, n), aux = hn. ``x`` is the state h (C = H), ``w`` W_h (3H, C, KH, KW)."""
+    With SAVE: gates = (r, z, n), aux = hn. ``x`` is the state h (C = H), ``w`` W_h (3H, C, KH, KW).
+    HAS_X: gx is W_i * ``in`` computed here (``wi`` W_ih (3H, C_IN, KH, KW)), gx_n in an accumulator of its own."""
     n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_mask = co < H
     acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
     acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
-    # One flat reduction loop over (tap, channel block), not unrolled: short
-    # live ranges, and one loop for the software pipeliner.
-    for kk in range(KH * KW * tl.cdiv(C, BLOCK_K)):
-        ky, kx, iy, ix, valid, ci = _tap(kk, y, x, m_mask, Y, X, C, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K)
-        a = _state_tile(x_ptr, n64, iy, ix, valid, ci, C, x_sn, x_sc, x_sy, x_sx)
-        b_r = _weight_tile(w_ptr, co, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
-        acc_r = tl.dot(a, b_r, acc_r, input_precision=PRECISION, out_dtype=COMPUTE)
-        b_z = _weight_tile(w_ptr, co + H, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
-        acc_z = tl.dot(a, b_z, acc_z, input_precision=PRECISION, out_dtype=COMPUTE)
-        b_n = _weight_tile(w_ptr, co + 2 * H, co_mask, ci, C, ky, kx, w_so, w_si, w_sy, w_sx)
-        acc_n = tl.dot(a, b_n, acc_n, input_precision=PRECISION, out_dtype=COMPUTE)
+    if HAS_X:
+        # The cell's input convolution W_i * x: r and z into their accumulators,
+        # W_in * x into one of its own (r multiplies only the hidden part); gx is not read.
+        x_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=COMPUTE)
+        acc_r, acc_z, x_n = _conv_acc(in_ptr, wi_ptr, n64, y, x, m_mask, co, co_mask, 0, H, Y, X,
+                                      i_sn, i_sc, i_sy, i_sx, wi_so, wi_si, wi_sy, wi_sx, acc_r, acc_z, x_n,
+                                      C_IN, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_KI, 3, PRECISION, COMPUTE)
+    acc_r, acc_z, acc_n = _conv_acc(x_ptr, w_ptr, n64, y, x, m_mask, co, co_mask, 0, H, Y, X,
+                                    x_sn, x_sc, x_sy, x_sx, w_so, w_si, w_sy, w_sx, acc_r, acc_z, acc_n,
+                                    C, KH, KW, DIL_Y, DIL_X, PAD_Y, PAD_X, BLOCK_K, 3, PRECISION, COMPUTE)
 
     mask = m_mask[:, None] & co_mask[None, :]
-    gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
-    a_r = acc_r + tl.load(gx, mask=mask).to(COMPUTE)
-    a_z = acc_z + tl.load(gx + H * gx_sc, mask=mask).to(COMPUTE)
-    x_n = tl.load(gx + 2 * H * gx_sc, mask=mask).to(COMPUTE)
+    if HAS_X:
+        a_r = acc_r
+        a_z = acc_z
+    else:
+        gx = _at(gx_ptr, n64, y, x, co, gx_sn, gx_sc, gx_sy, gx_sx)
+        a_r = acc_r + tl.load(gx, mask=mask).to(COMPUTE)
+        a_z = acc_z + tl.load(gx + H * gx_sc, mask=mask).to(COMPUTE)
+        x_n = tl.load(gx + 2 * H * gx_sc, mask=mask).to(COMPUTE)
     h_n = acc_n
     if HAS_BIAS:
         a_r += _bias_pair(b_ih_ptr, b_hh_ptr, 0, H, co, co_mask, COMPUTE)
@@ -465,9 +541,14 @@ def _constexprs(spec: ConvSpec, dtype: torch.dtype, channels: int, has_bias: boo
     )
 
 
-def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple, **extra) -> None:
+def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple,
+            inputs: Optional[Tuple[Tensor, Tensor]] = None, **extra) -> None:
     """Launch one fused kernel over the state ``h``'s pixels with the tile the
-    registry gives it (``_tuning.tile_config``: a dict look-up after the first)."""
+    registry gives it (``_tuning.tile_config``: a dict look-up after the first).
+    ``inputs``: ``(x, W_ih)`` ((N, C_in, Y, X), (3H, C_in, kh, kw)) for the
+    one-step cell's input convolution inside the kernel (HAS_X), else ``None``:
+    the kernel's x arguments are then ``None`` (constexpr), which compiles to
+    the kernel without them."""
     batch, hidden, height, width = h.shape
     dtype = h.dtype
     tile = _tuning.tile_config(_REGISTRY_NAMES[kernel.__name__], dtype, h.numel(), h.device)
@@ -481,7 +562,14 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple, **ex
     grid = (tiles, triton.cdiv(hidden, block_n))
     kw = _constexprs(spec, dtype, hidden, has_bias, block_n, block_k, tile)
     kw["BLOCK_X"] = block_x
-    compiled = kernel[grid](*args[:8], m, height * width, height, width, hidden, *args[8:], **kw, **extra)
+    if inputs is None:
+        x_args, x_strides = (None, None), (None,) * 8
+    else:
+        x, w_ih = inputs
+        x_args, x_strides = (x, w_ih), _strides(x) + _strides(w_ih)
+        kw.update(HAS_X=True, C_IN=x.shape[1], BLOCK_KI=_blocks(hidden, x.shape[1], tile)[1])
+    compiled = kernel[grid](*args[:8], *x_args, m, height * width, height, width, hidden, *args[8:], *x_strides,
+                            **kw, **extra)
     if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
         _COMPILED.append(compiled)
 
@@ -491,9 +579,10 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple, **ex
 _COMPILED: Optional[list] = None
 
 
-def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weights: Sequence[Tensor],
+def forward_step(reset_after: bool, spec: ConvSpec, gx: Optional[Tensor], h: Tensor, weights: Sequence[Tensor],
                  bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], state: Tensor, gates: Optional[Tensor],
-                 aux: Optional[Tensor], save: bool) -> bool:
+                 aux: Optional[Tensor], save: bool, x: Optional[Tensor] = None,
+                 weight_ih: Optional[Tensor] = None) -> bool:
     """One fused forward step into the operator's buffers, the contract of
     ``conv_gru._step_forward``: ``gx`` (N, 3H, Y, X), ``h`` (N, H, Y, X),
     ``weights`` ``(W_h,)`` (3H, H, kh, kw) with ``reset_after``, else ``(W_hrz,
@@ -509,20 +598,36 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weigh
     Returns ``False``, having written nothing, where these kernels do not
     apply or are not chosen (:func:`use_fused` with ``"fwd"``: the mode,
     :func:`supports`, the registry's decision; mixed dtypes, a sample too
-    large for 32-bit offsets): the caller then runs today's path."""
+    large for 32-bit offsets): the caller then runs today's path.
+
+    The one-step cell (:func:`convgru_triton.functional.conv_gru_cell`) passes
+    its input ``x`` (N, C_in, Y, X) and ``weight_ih`` (3H, C_in, kh, kw; the
+    spec's kernel size) instead of ``gx`` (then ``None``): the input
+    convolution runs inside the same kernels, into the gates' accumulators,
+    and gx is never made. Declines as above, and also for an ``x`` or
+    ``weight_ih`` of another shape, dtype or device."""
     if h.dim() != 4 or not use_fused("fwd", reset_after, spec, h):
         return False
     dtype = h.dtype
-    others = [gx, state, *weights] + [t for t in (gates, aux, bias_ih, bias_hh) if t is not None]
+    if x is None:
+        first = [gx]
+    elif (x.dim() != 4 or weight_ih is None or x.shape[0] != h.shape[0] or x.shape[2:] != h.shape[2:]
+          or tuple(weight_ih.shape) != (3 * h.shape[1], x.shape[1], *spec.kernel_size)):
+        return False
+    else:
+        first = [x, weight_ih]
+    others = first + [state, *weights] + [t for t in (gates, aux, bias_ih, bias_hh) if t is not None]
     if any(t.dtype != dtype or t.device != h.device for t in others):
         return False
-    if not all(_within_sample_32bit(t) for t in (gx, h, state) + ((gates, aux) if gates is not None else ())):
+    if not all(_within_sample_32bit(t) for t in [first[0], h, state] + ([gates, aux] if gates is not None else [])):
         return False
     if h.numel() == 0:
         return True
     has_bias = bias_ih is not None
     # Dense (3H,) vectors, as the kernels index them; without biases any pointer stands in (never read).
     b_ih, b_hh = (bias_ih.contiguous(), bias_hh.contiguous()) if has_bias else (h, h)
+    # With the cell's input the kernels never read gx: None (constexpr) for it and its strides.
+    inputs, gx_strides = (None, _strides(gx)) if x is None else ((x, weight_ih), (None,) * 4)
     if reset_after:
         w = weights[0]
         if gates is None:  # nothing saved: h' stands in for the pointers of gates and aux (SAVE=False)
@@ -531,17 +636,17 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weigh
             gates_t, aux_t = gates, aux
         _launch(_conv_reset_after_fwd_kernel, spec, h, has_bias, (
             h, w, gx, state, gates_t, aux_t, b_ih, b_hh,
-            *_strides(h), *_strides(w), *_strides(gx), *_strides(state), *_strides(gates_t), *_strides(aux_t)),
-            SAVE=gates is not None)
+            *_strides(h), *_strides(w), *gx_strides, *_strides(state), *_strides(gates_t), *_strides(aux_t)),
+            inputs, SAVE=gates is not None)
         return True
     w_rz, w_n = weights
     _launch(_conv_rz_fwd_kernel, spec, h, has_bias, (
         h, w_rz, gx, h, gates, aux, b_ih, b_hh,
-        *_strides(h), *_strides(w_rz), *_strides(gx), *_strides(h), *_strides(gates), *_strides(aux)))
+        *_strides(h), *_strides(w_rz), *gx_strides, *_strides(h), *_strides(gates), *_strides(aux)), inputs)
     _launch(_conv_n_fwd_kernel, spec, h, has_bias, (
         aux, w_n, gx, h, gates, state, b_ih, b_hh,
-        *_strides(aux), *_strides(w_n), *_strides(gx), *_strides(h), *_strides(gates), *_strides(state)),
-        SAVE=save)
+        *_strides(aux), *_strides(w_n), *gx_strides, *_strides(h), *_strides(gates), *_strides(state)),
+        inputs, SAVE=save)
     return True
 
 

@@ -1,0 +1,422 @@
+"""The one-step cell's input convolution inside the fused step (issue 18):
+``fused_step.forward_step(..., x=, weight_ih=)`` and the cell's path through it
+(``conv_gru.fused_cell_step``, from ``functional._replay_cell``).
+
+* The kernels with the input (HAS_X) write h', gates and aux equal to
+  :func:`fused_step.reference_step` of ``gx = conv_same(x, W_ih)``, into
+  NaN-poisoned buffers, on shapes that are not block multiples.
+* With ``CONVGRU_TRITON_FUSED_STEP=1``, ConvGRUCell2d's output and every
+  gradient (input, hx, weight_ih, weight_hh, biases) equal the default path
+  (``=0``) and the float64 reference, float32 and float16 (the interpreter
+  has no bfloat16), both formulations, kernels (3, 3) and (1, 5), a dilation,
+  NCHW and channels_last, with and without biases, more than one channel
+  block; the input convolution ran inside the kernels (no convolution in the
+  forward at all: the hidden one is fused too).
+* SepConvGRUCell2d (two cells) and a 3-step loop feeding h' back.
+* Declines to today's path: autocast with another dtype, torch.compile, vmap.
+* The HAS_X kernels compiled for sm_90 on this machine (a subprocess with a
+  fake sm_90 target, as tests/test_fused_step.py does) use wgmma and spill
+  nothing at RAFT's bfloat16 shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import convgru_triton as cg
+from convgru_triton import functional
+from convgru_triton._conv import ConvSpec, conv_same
+from convgru_triton.ops import conv_gru, fused_step, naive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans(monkeypatch):
+    """No plan made before (with another CONVGRU_TRITON_FUSED_STEP) may answer."""
+    monkeypatch.setattr(conv_gru, "_PLANS", {})
+    monkeypatch.setattr(functional, "_CELL_PLANS", {})
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Each forward_step call as (with the input x, ran)."""
+    calls = []
+    launch = fused_step.forward_step
+
+    def counted(*args, **kwargs):
+        ran = launch(*args, **kwargs)
+        calls.append((kwargs.get("x") is not None, ran))
+        return ran
+
+    monkeypatch.setattr(fused_step, "forward_step", counted)
+    return calls
+
+
+def _set_mode(monkeypatch, value):
+    monkeypatch.setenv(fused_step.ENV_VAR, value)
+    monkeypatch.setattr(conv_gru, "_PLANS", {})
+    monkeypatch.setattr(functional, "_CELL_PLANS", {})
+
+
+def _rand(device, dtype, *shape, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------
+# The kernels with the input convolution
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+@pytest.mark.parametrize("case", ["c3-h5-3x3-nchw", "c70-h36-1x5-cl", "c3-h5-3x3dil2-cl-nobias"])
+def test_kernels_with_input_equal_reference(device, monkeypatch, dtype, reset_after, case):
+    """C_in 70 and H 36: three (float32, BLOCK_K 32) or two (float16, 64)
+    input channel blocks per tap and two output channel blocks (BLOCK_N 32)."""
+    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    channels, hidden, kernel, layout, *nobias = case.split("-")
+    c_in, hidden = int(channels[1:]), int(hidden[1:])
+    spec = ConvSpec((3, 3), (2, 2)) if kernel == "3x3dil2" else ConvSpec(tuple(map(int, kernel.split("x"))), (1, 1))
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x = _rand(device, dtype, 2, c_in, 5, 7, seed=1).contiguous(memory_format=fmt)
+    h = torch.tanh(_rand(device, dtype, 2, hidden, 5, 7, seed=2)).contiguous(memory_format=fmt)
+    w_ih = _rand(device, dtype, 3 * hidden, c_in, *spec.kernel_size, seed=3, scale=0.3)
+    w_hh = _rand(device, dtype, 3 * hidden, hidden, *spec.kernel_size, seed=4, scale=0.3)
+    b_ih, b_hh = (None, None) if nobias else (_rand(device, dtype, 3 * hidden, seed=5),
+                                              _rand(device, dtype, 3 * hidden, seed=6))
+    cl = layout == "cl"
+    state = conv_gru._empty_frame(h, hidden, cl)
+    gates, aux = conv_gru._empty_frame(h, 3 * hidden, cl), conv_gru._empty_frame(h, hidden, cl)
+    assert torch.isnan(state).all()  # the conftest poisoning is in force
+    weights = conv_gru._hidden_weights(conv_gru.plan(spec, reset_after, False, True), w_hh)
+    assert fused_step.forward_step(reset_after, spec, None, h, weights, b_ih, b_hh, state, gates, aux, True,
+                                   x=x, weight_ih=w_ih)
+    d = [None if t is None else t.double() for t in (x, h, w_ih, w_hh, b_ih, b_hh)]
+    ref = fused_step.reference_step(reset_after, spec, conv_same(d[0], d[2], spec), *d[1:2], *d[3:])
+    tol = TOLERANCE[dtype]
+    for name, got, want in zip(("h'", "gates", "aux"), (state, gates, aux), ref):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.triton_kernels
+def test_declines_what_it_does_not_take(device, monkeypatch):
+    """A weight_ih of another kernel size or dtype, an input of another size:
+    False, nothing written."""
+    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    spec = ConvSpec((3, 3), (1, 1))
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    w_hh = _rand(device, torch.float32, 15, 5, 3, 3, seed=3)
+    state = torch.full_like(h, float("nan"))
+    for x_, w_ih in ((x, _rand(device, torch.float32, 15, 3, 1, 5, seed=4)),
+                     (x, _rand(device, torch.float16, 15, 3, 3, 3, seed=4)),
+                     (x[:, :, :4], _rand(device, torch.float32, 15, 3, 3, 3, seed=4))):
+        assert not fused_step.forward_step(True, spec, None, h, (w_hh,), None, None, state, None, None, False,
+                                           x=x_, weight_ih=w_ih)
+    assert torch.isnan(state).all()
+
+
+# ----------------------------------------------------------------------------
+# The cell: fused (=1) against the default path (=0) and the float64 reference
+# ----------------------------------------------------------------------------
+
+
+def _train_step(module, x, h0, dtype):
+    for p in module.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_()
+    h0 = h0.detach().clone().requires_grad_()
+    out = module(x, h0)
+    grad = _rand(out.device, dtype, *out.shape, seed=9)
+    out.backward(grad)
+    return [out.detach(), x.grad, h0.grad] + [p.grad for _, p in sorted(module.named_parameters())]
+
+
+def _reference(module, x, h0, reset_after, spec):
+    """Output and gradients of the same step in float64 from the ``*_ref`` math."""
+    params = {n: p.detach().double().requires_grad_() for n, p in module.named_parameters()}
+    x, h0 = x.detach().double().requires_grad_(), h0.detach().double().requires_grad_()
+    gx = conv_same(x, params["weight_ih"], spec)
+    out = naive.conv_gru_cell_ref(gx, h0, params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"), spec,
+                                  reset_after)
+    # The gradient _train_step hands over (rounded to the module's dtype), in float64.
+    out.backward(_rand(out.device, module.weight_ih.dtype, *out.shape, seed=9).double())
+    return [out.detach(), x.grad, h0.grad] + [params[n].grad for n in sorted(params)]
+
+
+NAMES = ["h'", "d input", "d hx"]
+#: (C_in, H, kernel, dilation, channels_last, bias). 5x7 maps, N = 2 (70 pixels:
+#: not a BLOCK_M multiple); C_in 40: two input channel blocks (float32, BLOCK_K 32).
+CELL_CASES = {
+    "c3-h5-3x3-nchw": (3, 5, (3, 3), (1, 1), False, True),
+    "c3-h5-1x5-cl-nobias": (3, 5, (1, 5), (1, 1), True, False),
+    "c40-h20-3x3dil21-cl": (40, 20, (3, 3), (2, 1), True, True),
+}
+# float16 at the small shapes (the large one costs 2-3 s a run under the interpreter).
+CELL_PARAMS = [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case in CELL_CASES
+               for dtype in (torch.float32, torch.float16) if dtype == torch.float32 or CELL_CASES[case][1] == 5]
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+@pytest.mark.parametrize("case, dtype", CELL_PARAMS)
+def test_cell_equals_default_path_and_reference(device, monkeypatch, launches, case, dtype, reset_after):
+    c_in, hidden, kernel, dilation, channels_last, bias = CELL_CASES[case]
+    torch.manual_seed(0)
+    module = cg.ConvGRUCell2d(c_in, hidden, kernel, bias=bias, reset_after=reset_after, dilation=dilation,
+                              backend="triton").to(device=device, dtype=dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _rand(device, dtype, 2, c_in, 5, 7, seed=1).contiguous(memory_format=fmt)
+    h0 = torch.tanh(_rand(device, dtype, 2, hidden, 5, 7, seed=2)).contiguous(memory_format=fmt)
+
+    _set_mode(monkeypatch, "0")
+    expected = _train_step(module, x, h0, dtype)
+    assert launches == []
+    _set_mode(monkeypatch, "1")
+    got = _train_step(module, x, h0, dtype)
+    assert launches == [(True, True)], "the cell's fused step with its input did not run"
+    ref = _reference(module, x, h0, reset_after, ConvSpec(kernel, dilation))
+
+    names = NAMES + [f"d {n}" for n, _ in sorted(module.named_parameters())]
+    assert len(got) == len(expected) == len(ref) == len(names)
+    tol = TOLERANCE[dtype]
+    for name, g, e, r in zip(names, got, expected, ref):
+        # Weight and bias gradients sum over every pixel of the batch: their
+        # absolute error grows with that sum (float16: 3e-3 relative of terms up to ~10).
+        t = tol if name in NAMES else dict(atol=tol["atol"] * 30, rtol=tol["rtol"] * 3)
+        torch.testing.assert_close(g, e, **t, msg=lambda m: f"{name} (fused vs default): {m}")
+        torch.testing.assert_close(g.double(), r, **t, msg=lambda m: f"{name} (fused vs float64): {m}")
+
+
+class _Convolutions(TorchDispatchMode):
+    """Records the weight shape of every aten.convolution call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.weights.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.triton_kernels
+def test_forward_runs_no_convolution(device, monkeypatch, launches):
+    """With =1 the cell's training forward calls no convolution at all: W_ih * x
+    (and W_h * h) ran inside the kernels, gx was never made. With =0 the input
+    convolution is a convolution call with W_ih (cuDNN on a GPU)."""
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
+    x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1).requires_grad_()
+    for mode, want in (("0", True), ("1", False)):
+        _set_mode(monkeypatch, mode)
+        with _Convolutions() as convs:
+            out = module(x)
+        assert (tuple(module.weight_ih.shape) in convs.weights) == want, (mode, convs.weights)
+        if mode == "1":
+            assert convs.weights == [] and launches == [(True, True)]
+        out.sum().backward()  # and the backward runs on what the fused forward saved
+
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_without_gradient_and_without_hx(device, monkeypatch, launches, reset_after, layout):
+    """No gradient (no autograd node, scratch buffers) and hx None (zeros made
+    by the fused path): h' equals the default path's, in the same layout."""
+    module = cg.ConvGRUCell2d(3, 5, (1, 5), reset_after=reset_after, backend="triton").to(device)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1).contiguous(memory_format=fmt)
+    h = _rand(device, torch.float32, 2, 5, 5, 7, seed=2).contiguous(memory_format=fmt)
+    results = {}
+    for mode in ("0", "1"):
+        _set_mode(monkeypatch, mode)
+        with torch.no_grad():
+            results[mode] = module(x, h), module(x)
+    assert launches == [(True, True)] * 2
+    for got, want in zip(results["1"], results["0"]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        assert got.stride() == want.stride()
+
+
+def _grads(fn, inputs, module):
+    for p in module.parameters():
+        p.grad = None
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    out.backward(_rand(out.device, out.dtype, *out.shape, seed=9))
+    return [out.detach()] + [t.grad for t in inputs] + [p.grad for _, p in sorted(module.named_parameters())]
+
+
+def _fused_equals_default(monkeypatch, launches, fn, inputs, module, runs):
+    _set_mode(monkeypatch, "0")
+    expected = _grads(fn, inputs, module)
+    _set_mode(monkeypatch, "1")
+    launches.clear()
+    got = _grads(fn, inputs, module)
+    assert launches == [(True, True)] * runs
+    for i, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=2e-5, msg=lambda m: f"result {i}: {m}")
+
+
+@pytest.mark.triton_kernels
+def test_sep_conv_gru_cell(device, monkeypatch, launches):
+    """SepConvGRUCell2d: its two cells ((1, 5) then (5, 1)) each run fused with their input."""
+    torch.manual_seed(0)
+    module = cg.SepConvGRUCell2d(3, 5, kernel_size=5, backend="triton").to(device)
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    _fused_equals_default(monkeypatch, launches, module, (x, h), module, 2)
+
+
+@pytest.mark.triton_kernels
+def test_three_steps_feeding_h_back(device, monkeypatch, launches):
+    """A 3-step loop (RAFT's refinement): h' of a step is the next step's hx;
+    the gradient flows back through all three fused steps."""
+    torch.manual_seed(0)
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), reset_after=True, backend="triton").to(device)
+    xs, h = _rand(device, torch.float32, 3, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+
+    def loop(xs, h):
+        for x in xs:
+            h = module(x, h)
+        return h
+
+    _fused_equals_default(monkeypatch, launches, loop, (xs, h), module, 3)
+
+
+@pytest.mark.triton_kernels
+def test_autocast(device, monkeypatch, launches):
+    """Under autocast float16: float32 tensors decline (autocast's casts are
+    today's path's); float16 tensors, already in the autocast dtype, run fused."""
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
+    x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1)
+    results = {}
+    for mode in ("0", "1"):
+        _set_mode(monkeypatch, mode)
+        with torch.autocast(device.type, dtype=torch.float16):
+            results[mode] = module(x)
+    assert results["1"].dtype == torch.float16
+    assert not any(with_x for with_x, _ in launches)
+    torch.testing.assert_close(results["1"], results["0"], **TOLERANCE[torch.float16])
+    module.half()
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = module(x.half())
+    assert launches[-1] == (True, True)
+    torch.testing.assert_close(out, results["0"], **TOLERANCE[torch.float16])
+
+
+@pytest.mark.triton_kernels
+def test_compile_and_vmap_decline(device, monkeypatch, launches):
+    """torch.compile (the traced step math) and torch.vmap (the operator's
+    vmap rule) keep today's paths: the fused cell step is never asked."""
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
+    xs, h = _rand(device, torch.float32, 2, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    _set_mode(monkeypatch, "1")
+    eager = module(xs[0], h)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="eager")(xs[0], h)
+    torch._dynamo.reset()
+    batched = torch.func.vmap(module, in_dims=(0, None))(xs, h)
+    assert launches[0] == (True, True)  # eager: fused with the input
+    assert not any(with_x for with_x, _ in launches[1:])
+    torch.testing.assert_close(compiled, eager, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(batched[0], eager, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------
+# Compiled for sm_90 on this machine (no GPU): wgmma, no spills, registers
+# ----------------------------------------------------------------------------
+
+_CODEGEN = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+sys.path.insert(0, sys.argv[1])
+from bench import _triton_compat as tc
+error = tc.nvidia_backend_error()
+if error:
+    print(json.dumps({"skip": error})); sys.exit(0)
+from convgru_triton._conv import ConvSpec
+from convgru_triton.ops import fused_step
+fused_step.supports = lambda spec, dtype, device: True  # CPU tensors through the launcher; compiled, never launched
+os.environ[fused_step.ENV_VAR] = "1"
+records, tags = [], []
+with tc.compile_without_launch(90, records):
+    # RAFT's update block: x 256 channels, hidden 128, the 1/8 map 46x62, N = 6, bfloat16.
+    n, c_in, hid, y, x = 6, 256, 128, 46, 62
+    dtype = torch.bfloat16
+    for reset_after in (False, True):
+        for cl in (False, True):
+            for kernel in ((1, 5), (3, 3)):
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                inp = torch.zeros(n, c_in, y, x, dtype=dtype).contiguous(memory_format=fmt)
+                h = torch.zeros(n, hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+                w = torch.zeros(3 * hid, hid, *kernel, dtype=dtype)
+                w_ih = torch.zeros(3 * hid, c_in, *kernel, dtype=dtype)
+                b = torch.zeros(3 * hid, dtype=dtype)
+                ws = (w,) if reset_after else w.split_with_sizes((2 * hid, hid))
+                gates = torch.empty(n, 3 * hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+                aux, state = torch.empty_like(h), torch.empty_like(h)
+                before = len(records)
+                for save in (True, False):
+                    g, a = (gates, aux) if save or not reset_after else (None, None)
+                    fused_step.forward_step(reset_after, ConvSpec(kernel, (1, 1)), None, h, ws, b, b, state, g, a,
+                                            save, x=inp, weight_ih=w_ih)
+                tags.extend([("cl" if cl else "nchw", "x".join(map(str, kernel)))] * (len(records) - before))
+out = []
+for rec, (layout, kernel) in zip(records, tags):
+    res = tc.resource_usage(rec.kernel)
+    out.append(dict(name=rec.name, layout=layout, kernel=kernel, has_x=bool(rec.constexprs.get("HAS_X")),
+                    regs=res["regs"], stack=res["stack"], local=res["local"],
+                    wgmma=tc.ptx(rec.kernel).count("wgmma.mma_async"), warps=rec.num_warps))
+print(json.dumps({"kernels": out}))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _CODEGEN, ROOT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"compiling the fused kernels with the input for sm_90 failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result["kernels"]
+
+
+#: As tests/test_fused_step.py: the defaults keep 32 of a thread's 255 registers free.
+REGISTER_HEADROOM = 32
+
+
+def test_sm90_every_variant_compiles(sm90_kernels):
+    got = {(k["name"], k["layout"], k["kernel"]) for k in sm90_kernels}
+    want = {(n, lay, ks) for n in ("_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel")
+            for lay in ("nchw", "cl") for ks in ("1x5", "3x3")}
+    assert got == want
+    assert all(k["has_x"] for k in sm90_kernels)
+
+
+def test_sm90_wgmma_no_spills_registers(sm90_kernels):
+    rows = [f"{k['name']} {k['layout']} {k['kernel']}: {k['regs']} registers, stack {k['stack']} B, "
+            f"local {k['local']} B, {k['wgmma']} wgmma" for k in sm90_kernels]
+    bad = [r for r, k in zip(rows, sm90_kernels)
+           if k["wgmma"] == 0 or k["stack"] or k["local"] or k["regs"] > 255 - REGISTER_HEADROOM]
+    assert not bad, "no wgmma, spills, or no register headroom:\n" + "\n".join(bad)
