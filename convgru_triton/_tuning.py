@@ -330,6 +330,7 @@ def clear_cache() -> None:
     _FUSED_SECTIONS.clear()
     _PATH_CACHE.clear()
     _TILE_CACHE.clear()
+    _FUSED_POSSIBLE.clear()
 
 
 def _warn(path: str, problem: str) -> None:
@@ -707,6 +708,34 @@ def step_path(device: torch.device, dtype: torch.dtype, reset_after: bool, direc
             path = resolve_step_path(device_key, dtype, reset_after, direction, kernel_size, 1 << key[-1])[0]
         _PATH_CACHE[key] = path
     return path
+
+
+# device -> whether any file consulted for it names the fused path (fused_path_possible)
+_FUSED_POSSIBLE: Dict[Any, bool] = {}
+
+
+def fused_path_possible(device: torch.device) -> bool:
+    """Whether :func:`step_path` can answer ``"fused"`` for any step on
+    ``device``: a file consulted for it has a ``step_paths`` entry naming the
+    fused path, or :func:`forced_step_path` forces it. Cached per device.
+    The one-step cell asks it once per plan (``functional._plan_cell``), so
+    that under ``auto`` on a GPU no file names the fused path for (every GPU
+    today) the cell does not try the fused input convolution at every call."""
+    if _FORCED_PATH is not None:
+        return _FORCED_PATH == "fused"
+    possible = _FUSED_POSSIBLE.get(device)
+    if possible is None:
+        possible = DEFAULT_STEP_PATH == "fused"
+        device_key = _device_key(device)
+        if device_key is not None and not possible:
+            for origin, path in source_paths(device_key):
+                sections = _sections(path, device_key, explicit=origin == ENV_DIR)
+                if sections is not None and any(
+                        choice == "fused" for rows in sections[0].values() for _, choice in rows):
+                    possible = True
+                    break
+        _FUSED_POSSIBLE[device] = possible
+    return possible
 
 
 def tile_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.device) -> TileConfig:

@@ -23,7 +23,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _tuning
 from ._backend import ENV_VAR, select_backend
 from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import (
@@ -274,6 +274,7 @@ def conv_gru_cell(
             reset_after, padding_mode, dilation, backend, os.environ.get(ENV_VAR),
             os.environ.get(_FUSED_ENV_VAR),  # the step plan's fused-step switch (ops.conv_gru.plan)
             os.environ.get(LAYOUT_ENV_VAR),  # the internal layout policy (_CellPlan.memory_format)
+            _tuning.generation,  # tuning files re-read or a path forced (_CellPlan.fused_cell)
             autocast_dtype(input.device.type),  # the checks compare dtypes after autocast's cast
         )
         cell_plan = _CELL_PLANS.get(key)
@@ -304,6 +305,10 @@ class _CellPlan(NamedTuple):
     recheck_backend: bool  # Triton forced on non-CUDA tensors: only valid while the interpreter is on
     memory_format: Optional[torch.memory_format]  # the internal layout (_layout.internal_memory_format), or None
     cast: Optional[torch.dtype]  # the autocast dtype at planning (it is in the plan key)
+    # May the input convolution run inside the fused step (ops.conv_gru.fused_cell_step)? Only where
+    # CONVGRU_TRITON_FUSED_STEP=1, or auto with a tuning file naming the fused path for this device;
+    # elsewhere (the default) the cell skips the attempt: 3-10 us per call on the CPU, stubbed launches.
+    fused_cell: bool
 
 
 _CELL_PLANS: dict = {}
@@ -348,11 +353,13 @@ def _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, p
         check_kernel_sample_size(hidden, input.shape[2:])
     reset_after = bool(reset_after)
     step = None if torch.compiler.is_compiling() else plan(spec, reset_after, False, use_triton)
+    fused_cell = step is not None and step.fused_step and (
+        fused_step_setting() == "1" or _tuning.fused_path_possible(input.device))
     return _CellPlan(
         batched, hidden, same_conv(spec)[0], spec, reset_after, use_triton, step,
         use_triton and input.device.type != "cuda",
         _internal_format(input.device, input.dtype, dims, cast, planning=True),
-        cast,
+        cast, fused_cell,
     )
 
 
@@ -371,7 +378,7 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
         input, hx = _to_internal(input, fmt, p.cast), _to_internal(hx, fmt, p.cast)
         weight_ih, weight_hh = _to_internal(weight_ih, fmt, p.cast), _to_internal(weight_hh, fmt, p.cast)
     h_new = None
-    if p.step is not None and p.step.fused_step:
+    if p.fused_cell:
         # Issue 18: W_ih * x inside the fused step's kernels (eager only, where
         # fused_step.use_fused says so; None where it does not apply).
         h_new = fused_cell_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, p.step)

@@ -338,6 +338,31 @@ def test_compile_and_vmap_decline(device, monkeypatch, launches):
     torch.testing.assert_close(batched[0], eager, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.triton_kernels
+def test_default_auto_does_not_try_the_fused_cell_step(device, monkeypatch):
+    """Under auto with no tuning file naming the fused path (every GPU today)
+    the cell's plan says no once, and no call tries the fused input
+    convolution (the attempt cost 3-10 us of host time per call); a path
+    forced to "fused", as a tuned entry would, and =1 do try it."""
+    from convgru_triton import _tuning
+
+    tried = []
+    real = conv_gru.fused_cell_step
+    monkeypatch.setattr(functional, "fused_cell_step", lambda *a: tried.append(1) or real(*a))
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    monkeypatch.delenv(fused_step.ENV_VAR, raising=False)
+    for _ in range(2):
+        module(x, h)
+    assert tried == []
+    with _tuning.forced_step_path("fused"):
+        module(x, h)
+    assert tried == [1]
+    _set_mode(monkeypatch, "1")
+    module(x, h)
+    assert tried == [1, 1]
+
+
 # ----------------------------------------------------------------------------
 # Compiled for sm_90 on this machine (no GPU): wgmma, no spills, registers
 # ----------------------------------------------------------------------------
