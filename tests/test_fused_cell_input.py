@@ -321,6 +321,30 @@ def test_autocast(device, monkeypatch, launches):
 
 
 @pytest.mark.triton_kernels
+def test_autocast_with_the_layout_policy_casts_the_biases(device, monkeypatch, launches):
+    """As on CUDA in float16/bfloat16: the layout policy casts input, hx and
+    weights to the autocast dtype in its copy, the float32 biases get
+    autocast's cast here, and the step runs fused with the input convolution;
+    the same result and float32 parameter gradients as today's path."""
+    monkeypatch.setenv("CONVGRU_TRITON_LAYOUT", "channels_last")  # forces on the CPU what auto does on CUDA
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    results = {}
+    for mode in ("0", "1"):
+        _set_mode(monkeypatch, mode)
+        module.zero_grad()
+        with torch.autocast(device.type, dtype=torch.float16):
+            out = module(x, h)
+        out.float().square().sum().backward()
+        results[mode] = (out, [p.grad.clone() for p in module.parameters()])
+    assert launches[-1] == (True, True)  # fused, with the input convolution
+    torch.testing.assert_close(results["1"][0], results["0"][0], **TOLERANCE[torch.float16])
+    for got, want in zip(results["1"][1], results["0"][1]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.triton_kernels
 def test_compile_and_vmap_decline(device, monkeypatch, launches):
     """torch.compile (the traced step math) and torch.vmap (the operator's
     vmap rule) keep today's paths: the fused cell step is never asked."""

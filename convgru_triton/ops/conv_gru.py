@@ -827,8 +827,9 @@ def fused_cell_step(x: Tensor, h: Optional[Tensor], weight_ih: Tensor, weight_hh
     export, functorch transforms, meta/fake tensors), where the plan may use
     the fused step and :func:`.fused_step.use_fused` says ``"fwd"`` for this
     state, with every tensor of one dtype and device; under autocast only
-    when that dtype is already the autocast dtype (else autocast's casts are
-    today's path's)."""
+    when that dtype is already the autocast dtype (the layout policy's copies
+    make it so on CUDA in float16/bfloat16; float32 biases are cast here),
+    else autocast's casts are today's path's."""
     if not p.fused_step or x.dim() != 4:
         return None
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state()
@@ -844,8 +845,14 @@ def fused_cell_step(x: Tensor, h: Optional[Tensor], weight_ih: Tensor, weight_hh
     if h.dim() != 4 or not _fused.use_fused("fwd", p.reset_after, p.spec, h):
         return None
     cast = autocast_dtype(device.type)
-    if cast is not None and cast != dtype:
-        return None
+    if cast is not None:
+        if cast != dtype:
+            return None
+        if bias_ih is not None and autocast_result_dtype(bias_ih.dtype, cast) == dtype != bias_ih.dtype:
+            # The cell's layout policy already cast input, hx and weights to the autocast dtype
+            # (CUDA float16/bfloat16); float32 biases get autocast's cast here, as the operator's
+            # autocast rule would give them (differentiable: their gradients come back float32).
+            bias_ih, bias_hh = bias_ih.to(dtype), bias_hh.to(dtype)
     tensors = (h, weight_ih, weight_hh) + ((bias_ih, bias_hh) if bias_ih is not None else ())
     if any(t.dtype != dtype or t.device != device for t in tensors):
         return None
