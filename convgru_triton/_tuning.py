@@ -718,9 +718,10 @@ def fused_path_possible(device: torch.device) -> bool:
     """Whether :func:`step_path` can answer ``"fused"`` for any step on
     ``device``: a file consulted for it has a ``step_paths`` entry naming the
     fused path, or :func:`forced_step_path` forces it. Cached per device.
-    The one-step cell asks it once per plan (``functional._plan_cell``), so
-    that under ``auto`` on a GPU no file names the fused path for (every GPU
-    today) the cell does not try the fused input convolution at every call."""
+    The one-step cell asks it once per plan (``functional._plan_cell``): under
+    ``auto``, on a GPU for which no file names the fused path (every GPU
+    today), the cell then does not try the fused input convolution at every
+    call."""
     if _FORCED_PATH is not None:
         return _FORCED_PATH == "fused"
     possible = _FUSED_POSSIBLE.get(device)
