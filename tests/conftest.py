@@ -127,3 +127,27 @@ def poison_kernel_outputs(monkeypatch):
             return _allocate(*args, **kwargs).fill_(float("nan"))
 
         monkeypatch.setattr(module, allocator, poisoned)
+
+
+def compile_for_sm90(script: str, what: str) -> list:
+    """Run ``script`` (Python source; argv[1] is the repository root) in a
+    subprocess without the Triton interpreter, where it compiles kernels for a
+    fake sm_90 target and prints a JSON line: ``{"kernels": [...]}``, or
+    ``{"skip": reason}`` where this Triton cannot. Returns the kernels' list;
+    fails naming ``what`` when the script does, skips with its reason. One
+    runner for the fused step's codegen tests (forward, backward, with input)."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script, root], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"compiling {what} for sm_90 failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return result["kernels"]

@@ -21,11 +21,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,8 +29,8 @@ import convgru_triton as cg
 from convgru_triton import functional
 from convgru_triton._conv import ConvSpec, conv_same
 from convgru_triton.ops import conv_gru, fused_step, naive
+from conftest import compile_for_sm90
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOLERANCE = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
@@ -230,7 +225,6 @@ def test_forward_runs_no_convolution(device, monkeypatch, launches):
         if mode == "1":
             assert convs.weights == [] and launches == [(True, True)]
         out.sum().backward()  # and the backward runs on what the fused forward saved
-
 
 
 @pytest.mark.triton_kernels
@@ -439,16 +433,7 @@ print(json.dumps({"kernels": out}))
 
 @pytest.fixture(scope="module")
 def sm90_kernels():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", _CODEGEN, ROOT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"compiling the fused kernels with the input for sm_90 failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    return result["kernels"]
+    return compile_for_sm90(_CODEGEN, "the fused kernels with the input")
 
 
 #: As tests/test_fused_step.py: the defaults keep 32 of a thread's 255 registers free.

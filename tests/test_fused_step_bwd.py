@@ -26,18 +26,13 @@ GPU compiled.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from convgru_triton._conv import ConvSpec, conv_same
 from convgru_triton.ops import conv_gru, fused_step, naive
+from conftest import compile_for_sm90
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOLERANCE = {
     torch.float64: dict(atol=1e-12, rtol=1e-10),
@@ -388,16 +383,7 @@ print(json.dumps({"kernels": out}))
 
 @pytest.fixture(scope="module")
 def sm90_kernels():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", _CODEGEN, ROOT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"compiling the fused backward kernels for sm_90 failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    return result["kernels"]
+    return compile_for_sm90(_CODEGEN, "the fused backward kernels")
 
 
 def test_sm90_every_kernel_compiles(sm90_kernels):
