@@ -8,6 +8,8 @@ convolutions on CUDA; the same equations in eager PyTorch everywhere else.
 """
 
 from ._backend import BackendChoice, explain_backend, triton_available
+from ._settings import Settings, get_settings
+from ._settings import override as override_settings
 from .functional import conv_gru, conv_gru_cell
 from .modules import (
     ConvGRU,
@@ -36,8 +38,11 @@ __all__ = [
     "ConvGRUCell2d",
     "ConvGRUCell3d",
     "SepConvGRUCell2d",
+    "Settings",
     "conv_gru",
     "conv_gru_cell",
     "explain_backend",
+    "get_settings",
+    "override_settings",
     "triton_available",
 ]
