@@ -247,9 +247,47 @@ def pytest_sessionfinish(session, exitstatus):
         write_bench_json(session.config, final=True)
 
 
+def skip_groups(reports):
+    """Skipped tests grouped by their reason: ``[(count, reason, files)]``,
+    largest group first. Each reason says what would run them (a flag such as
+    ``--bench-host-overhead``, or what the machine lacks)."""
+    groups = {}
+    for report in reports:
+        longrepr = getattr(report, "longrepr", None)
+        if isinstance(longrepr, tuple) and len(longrepr) == 3:
+            reason = str(longrepr[2])
+        else:
+            reason = str(longrepr)
+        reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+        path = report.nodeid.split("::", 1)[0]
+        count, files = groups.get(reason, (0, set()))
+        groups[reason] = (count + 1, files | {path})
+    return sorted(((count, reason, sorted(files)) for reason, (count, files) in groups.items()),
+                  key=lambda group: (-group[0], group[1]))
+
+
+def _write_skip_summary(terminalreporter) -> None:
+    """One line per group of skipped benchmarks, so that a run says what it
+    left out and how to run it without ``-rs``."""
+    groups = skip_groups(terminalreporter.stats.get("skipped", []))
+    if not groups:
+        return
+    terminalreporter.section("skipped benchmarks, by reason")
+    for count, reason, files in groups:
+        terminalreporter.write_line(f"{count} skipped ({', '.join(files)}): {reason}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
-    """After pytest-benchmark's tables: one comparison table, ``ours`` against each baseline."""
+    """After pytest-benchmark's tables: one comparison table, ``ours`` against
+    each baseline; then the skipped benchmarks, one line per reason."""
+    try:
+        _write_comparison(terminalreporter, config)
+    finally:
+        _write_skip_summary(terminalreporter)
+
+
+def _write_comparison(terminalreporter, config) -> None:
     bs = getattr(config, "_benchmarksession", None)
     if bs is None or not bs.benchmarks:
         return
