@@ -27,7 +27,8 @@ from torch import nn
 
 from ._backend import check_backend_name
 from ._conv import ConvSpec
-from .functional import conv_gru, conv_gru_cell
+from ._plan import cell_forward
+from .functional import conv_gru
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -64,6 +65,13 @@ class _ConvGRUBase(nn.Module):
 
     def __prepare_scriptable__(self):
         _refuse_script(self)
+
+    def __getstate__(self):
+        # The cell's plans (convgru_triton._plan) hold compiled-kernel handles:
+        # never copied or pickled; a copy makes its own at its first call.
+        state = self.__dict__.copy()
+        state.pop("_cell_plans", None)
+        return state
 
     def _init_common(
         self, input_channels, hidden_channels, kernel_size, bias, reset_after, padding_mode, dilation, backend
@@ -132,18 +140,7 @@ class _ConvGRUCellNd(_ConvGRUBase):
         if ``None``. Returns h' shaped like hx, in hx's memory layout (the
         input's when hx is ``None``); see :func:`~convgru_triton.functional.conv_gru_cell`
         for the internal layout (``CONVGRU_TRITON_LAYOUT``)."""
-        return conv_gru_cell(
-            input,
-            hx,
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            reset_after=self.reset_after,
-            padding_mode=self.padding_mode,
-            dilation=self.dilation,
-            backend=self.backend,
-        )
+        return cell_forward(self, input, hx)
 
     def extra_repr(self) -> str:
         return self._common_repr()

@@ -20,10 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._layout import is_channels_last
-from .functional import _internal_format, _to_internal
+from ._plan import sep_forward
 from .modules import ConvGRUCell2d, _refuse_script
-from .ops.conv_gru import autocast_dtype
 
 
 def _check_kernel(value) -> int:
@@ -94,6 +92,12 @@ class SepConvGRUCell2d(nn.Module):
     def __prepare_scriptable__(self):
         _refuse_script(self)
 
+    def __getstate__(self):
+        # Plans (convgru_triton._plan) are never copied or pickled.
+        state = self.__dict__.copy()
+        state.pop("_cell_plans", None)
+        return state
+
     def reset_parameters(self) -> None:
         self.horizontal.reset_parameters()
         self.vertical.reset_parameters()
@@ -105,19 +109,7 @@ class SepConvGRUCell2d(nn.Module):
         policy computes in channels_last (``CONVGRU_TRITON_LAYOUT``, see
         docs/what-runs-where.md), input and hx are converted once for both
         halves, not once per half."""
-        fmt = None
-        if isinstance(input, torch.Tensor) and input.dim() == 4 and input.is_floating_point() and (
-            hx is None or isinstance(hx, torch.Tensor)
-        ):  # anything else: the cells' checks say what is wrong
-            cast = autocast_dtype(input.device.type)
-            fmt = _internal_format(input.device, input.dtype, 2, cast)
-        if fmt is None:
-            h = self.horizontal(input, hx)
-            return self.vertical(input, h)
-        caller_channels_last = is_channels_last(input if hx is None else hx)
-        input, hx = _to_internal(input, fmt, cast), _to_internal(hx, fmt, cast)
-        h = self.vertical(input, self.horizontal(input, hx))  # both in fmt: neither half copies them again
-        return h if caller_channels_last else h.contiguous()
+        return sep_forward(self, input, hx)
 
     def extra_repr(self) -> str:
         return f"{self.input_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}"

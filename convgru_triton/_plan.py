@@ -1,0 +1,735 @@
+"""The decision layer of an eager cell step: one frozen plan per call signature.
+
+A cell stepped in a Python loop (RAFT's update: 12-32 steps per frame pair)
+pays its host time on every step, and at RAFT's sizes that host time is longer
+than the GPU time of the step. So everything that can be decided once is
+decided once, when a call signature is first seen, and kept in a
+:class:`CellPlan`:
+
+* the mode (plain eager; torch.compile, jit.trace, functorch transforms,
+  meta/fake tensors and the eager backend keep the general path of
+  :func:`convgru_triton.functional.conv_gru_cell`),
+* the compute dtype after autocast, and the casts autocast implies,
+* the memory format (the layout policy, :mod:`._layout`),
+* the step path per direction (cuDNN + the gate kernels, or the fused step,
+  from the settings and the tuning registry),
+* every buffer's shape and strides, and every Triton launch: the first step
+  of a plan runs through the general launchers and records what they launched
+  (compiled kernel, grid, arguments); every later step calls the compiled
+  kernels with those pre-packed arguments, passing only the tensors.
+
+The call signature (:func:`_signature`) holds every fact the plan depends on:
+shapes, strides, dtypes and device of input and state, the weights' strides,
+the low address bits of the state (Triton specializes on 16-byte alignment),
+grad mode and which tensors require grad, the autocast dtype, and the
+settings' generation (:data:`convgru_triton._settings.generation`). A
+different fact is a different plan; nothing below the plan asks again.
+
+Plans live on the module (``module._cell_plans``), so a plan never outlives
+the parameters it was made for. Casts of the weights (autocast, the layout
+policy) are kept per plan and made again when a weight changes (its
+``_version`` moves: an optimizer step) or is replaced.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _settings, _tuning
+from ._backend import select_backend
+from ._conv import ConvSpec, same_conv
+from ._layout import empty_in_layout, is_channels_last
+
+Tensor = torch.Tensor
+
+_MAX_PLANS = 64  # per module: distinct call signatures (a sweep over sizes): cleared when full
+
+# Launch options that Triton takes as keywords but does not pass to the kernel.
+_OPTIONS = frozenset(("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "debug",
+                      "launch_cooperative_grid", "launch_pdl"))
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+_tracing_state = torch._C._get_tracing_state
+_functorch_level = torch._C._functorch.maybe_current_level
+_dispatch_mode = torch._C._get_dispatch_mode
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+_is_compiling = torch.compiler.is_compiling
+
+
+def plain_eager() -> bool:
+    """True where a plan may run: not under torch.compile or jit.trace, no
+    functorch transform, no fake-tensor mode. (Meta tensors are caught by the
+    device in the signature.)"""
+    return not (_is_compiling() or _tracing_state() is not None or _functorch_level() is not None
+                or _dispatch_mode(_FAKE) is not None)
+
+
+# ----------------------------------------------------------------------------
+# Bound launches
+# ----------------------------------------------------------------------------
+
+
+class Launch:
+    """One kernel launch of a plan, bound to its compiled kernel: the grid and
+    every argument after the tensors are fixed by the plan's signature, so a
+    step passes only the stream and the tensors. ``None`` entries are launches
+    that could not be bound (the Triton interpreter, which compiles nothing;
+    a launch whose tensors the launcher had to copy): those go through the
+    general launcher at every step."""
+
+    __slots__ = ("run", "grid", "function", "metadata", "launch_metadata", "tail")
+
+    def __init__(self, compiled, grid: tuple, tail: tuple):
+        self.run = compiled.run
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+        self.launch_metadata = compiled.launch_metadata
+        self.tail = tail
+
+    def __call__(self, stream, *tensors) -> None:
+        runtime = _runtime
+        enter = runtime.launch_enter_hook
+        g0, g1, g2 = self.grid
+        args = tensors + self.tail
+        # A profiler's launch hooks see what Triton's own launch gives them.
+        meta = None if enter is None else self.launch_metadata(self.grid, stream, *args)
+        self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, runtime.launch_exit_hook, *args)
+
+
+_runtime = None  # triton.knobs.runtime, set by _triton()
+
+
+def _triton():
+    global _runtime
+    import triton
+
+    _runtime = triton.knobs.runtime
+    return triton
+
+
+def _bind_record(record, tensors: tuple) -> Optional[Launch]:
+    """A :class:`Launch` from a fused launcher's record ``(kernel, grid,
+    positional, keywords, compiled)``, whose tensor arguments must be exactly
+    ``tensors`` (the same objects, in order), else ``None``."""
+    kernel, grid, positional, keywords, compiled = record
+    if compiled is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata",
+                                                                  "launch_metadata")):
+        return None
+    n = len(tensors)
+    if len(positional) < n or any(a is not b for a, b in zip(positional, tensors)):
+        return None
+    fn = getattr(kernel, "fn", None)
+    if fn is None:
+        return None
+    call = {k: v for k, v in keywords.items() if k not in _OPTIONS}
+    bound = inspect.signature(fn).bind(*positional, **call)
+    bound.apply_defaults()
+    return Launch(compiled, grid, tuple(bound.arguments.values())[n:])
+
+
+def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
+    """A :class:`Launch` from the gate launcher's replay entry (see
+    ``conv_gru_cell._launch``): it holds the compiled kernel's handles and the
+    arguments after the pointers."""
+    if entry is None:
+        return None
+    run, function, packed, launch_metadata, tail, _ = entry
+
+    class _Compiled:
+        pass
+
+    c = _Compiled()
+    c.run, c.function, c.packed_metadata, c.launch_metadata = run, function, packed, launch_metadata
+    return Launch(c, grid, tuple(tail))
+
+
+# ----------------------------------------------------------------------------
+# Weight casts kept per plan
+# ----------------------------------------------------------------------------
+
+
+class _Cast:
+    """``weight`` in the plan's dtype and memory format, made again only when
+    the weight is replaced or changed in place (its ``_version``)."""
+
+    __slots__ = ("source", "version", "value", "dtype", "fmt")
+
+    def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format]):
+        self.source, self.version, self.value, self.dtype, self.fmt = None, -1, None, dtype, fmt
+
+    def __call__(self, w: Optional[Tensor]) -> Optional[Tensor]:
+        if w is None:
+            return None
+        if w is self.source and w._version == self.version:
+            return self.value
+        value = w
+        if self.dtype is not None and w.dtype != self.dtype and w.dtype is not torch.float64:
+            value = w.to(dtype=self.dtype, memory_format=self.fmt or torch.preserve_format)
+        elif self.fmt is not None and w.dim() in (4, 5):
+            value = w.contiguous(memory_format=self.fmt)
+        self.source, self.version, self.value = w, w._version, value
+        return value
+
+
+class _WeightCast(_Cast):
+    """:class:`_Cast` that also notices a weight whose storage was replaced in
+    place of the same Parameter (``module.to(memory_format=...)`` keeps the
+    Parameter and its ``_version`` but swaps its data)."""
+
+    __slots__ = ("pointer",)
+
+    def __init__(self, dtype, fmt):
+        super().__init__(dtype, fmt)
+        self.pointer = None
+
+    def __call__(self, w):
+        if w is None:
+            return None
+        pointer = w.data_ptr()
+        if pointer != self.pointer:
+            self.source, self.pointer = None, pointer
+        return _Cast.__call__(self, w)
+
+
+# ----------------------------------------------------------------------------
+# The plan of one cell step
+# ----------------------------------------------------------------------------
+
+_GATES, _FUSED, _GENERAL = "gates", "fused", "general"
+
+
+class CellPlan:
+    """Everything one call signature of a cell step needs beyond its tensors.
+
+    ``path``: ``"gates"`` (cuDNN convolutions + the Triton gate kernels),
+    ``"fused"`` (the fused convolution-and-gate kernels, the input convolution
+    inside them) or ``"general"`` (:func:`convgru_triton.functional.conv_gru_cell`:
+    the eager backend, unbatched input, padding modes other than zeros, and
+    whatever the bound paths do not cover)."""
+
+    def __init__(self, path: str, **facts):
+        self.path = path
+        self.__dict__.update(facts)
+
+
+def _general(module, x, hx):
+    from .functional import conv_gru_cell
+
+    return conv_gru_cell(x, hx, module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh,
+                         reset_after=module.reset_after, padding_mode=module.padding_mode,
+                         dilation=module.dilation, backend=module.backend)
+
+
+def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
+    """Check the call (the checks of the general path, raising on bad input)
+    and decide everything a step of this signature needs."""
+    from .functional import _plan_cell
+
+    params = module._parameters
+    w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+    general = _plan_cell(x, hx, w_ih, w_hh, b_ih, b_hh, module.reset_after, module.padding_mode,
+                         module.dilation, module.backend)
+    spec = general.spec
+    if (not general.use_triton or not general.batched or general.step is None or spec.padding_mode != "zeros"
+            or x.device.type == "meta" or (hx is not None and hx.dtype != x.dtype and cast is None)):
+        return CellPlan(_GENERAL)
+    compute = cast if (cast is not None and x.dtype is not torch.float64) else x.dtype
+    for t in (w_ih, w_hh, b_ih, b_hh, hx):
+        if t is not None and t.dtype is torch.float64 and compute is not torch.float64:
+            return CellPlan(_GENERAL)  # float64 under autocast stays float64: the general path's rule
+    fmt = general.memory_format
+    triton = _triton()
+    bindable = _settings.get_settings().direct_launch == "1" and not _settings.get_settings().triton_interpret
+    if bindable:
+        active = triton.runtime.driver.active
+        device_index, get_stream = active.get_current_device(), active.get_current_stream
+    else:  # the interpreter: no driver, nothing compiled, every launch through the general launchers
+        device_index, get_stream = None, _no_stream
+    hidden = general.hidden
+    n = x.shape[0]
+    spatial = tuple(x.shape[2:])
+    facts = dict(
+        spec=spec, reset_after=general.reset_after, hidden=hidden, grad=grad, compute=compute, fmt=fmt,
+        conv=_conv_function(spec), conv_backward=_conv_backward_function(spec), step=general.step,
+        stream=get_stream, device_index=device_index,
+        has_bias=b_ih is not None,
+        # casts of x / hx at every call (autocast, the layout policy), and of the weights once per change
+        cast_x=(x.dtype != compute) or (fmt is not None and not _in_format(x, fmt)),
+        cast_h=hx is not None and ((hx.dtype != compute) or (fmt is not None and not _in_format(hx, fmt))),
+        weight_cast=[_WeightCast(compute if cast is not None else None, fmt) for _ in range(4)],
+        caller_channels_last=is_channels_last(x if hx is None else hx),
+        state_shape=(n, hidden) + spatial, gates_shape=(n, 3 * hidden) + spatial,
+        state_channels_last=None,  # the state's layout: known at the first step (_layout_of_state)
+        launches={},
+        sites=_gate_sites(b_ih is not None, grad),
+        bindable=bindable,
+        cast_w=cast is not None or fmt is not None,
+        l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
+        l_fra=None, l_frz=None, l_fn=None,
+    )
+    fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
+    if fused:
+        from .ops import fused_step
+
+        probe = torch.empty(facts["state_shape"], dtype=compute, device=x.device)
+        fused = fused_step.use_fused("fwd", general.reset_after, spec, probe)
+        facts["fused_bwd"] = fused and fused_step.use_fused("bwd", general.reset_after, spec, probe)
+    return CellPlan(_FUSED if fused else _GATES, **facts)
+
+
+_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+
+def _conv_function(spec: ConvSpec) -> Callable:
+    """``(x, weight) -> weight * x``, 'same' padded: ``torch.conv{1,2,3}d`` with
+    the spec's arguments bound (a partial: no Python frame per call) where the
+    padding is symmetric, else :func:`~convgru_triton._conv.same_conv`'s."""
+    padding = spec.conv_padding
+    if padding is None or spec.padding_mode != "zeros":
+        return same_conv(spec)[0]
+    return functools.partial(_CONV[spec.dims], bias=None, stride=1, padding=padding, dilation=spec.dilation)
+
+
+def _conv_backward_function(spec: ConvSpec) -> Callable:
+    """``(grad_output, x, weight, need_input, need_weight) -> (d_x, d_weight)``
+    of :func:`_conv_function`: ``aten.convolution_backward`` called through
+    its C entry point where the padding is symmetric."""
+    padding = spec.conv_padding
+    if padding is None or spec.padding_mode != "zeros":
+        return same_conv(spec)[1]
+    overload = torch.ops.aten.convolution_backward.default
+    op = getattr(overload, "_op", overload)
+    dims = spec.dims
+    args = ([1] * dims, list(padding), list(spec.dilation), False, [0] * dims, 1)
+    masks = {(i, w): [i, w, False] for i in (False, True) for w in (False, True)}
+
+    def backward(grad_output, x, weight, need_input, need_weight):
+        d_x, d_w, _ = op(grad_output, x, weight, None, *args, masks[need_input, need_weight])
+        return d_x, d_w
+
+    return backward
+
+
+def _no_stream(device):
+    return None
+
+
+def _in_format(t: Tensor, fmt) -> bool:
+    return t.is_contiguous(memory_format=fmt)
+
+
+# --- the gate kernels' launch sites: (kernel attribute, registry name, slots, inputs, flags, with gx) -----------
+def _gate_sites(has_bias: bool, save: bool) -> dict:
+    bias = ("HAS_BIAS", has_bias)
+    return {
+        "ra_fwd": ("_gru_reset_after_fwd_kernel", "gru_reset_after_fwd",
+                   (3, 3, 1, 1, 3, 1) if save else (3, 3, 1, 1, 1, 1), 3, (bias, ("SAVE", save)), True),
+        "rz_fwd": ("_gru_reset_gate_fwd_kernel", "gru_reset_gate_fwd", (3, 2, 1, 3, 1), 3, (bias,), True),
+        "up_fwd": ("_gru_update_fwd_kernel", "gru_update_fwd", (3, 1, 1, 3, 1), 3, (bias, ("SAVE", save)), True),
+        "ra_bwd": ("_gru_reset_after_bwd_kernel", "gru_reset_after_bwd", (1, 1, 3, 1, 1, 3, 3, 1), 5,
+                   (("HAS_GRAD2", False),), False),
+        "up_bwd": ("_gru_update_bwd_kernel", "gru_update_bwd", (1, 1, 3, 1, 3, 1), 4, (("HAS_GRAD2", False),), False),
+        "rg_bwd": ("_gru_reset_gate_bwd_kernel", "gru_reset_gate_bwd", (1, 3, 1, 3, 1), 3, (), False),
+    }
+
+
+def _gate_general(p: CellPlan, site: str, out: Tensor, tensors: tuple, n_bias: int) -> None:
+    """A gate launch through the general launcher (``conv_gru_cell._launch``);
+    the first one of a site binds it (or marks it unbindable)."""
+    from .ops import conv_gru_cell as gates
+
+    kernel_name, name, slots, n_inputs, flags, with_gx = p.sites[site]
+    kernel = getattr(gates, kernel_name)
+    main, bias = (tensors[:-n_bias], tensors[-n_bias:]) if n_bias else (tensors, ())
+    entry = gates._launch(kernel, name, out, main, slots, n_inputs, flags, bias, with_gx)
+    if site not in p.launches:
+        bound = _bind_gate(entry, gates._geometry(name, out).grid, tensors) if p.bindable else None
+        p.launches[site] = bound
+        setattr(p, "l_" + site, bound or False)
+
+
+def _fused_general(p: CellPlan, sites: Tuple[str, ...], tensors: Tuple[tuple, ...], call: Callable) -> bool:
+    """Fused launches through the general launcher (``call()``, which returns
+    what ``fused_step.forward_step`` returns); the first time, records them and
+    binds each site to its compiled kernel."""
+    from .ops import fused_step
+
+    first = sites[0] not in p.launches
+    records = [] if first else None
+    previous = fused_step._RECORD
+    fused_step._RECORD = records
+    try:
+        ran = call()
+    finally:
+        fused_step._RECORD = previous
+    if first:
+        ok = ran and p.bindable and len(records) == len(sites)
+        for i, site in enumerate(sites):
+            bound = _bind_record(records[i], tensors[i]) if ok else None
+            p.launches[site] = bound
+            setattr(p, "l_" + site, bound or False)
+    return bool(ran)
+
+
+def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], gx: Optional[Tensor], w_ih: Tensor) -> None:
+    """What the first step of a plan learns from its tensors: the state's
+    layout, hence every buffer's (the general path's rule: the state's own,
+    else the input's or the input convolution's)."""
+    if h is not None:
+        cl = is_channels_last(h)
+    elif gx is not None:
+        cl = is_channels_last(x) or is_channels_last(gx)
+    else:
+        cl = is_channels_last(x) or is_channels_last(w_ih)
+    if len(p.state_shape) not in (4, 5):
+        cl = False
+    p.state_channels_last = cl
+    fmt = torch.contiguous_format
+    if cl:
+        fmt = torch.channels_last if len(p.state_shape) == 4 else torch.channels_last_3d
+    dtype, device = p.compute, x.device
+
+    # partial objects: called without a Python frame of their own.
+    p.empty1 = functools.partial(torch.empty, p.state_shape, dtype=dtype, device=device, memory_format=fmt)
+    p.empty3 = functools.partial(torch.empty, p.gates_shape, dtype=dtype, device=device, memory_format=fmt)
+    p.state_strides = p.empty1().stride()
+    p.bias_dims = (0,) + tuple(range(2, len(p.state_shape)))
+
+
+def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh, save: bool):
+    """One step of cuDNN hidden convolution(s) + the gate kernels; returns
+    ``(h', gates, aux)`` (gates and aux ``None`` without ``save`` and reset_after)."""
+    stream = p.stream(p.device_index)
+    bias = (b_ih, b_hh) if p.has_bias else (h, h)
+    conv = p.conv
+    if p.reset_after:
+        gh = conv(h, w_hh)
+        h_new = p.empty1()
+        if save:
+            gates, aux = p.empty3(), p.empty1()
+            t = (gx, gh, h, h_new, gates, aux) + bias
+        else:
+            gates = aux = None
+            t = (gx, gh, h, h_new, h_new, h_new) + bias
+        if p.l_ra_fwd:
+            p.l_ra_fwd(stream, *t)
+        else:
+            _gate_general(p, "ra_fwd", h_new, t, 2)
+        return h_new, gates, aux
+    hidden = p.hidden
+    gh = conv(h, w_hh[: 2 * hidden])
+    gates, rh = p.empty3(), p.empty1()
+    t = (gx, gh, h, gates, rh) + bias
+    if p.l_rz_fwd:
+        p.l_rz_fwd(stream, *t)
+    else:
+        _gate_general(p, "rz_fwd", rh, t, 2)
+    gh_n = conv(rh, w_hh[2 * hidden:])
+    h_new = p.empty1()
+    t = (gx, gh_n, h, gates, h_new) + bias
+    if p.l_up_fwd:
+        p.l_up_fwd(stream, *t)
+    else:
+        _gate_general(p, "up_fwd", h_new, t, 2)
+    return h_new, gates, rh
+
+
+def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
+                    need_weight: bool):
+    """The step's backward: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
+    stream = p.stream(p.device_index)
+    if grad.stride() != p.state_strides or grad.data_ptr() & 15:
+        # Dense and aligned in the state's layout, as the bound launches were
+        # compiled for (out.sum().backward() hands over a stride-0 gradient).
+        grad = p.empty1().copy_(grad)
+    d_gx, d_h = p.empty3(), p.empty1()
+    conv_backward = p.conv_backward
+    if p.reset_after:
+        d_gh = p.empty3()
+        t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
+        if p.l_ra_bwd:
+            p.l_ra_bwd(stream, *t)
+        else:
+            _gate_general(p, "ra_bwd", d_h, t, 0)
+        d_h_conv, d_w = conv_backward(d_gh, h, w_hh, True, need_weight)
+        d_h.add_(d_h_conv)
+        if not p.has_bias:
+            return d_gx, d_h, d_w, None, None
+        return d_gx, d_h, d_w, d_gx.sum(p.bias_dims), d_gh.sum(p.bias_dims)
+    hidden = p.hidden
+    t = (grad, grad, gates, h, d_gx, d_h)
+    if p.l_up_bwd:
+        p.l_up_bwd(stream, *t)
+    else:
+        _gate_general(p, "up_bwd", d_h, t, 0)
+    d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
+    d_rh, d_w_n = conv_backward(d_n, aux, w_hh[2 * hidden:], True, need_weight)
+    t = (d_rh, gates, h, d_gx, d_h)
+    if p.l_rg_bwd:
+        p.l_rg_bwd(stream, *t)
+    else:
+        _gate_general(p, "rg_bwd", d_h, t, 0)
+    d_h_conv, d_w_rz = conv_backward(d_rz, h, w_hh[: 2 * hidden], True, need_weight)
+    d_h.add_(d_h_conv)
+    d_w = torch.cat((d_w_rz, d_w_n)) if need_weight else None
+    if not p.has_bias:
+        return d_gx, d_h, d_w, None, None
+    d_b = d_gx.sum(p.bias_dims)
+    return d_gx, d_h, d_w, d_b, d_b.clone()
+
+
+class _GateStep(torch.autograd.Function):
+    """A gates-path step with its gradient: the hidden convolution(s) and the
+    gate kernels forward, the gate kernels and the convolutions' backward
+    backward. The input convolution stays outside (ordinary autograd).
+    (forward takes ctx itself: a separate setup_context makes Function.apply
+    bind its arguments with inspect.signature at every call.)"""
+
+    @staticmethod
+    def forward(ctx, gx, h, w_hh, b_ih, b_hh, p):
+        h_new, gates, aux = _gates_forward(p, gx, h, w_hh, b_ih, b_hh, True)
+        ctx.save_for_backward(h, w_hh, h_new, gates, aux)
+        ctx.p = p
+        return h_new
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w_hh, h_new, gates, aux = ctx.saved_tensors
+        p = ctx.p
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: through the registered operator, whose own
+            # backward raises: a second derivative fails loudly.
+            from .ops.conv_gru import conv_gru_bwd
+
+            d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
+                grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
+                *p.step.op_args, p.has_bias)
+            d_gx = d_gx.squeeze(0)
+        else:
+            d_gx, d_h, d_w, d_b_ih, d_b_hh = _gates_backward(p, grad, h, w_hh, gates, aux, need[2])
+        has_bias = p.has_bias
+        return (d_gx if need[0] else None, d_h if need[1] else None, d_w if need[2] else None,
+                d_b_ih if need[3] and has_bias else None, d_b_hh if need[4] and has_bias else None, None)
+
+
+# Function.apply without its Python wrapper (which only unwraps tensors that
+# outlived a torch.func transform): plans run with no transform active.
+_apply_gate_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _GateStep)
+
+
+def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Optional[Tensor]:
+    """One step without gradient as the fused kernels, the input convolution
+    inside them; ``None`` (nothing written) where they decline."""
+    stream = p.stream(p.device_index)
+    bias = (b_ih, b_hh) if p.has_bias else (h, h)
+    state = p.empty1()
+    if p.reset_after:
+        t = (h, w_hh, None, state, state, state) + bias + (x, w_ih)
+        if p.l_fra:
+            p.l_fra(stream, *t)
+            return state
+        from .ops import fused_step
+
+        ran = _fused_general(p, ("fra",), (t,), lambda: fused_step.forward_step(
+            True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, None, None, False, x=x, weight_ih=w_ih))
+        return state if ran else None
+    hidden = p.hidden
+    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
+    gates, aux = p.empty3(), p.empty1()
+    t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
+    t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
+    if p.l_frz:
+        p.l_frz(stream, *t1)
+        p.l_fn(stream, *t2)
+        return state
+    from .ops import fused_step
+
+    ran = _fused_general(p, ("frz", "fn"), (t1, t2), lambda: fused_step.forward_step(
+        False, p.spec, None, h, (w_rz, w_n), b_ih, b_hh, state, gates, aux, False, x=x, weight_ih=w_ih))
+    return state if ran else None
+
+
+def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Tensor:
+    """Carry out plan ``p`` (not ``"general"``) on one step's tensors."""
+    fmt = p.fmt
+    if p.cast_x:
+        x = x.to(dtype=p.compute, memory_format=fmt or torch.preserve_format)
+    if p.cast_h:
+        hx = hx.to(dtype=p.compute, memory_format=fmt or torch.preserve_format)
+    if p.cast_w:
+        wc = p.weight_cast
+        w_ih, w_hh, b_ih, b_hh = wc[0](w_ih), wc[1](w_hh), wc[2](b_ih), wc[3](b_hh)
+    h_new = None
+    if p.path == _FUSED:
+        if p.state_channels_last is None:
+            _first_step(p, x, hx, None, w_ih)
+        h = hx
+        if h is None:
+            h = p.empty1().zero_()
+        if p.grad:
+            from .ops.conv_gru import fused_cell_step
+
+            h_new = fused_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, p.step)
+        else:
+            h_new = _fused_forward(p, x, h, w_ih, w_hh, b_ih, b_hh)
+        if h_new is None:  # declined: the gates path from now on
+            p.path = _GATES
+    if h_new is None:
+        gx = p.conv(x, w_ih)
+        if p.state_channels_last is None:
+            _first_step(p, x, hx, gx, w_ih)
+        h = hx
+        if h is None:
+            h = p.empty1().zero_()
+        if p.grad:
+            h_new = _apply_gate_step(gx, h, w_hh, b_ih, b_hh, p)
+        else:
+            h_new = _gates_forward(p, gx, h, w_hh, b_ih, b_hh, False)[0]
+    if fmt is not None and not p.caller_channels_last:
+        h_new = h_new.contiguous()  # h' in the caller's layout
+    return h_new
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    from .ops.conv_gru import autocast_dtype
+
+    return autocast_dtype(device_type)
+
+
+def _weights_key(params) -> tuple:
+    w_ih, w_hh, b_ih = params["weight_ih"], params["weight_hh"], params["bias_ih"]
+    return (w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_ih.requires_grad, w_hh.shape, w_hh.stride(),
+            w_hh.dtype, w_hh.requires_grad, None if b_ih is None else (b_ih.dtype, b_ih.shape, b_ih.requires_grad))
+
+
+def cell_forward(module, x, hx):
+    """``module(x, hx)`` for a ``ConvGRUCell{1,2,3}d``: the plan of this call's
+    signature, made at its first call, carried out."""
+    if not plain_eager():
+        return _general(module, x, hx)
+    params = module._parameters
+    w_ih, w_hh, b_ih = params["weight_ih"], params["weight_hh"], params["bias_ih"]
+    try:
+        cast = _autocast_dtype(x.device.type) if _any_autocast() else None
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+            or (hx is not None and hx.requires_grad) or (b_ih is not None and b_ih.requires_grad))
+        key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+               None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
+               grad, cast, _settings.generation, _tuning.generation, module.reset_after, module.backend,
+               w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_hh.shape, w_hh.stride(), w_hh.dtype,
+               None if b_ih is None else (b_ih.dtype, b_ih.shape), module.padding_mode, module.dilation)
+    except (AttributeError, TypeError):  # not tensors: the general path's checks say what is wrong
+        return _general(module, x, hx)
+    plans = module.__dict__.get("_cell_plans")
+    if plans is None:
+        plans = module.__dict__["_cell_plans"] = {}
+    p = plans.get(key)
+    if p is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        p = plans[key] = _build(module, x, hx, grad, cast)
+    if p.path == _GENERAL:
+        return _general(module, x, hx)
+    return run(p, x, hx, w_ih, w_hh, b_ih, params["bias_hh"])
+
+
+def _sep_general(module, x, hx):
+    """The separable cell through its halves' general paths, x and hx
+    converted once for both (the layout policy, autocast's cast)."""
+    from .functional import _internal_format, _to_internal
+
+    horizontal, vertical = module._modules["horizontal"], module._modules["vertical"]
+    fmt = None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and (
+        hx is None or isinstance(hx, torch.Tensor)
+    ):  # anything else: the cells' checks say what is wrong
+        cast = _autocast_dtype(x.device.type)
+        fmt = _internal_format(x.device, x.dtype, 2, cast)
+    if fmt is None:
+        return _general(vertical, x, _general(horizontal, x, hx))
+    caller_channels_last = is_channels_last(x if hx is None else hx)
+    x, hx = _to_internal(x, fmt, cast), _to_internal(hx, fmt, cast)
+    h = _general(vertical, x, _general(horizontal, x, hx))
+    return h if caller_channels_last else h.contiguous()
+
+
+class SepPlan:
+    """A separable cell's plan: x and hx cast once for both halves, then one
+    :class:`CellPlan` per half (the second made at the first step, from the
+    first half's output)."""
+
+    def __init__(self, general: bool, **facts):
+        self.general = general
+        self.__dict__.update(facts)
+
+
+def _build_sep(module, x, hx, grad: bool, cast) -> SepPlan:
+    from .functional import _internal_format
+
+    horizontal = module._modules["horizontal"]
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()):
+        return SepPlan(True)
+    fmt = _internal_format(x.device, x.dtype, 2, cast)
+    compute = cast if (cast is not None and x.dtype is not torch.float64) else x.dtype
+    if hx is not None and hx.dtype is torch.float64 and compute is not torch.float64:
+        return SepPlan(True)
+    options = dict(dtype=compute, memory_format=fmt or torch.preserve_format)
+    x2 = x.to(**options)
+    hx2 = None if hx is None else hx.to(**options)
+    first = _build(horizontal, x2, hx2, grad, cast)
+    if first.path == _GENERAL:
+        return SepPlan(True)
+    return SepPlan(False, first=first, second=None, options=options, fmt=fmt, grad=grad, cast=cast,
+                   cast_x=x2 is not x, cast_h=hx2 is not hx and hx is not None,
+                   caller_channels_last=is_channels_last(x if hx is None else hx))
+
+
+def sep_forward(module, x, hx):
+    """``module(x, hx)`` for a :class:`~convgru_triton.SepConvGRUCell2d`: one
+    plan for both halves per call signature."""
+    if not plain_eager():
+        return _sep_general(module, x, hx)
+    modules = module._modules
+    hp, vp = modules["horizontal"]._parameters, modules["vertical"]._parameters
+    try:
+        cast = _autocast_dtype(x.device.type) if _any_autocast() else None
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or (hx is not None and hx.requires_grad)
+            or any(t is not None and t.requires_grad for t in (*hp.values(), *vp.values())))
+        key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+               None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
+               grad, cast, _settings.generation, _tuning.generation, _weights_key(hp), _weights_key(vp))
+    except (AttributeError, TypeError):
+        return _sep_general(module, x, hx)
+    plans = module.__dict__.get("_cell_plans")
+    if plans is None:
+        plans = module.__dict__["_cell_plans"] = {}
+    sp = plans.get(key)
+    if sp is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        sp = plans[key] = _build_sep(module, x, hx, grad, cast)
+    if sp.general:
+        return _sep_general(module, x, hx)
+    if sp.cast_x:
+        x = x.to(**sp.options)
+    if sp.cast_h:
+        hx = hx.to(**sp.options)
+    h = run(sp.first, x, hx, hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
+    second = sp.second
+    if second is None:
+        second = sp.second = _build(modules["vertical"], x, h, grad, cast)
+    if second.path == _GENERAL:
+        h = _general(modules["vertical"], x, h)
+    else:
+        h = run(second, x, h, vp["weight_ih"], vp["weight_hh"], vp["bias_ih"], vp["bias_hh"])
+    if sp.fmt is not None and not sp.caller_channels_last:
+        h = h.contiguous()
+    return h
