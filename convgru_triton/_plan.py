@@ -270,7 +270,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         bindable=bindable,
         cast_w=cast is not None or fmt is not None,
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
-        l_fra=None, l_frz=None, l_fn=None,
+        l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, fused_bwd=False,
     )
     fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
     if fused:
@@ -555,6 +555,139 @@ def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor
     return state if ran else None
 
 
+def _fused_forward_saved(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
+    """:func:`_fused_forward` keeping what the backward needs: ``(h', gates,
+    aux)``, or ``None`` where the kernels decline (the first step only)."""
+    stream = p.stream(p.device_index)
+    bias = (b_ih, b_hh) if p.has_bias else (h, h)
+    state, gates, aux = p.empty1(), p.empty3(), p.empty1()
+    if p.reset_after:
+        t = (h, w_hh, None, state, gates, aux) + bias + (x, w_ih)
+        if p.l_fra:
+            p.l_fra(stream, *t)
+            return state, gates, aux
+        from .ops import fused_step
+
+        ran = _fused_general(p, ("fra",), (t,), lambda: fused_step.forward_step(
+            True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, gates, aux, True, x=x, weight_ih=w_ih))
+        return (state, gates, aux) if ran else None
+    hidden = p.hidden
+    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
+    t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
+    t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
+    if p.l_frz:
+        p.l_frz(stream, *t1)
+        p.l_fn(stream, *t2)
+        return state, gates, aux
+    from .ops import fused_step
+
+    ran = _fused_general(p, ("frz", "fn"), (t1, t2), lambda: fused_step.forward_step(
+        False, p.spec, None, h, (w_rz, w_n), b_ih, b_hh, state, gates, aux, True, x=x, weight_ih=w_ih))
+    return (state, gates, aux) if ran else None
+
+
+def _dgrad(p: CellPlan, site: str, stream, kernel_name: str, channels: int, d_h: Tensor, tensors: tuple) -> None:
+    """A fused data-gradient launch (``fused_step._launch_dgrad``), bound at its first."""
+    bound = getattr(p, "l_" + site)
+    if bound:
+        bound(stream, *tensors)
+        return
+    from .ops import fused_step
+
+    strides = tuple(s for t in tensors for s in fused_step._strides(t))
+    _fused_general(p, (site,), (tensors,), lambda: fused_step._launch_dgrad(
+        getattr(fused_step, kernel_name), p.spec, d_h, channels, tensors, strides) or True)
+
+
+def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
+                    need_weight: bool):
+    """The step's backward with the hidden convolutions' data gradient as the
+    fused dgrad kernels (the gate backward in their epilogue) and their weight
+    gradient on cuDNN: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
+    stream = p.stream(p.device_index)
+    if grad.stride() != p.state_strides or grad.data_ptr() & 15:
+        grad = p.empty1().copy_(grad)
+    d_gx, d_h = p.empty3(), p.empty1()
+    conv_backward = p.conv_backward
+    hidden = p.hidden
+    if p.reset_after:
+        d_gh = p.empty3()
+        t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
+        if p.l_ra_bwd:
+            p.l_ra_bwd(stream, *t)
+        else:
+            _gate_general(p, "ra_bwd", d_h, t, 0)
+        _dgrad(p, "fdg", stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
+        d_w = conv_backward(d_gh, h, w_hh, False, True)[1] if need_weight else None
+        if not p.has_bias:
+            return d_gx, d_h, d_w, None, None
+        return d_gx, d_h, d_w, d_gx.sum(p.bias_dims), d_gh.sum(p.bias_dims)
+    t = (grad, grad, gates, h, d_gx, d_h)
+    if p.l_up_bwd:
+        p.l_up_bwd(stream, *t)
+    else:
+        _gate_general(p, "up_bwd", d_h, t, 0)
+    d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
+    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
+    _dgrad(p, "fdrg", stream, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, (d_n, w_n, gates, h, d_gx, d_h))
+    # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
+    _dgrad(p, "fdg", stream, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
+    d_w = None
+    if need_weight:
+        d_w = torch.cat((conv_backward(d_rz, h, w_rz, False, True)[1], conv_backward(d_n, aux, w_n, False, True)[1]))
+    if not p.has_bias:
+        return d_gx, d_h, d_w, None, None
+    d_b = d_gx.sum(p.bias_dims)
+    return d_gx, d_h, d_w, d_b, d_b.clone()
+
+
+class _FusedStep(torch.autograd.Function):
+    """A fused-path step with its gradient: the fused kernels forward (the
+    input convolution inside them); backward, the fused dgrad kernels where
+    the plan says so (else the gate kernels and cuDNN's data gradient), the
+    weight gradients and the input convolution's backward on cuDNN. Where the
+    kernels decline at the first step the forward runs the gates path and the
+    plan keeps it."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, p):
+        saved = _fused_forward_saved(p, x, h, w_ih, w_hh, b_ih, b_hh) if p.path == _FUSED else None
+        if saved is None:
+            p.path = _GATES
+            saved = _gates_forward(p, p.conv(x, w_ih), h, w_hh, b_ih, b_hh, True)
+        ctx.fused = p.path == _FUSED
+        h_new, gates, aux = saved
+        ctx.save_for_backward(x, h, w_ih, w_hh, h_new, gates, aux)
+        ctx.p = p
+        return h_new
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, w_ih, w_hh, h_new, gates, aux = ctx.saved_tensors
+        p = ctx.p
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            from .ops.conv_gru import conv_gru_bwd
+
+            d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
+                grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
+                *p.step.op_args, p.has_bias)
+            d_gx = d_gx.squeeze(0)
+        elif ctx.fused and p.fused_bwd:
+            d_gx, d_h, d_w, d_b_ih, d_b_hh = _fused_backward(p, grad, h, w_hh, gates, aux, need[3])
+        else:
+            d_gx, d_h, d_w, d_b_ih, d_b_hh = _gates_backward(p, grad, h, w_hh, gates, aux, need[3])
+        d_x = d_w_ih = None
+        if need[0] or need[2]:
+            d_x, d_w_ih = p.conv_backward(d_gx, x, w_ih, need[0], need[2])
+        has_bias = p.has_bias
+        return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None,
+                d_b_ih if need[4] and has_bias else None, d_b_hh if need[5] and has_bias else None, None)
+
+
+_apply_fused_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _FusedStep)
+
+
 def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Tensor:
     """Carry out plan ``p`` (not ``"general"``) on one step's tensors."""
     fmt = p.fmt
@@ -573,9 +706,7 @@ def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
         if h is None:
             h = p.empty1().zero_()
         if p.grad:
-            from .ops.conv_gru import fused_cell_step
-
-            h_new = fused_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, p.step)
+            h_new = _apply_fused_step(x, h, w_ih, w_hh, b_ih, b_hh, p)
         else:
             h_new = _fused_forward(p, x, h, w_ih, w_hh, b_ih, b_hh)
         if h_new is None:  # declined: the gates path from now on
