@@ -244,7 +244,10 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
             return CellPlan(_GENERAL)  # float64 under autocast stays float64: the general path's rule
     fmt = general.memory_format
     triton = _triton()
-    bindable = _settings.get_settings().direct_launch == "1" and not _settings.get_settings().triton_interpret
+    from .ops import conv_gru_cell as gate_kernels
+
+    # Replay where the gate launchers replay (the direct_launch setting, Triton >= 3.4, not the interpreter).
+    bindable = bool(gate_kernels._DIRECT_LAUNCH)
     if bindable:
         active = triton.runtime.driver.active
         device_index, get_stream = active.get_current_device(), active.get_current_stream
@@ -745,8 +748,8 @@ def cell_forward(module, x, hx):
     if not plain_eager():
         return _general(module, x, hx)
     params = module._parameters
-    w_ih, w_hh, b_ih = params["weight_ih"], params["weight_hh"], params["bias_ih"]
     try:
+        w_ih, w_hh, b_ih = params["weight_ih"], params["weight_hh"], params["bias_ih"]
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or w_ih.requires_grad or w_hh.requires_grad
@@ -756,7 +759,7 @@ def cell_forward(module, x, hx):
                grad, cast, _settings.generation, _tuning.generation, module.reset_after, module.backend,
                w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_hh.shape, w_hh.stride(), w_hh.dtype,
                None if b_ih is None else (b_ih.dtype, b_ih.shape), module.padding_mode, module.dilation)
-    except (AttributeError, TypeError):  # not tensors: the general path's checks say what is wrong
+    except (AttributeError, TypeError, KeyError):  # not tensors: the general path's checks say what is wrong
         return _general(module, x, hx)
     plans = module.__dict__.get("_cell_plans")
     if plans is None:
@@ -828,8 +831,8 @@ def sep_forward(module, x, hx):
     if not plain_eager():
         return _sep_general(module, x, hx)
     modules = module._modules
-    hp, vp = modules["horizontal"]._parameters, modules["vertical"]._parameters
     try:
+        hp, vp = modules["horizontal"]._parameters, modules["vertical"]._parameters
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad)
@@ -837,7 +840,7 @@ def sep_forward(module, x, hx):
         key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
                None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
                grad, cast, _settings.generation, _tuning.generation, _weights_key(hp), _weights_key(vp))
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, KeyError):
         return _sep_general(module, x, hx)
     plans = module.__dict__.get("_cell_plans")
     if plans is None:

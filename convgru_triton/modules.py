@@ -128,7 +128,10 @@ class _ConvGRUCellNd(_ConvGRUBase):
         factory = {"device": device, "dtype": dtype}
         weight_ih, weight_hh, bias_ih, bias_hh = self._new_cell_parameters(input_channels, factory)
         self.weight_ih, self.weight_hh = weight_ih, weight_hh
-        self.bias_ih, self.bias_hh = bias_ih, bias_hh
+        # Registered also when None (bias=False), as torch.nn.GRUCell does: the
+        # cell's plan reads all four from _parameters.
+        self.register_parameter("bias_ih", bias_ih)
+        self.register_parameter("bias_hh", bias_hh)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -55,8 +55,11 @@ SCRIPT = textwrap.dedent(
         def run(self, *args):
             calls.append(args)
 
+    compiled_names = []
+
     def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
         compiles[0] += 1
+        compiled_names.append(self.__name__)
         kernel = Recorder()
         kernel.function = f"function {compiles[0]}"  # which specialization a launch ran
         self.device_caches[device][0][key] = kernel
@@ -163,6 +166,38 @@ SCRIPT = textwrap.dedent(
         per_round.append(binder_runs[0] - before)
     result["operator"] = dict(calls=[describe(c) for c in calls[first:]], binder_per_round=per_round,
                               bound=sum(len(k) for k in op._STEPS.values()))
+
+    # The cell plans' fused-step launches (convgru_triton._plan): forward
+    # kernels with the input convolution inside, the fused dgrad kernels and
+    # the gate kernels of the backward, for cells of both formulations and
+    # the separable cell, with and without gradients. The fake target counts
+    # as CUDA for the fused step's support rule.
+    import convgru_triton
+    from convgru_triton import SepConvGRUCell2d
+    from convgru_triton.ops import fused_step
+    real_supports = fused_step.supports
+    fused_step.supports = lambda spec, dtype, device: real_supports(
+        spec, dtype, torch.device("cuda") if device.type == "cpu" else device)
+    fused_scenarios = []
+    for r in (False, True):
+        cell = ConvGRUCell2d(3, 4, 3, reset_after=r, backend="triton")
+        sep = SepConvGRUCell2d(3, 4, reset_after=r, backend="triton")
+        x, h = torch.randn(2, 3, 5, 8), torch.randn(2, 4, 5, 8)
+        fused_scenarios.append(lambda grad, cell=cell, x=x, h=h: cell(x, h.requires_grad_(grad)))
+        fused_scenarios.append(lambda grad, sep=sep, x=x, h=h: sep(x, sep(x, h.requires_grad_(grad))))
+    first, per_round, fused_runs = len(calls), [], []
+    with convgru_triton.override_settings(fused_step="1"):
+        for _ in range(3):
+            before = binder_runs[0]
+            for scenario in fused_scenarios:
+                scenario(True).sum().backward()
+                with torch.no_grad():
+                    scenario(False)
+            per_round.append(binder_runs[0] - before)
+    fused_names = {"_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel",
+                   "_conv_dgrad_reset_gate_bwd_kernel", "_conv_dgrad_bwd_kernel"}
+    result["fused"] = dict(calls=[describe(c) for c in calls[first:]], binder_per_round=per_round,
+                           fused_compiles=sum(1 for name in compiled_names if name in fused_names))
     print(json.dumps(result))
     """
 )
@@ -214,3 +249,18 @@ def test_bound_launches_of_the_operator_pass_what_the_binder_passes():
     assert on["bound"] >= 6 and off["bound"] == 0, "the bound launches were not used"
     # Some launches saw addresses off 16-byte boundaries (what the key's low bits are for).
     assert any(arg[4] for call in on["calls"] for arg in call if isinstance(arg, list))
+
+
+def test_bound_fused_launches_of_the_cell_plans_pass_what_the_binder_passes():
+    """The cell plans' fused-step launches (forward with the input convolution
+    inside, the fused dgrad kernels, the gate kernels around them), for both
+    formulations and the separable cell, with and without gradients: replayed
+    with the arguments Triton's binder passes when replay is off, call by
+    call; after the first of three rounds nothing goes through the binder."""
+    on, off = _run("on")["fused"], _run("off")["fused"]
+    assert on["fused_compiles"] >= 5, "the fused kernels did not run"
+    assert len(on["calls"]) == len(off["calls"]) > 0
+    for index, (replayed, bound) in enumerate(zip(on["calls"], off["calls"])):
+        assert replayed == bound, f"kernel call {index} differs from the binder's"
+    assert on["binder_per_round"][0] > 0 and on["binder_per_round"][1:] == [0, 0], on["binder_per_round"]
+    assert sum(off["binder_per_round"]) == len(off["calls"])
