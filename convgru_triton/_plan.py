@@ -46,6 +46,10 @@ from ._layout import empty_in_layout, is_channels_last
 
 Tensor = torch.Tensor
 
+#: How plans allocate their buffers (uninitialised). The tests replace it to
+#: poison every buffer with NaN before the kernels write it.
+_allocate = torch.empty
+
 _MAX_PLANS = 64  # per module: distinct call signatures (a sweep over sizes): cleared when full
 
 # Launch options that Triton takes as keywords but does not pass to the kernel.
@@ -398,8 +402,8 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], gx: Optional[Tensor
     dtype, device = p.compute, x.device
 
     # partial objects: called without a Python frame of their own.
-    p.empty1 = functools.partial(torch.empty, p.state_shape, dtype=dtype, device=device, memory_format=fmt)
-    p.empty3 = functools.partial(torch.empty, p.gates_shape, dtype=dtype, device=device, memory_format=fmt)
+    p.empty1 = functools.partial(_allocate, p.state_shape, dtype=dtype, device=device, memory_format=fmt)
+    p.empty3 = functools.partial(_allocate, p.gates_shape, dtype=dtype, device=device, memory_format=fmt)
     p.state_strides = p.empty1().stride()
     p.bias_dims = (0,) + tuple(range(2, len(p.state_shape)))
 

@@ -1,0 +1,202 @@
+"""The cell plans (convgru_triton._plan): one frozen plan per call signature.
+
+An eager ConvGRUCell2d or SepConvGRUCell2d step decides everything at the
+first call of a signature and replays it after. These tests check that the
+replay computes what the general path computes (the float64 reference for
+values and every gradient), on both step paths and formulations, in loops that
+feed the state back, with buffers poisoned with NaN; and that a plan is made
+again whenever a fact it depends on changes, never silently reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import convgru_triton as cg
+from convgru_triton import _plan
+
+pytestmark = pytest.mark.triton_kernels
+
+PATHS = {"gates": "0", "fused": "1"}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer a plan allocates starts as NaN."""
+
+    def allocate(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(_plan, "_allocate", allocate)
+
+
+def _loop(module, x, h, steps=3):
+    for _ in range(steps):
+        h = module(x, h)
+    return h
+
+
+def _grads(module, x, h, grad_weights):
+    x = x.detach().clone().requires_grad_()
+    h = None if h is None else h.detach().clone().requires_grad_()
+    out = _loop(module, x, h)
+    # Weights with positions: a gradient in the wrong place cannot cancel out.
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    (out * weights).sum().backward()
+    grads = [x.grad] + ([] if h is None else [h.grad]) + [p.grad for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _pair(cls, device, dtype, reset_after, **kwargs):
+    ours = cls(3, 4, reset_after=reset_after, backend="triton", device=device, dtype=dtype, **kwargs)
+    ref = cls(3, 4, reset_after=reset_after, backend="torch", device=device, dtype=torch.float64, **kwargs)
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def _tolerance(dtype):
+    return {torch.float32: 1e-4, torch.float16: 5e-3}[dtype]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+@pytest.mark.parametrize("cls", [cg.ConvGRUCell2d, cg.SepConvGRUCell2d], ids=["cell", "sep"])
+@pytest.mark.parametrize("hx", ["given", "none"])
+def test_plan_equals_reference(device, poisoned, path, reset_after, cls, hx):
+    torch.manual_seed(0)
+    dtype = torch.float32
+    kwargs = {"kernel_size": 3} if cls is cg.ConvGRUCell2d else {}
+    with cg.override_settings(fused_step=PATHS[path]):
+        ours, ref = _pair(cls, device, dtype, reset_after, **kwargs)
+        # 5 x 7 maps: no block multiple.
+        x = torch.randn(2, 3, 5, 7, device=device)
+        h = None if hx == "none" else torch.randn(2, 4, 5, 7, device=device)
+        with torch.no_grad():
+            got = _loop(ours, x, h)
+            want = _loop(ref, x.double(), None if h is None else h.double())
+        torch.testing.assert_close(got.double(), want, rtol=_tolerance(dtype), atol=_tolerance(dtype))
+        out, grads = _grads(ours, x, h, True)
+        out_ref, grads_ref = _grads(ref, x.double(), None if h is None else h.double(), True)
+        torch.testing.assert_close(out.double(), out_ref, rtol=_tolerance(dtype), atol=_tolerance(dtype))
+        assert len(grads) == len(grads_ref)
+        for g, g_ref in zip(grads, grads_ref):
+            assert g is not None and g.dtype == dtype
+            torch.testing.assert_close(g.double(), g_ref, rtol=_tolerance(dtype), atol=_tolerance(dtype))
+        plans = ours.__dict__["_cell_plans"]
+        kinds = {(p.first.path if isinstance(p, _plan.SepPlan) else p.path) for p in plans.values()}
+        assert kinds == {path}, f"the {path} path did not run: {kinds}"
+
+
+def test_plan_channels_last_state(device, poisoned):
+    """A channels_last state stays channels_last, and its plan's buffers follow it."""
+    torch.manual_seed(0)
+    ours, ref = _pair(cg.ConvGRUCell2d, device, torch.float32, False, kernel_size=3)
+    x = torch.randn(2, 3, 5, 7, device=device).contiguous(memory_format=torch.channels_last)
+    h = torch.randn(2, 4, 5, 7, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = _loop(ours, x, h)
+        want = _loop(ref, x.double(), h.double())
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_reused_and_remade(device):
+    """The same signature replays its plan; any fact in the signature makes a new one."""
+    cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    with torch.no_grad():
+        cell(x, h)
+        cell(x, h)
+    plans = cell.__dict__["_cell_plans"]
+    assert len(plans) == 1
+    with torch.no_grad():
+        cell(x, None)                                   # no hx
+    assert len(plans) == 2
+    cell(x, h.requires_grad_())                         # gradients
+    assert len(plans) == 3
+    with cg.override_settings(fused_step="1"), torch.no_grad():
+        cell(x, h)                                      # another setting
+    assert len(plans) == 4
+    with torch.no_grad():
+        cell(torch.randn(1, 3, 5, 6, device=device), torch.randn(1, 4, 5, 6, device=device))  # another size
+    assert len(plans) == 5
+    before = cell(x, h).detach()
+    count = len(plans)
+    cell.to(memory_format=torch.channels_last)          # the same Parameters, other strides
+    torch.testing.assert_close(cell(x, h), before)
+    assert len(plans) == count + 1
+
+
+def test_plan_follows_replaced_and_updated_weights(device):
+    """A plan reads the module's parameters at every call: new values, in place
+    or as a new Parameter, are used at once."""
+    cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
+    ref = cg.ConvGRUCell2d(3, 4, 3, backend="torch", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    for step in range(3):
+        ref.load_state_dict(cell.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(cell(x, h), ref(x, h))
+            if step == 0:
+                cell.weight_hh.mul_(0.5)
+            else:
+                cell.weight_ih = torch.nn.Parameter(torch.randn_like(cell.weight_ih))
+
+
+def test_modules_with_plans_copy_and_pickle(device):
+    sep = cg.SepConvGRUCell2d(3, 4, backend="triton", device=device)
+    x = torch.randn(1, 3, 4, 6, device=device)
+    with torch.no_grad():
+        want = sep(x)
+    assert sep.__dict__["_cell_plans"]
+    for other in (copy.deepcopy(sep), pickle.loads(pickle.dumps(sep))):
+        assert "_cell_plans" not in other.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), want)
+
+
+def test_bad_input_after_a_plan_still_raises(device):
+    """A signature seen before does not skip the checks of another one."""
+    cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    with torch.no_grad():
+        cell(x, h)
+        with pytest.raises(ValueError, match="hx must have shape"):
+            cell(x, torch.randn(1, 4, 4, 5, device=device))
+        with pytest.raises(ValueError, match="input must have 3 channels"):
+            cell(torch.randn(1, 2, 4, 6, device=device), h)
+        with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+            cell([1.0], h)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_plan_under_autocast_equals_general_path(device, path):
+    """Under autocast (float16 here: the interpreter has no bfloat16) a plan
+    casts once and replays: the result and every gradient equal the general
+    path's, which casts by the operator's autocast rule; parameter gradients
+    stay float32."""
+    torch.manual_seed(0)
+    with cg.override_settings(fused_step=PATHS[path]):
+        sep = cg.SepConvGRUCell2d(3, 4, backend="triton", device=device)
+        x, h = torch.randn(2, 3, 5, 7, device=device), torch.randn(2, 4, 5, 7, device=device)
+        results = []
+        for planned in (True, False):
+            step = sep if planned else (lambda x_, h_: _plan._sep_general(sep, x_, h_))
+            xx, hh = x.clone().requires_grad_(), h.clone().requires_grad_()
+            with torch.autocast(device.type, dtype=torch.float16):
+                out = _loop(step, xx, hh)
+            assert out.dtype == torch.float16
+            out.float().sum().backward()
+            results.append([out] + [xx.grad, hh.grad] + [p.grad for p in sep.parameters()])
+            sep.zero_grad(set_to_none=True)
+        for a, b in zip(*results):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        assert all(p.grad is None for p in sep.parameters())
+        assert results[0][3].dtype == torch.float32
