@@ -487,7 +487,9 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if not p.has_bias:
         return d_gx, d_h, d_w, None, None
     d_b = d_gx.sum(p.bias_dims)
-    return d_gx, d_h, d_w, d_b, d_b.clone()
+    # One tensor for both bias gradients: autograd's accumulation copies it
+    # where it cannot take it, so the two .grad never share storage.
+    return d_gx, d_h, d_w, d_b, d_b
 
 
 class _GateStep(torch.autograd.Function):
@@ -645,7 +647,9 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if not p.has_bias:
         return d_gx, d_h, d_w, None, None
     d_b = d_gx.sum(p.bias_dims)
-    return d_gx, d_h, d_w, d_b, d_b.clone()
+    # One tensor for both bias gradients: autograd's accumulation copies it
+    # where it cannot take it, so the two .grad never share storage.
+    return d_gx, d_h, d_w, d_b, d_b
 
 
 class _FusedStep(torch.autograd.Function):
