@@ -782,6 +782,72 @@ def cell_forward(module, x, hx):
     return run(p, x, hx, w_ih, w_hh, b_ih, params["bias_hh"])
 
 
+def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
+    """One half of a separable step with what its backward needs: ``(h',
+    gates, aux, fused)``; ``fused``: the fused kernels ran (else the gates path)."""
+    if p.path == _FUSED:
+        saved = _fused_forward_saved(p, x, h, w_ih, w_hh, b_ih, b_hh)
+        if saved is not None:
+            return saved + (True,)
+        p.path = _GATES
+    return _gates_forward(p, p.conv(x, w_ih), h, w_hh, b_ih, b_hh, True) + (False,)
+
+
+def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+                   h_new: Tensor, gates: Tensor, aux: Tensor, need_x: bool, need_w_ih: bool, need_w_hh: bool):
+    """A half's backward, the input convolution's included: ``(d_x, d_h,
+    d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``."""
+    if torch.is_grad_enabled():
+        from .ops.conv_gru import conv_gru_bwd
+
+        d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
+            grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
+            *p.step.op_args, p.has_bias)
+        d_gx = d_gx.squeeze(0)
+    elif fused and p.fused_bwd:
+        d_gx, d_h, d_w, d_b_ih, d_b_hh = _fused_backward(p, grad, h, w_hh, gates, aux, need_w_hh)
+    else:
+        d_gx, d_h, d_w, d_b_ih, d_b_hh = _gates_backward(p, grad, h, w_hh, gates, aux, need_w_hh)
+    d_x = d_w_ih = None
+    if need_x or need_w_ih:
+        d_x, d_w_ih = p.conv_backward(d_gx, x, w_ih, need_x, need_w_ih)
+    return d_x, d_h, d_w_ih, d_w, d_b_ih, d_b_hh
+
+
+class _SepStep(torch.autograd.Function):
+    """A whole separable step with its gradient, one autograd node: both
+    halves forward (each on its plan's path), both backward in reverse, the
+    input's gradient summed over the halves."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, sp):
+        p1, p2 = sp.first, sp.second
+        h_mid, gates1, aux1, fused1 = _half_forward(p1, x, h, w_ih1, w_hh1, b_ih1, b_hh1)
+        h_out, gates2, aux2, fused2 = _half_forward(p2, x, h_mid, w_ih2, w_hh2, b_ih2, b_hh2)
+        ctx.save_for_backward(x, h, h_mid, h_out, w_ih1, w_hh1, gates1, aux1, w_ih2, w_hh2, gates2, aux2)
+        ctx.sp, ctx.fused = sp, (fused1, fused2)
+        return h_out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, h_mid, h_out, w_ih1, w_hh1, gates1, aux1, w_ih2, w_hh2, gates2, aux2 = ctx.saved_tensors
+        sp = ctx.sp
+        need = ctx.needs_input_grad
+        d_x2, d_mid, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2 = _half_backward(
+            sp.second, ctx.fused[1], grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, need[0], need[6], need[7])
+        d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1 = _half_backward(
+            sp.first, ctx.fused[0], d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[0], need[2], need[3])
+        d_x = d_x1 + d_x2 if need[0] else None
+        has_bias = sp.first.has_bias
+        return (d_x, d_h if need[1] else None, d_w_ih1, d_w_hh1 if need[3] else None,
+                d_b_ih1 if need[4] and has_bias else None, d_b_hh1 if need[5] and has_bias else None,
+                d_w_ih2, d_w_hh2 if need[7] else None,
+                d_b_ih2 if need[8] and has_bias else None, d_b_hh2 if need[9] and has_bias else None, None)
+
+
+_apply_sep_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SepStep)
+
+
 def _sep_general(module, x, hx):
     """The separable cell through its halves' general paths, x and hx
     converted once for both (the layout policy, autocast's cast)."""
@@ -864,8 +930,25 @@ def sep_forward(module, x, hx):
         x = x.to(**sp.options)
     if sp.cast_h:
         hx = hx.to(**sp.options)
-    h = run(sp.first, x, hx, hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
     second = sp.second
+    if sp.grad and second is not None and second.path != _GENERAL:
+        # Training from the second call of a signature on: one autograd node per step.
+        p1 = sp.first
+        w1 = (hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
+        w2 = (vp["weight_ih"], vp["weight_hh"], vp["bias_ih"], vp["bias_hh"])
+        if p1.cast_w:
+            wc = p1.weight_cast
+            w1 = (wc[0](w1[0]), wc[1](w1[1]), wc[2](w1[2]), wc[3](w1[3]))
+        if second.cast_w:
+            wc = second.weight_cast
+            w2 = (wc[0](w2[0]), wc[1](w2[1]), wc[2](w2[2]), wc[3](w2[3]))
+        if hx is None:
+            hx = p1.empty1().zero_()
+        h = _apply_sep_step(x, hx, *w1, *w2, sp)
+        if sp.fmt is not None and not sp.caller_channels_last:
+            h = h.contiguous()
+        return h
+    h = run(sp.first, x, hx, hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
     if second is None:
         second = sp.second = _build(modules["vertical"], x, h, grad, cast)
     if second.path == _GENERAL:
