@@ -1,8 +1,9 @@
 """The documentation as written.
 
-* Every ```python block of README.md runs, top to bottom, in one namespace, in
-  a temporary directory, as a user pastes them (on CPU here; written for CUDA
-  too, where a GPU runs them).
+* Every ```python block of README.md runs alone, as a user pastes it into a
+  fresh interpreter: each in its own subprocess, in an empty temporary
+  directory that it must leave empty (on CPU here; written for CUDA too, where
+  a GPU runs them).
 * Every ```python block of each docs/ page that says "Every Python snippet on
   this page runs" runs the same way, one namespace per page. A docs page with
   Python blocks that makes no such claim is CUDA-only (run where there is a
@@ -85,20 +86,54 @@ def _run(blocks, tmp_path, monkeypatch):
     return namespace
 
 
-def test_readme_snippets_run(tmp_path, monkeypatch):
-    """Every ```python block of the README, top to bottom."""
+DEVICE_LINE = 'device = "cuda" if torch.cuda.is_available() else "cpu"'
+README_BLOCKS = _blocks(_read("README.md"), "python")
+
+
+def test_readme_blocks_are_written_for_every_device():
+    """Written for CPU and CUDA alike: a block that uses ``device`` chooses it
+    itself, and no block assumes one; every fence is python (run below), text
+    or a shell command, so that no untested code hides in another fence."""
     text = _read("README.md")
-    blocks = _blocks(text, "python")
-    assert len(blocks) >= 6, "the README lost snippets"
-    # Written for CPU and CUDA alike: the first snippet chooses the device, no snippet assumes one.
-    assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in blocks[0]
-    assert not any(re.search(r"""["']cuda["']|\.cuda\(""", b.replace(
-        'device = "cuda" if torch.cuda.is_available() else "cpu"', "")) for b in blocks), "a snippet assumes CUDA"
-    # Every fenced block is python (run here), text or a shell command: no untested code in another fence.
+    assert len(README_BLOCKS) >= 6, "the README lost snippets"
+    for i, block in enumerate(README_BLOCKS):
+        uses_device = re.search(r"\bdevice\b", block.replace(DEVICE_LINE, "")) is not None
+        assert not uses_device or DEVICE_LINE in block, f"README block {i} uses `device` without choosing it"
+        assert not re.search(r"""["']cuda["']|\.cuda\(""", block.replace(DEVICE_LINE, "")), \
+            f"README block {i} assumes CUDA"
     fences = re.findall(r"^```(\w*)$", text, flags=re.M)
     assert set(fences[0::2]) <= {"python", "bash", "text"}, fences
-    namespace = _run(blocks, tmp_path, monkeypatch)
-    assert namespace["output"].shape == (10, 4, 32, 32, 32)
+
+
+def _readme_block_params():
+    """One parameter per README block; the ones that export to ONNX or compile
+    with Inductor are in the slow tier (tens of seconds each on two cores)."""
+    params = []
+    for i, block in enumerate(README_BLOCKS):
+        slow = "torch.onnx.export" in block or "torch.compile" in block
+        params.append(pytest.param(i, id=f"block{i}", marks=[pytest.mark.slow] if slow else []))
+    return params
+
+
+@pytest.mark.parametrize("index", _readme_block_params())
+def test_readme_block_runs_alone(index, tmp_path):
+    """Each ```python block of the README, pasted alone into a fresh interpreter
+    (a subprocess, with the environment of a user: no TRITON_INTERPRET), in an
+    empty folder, which it leaves empty: a block writes only to a temporary
+    directory of its own."""
+    import subprocess
+    import sys
+
+    code = README_BLOCKS[index]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # One thread, as every test in this suite (conftest.py): CI runs two passes side by side on two cores.
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"README block {index} failed alone:\n{code}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not left, f"README block {index} wrote {left} into the working directory"
 
 
 def test_readme_deploying_section_links_the_recipes():
