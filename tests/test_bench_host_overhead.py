@@ -5,17 +5,25 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_host_overhead(tmp_path, *args):
+    """``python -m bench.host_overhead`` in its own process (compiled-mode Triton,
+    fake sm_90 target); returns the results file."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    subprocess.run([sys.executable, "-m", "bench.host_overhead", *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)
+    return json.loads((tmp_path / "host_overhead-cpu.json").read_text())
 
 
 def test_host_overhead_takes_the_triton_path(tmp_path):
     """In its own process (compiled-mode Triton, fake sm_90 target): the Triton
     path launches the kernels it should, per row, and the table is written."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
-    subprocess.run([sys.executable, "-m", "bench.host_overhead", "--steps", "2", "--repeats", "1", "--rows", "cell",
-                    "--out", str(tmp_path)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    data = json.loads((tmp_path / "host_overhead-cpu.json").read_text())["results"]
+    data = _run_host_overhead(tmp_path, "--steps", "2", "--repeats", "1", "--rows", "cell")["results"]
     launches = {row: values["ours"]["launches"] for row, values in data.items()}
     # reset_after=False: two kernels per step forward, two more backward; reset_after=True: one and one.
     assert launches == {
@@ -23,11 +31,51 @@ def test_host_overhead_takes_the_triton_path(tmp_path):
         "ConvGRUCell2d reset_after=True, no grad": 1, "ConvGRUCell2d reset_after=True, fwd+bwd": 2,
     }
     for values in data.values():
-        assert values["ours (above launchers)"]["launches"] == 0  # the launchers' interface was stubbed
+        # A cell's plan calls its kernels directly, never the launchers' interface: no "above launchers" row.
+        assert "ours (above launchers)" not in values
         assert values["ours (torch backend)"]["median_us"] > 0
         # Compiled, a cell step is Inductor's fusion of the step's math: no package kernel launches.
         assert values["ours (compiled)"]["launches"] == 0 and values["ours (compiled)"]["median_us"] > 0
     assert "| ConvGRUCell2d reset_after=False, no grad |" in (tmp_path / "host_overhead-cpu.md").read_text()
+
+
+def test_host_overhead_raft_loops(tmp_path):
+    """RAFT's 12-step update loop, four modes, both step paths, both cells: the
+    fused rows ran the fused kernels (and the default rows none), every count
+    is positive, and the table shows the targets and says the fused kernels ran."""
+    from bench import host_overhead as ho
+
+    data = _run_host_overhead(tmp_path, "--steps", "12", "--repeats", "1", "--rows", "raft-sep,raft-cell")
+    loops = data["raft_loops"]
+    assert list(loops) == [r.label for r in ho.LOOP_ROWS]
+    for row in ho.LOOP_ROWS:
+        r = loops[row.label]
+        halves = 2 if row.cell == "sep" else 1  # a separable step is two cell updates
+        default, fused = r["ours (default path)"], r["ours (fused path)"]
+        for v in (r["raft"], default, fused):
+            assert v["median_us"] > 0 and v["python_calls"] > 0 and v["aten_ops"] > 0
+        assert r["raft"]["fused_launches"] == r["raft"]["gate_launches"] == 0
+        # Per cell update: two kernels forward (reset_after=False), on either path.
+        assert default["fused_launches"] == 0 and default["gate_launches"] >= 2 * halves
+        assert fused["fused_launches"] >= 2 * halves
+        if not row.training:
+            assert fused["fused_launches"] == default["gate_launches"] == 2 * halves and fused["gate_launches"] == 0
+        assert set(fused["kernels"]) & ho.fused_kernel_names()
+    text = (tmp_path / "host_overhead-cpu.md").read_text()
+    assert text.count("(fused kernels ran)") == len(ho.LOOP_ROWS)
+    assert "≤ 0.80×" in text and "≤ 0.50×" in text
+
+
+def test_host_overhead_fails_loudly_without_the_fused_kernels():
+    """A fused row that launched no fused kernel, or a default row that did, is an error, not a figure."""
+    from bench import host_overhead as ho
+
+    with pytest.raises(RuntimeError, match="ran no fused kernel"):
+        ho._check_launches("row", "ours (fused path)", 0, 4)
+    with pytest.raises(RuntimeError, match="default path launched"):
+        ho._check_launches("row", "ours (default path)", 2, 0)
+    ho._check_launches("row", "ours (fused path)", 4, 0)
+    ho._check_launches("row", "ours (default path)", 0, 4)
 
 
 def test_cuda_graphs_dry_run(tmp_path):
