@@ -6,9 +6,16 @@ channels_last operands, results and every gradient equal the policy-off path
 
 On the CPU the policy is forced on with ``CONVGRU_TRITON_LAYOUT=channels_last``
 (its default there is off); on CUDA the same tests run on the fixture's device.
+
+The two layouts run different convolution algorithms, which round
+differently: their float32 results are compared through a float64 reference
+(``_tolerance.assert_close_to_reference``), never with a tolerance meant for
+one algorithm.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -18,6 +25,8 @@ from convgru_triton import ConvGRU2d, ConvGRU3d, ConvGRUCell2d, ConvGRUCell3d, S
 from convgru_triton._conv import ConvSpec, conv_same
 from convgru_triton._layout import LAYOUT_ENV_VAR, internal_memory_format
 from convgru_triton.ops.naive import conv_gru_cell_ref, conv_gru_sequence_ref
+
+from _tolerance import assert_all_close_to_reference
 
 BACKENDS = ["torch", "triton"]
 CL = {2: torch.channels_last, 3: torch.channels_last_3d}
@@ -82,9 +91,14 @@ def _assert_layout(t: torch.Tensor, channels_last: bool, what: str):
 def _grads(outputs, tensors):
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.manual_seed(123)
-    # Drawn in logical order (randn_like would follow each output's layout).
-    cotangents = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
+    # Drawn in logical order (randn_like would follow each output's layout), in
+    # float32 whatever the output's dtype: the float64 reference gets the same values.
+    cotangents = [torch.randn(o.shape, device=o.device).to(o.dtype) for o in outputs]
     return torch.autograd.grad(outputs, tensors, cotangents)
+
+
+def _float64_leaf(t):
+    return None if t is None else t.detach().double().requires_grad_()
 
 
 # --- the policy ---------------------------------------------------------------
@@ -143,21 +157,24 @@ def test_cell_equals_policy_off_and_reference(layout, device, backend, dims, cal
     out, grads = results["channels_last"]
     _assert_layout(out if batched else out.unsqueeze(0), caller_cl and batched, "h'")
 
+    # The reference cell in float64, from the same values.
     spec = ConvSpec.create(dims, cell.kernel_size, 1, "zeros")
-    xb = x if batched else x.unsqueeze(0)
-    if h is None:
-        hb = torch.zeros((xb.shape[0], 4) + xb.shape[2:], device=device)
+    x64, h64 = _float64_leaf(x), _float64_leaf(h)
+    params64 = {name: _float64_leaf(p) for name, p in cell.named_parameters()}
+    xb = x64 if batched else x64.unsqueeze(0)
+    if h64 is None:
+        hb = torch.zeros((xb.shape[0], 4) + xb.shape[2:], device=device, dtype=torch.float64)
     else:
-        hb = h if batched else h.unsqueeze(0)
-    ref = conv_gru_cell_ref(conv_same(xb, cell.weight_ih, spec), hb, cell.weight_hh, cell.bias_ih, cell.bias_hh,
-                            spec, reset_after)
+        hb = h64 if batched else h64.unsqueeze(0)
+    ref = conv_gru_cell_ref(conv_same(xb, params64["weight_ih"], spec), hb, params64["weight_hh"],
+                            params64["bias_ih"], params64["bias_hh"], spec, reset_after)
     ref = ref if batched else ref.squeeze(0)
-    ref_grads = _grads(ref, wrt)
-    torch.testing.assert_close(out, results["keep"][0])
-    torch.testing.assert_close(out, ref)
-    for t, g, g_keep, g_ref in zip(wrt, grads, results["keep"][1], ref_grads):
-        torch.testing.assert_close(g, g_keep)
-        torch.testing.assert_close(g, g_ref)
+    wrt64 = [t for t in (x64, h64) if t is not None] + list(params64.values())
+    ref_grads = _grads(ref, wrt64)
+    names = ("channels_last", "keep")
+    assert_all_close_to_reference([out], [results["keep"][0]], [ref], labels=["h'"], names=names)
+    labels = ["d_x", "d_hx"][:len(leaves)] + [f"d_{name}" for name in params64]
+    assert_all_close_to_reference(grads, results["keep"][1], ref_grads, labels=labels, names=names)
     # The parameters' .grad, accumulated by autograd, in each parameter's own layout.
     cell.zero_grad(set_to_none=True)
     cell(x, h).sum().backward()
@@ -283,14 +300,14 @@ def test_sequence_equals_policy_off_and_reference(layout, device, dims, batch_fi
     _assert_layout(h_n, False, "h_n")
     if not caller_cl:  # (a channels_last caller with an NCHW hx: the keep path follows hx, this the input)
         assert output.stride() == results["keep"][0][0].stride()
-    ref = _sequence_ref(gru, x, hx)
-    ref_grads = _grads(ref, wrt)
-    for got, keep, want in zip((output, h_n), results["keep"][0], ref):
-        torch.testing.assert_close(got, keep)
-        torch.testing.assert_close(got, want)
-    for g, g_keep, g_ref in zip(grads, results["keep"][1], ref_grads):
-        torch.testing.assert_close(g, g_keep)
-        torch.testing.assert_close(g, g_ref)
+    gru64 = copy.deepcopy(gru).double()
+    x64, hx64 = _float64_leaf(x), _float64_leaf(hx)
+    ref = _sequence_ref(gru64, x64, hx64)
+    ref_grads = _grads(ref, [x64, hx64] + list(gru64.parameters()))
+    names = ("channels_last", "keep")
+    assert_all_close_to_reference((output, h_n), results["keep"][0], ref, labels=["output", "h_n"], names=names)
+    labels = ["d_x", "d_hx"] + [f"d_{name}" for name, _ in gru.named_parameters()]
+    assert_all_close_to_reference(grads, results["keep"][1], ref_grads, labels=labels, names=names)
 
 
 # --- SepConvGRU and a RAFT-style loop ------------------------------------------
@@ -306,26 +323,33 @@ def test_raft_loop_equals_policy_off(layout, device, backend, caller_cl):
     x = _in_layout(torch.randn(2, 6, 5, 7, device=device), caller_cl).requires_grad_()
     h0 = _in_layout(torch.randn(2, 4, 5, 7, device=device), caller_cl).requires_grad_()
     wrt = [x, h0] + list(sep.parameters())
+    # The reference: the same loop in float64 on the eager backend, policy off.
+    sep64 = SepConvGRUCell2d(6, 4, 5, backend="torch", device=device, dtype=torch.float64)
+    sep64.load_state_dict(sep.state_dict())
+    x64, h64 = _float64_leaf(x), _float64_leaf(h0)
+    runs = [("keep", sep, x, h0, wrt), ("channels_last", sep, x, h0, wrt),
+            ("reference", sep64, x64, h64, [x64, h64] + list(sep64.parameters()))]
     results = {}
-    for setting in ("keep", "channels_last"):
-        layout(setting)
-        sep(x, h0)  # planned
-        h, outs = h0, []
+    for setting, module, x_in, h_in, leaves in runs:
+        layout("keep" if setting == "reference" else setting)
+        module(x_in, h_in)  # planned
+        h, outs = h_in, []
         with _Recorder() as rec:
             for _ in range(steps):
-                h = sep(x, h)
+                h = module(x_in, h)
                 outs.append(h)
         loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
-        results[setting] = (h, torch.autograd.grad(loss, wrt), rec)
+        results[setting] = (h, torch.autograd.grad(loss, leaves), rec)
     h, grads, rec = results["channels_last"]
     assert not rec.nchw_convs, rec.nchw_convs
     # Per step: the four weights, and for an NCHW caller input and state in
     # and h' out (once for both halves).
     assert len(rec.copies) == steps * (4 if caller_cl else 7), rec.copies
     _assert_layout(h, caller_cl, "h'")
-    torch.testing.assert_close(h, results["keep"][0])
-    for g, g_keep in zip(grads, results["keep"][1]):
-        torch.testing.assert_close(g, g_keep)
+    names = ("channels_last", "keep")
+    assert_all_close_to_reference([h], [results["keep"][0]], [results["reference"][0]], labels=["h"], names=names)
+    labels = ["d_x", "d_h0"] + [f"d_{name}" for name, _ in sep.named_parameters()]
+    assert_all_close_to_reference(grads, results["keep"][1], results["reference"][1], labels=labels, names=names)
 
 
 def test_channels_last_module_three_copies_per_step(layout, device):
