@@ -97,22 +97,30 @@ class Launch:
 
     def __call__(self, stream, *tensors) -> None:
         runtime = _runtime
-        enter = runtime.launch_enter_hook
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         g0, g1, g2 = self.grid
         args = tensors + self.tail
+        if (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
+                leave is None or (leave.__class__ is _HookChain and not leave.calls)):
+            # No launch hook registered (Triton >= 3.5 keeps an empty chain):
+            # no metadata to build and no hook to call, as if there were none.
+            self.run(g0, g1, g2, stream, self.function, self.metadata, None, None, None, *args)
+            return
         # A profiler's launch hooks see what Triton's own launch gives them.
-        meta = None if enter is None else self.launch_metadata(self.grid, stream, *args)
-        self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, runtime.launch_exit_hook, *args)
+        meta = self.launch_metadata(self.grid, stream, *args)
+        self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
 
 
 _runtime = None  # triton.knobs.runtime, set by _triton()
+_HookChain = None  # triton.knobs.HookChain where this Triton has it
 
 
 def _triton():
-    global _runtime
+    global _runtime, _HookChain
     import triton
 
     _runtime = triton.knobs.runtime
+    _HookChain = getattr(triton.knobs, "HookChain", None)
     return triton
 
 

@@ -13,12 +13,13 @@ target whose "compiled kernels" record how they are called, and check:
 * a launch that Triton would specialize differently (a tensor not 16-byte
   aligned; a size of 1) goes through the binder again, never replays a kernel
   compiled for other facts;
-* with replay off (``_DIRECT_LAUNCH``, set from CONVGRU_TRITON_DIRECT_LAUNCH=0)
-  every launch goes through the binder.
+* with replay off (``_DIRECT_LAUNCH``, which follows the direct_launch setting:
+  CONVGRU_TRITON_DIRECT_LAUNCH=0) every launch goes through the binder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -164,7 +165,17 @@ SCRIPT = textwrap.dedent(
         before = binder_runs[0]
         round_()
         per_round.append(binder_runs[0] - before)
-    result["operator"] = dict(calls=[describe(c) for c in calls[first:]], binder_per_round=per_round,
+    def without_empty_hooks(call):
+        # Launch metadata and hooks when no hook is registered (None, or an
+        # empty chain in Triton >= 3.5): the cell plans pass None for all three
+        # then, which launches the same way (nothing to call).
+        enter, leave = call[7], call[8]
+        if all(h is None or (type(h).__name__ == "HookChain" and not h.calls) for h in (enter, leave)):
+            return call[:6] + ("no launch hooks",) * 3 + call[9:]
+        return call
+
+    result["operator"] = dict(calls=[describe(without_empty_hooks(c)) for c in calls[first:]],
+                              binder_per_round=per_round,
                               bound=sum(len(k) for k in op._STEPS.values()))
 
     # The cell plans' fused-step launches (convgru_triton._plan): forward
@@ -196,13 +207,36 @@ SCRIPT = textwrap.dedent(
             per_round.append(binder_runs[0] - before)
     fused_names = {"_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel",
                    "_conv_dgrad_reset_gate_bwd_kernel", "_conv_dgrad_bwd_kernel"}
-    result["fused"] = dict(calls=[describe(c) for c in calls[first:]], binder_per_round=per_round,
+    # With a launch hook registered (a profiler), the bound launches pass the
+    # launch metadata and the hooks exactly as Triton's own launch does.
+    hooked_first = len(calls)
+    hooks = triton.knobs.runtime
+    seen = []
+    hook = lambda metadata: seen.append(metadata)
+    chain = getattr(hooks.launch_enter_hook, "add", None)
+    if chain is not None:
+        hooks.launch_enter_hook.add(hook)
+    else:
+        hooks.launch_enter_hook = hook
+    with convgru_triton.override_settings(fused_step="1"):
+        for scenario in fused_scenarios:
+            scenario(True).sum().backward()
+    if chain is not None:
+        hooks.launch_enter_hook.remove(hook)
+    else:
+        hooks.launch_enter_hook = None
+    hooked = [describe(c) for c in calls[hooked_first:]]
+    del calls[hooked_first:]
+    result["hooked"] = dict(calls=hooked)
+    result["fused"] = dict(calls=[describe(without_empty_hooks(c)) for c in calls[first:]],
+                           binder_per_round=per_round,
                            fused_compiles=sum(1 for name in compiled_names if name in fused_names))
     print(json.dumps(result))
     """
 )
 
 
+@functools.lru_cache(maxsize=None)  # one subprocess per mode for the whole module
 def _run(mode: str) -> dict:
     pytest.importorskip("triton")
     env = dict(os.environ)
@@ -264,3 +298,12 @@ def test_bound_fused_launches_of_the_cell_plans_pass_what_the_binder_passes():
         assert replayed == bound, f"kernel call {index} differs from the binder's"
     assert on["binder_per_round"][0] > 0 and on["binder_per_round"][1:] == [0, 0], on["binder_per_round"]
     assert sum(off["binder_per_round"]) == len(off["calls"])
+
+
+def test_bound_launches_pass_launch_hooks_and_metadata():
+    """With a launch hook registered, the cell plans' bound launches pass the
+    launch metadata and the hooks that Triton's binder passes."""
+    on, off = _run("on")["hooked"], _run("off")["hooked"]
+    assert len(on["calls"]) == len(off["calls"]) > 0
+    assert on["calls"] == off["calls"]
+    assert all(call[6] != "no launch hooks" and call[7] is not None for call in on["calls"])
