@@ -62,6 +62,8 @@ _functorch_level = torch._C._functorch.maybe_current_level
 _dispatch_mode = torch._C._get_dispatch_mode
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
 _is_compiling = torch.compiler.is_compiling
+_autocast_enabled = torch.is_autocast_enabled
+_get_autocast_dtype = torch.get_autocast_dtype
 
 
 def plain_eager() -> bool:
@@ -165,47 +167,45 @@ def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
 # ----------------------------------------------------------------------------
 
 
-class _Cast:
-    """``weight`` in the plan's dtype and memory format, made again only when
-    the weight is replaced or changed in place (its ``_version``)."""
+class _WeightCasts:
+    """A cell's four parameters in the plan's dtype and memory format, kept
+    between steps and made again only for a parameter that was replaced, changed
+    in place (its ``_version``: an optimizer step), or given new storage under
+    the same Parameter (``module.to(memory_format=...)`` keeps the Parameter
+    and its version but swaps its data; checked for the two weights, the only
+    ones with a memory format). Casts made with gradients are differentiable:
+    each parameter's ``.grad`` comes back in its own dtype and layout."""
 
-    __slots__ = ("source", "version", "value", "dtype", "fmt")
+    __slots__ = ("dtype", "fmt", "sources", "versions", "values")
 
     def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format]):
-        self.source, self.version, self.value, self.dtype, self.fmt = None, -1, None, dtype, fmt
+        self.dtype, self.fmt = dtype, fmt
+        self.sources = [None] * 4
+        self.versions = [None] * 4  # (version, data pointer) of the source when cast
+        self.values = [None] * 4
 
-    def __call__(self, w: Optional[Tensor]) -> Optional[Tensor]:
-        if w is None:
-            return None
-        if w is self.source and w._version == self.version:
-            return self.value
+    def _make(self, i: int, w: Tensor, version) -> Tensor:
         value = w
         if self.dtype is not None and w.dtype != self.dtype and w.dtype is not torch.float64:
             value = w.to(dtype=self.dtype, memory_format=self.fmt or torch.preserve_format)
         elif self.fmt is not None and w.dim() in (4, 5):
             value = w.contiguous(memory_format=self.fmt)
-        self.source, self.version, self.value = w, w._version, value
+        self.sources[i], self.versions[i], self.values[i] = w, version, value
         return value
 
-
-class _WeightCast(_Cast):
-    """:class:`_Cast` that also notices a weight whose storage was replaced in
-    place of the same Parameter (``module.to(memory_format=...)`` keeps the
-    Parameter and its ``_version`` but swaps its data)."""
-
-    __slots__ = ("pointer",)
-
-    def __init__(self, dtype, fmt):
-        super().__init__(dtype, fmt)
-        self.pointer = None
-
-    def __call__(self, w):
-        if w is None:
-            return None
-        pointer = w.data_ptr()
-        if pointer != self.pointer:
-            self.source, self.pointer = None, pointer
-        return _Cast.__call__(self, w)
+    def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
+        sources, versions, values = self.sources, self.versions, self.values
+        v = (w_ih._version, w_ih.data_ptr())
+        out_ih = values[0] if sources[0] is w_ih and versions[0] == v else self._make(0, w_ih, v)
+        v = (w_hh._version, w_hh.data_ptr())
+        out_hh = values[1] if sources[1] is w_hh and versions[1] == v else self._make(1, w_hh, v)
+        if b_ih is None:
+            return out_ih, out_hh, None, None
+        v = b_ih._version
+        out_bi = values[2] if sources[2] is b_ih and versions[2] == v else self._make(2, b_ih, v)
+        v = b_hh._version
+        out_bh = values[3] if sources[3] is b_hh and versions[3] == v else self._make(3, b_hh, v)
+        return out_ih, out_hh, out_bi, out_bh
 
 
 # ----------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         # casts of x / hx at every call (autocast, the layout policy), and of the weights once per change
         cast_x=(x.dtype != compute) or (fmt is not None and not _in_format(x, fmt)),
         cast_h=hx is not None and ((hx.dtype != compute) or (fmt is not None and not _in_format(hx, fmt))),
-        weight_cast=[_WeightCast(compute if cast is not None else None, fmt) for _ in range(4)],
+        weight_cast=_WeightCasts(compute if cast is not None else None, fmt),
         caller_channels_last=is_channels_last(x if hx is None else hx),
         state_shape=(n, hidden) + spatial, gates_shape=(n, 3 * hidden) + spatial,
         state_channels_last=None,  # the state's layout: known at the first step (_layout_of_state)
@@ -715,8 +715,7 @@ def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
     if p.cast_h:
         hx = hx.to(dtype=p.compute, memory_format=fmt or torch.preserve_format)
     if p.cast_w:
-        wc = p.weight_cast
-        w_ih, w_hh, b_ih, b_hh = wc[0](w_ih), wc[1](w_hh), wc[2](b_ih), wc[3](b_hh)
+        w_ih, w_hh, b_ih, b_hh = p.weight_cast(w_ih, w_hh, b_ih, b_hh)
     h_new = None
     if p.path == _FUSED:
         if p.state_channels_last is None:
@@ -747,6 +746,9 @@ def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype on ``device_type``, or ``None`` (autocast off)."""
+    if device_type == "cuda" or device_type == "cpu":  # two C calls, no Python frame of the general rule's
+        return _get_autocast_dtype(device_type) if _autocast_enabled(device_type) else None
     from .ops.conv_gru import autocast_dtype
 
     return autocast_dtype(device_type)
@@ -945,11 +947,9 @@ def sep_forward(module, x, hx):
         w1 = (hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
         w2 = (vp["weight_ih"], vp["weight_hh"], vp["bias_ih"], vp["bias_hh"])
         if p1.cast_w:
-            wc = p1.weight_cast
-            w1 = (wc[0](w1[0]), wc[1](w1[1]), wc[2](w1[2]), wc[3](w1[3]))
+            w1 = p1.weight_cast(*w1)
         if second.cast_w:
-            wc = second.weight_cast
-            w2 = (wc[0](w2[0]), wc[1](w2[1]), wc[2](w2[2]), wc[3](w2[3]))
+            w2 = second.weight_cast(*w2)
         if hx is None:
             hx = p1.empty1().zero_()
         h = _apply_sep_step(x, hx, *w1, *w2, sp)

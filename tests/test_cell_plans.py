@@ -200,3 +200,25 @@ def test_plan_under_autocast_equals_general_path(device, path):
             torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
         assert all(p.grad is None for p in sep.parameters())
         assert results[0][3].dtype == torch.float32
+
+
+def test_autocast_weight_casts_follow_updates(device):
+    """Under autocast a plan keeps each weight's cast between steps and makes
+    it again after an in-place update (an optimizer step) or a new Parameter."""
+    torch.manual_seed(0)
+    cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
+    ref = cg.ConvGRUCell2d(3, 4, 3, backend="torch", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    optimizer = torch.optim.SGD(cell.parameters(), lr=0.5)
+    for step in range(3):
+        ref.load_state_dict(cell.state_dict())
+        with torch.autocast(device.type, dtype=torch.float16):
+            out = cell(x, h)
+            want = ref(x, h)
+        torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
+        out.float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 1:
+            cell.bias_hh = torch.nn.Parameter(torch.randn_like(cell.bias_hh))
+            optimizer = torch.optim.SGD(cell.parameters(), lr=0.5)
