@@ -24,7 +24,8 @@ So each result is measured against the same quantity computed in float64 (the
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -105,3 +106,16 @@ def assert_all_close_to_reference(
     labels = list(labels) if labels is not None else [f"#{i}" for i in range(len(a))]
     for x, y, r, label in zip(a, b, ref, labels):
         assert_close_to_reference(x, y, r, what=label, **kwargs)
+
+
+def float64_training_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor], grad: torch.Tensor):
+    """The float64 reference of a training step of ``module``: a float64 copy
+    of it called on the inputs in float64, ``grad`` (in float64) sent back
+    through its first output. Returns (output, the inputs' gradients,
+    {parameter name: gradient})."""
+    module64 = copy.deepcopy(module).double()
+    leaves: List[torch.Tensor] = [t.detach().double().requires_grad_() for t in inputs]
+    out = module64(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(grad.detach().double())
+    return out.detach(), [t.grad for t in leaves], {n: p.grad for n, p in module64.named_parameters()}
