@@ -87,11 +87,15 @@ class Launch:
     a launch whose tensors the launcher had to copy): those go through the
     general launcher at every step."""
 
-    __slots__ = ("run", "grid", "function", "metadata", "launch_metadata", "tail")
+    __slots__ = ("run", "go", "grid", "function", "metadata", "launch_metadata", "tail")
 
     def __init__(self, compiled, grid: tuple, tail: tuple):
         self.run = compiled.run
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        # The launch without hooks as a partial of the compiled kernel's own
+        # launcher: a step calls it without a Python frame of ours
+        # (``go(stream, function, metadata, None, None, None, *tensors, *tail)``).
+        self.go = functools.partial(self.run, *self.grid)
         self.function = compiled.function
         self.metadata = compiled.packed_metadata
         self.launch_metadata = compiled.launch_metadata
@@ -115,6 +119,14 @@ class Launch:
 
 _runtime = None  # triton.knobs.runtime, set by _triton()
 _HookChain = None  # triton.knobs.HookChain where this Triton has it
+
+
+def _quiet() -> bool:
+    """No launch hook is registered (a profiler's): launches need neither
+    launch metadata nor hooks. Triton >= 3.5 keeps an empty chain for none."""
+    enter, leave = _runtime.launch_enter_hook, _runtime.launch_exit_hook
+    return (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
+        leave is None or (leave.__class__ is _HookChain and not leave.calls))
 
 
 def _triton():
@@ -419,7 +431,7 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], gx: Optional[Tensor
 def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh, save: bool):
     """One step of cuDNN hidden convolution(s) + the gate kernels; returns
     ``(h', gates, aux)`` (gates and aux ``None`` without ``save`` and reset_after)."""
-    stream = p.stream(p.device_index)
+    stream, quiet = p.stream(p.device_index), _quiet()
     bias = (b_ih, b_hh) if p.has_bias else (h, h)
     conv = p.conv
     if p.reset_after:
@@ -431,8 +443,11 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
         else:
             gates = aux = None
             t = (gx, gh, h, h_new, h_new, h_new) + bias
-        if p.l_ra_fwd:
-            p.l_ra_fwd(stream, *t)
+        L = p.l_ra_fwd
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        elif L:
+            L(stream, *t)
         else:
             _gate_general(p, "ra_fwd", h_new, t, 2)
         return h_new, gates, aux
@@ -440,15 +455,21 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
     gh = conv(h, w_hh[: 2 * hidden])
     gates, rh = p.empty3(), p.empty1()
     t = (gx, gh, h, gates, rh) + bias
-    if p.l_rz_fwd:
-        p.l_rz_fwd(stream, *t)
+    L = p.l_rz_fwd
+    if L and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+    elif L:
+        L(stream, *t)
     else:
         _gate_general(p, "rz_fwd", rh, t, 2)
     gh_n = conv(rh, w_hh[2 * hidden:])
     h_new = p.empty1()
     t = (gx, gh_n, h, gates, h_new) + bias
-    if p.l_up_fwd:
-        p.l_up_fwd(stream, *t)
+    L = p.l_up_fwd
+    if L and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+    elif L:
+        L(stream, *t)
     else:
         _gate_general(p, "up_fwd", h_new, t, 2)
     return h_new, gates, rh
@@ -457,7 +478,7 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
 def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
                     need_weight: bool):
     """The step's backward: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
-    stream = p.stream(p.device_index)
+    stream, quiet = p.stream(p.device_index), _quiet()
     if grad.stride() != p.state_strides or grad.data_ptr() & 15:
         # Dense and aligned in the state's layout, as the bound launches were
         # compiled for (out.sum().backward() hands over a stride-0 gradient).
@@ -467,8 +488,11 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if p.reset_after:
         d_gh = p.empty3()
         t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
-        if p.l_ra_bwd:
-            p.l_ra_bwd(stream, *t)
+        L = p.l_ra_bwd
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        elif L:
+            L(stream, *t)
         else:
             _gate_general(p, "ra_bwd", d_h, t, 0)
         d_h_conv, d_w = conv_backward(d_gh, h, w_hh, True, need_weight)
@@ -478,15 +502,21 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         return d_gx, d_h, d_w, d_gx.sum(p.bias_dims), d_gh.sum(p.bias_dims)
     hidden = p.hidden
     t = (grad, grad, gates, h, d_gx, d_h)
-    if p.l_up_bwd:
-        p.l_up_bwd(stream, *t)
+    L = p.l_up_bwd
+    if L and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+    elif L:
+        L(stream, *t)
     else:
         _gate_general(p, "up_bwd", d_h, t, 0)
     d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
     d_rh, d_w_n = conv_backward(d_n, aux, w_hh[2 * hidden:], True, need_weight)
     t = (d_rh, gates, h, d_gx, d_h)
-    if p.l_rg_bwd:
-        p.l_rg_bwd(stream, *t)
+    L = p.l_rg_bwd
+    if L and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+    elif L:
+        L(stream, *t)
     else:
         _gate_general(p, "rg_bwd", d_h, t, 0)
     d_h_conv, d_w_rz = conv_backward(d_rz, h, w_hh[: 2 * hidden], True, need_weight)
@@ -543,71 +573,69 @@ _apply_gate_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _GateS
 def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Optional[Tensor]:
     """One step without gradient as the fused kernels, the input convolution
     inside them; ``None`` (nothing written) where they decline."""
-    stream = p.stream(p.device_index)
-    bias = (b_ih, b_hh) if p.has_bias else (h, h)
     state = p.empty1()
     if p.reset_after:
-        t = (h, w_hh, None, state, state, state) + bias + (x, w_ih)
-        if p.l_fra:
-            p.l_fra(stream, *t)
-            return state
-        from .ops import fused_step
-
-        ran = _fused_general(p, ("fra",), (t,), lambda: fused_step.forward_step(
-            True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, None, None, False, x=x, weight_ih=w_ih))
-        return state if ran else None
-    hidden = p.hidden
-    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
+        return state if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, state, state, False) else None
     gates, aux = p.empty3(), p.empty1()
-    t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
-    t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
-    if p.l_frz:
-        p.l_frz(stream, *t1)
-        p.l_fn(stream, *t2)
-        return state
-    from .ops import fused_step
-
-    ran = _fused_general(p, ("frz", "fn"), (t1, t2), lambda: fused_step.forward_step(
-        False, p.spec, None, h, (w_rz, w_n), b_ih, b_hh, state, gates, aux, False, x=x, weight_ih=w_ih))
-    return state if ran else None
+    return state if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, False) else None
 
 
 def _fused_forward_saved(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
     """:func:`_fused_forward` keeping what the backward needs: ``(h', gates,
     aux)``, or ``None`` where the kernels decline (the first step only)."""
-    stream = p.stream(p.device_index)
-    bias = (b_ih, b_hh) if p.has_bias else (h, h)
     state, gates, aux = p.empty1(), p.empty3(), p.empty1()
+    return (state, gates, aux) if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, True) else None
+
+
+def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, save: bool) -> bool:
+    """The fused forward kernels of one step into ``state``, ``gates`` and
+    ``aux`` (with reset_after and not ``save``, ``state`` stands in for the
+    two: nothing is stored there). ``False`` where they declined (the first
+    step only: then nothing was written)."""
+    stream, quiet = p.stream(p.device_index), _quiet()
+    bias = (b_ih, b_hh) if p.has_bias else (h, h)
     if p.reset_after:
         t = (h, w_hh, None, state, gates, aux) + bias + (x, w_ih)
-        if p.l_fra:
-            p.l_fra(stream, *t)
-            return state, gates, aux
-        from .ops import fused_step
+        L = p.l_fra
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        elif L:
+            L(stream, *t)
+        else:
+            from .ops import fused_step
 
-        ran = _fused_general(p, ("fra",), (t,), lambda: fused_step.forward_step(
-            True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, gates, aux, True, x=x, weight_ih=w_ih))
-        return (state, gates, aux) if ran else None
+            saved = (gates, aux) if save else (None, None)
+            return _fused_general(p, ("fra",), (t,), lambda: fused_step.forward_step(
+                True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, *saved, save, x=x, weight_ih=w_ih))
+        return True
     hidden = p.hidden
     w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
     t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
     t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
-    if p.l_frz:
-        p.l_frz(stream, *t1)
-        p.l_fn(stream, *t2)
-        return state, gates, aux
-    from .ops import fused_step
+    L, L2 = p.l_frz, p.l_fn
+    if L and L2 and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *t1, *L.tail)
+        L2.go(stream, L2.function, L2.metadata, None, None, None, *t2, *L2.tail)
+    elif L and L2:
+        L(stream, *t1)
+        L2(stream, *t2)
+    else:
+        from .ops import fused_step
 
-    ran = _fused_general(p, ("frz", "fn"), (t1, t2), lambda: fused_step.forward_step(
-        False, p.spec, None, h, (w_rz, w_n), b_ih, b_hh, state, gates, aux, True, x=x, weight_ih=w_ih))
-    return (state, gates, aux) if ran else None
+        return _fused_general(p, ("frz", "fn"), (t1, t2), lambda: fused_step.forward_step(
+            False, p.spec, None, h, (w_rz, w_n), b_ih, b_hh, state, gates, aux, save, x=x, weight_ih=w_ih))
+    return True
 
 
-def _dgrad(p: CellPlan, site: str, stream, kernel_name: str, channels: int, d_h: Tensor, tensors: tuple) -> None:
+def _dgrad(p: CellPlan, site: str, stream, quiet: bool, kernel_name: str, channels: int, d_h: Tensor,
+           tensors: tuple) -> None:
     """A fused data-gradient launch (``fused_step._launch_dgrad``), bound at its first."""
-    bound = getattr(p, "l_" + site)
-    if bound:
-        bound(stream, *tensors)
+    L = getattr(p, "l_" + site)
+    if L and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *tensors, *L.tail)
+        return
+    if L:
+        L(stream, *tensors)
         return
     from .ops import fused_step
 
@@ -621,7 +649,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     """The step's backward with the hidden convolutions' data gradient as the
     fused dgrad kernels (the gate backward in their epilogue) and their weight
     gradient on cuDNN: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
-    stream = p.stream(p.device_index)
+    stream, quiet = p.stream(p.device_index), _quiet()
     if grad.stride() != p.state_strides or grad.data_ptr() & 15:
         grad = p.empty1().copy_(grad)
     d_gx, d_h = p.empty3(), p.empty1()
@@ -630,25 +658,31 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if p.reset_after:
         d_gh = p.empty3()
         t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
-        if p.l_ra_bwd:
-            p.l_ra_bwd(stream, *t)
+        L = p.l_ra_bwd
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        elif L:
+            L(stream, *t)
         else:
             _gate_general(p, "ra_bwd", d_h, t, 0)
-        _dgrad(p, "fdg", stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
+        _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
         d_w = conv_backward(d_gh, h, w_hh, False, True)[1] if need_weight else None
         if not p.has_bias:
             return d_gx, d_h, d_w, None, None
         return d_gx, d_h, d_w, d_gx.sum(p.bias_dims), d_gh.sum(p.bias_dims)
     t = (grad, grad, gates, h, d_gx, d_h)
-    if p.l_up_bwd:
-        p.l_up_bwd(stream, *t)
+    L = p.l_up_bwd
+    if L and quiet:
+        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+    elif L:
+        L(stream, *t)
     else:
         _gate_general(p, "up_bwd", d_h, t, 0)
     d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
     w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
-    _dgrad(p, "fdrg", stream, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, (d_n, w_n, gates, h, d_gx, d_h))
+    _dgrad(p, "fdrg", stream, quiet, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, (d_n, w_n, gates, h, d_gx, d_h))
     # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
-    _dgrad(p, "fdg", stream, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
+    _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
     d_w = None
     if need_weight:
         d_w = torch.cat((conv_backward(d_rz, h, w_rz, False, True)[1], conv_backward(d_n, aux, w_n, False, True)[1]))
