@@ -23,8 +23,10 @@ Parts, in order, each with its own time limit (:data:`PLAN`):
    provider (ours-fused, seed, raft, ours, compile, ours-compile).
 7. ``compiled``: the benchmarks of the ``torch.compile`` providers (compile,
    ours-compile), bfloat16 training first; they get whatever time is left.
-8. ``sequence``, ``registers``: run only when time is left (sequence operator
-   against per-step autograd; registers/spills of the GPU's kernels).
+8. ``raft_model``, ``sequence``, ``registers``: run only when time is left
+   (torchvision's RAFT whole, original against converted, eager first
+   (``bench/raft_model.py``); sequence operator against per-step autograd;
+   registers/spills of the GPU's kernels).
 9. ``report``: table, chart and merged JSON of the benchmarks.
 
 A part that runs out of time gets SIGINT (pytest still writes what it
@@ -119,6 +121,10 @@ PLAN: Sequence[Part] = (
          "compiled ones from the caches the prewarm filled"),
     Part("compiled", None, 45, "40 benchmarks, ~68 graphs from the prewarm's caches: 65 s at 20a2c17 (limit 142); "
          "minimum 45 (bfloat16 first), with all time the others leave"),
+    Part("raft_model", 120, 40, "torchvision's raft_large/raft_small whole, original vs converted: 24 eager rows "
+         "(~3-8 calls each, 0.05-0.5 s a call, estimated) then torch.compile rows (each compile ~30-90 s) until "
+         "the cap; not measured yet; before sequence and registers, which were measured in the first run",
+         optional=True),
     Part("sequence", 30, 20, "sequence operator vs per-step autograd: measured in the first run; again only "
          "on spare time", optional=True),
     Part("registers", 40, 25, "registers/spills of ~20 bfloat16 kernels: measured in the first run; again only "
@@ -572,6 +578,18 @@ class Check:
         self.stash("profile.md")
         return code
 
+    def part_raft_model(self, limit: float):
+        if self.smoke:
+            return "smoke run (tests/test_bench_raft_model.py runs the script's --smoke on CPU)"
+        # No row starts in the last 25 s: the import, the models' construction, and a row
+        # already started (SIGINT at the limit still leaves the JSON of the rows before it).
+        cmd = self.python("-m", "bench.raft_model", "--out", self.raw, "--time-limit", f"{max(5, limit - 25):.0f}")
+        code = self.run("raft_model", cmd, self.raw_path("raft_model.log"), limit)
+        self.texts["raft_model"] = self.read(self.raw_path("raft_model-cuda.md"))
+        self.texts["raft_model_log"] = self.read(self.raw_path("raft_model.log"))
+        self.stash("raft_model-cuda.md", "raft_model-cuda.json", "raft_model.log")
+        return code
+
     def part_sequence(self, limit: float):
         if self.smoke:
             return "smoke run (full workloads only; tests/test_bench_sequence.py runs the script on CPU)"
@@ -764,6 +782,9 @@ def summary(check: Check, final: bool = False) -> str:
     cg = texts.get("cuda_graphs", "")
     part("CUDA graphs: 12-step RAFT update loop", "cuda_graphs",
          cg.splitlines()[2:] if cg else _fence(texts.get("cuda_graphs_log", "")))
+    rm = texts.get("raft_model", "")
+    part("Whole RAFT (torchvision): original vs converted", "raft_model",
+         [l for l in rm.splitlines() if not l.startswith("# ")] if rm else _fence(texts.get("raft_model_log", "")))
     part("Sequence operator vs per-step autograd (bfloat16)", "sequence", _clean(texts.get("sequence", "")))
     part("Registers and spills: the GPU's kernels vs the CPU-side prediction", "registers",
          _clean(texts.get("registers", "")))

@@ -28,12 +28,16 @@ Functions:
     from_raft_convgru(module_or_state_dict) -> ConvGRUCell2d
     from_raft_sepconvgru(module_or_state_dict) -> SepConvGRUCell2d
     to_raft_state_dict(cell) -> dict for RAFT's ConvGRU / SepConvGRU ``load_state_dict``
+    from_torchvision_raft(model) -> the same torchvision RAFT, its recurrent block swapped in place
+    from_torchvision_recurrent_block(block) -> TorchvisionRecurrentBlock
+    to_torchvision_raft_state_dict(model) -> dict for an unconverted torchvision RAFT's ``load_state_dict``
     from_torch_gru(gru, dims=2) -> ConvGRU{1,2,3}d (nn.GRU) or ConvGRUCell{1,2,3}d (nn.GRUCell)
     to_torch_gru(module) -> nn.GRU (sequence modules) or nn.GRUCell (cells)
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Dict, Optional, Tuple, Union
 
@@ -56,6 +60,10 @@ __all__ = [
     "from_raft_convgru",
     "from_raft_sepconvgru",
     "to_raft_state_dict",
+    "TorchvisionRecurrentBlock",
+    "from_torchvision_raft",
+    "from_torchvision_recurrent_block",
+    "to_torchvision_raft_state_dict",
     "from_torch_gru",
     "to_torch_gru",
 ]
@@ -294,6 +302,233 @@ def to_raft_state_dict(cell: Union[ConvGRUCell2d, SepConvGRUCell2d]) -> Dict[str
     if isinstance(cell, ConvGRUCell2d):
         return _raft_state_of_cell(fn, cell, "")
     raise TypeError(f"{fn}: expected a ConvGRUCell2d or SepConvGRUCell2d, got {type(cell).__name__}")
+
+
+# ----------------------------------------------------------------------------
+# torchvision's RAFT (torchvision.models.optical_flow)
+# ----------------------------------------------------------------------------
+
+# torchvision builds RAFT's GRU as ``update_block.recurrent_block``, a RecurrentBlock
+# of two ConvGRU modules, ``convgru1`` then ``convgru2``, each with ``convz``,
+# ``convr``, ``convq`` over ``cat([h, x])`` and called ``gru(h, x)``. raft_large:
+# (1, 5) then (5, 1) kernels (RAFT's SepConvGRU); raft_small: one 3x3 ConvGRU,
+# with a function that returns ``h`` unchanged as ``convgru2``.
+
+
+class TorchvisionRecurrentBlock(nn.Module):
+    """This package's cell in the place of torchvision's ``RecurrentBlock``.
+
+    ``forward(h, x)`` (state first, as torchvision's ``UpdateBlock`` calls its
+    recurrent block) returns ``cell(x, h)``. ``h``: ``(N, hidden_size, H, W)``,
+    ``x``: ``(N, input_size, H, W)``, in the cell's dtype (or under autocast);
+    the result has ``h``'s shape. ``hidden_size`` is kept as torchvision's block
+    has it. Made by :func:`from_torchvision_raft` /
+    :func:`from_torchvision_recurrent_block`.
+    """
+
+    def __init__(self, cell: Union[ConvGRUCell2d, SepConvGRUCell2d]):
+        super().__init__()
+        if not isinstance(cell, (ConvGRUCell2d, SepConvGRUCell2d)):
+            raise TypeError(f"TorchvisionRecurrentBlock: expected a ConvGRUCell2d or SepConvGRUCell2d, "
+                            f"got {type(cell).__name__}")
+        self.cell = cell
+        self.hidden_size = cell.hidden_channels
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.cell(x, h)
+
+
+def _is_pass_through(fn) -> bool:
+    """raft_small's ``convgru2``: a plain function (not a module) returning its first argument."""
+    if isinstance(fn, nn.Module) or not callable(fn):
+        return False
+    h, x = object(), object()
+    try:
+        return fn(h, x) is h
+    except Exception:
+        return False
+
+
+def _torchvision_gru(fn: str, block: nn.Module, name: str) -> nn.Module:
+    """``block.<name>``, checked to be torchvision's ConvGRU (three padded, unstrided convolutions)."""
+    gru = getattr(block, name)
+    if not isinstance(gru, nn.Module) or not all(hasattr(gru, gate) for gate in _RAFT_GATES):
+        raise TypeError(
+            f"{fn}: expected recurrent_block.{name} to be torchvision's ConvGRU (a module with convz, convr, "
+            f"convq), got {type(gru).__name__}"
+        )
+    for gate in _RAFT_GATES:
+        _check_raft_conv(fn, f"recurrent_block.{name}.{gate}", getattr(gru, gate))
+    return gru
+
+
+def _check_trainable(fn: str, block: nn.Module) -> bool:
+    """The ``requires_grad`` the new cell's parameters get: that of every parameter of
+    ``block`` (each new weight holds parts of several old ones, so they must agree)."""
+    flags = {p.requires_grad for p in block.parameters()}
+    if len(flags) > 1:
+        frozen = sorted(n for n, p in block.named_parameters() if not p.requires_grad)
+        raise ValueError(
+            f"{fn}: each converted weight joins several of the block's parameters, so either all or none "
+            f"may require grad; got requires_grad=False for {frozen[:6]} only"
+        )
+    return flags.pop() if flags else True
+
+
+def from_torchvision_recurrent_block(block: nn.Module, *, backend: str = "auto") -> TorchvisionRecurrentBlock:
+    """torchvision's RAFT ``RecurrentBlock`` as this package's cell, same outputs.
+
+    Args:
+        block: ``model.update_block.recurrent_block`` of a torchvision RAFT:
+            ``convgru1``, ``convgru2`` ConvGRU modules with ``(1, k)`` then
+            ``(k, 1)`` kernels (``raft_large``: becomes a ``SepConvGRUCell2d``),
+            or one ConvGRU ``convgru1`` with odd kernels and a pass-through
+            function as ``convgru2`` (``raft_small``: becomes a
+            ``ConvGRUCell2d``).
+        backend: of the new cell.
+
+    Returns:
+        A :class:`TorchvisionRecurrentBlock` whose ``forward(h, x)`` equals
+        ``block(h, x)``, on the device and in the dtype of ``block``'s weights,
+        in its train/eval mode, with its ``requires_grad``.
+
+    Raises:
+        TypeError: ``block`` is not torchvision's RecurrentBlock (no
+            ``convgru1``/``convgru2``, or they are not ConvGRU modules).
+        ValueError: kernels other than the two layouts above, a strided,
+            dilated, grouped or unpadded convolution, mismatched shapes, or
+            parameters of which only some require grad.
+    """
+    fn = "from_torchvision_recurrent_block"
+    if isinstance(block, TorchvisionRecurrentBlock):
+        raise ValueError(f"{fn}: the recurrent block is converted already (a TorchvisionRecurrentBlock)")
+    if not isinstance(block, nn.Module) or not (hasattr(block, "convgru1") and hasattr(block, "convgru2")):
+        raise TypeError(
+            f"{fn}: expected torchvision's RAFT RecurrentBlock (a module with convgru1 and convgru2), "
+            f"got {type(block).__name__}"
+        )
+    first = _torchvision_gru(fn, block, "convgru1")
+    kernel = tuple(first.convz.kernel_size)
+    if _is_pass_through(block.convgru2):
+        cell = from_raft_convgru(first, backend=backend)
+    else:
+        second = _torchvision_gru(fn, block, "convgru2")
+        kernel2 = tuple(second.convz.kernel_size)
+        if kernel[0] != 1 or kernel2 != kernel[::-1]:
+            raise ValueError(
+                f"{fn}: expected convgru1 with (1, k) kernels and convgru2 with (k, 1) kernels (raft_large's "
+                f"layout), or one ConvGRU and a pass-through convgru2 (raft_small's); got kernels {kernel} and "
+                f"{kernel2}"
+            )
+        # RAFT's SepConvGRU names the same six convolutions convz1 ... convq2.
+        halves = nn.Module()
+        for gate in _RAFT_GATES:
+            setattr(halves, gate + "1", getattr(first, gate))
+            setattr(halves, gate + "2", getattr(second, gate))
+        cell = from_raft_sepconvgru(halves, backend=backend)
+    cell.requires_grad_(_check_trainable(fn, block))
+    return TorchvisionRecurrentBlock(cell).train(block.training)
+
+
+def _update_block(fn: str, model) -> nn.Module:
+    update_block = getattr(model, "update_block", None)
+    if not isinstance(model, nn.Module) or not isinstance(update_block, nn.Module) \
+            or not isinstance(getattr(update_block, "recurrent_block", None), nn.Module):
+        inner = getattr(model, "module", None)
+        hint = (" (a wrapped model: pass model.module)" if isinstance(inner, nn.Module)
+                and hasattr(inner, "update_block") else "")
+        raise TypeError(
+            f"{fn}: expected torchvision's RAFT (raft_large / raft_small: a module with "
+            f"update_block.recurrent_block), got {type(model).__name__}{hint}"
+        )
+    return update_block
+
+
+def from_torchvision_raft(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Swap the GRU of a torchvision RAFT for this package's cell, in place.
+
+    ``model.update_block.recurrent_block`` becomes a
+    :class:`TorchvisionRecurrentBlock` around a ``SepConvGRUCell2d``
+    (``raft_large``) or a ``ConvGRUCell2d`` (``raft_small``) holding the same
+    weights (:func:`from_torchvision_recurrent_block`); nothing else changes.
+    The model's ``forward(image1, image2, num_flow_updates)`` (images
+    ``(N, 3, H, W)``, H and W multiples of 8) returns the same flow
+    predictions, up to float rounding. Convert before building the optimizer:
+    the recurrent block's old parameters leave the model.
+
+    Args:
+        model: ``torchvision.models.optical_flow.raft_large(...)`` or
+            ``raft_small(...)`` (for ``DataParallel``, its ``.module``).
+        backend: of the new cell.
+
+    Returns:
+        ``model`` itself. :func:`to_torchvision_raft_state_dict` gives the
+        state dict an unconverted torchvision RAFT loads.
+
+    Raises:
+        TypeError: ``model`` has no ``update_block.recurrent_block`` of
+            torchvision's structure.
+        ValueError: as :func:`from_torchvision_recurrent_block`, and when the
+            model is converted already.
+    """
+    fn = "from_torchvision_raft"
+    update_block = _update_block(fn, model)
+    if isinstance(update_block.recurrent_block, TorchvisionRecurrentBlock):
+        raise ValueError(f"{fn}: update_block.recurrent_block is converted already (a TorchvisionRecurrentBlock)")
+    update_block.recurrent_block = from_torchvision_recurrent_block(update_block.recurrent_block, backend=backend)
+    return model
+
+
+def _torchvision_state_of_block(block: TorchvisionRecurrentBlock) -> Dict[str, torch.Tensor]:
+    """The block's weights under torchvision's keys (``convgru1.convz.weight``, ...)."""
+    state = to_raft_state_dict(block.cell)
+    suffixes = ("1", "2") if isinstance(block.cell, SepConvGRUCell2d) else ("",)
+    # RAFT's SepConvGRU keys "convz1.weight" are torchvision's "convgru1.convz.weight";
+    # in torchvision's order (convz, convr, convq: the order its ConvGRU makes them).
+    return {f"convgru{suffix or '1'}.{gate}.{kind}": state[f"{gate}{suffix}.{kind}"]
+            for suffix in suffixes for gate in ("convz", "convr", "convq") for kind in ("weight", "bias")}
+
+
+def to_torchvision_raft_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`from_torchvision_raft`: ``model.state_dict()`` with every
+    :class:`TorchvisionRecurrentBlock`'s entries under torchvision's keys
+    (``...recurrent_block.convgru1.convz.weight``, ``.bias``, ...), so that an
+    unconverted ``raft_large`` / ``raft_small`` loads it with ``load_state_dict``.
+
+    Each torchvision weight ``(H, H + C_in, kh, kw)`` is the cell's state and
+    input rows side by side; its bias is ``bias_ih + bias_hh``. The other
+    entries are ``model.state_dict()``'s, in its order, devices and dtypes.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` holds no converted block (nothing to translate).
+    """
+    fn = "to_torchvision_raft_state_dict"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected a torchvision RAFT converted by from_torchvision_raft, "
+                        f"got {type(model).__name__}")
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, TorchvisionRecurrentBlock)}
+    if not blocks:
+        raise ValueError(
+            f"{fn}: expected a model converted by from_torchvision_raft (with a TorchvisionRecurrentBlock), "
+            f"got a {type(model).__name__} without one (its own state_dict() is torchvision's already)"
+        )
+    prefixes = {name: (name + "." if name else "") for name in blocks}
+    state = model.state_dict()
+    out: Dict[str, torch.Tensor] = OrderedDict()
+    done = set()
+    for key, value in state.items():
+        owner = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if owner is None:
+            out[key] = value
+        elif owner not in done:
+            done.add(owner)
+            for sub, tensor in _torchvision_state_of_block(blocks[owner]).items():
+                out[prefixes[owner] + sub] = tensor
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # load_state_dict reads each module's version from it
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 # ----------------------------------------------------------------------------
