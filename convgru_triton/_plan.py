@@ -1000,3 +1000,47 @@ def sep_forward(module, x, hx):
     if sp.fmt is not None and not sp.caller_channels_last:
         h = h.contiguous()
     return h
+
+
+def explain(device: torch.device, dtype: torch.dtype, kernel_size: Tuple[int, int], hidden: int,
+            spatial: Tuple[int, int], reset_after: bool = False, batch: int = 1) -> dict:
+    """What a cell step of this kind would run on ``device`` in eager mode,
+    each choice with its reason, from the rules the plans use (no tensor is
+    allocated on ``device``, nothing is launched): ``{"backend": (name,
+    reason), "step path": {"fwd": (path, reason), "bwd": ...}, "memory format":
+    (format, reason)}``. ``dtype`` is the compute dtype (the autocast dtype
+    under autocast). For ``python -m convgru_triton``."""
+    from ._layout import internal_memory_format
+
+    settings = _settings.peek_settings()
+    choice = select_backend(device, "auto")
+    fmt = internal_memory_format(device, dtype, len(spatial))
+    layout = settings.layout
+    if fmt is None:
+        why = (f"layout={layout!r} keeps the caller's layout" if layout == "keep" else
+               f"layout={layout!r}: channels_last only on CUDA in float16/bfloat16")
+        memory = ("the caller's", why)
+    else:
+        memory = (str(fmt).replace("torch.", ""), f"layout={layout!r} on {device.type} in {dtype}".replace("torch.", ""))
+    paths = {}
+    spec = ConvSpec.create(len(spatial), kernel_size, 1, "zeros")
+    for direction in ("fwd", "bwd"):
+        if choice.name != "triton":
+            paths[direction] = ("eager PyTorch", "the torch backend runs the reference math")
+            continue
+        from .ops import fused_step
+
+        if not fused_step.supports(spec, dtype, device):
+            paths[direction] = ("cuDNN + gate kernels", "the fused step does not take this kernel, dtype or device")
+        elif settings.fused_step == "1":
+            paths[direction] = ("fused", f"fused_step='1' ({settings.source('fused_step')})")
+        elif settings.fused_step == "0":
+            paths[direction] = ("cuDNN + gate kernels", f"fused_step='0' ({settings.source('fused_step')})")
+        else:
+            path = _tuning.step_path(device, dtype, reset_after, direction, tuple(kernel_size),
+                                     batch * hidden * spatial[0] * spatial[1])
+            paths[direction] = ("fused" if path == "fused" else "cuDNN + gate kernels",
+                                "fused_step='auto': the tuning registry's step_paths for this GPU"
+                                if path == "fused" else
+                                "fused_step='auto': no tuned step path names the fused step here (the default)")
+    return {"backend": (choice.name, choice.reason), "step path": paths, "memory format": memory}
