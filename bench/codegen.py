@@ -310,8 +310,8 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def run_case(case: Case, seed: int = 0) -> None:
     """Forward without autograd, then forward + backward, through the public
     modules (the fused step's cases: :func:`run_fused_case`), with
-    ``CONVGRU_TRITON_FUSED_STEP`` at ``1`` for the fused step's cases and ``0``
-    for the others, whatever the caller's environment says."""
+    the ``fused_step`` setting (``CONVGRU_TRITON_FUSED_STEP``) at ``1`` for the
+    fused step's cases and ``0`` for the others, whatever the caller's says."""
     from .workloads import fused_switch
 
     with fused_switch("1" if case.op == "fused" else "0"):

@@ -107,7 +107,7 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> Dict:
 
 def run_cell(name: str, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, repeats: int,
              deadline: float, fused: str = "0") -> Dict:
-    """One row: ``fused`` is ``CONVGRU_TRITON_FUSED_STEP`` while the row runs
+    """One row: ``fused`` is the ``fused_step`` setting while the row runs
     (``"1"``: the fused step, checked to launch; ``"0"``: today's path)."""
     result: Dict = {"cell": name + (" · fused step" if fused == "1" else ""), "fused_step": fused,
                     "workload": CELL_WORKLOADS.get(name)}

@@ -26,7 +26,6 @@ from the same master weights (:func:`make_master`):
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -34,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+import convgru_triton
 from convgru_triton import ConvGRU2d, ConvGRUCell2d
 
 from .baselines import TwoPass, raft_from_cells, seed_from_cells
@@ -44,7 +44,8 @@ EAGER_BASELINES = ("seed", "raft")
 BASELINES = ("seed", "raft", "compile")
 OURS = ("ours", "ours-compile", "ours-fused")
 FUSED = ("ours-fused",)
-#: The fused step's switch (= convgru_triton.ops.fused_step.ENV_VAR; not imported: it imports Triton)
+#: The fused step's switch: the package's ``fused_step`` setting, whose environment variable
+#: (= convgru_triton.ops.fused_step.ENV_VAR; not imported: it imports Triton) the messages name,
 #: and its value per provider of ours: forced, so that each name means one path.
 FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
 FUSED_SWITCH = {"ours": "0", "ours-compile": "0", "ours-fused": "1"}
@@ -200,30 +201,25 @@ def _sequence_from_cells(cells: Sequence[ConvGRUCell2d], dtype, backend: str) ->
 # ----------------------------------------------------------------------------
 
 
-def _set_switch(value: Optional[str]) -> None:
-    if value is None:
-        os.environ.pop(FUSED_ENV_VAR, None)
-    else:
-        os.environ[FUSED_ENV_VAR] = value
+def switch() -> str:
+    """The fused step's setting in force: ``"auto"``, ``"1"`` or ``"0"``."""
+    return convgru_triton.get_settings().fused_step
 
 
 @contextlib.contextmanager
 def fused_switch(value: Optional[str]) -> Iterator[None]:
-    """``CONVGRU_TRITON_FUSED_STEP=value`` inside, the previous value (or its
-    absence) restored after, also when the block raises; ``None`` leaves the
-    variable alone. The package reads it per call (plan keys,
-    ``fused_step.use_fused``), so a switch around a call takes effect at that
-    call. The runners hold it through the backward pass too
+    """The ``fused_step`` setting at ``value`` inside
+    (``convgru_triton.override_settings``), the previous one restored after,
+    also when the block raises; ``None`` leaves the setting alone. The
+    package's plans key on the settings' generation, so a switch around a call
+    takes effect at that call (and a call under the same value finds the plans
+    of the previous one). The runners hold it through the backward pass too
     (:class:`_SwitchInBackward`)."""
     if value is None:
         yield
         return
-    old = os.environ.get(FUSED_ENV_VAR)
-    _set_switch(value)
-    try:
+    with convgru_triton.override_settings(fused_step=value):
         yield
-    finally:
-        _set_switch(old)
 
 
 class _HeldSwitch:
@@ -240,8 +236,10 @@ class _HeldSwitch:
     * :func:`give_back_switch`, which :func:`make_step` calls when its backward
       raised, so that the harness never depends on that moment."""
 
-    def __init__(self, previous: Optional[str]) -> None:
-        self.previous = previous
+    def __init__(self, value: str) -> None:
+        # Entered now, exited by give_back: an override held across the pass.
+        self.override = convgru_triton.override_settings(fused_step=value)
+        self.override.__enter__()
         self.given_back = False
 
     def __call__(self) -> None:
@@ -257,7 +255,7 @@ class _HeldSwitch:
         self.given_back = True
         if _HELD is not None and _HELD() is self:
             _HELD = None
-        _set_switch(self.previous)
+        self.override.__exit__(None, None, None)
 
 
 # The switch a backward pass holds now, weakly (a strong reference here would keep a
@@ -274,8 +272,7 @@ def _hold_switch_for_this_backward(value: str) -> None:
     global _HELD
     if _held() is not None:  # another output of the same backward pass set it already
         return
-    held = _HeldSwitch(os.environ.get(FUSED_ENV_VAR))
-    _set_switch(value)
+    held = _HeldSwitch(value)
     _HELD = weakref.ref(held)
     # Runs when the engine has finished this whole backward pass (every node,
     # the parameters' gradients included), as DDP's gradient hooks use it.
@@ -283,7 +280,7 @@ def _hold_switch_for_this_backward(value: str) -> None:
 
 
 def give_back_switch() -> None:
-    """Restore ``CONVGRU_TRITON_FUSED_STEP`` if a backward pass still holds it
+    """Restore the ``fused_step`` setting if a backward pass still holds it
     (after that pass raised: see :class:`_HeldSwitch`); nothing otherwise."""
     held = _held()
     if held is not None:
@@ -320,7 +317,7 @@ class StepRunner(nn.Module):
         super().__init__()
         self.steps = nn.ModuleList(steps)
         self.state_first = state_first
-        self.fused = fused  # CONVGRU_TRITON_FUSED_STEP during forward and backward (ours: FUSED_SWITCH)
+        self.fused = fused  # the fused_step setting during forward and backward (ours: FUSED_SWITCH)
 
     def forward(self, xs, hs):
         with fused_switch(self.fused):
@@ -463,10 +460,11 @@ def check_path(provider: str, launches: int) -> None:
     (``launches``: :func:`count_fused_launches` over one of its calls)."""
     if provider in FUSED and launches == 0:
         raise AssertionError(f"{provider} launched no fused-step kernel: it ran cuDNN + the gate kernels "
-                             f"(CONVGRU_TRITON_FUSED_STEP=1 was not honoured, or the fused step declined)")
+                             f"(the fused_step setting 1 ({FUSED_ENV_VAR}=1) was not honoured, or the fused "
+                             f"step declined)")
     if provider in OURS and provider not in FUSED and launches:
         raise AssertionError(f"{provider} launched {launches} fused-step kernels with "
-                             f"CONVGRU_TRITON_FUSED_STEP=0")
+                             f"the fused_step setting 0 ({FUSED_ENV_VAR}=0)")
 
 
 # ----------------------------------------------------------------------------

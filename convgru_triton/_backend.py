@@ -1,7 +1,8 @@
 """Which implementation runs a ConvGRU step: the fused Triton kernels or eager PyTorch.
 
 Order of precedence: the ``backend`` argument of a module or function when it
-is not ``"auto"``, then the environment variable ``CONVGRU_TRITON_BACKEND``,
+is not ``"auto"``, then the ``backend`` setting (the environment variable
+``CONVGRU_TRITON_BACKEND``, read at import, or ``override_settings(backend=...)``),
 then the automatic rule: Triton for CUDA tensors when Triton imports, eager
 PyTorch everywhere else (CPU tensors, machines without Triton such as macOS).
 
@@ -12,10 +13,11 @@ is how the kernels are tested without a GPU.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
+
+from . import _settings
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "CONVGRU_TRITON_BACKEND"
@@ -70,18 +72,21 @@ def triton_available() -> bool:
 
 
 def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """``TRITON_INTERPRET`` was set when the package was imported (Triton reads
+    it once, at its own import)."""
+    return _settings.peek_settings().triton_interpret
 
 
 def _requested(backend: str) -> tuple:
     check_backend_name(backend)
     if backend != "auto":
         return backend, f"backend={backend!r} was passed"
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        check_backend_name(env, f"environment variable {ENV_VAR}")
-        if env != "auto":
-            return env, f"{ENV_VAR}={env} is set"
+    settings = _settings.get_settings()  # raises for a bad CONVGRU_TRITON_BACKEND
+    name = settings.backend
+    if name != "auto":
+        if settings.source("backend") == "override":
+            return name, f"override_settings(backend={name!r}) is in force"
+        return name, f"{ENV_VAR}={name} is set"
     return "auto", ""
 
 

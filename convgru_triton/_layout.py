@@ -9,10 +9,11 @@ silently turning everything contiguous.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
+
+from . import _settings
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -77,25 +78,20 @@ def cat_channels(sequences: Sequence[torch.Tensor]) -> torch.Tensor:
 # --- Internal layout policy (issue 18, item 1) --------------------------------
 
 LAYOUT_ENV_VAR = "CONVGRU_TRITON_LAYOUT"
-_LAYOUT_CHOICES = ("auto", "channels_last", "keep")
 # The tensor-core dtypes the policy's default targets on CUDA.
 _TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def layout_setting() -> str:
-    """The value of ``CONVGRU_TRITON_LAYOUT`` (``'auto'`` when unset), checked.
+    """The ``layout`` setting: ``CONVGRU_TRITON_LAYOUT`` as read at import
+    (``'auto'`` when unset), or ``override_settings(layout=...)``.
 
     Raises:
-        ValueError: the variable holds something other than ``auto``,
-            ``channels_last`` or ``keep``.
+        ValueError: the variable held something other than ``auto``,
+            ``channels_last`` or ``keep`` (the message names it, the values
+            it takes and the value given).
     """
-    value = os.environ.get(LAYOUT_ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in _LAYOUT_CHOICES:
-        raise ValueError(
-            f"{LAYOUT_ENV_VAR} must be one of {', '.join(_LAYOUT_CHOICES)}, got "
-            f"{os.environ.get(LAYOUT_ENV_VAR)!r}"
-        )
-    return value
+    return _settings.get_settings().layout
 
 
 def internal_memory_format(device: torch.device, dtype: torch.dtype, dims: int) -> Optional[torch.memory_format]:
@@ -105,7 +101,7 @@ def internal_memory_format(device: torch.device, dtype: torch.dtype, dims: int) 
     ``torch.channels_last_3d`` (3-D), or ``None`` for "the caller's layout,
     as given" (1-D always: a (N, C, L) tensor has no channels_last form).
 
-    ``CONVGRU_TRITON_LAYOUT`` decides: ``keep`` -> ``None``; ``channels_last``
+    The ``layout`` setting (``CONVGRU_TRITON_LAYOUT``) decides: ``keep`` -> ``None``; ``channels_last``
     -> channels_last on every device and dtype (for tests, and for users who
     measured it); ``auto`` (default) -> channels_last on CUDA in float16 and
     bfloat16 only. There cuDNN's tensor-core convolutions want NHWC: on the H200
@@ -116,7 +112,7 @@ def internal_memory_format(device: torch.device, dtype: torch.dtype, dims: int) 
     those keep the caller's layout as before.
 
     Raises:
-        ValueError: ``CONVGRU_TRITON_LAYOUT`` is set to an unknown value.
+        ValueError: ``CONVGRU_TRITON_LAYOUT`` held an unknown value at import.
     """
     setting = layout_setting()
     if dims not in (2, 3) or setting == "keep":

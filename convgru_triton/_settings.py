@@ -18,7 +18,8 @@ and ``XDG_CACHE_HOME`` (where the tuner's user cache lives).
 
 The environment is read when the package is imported. After that a setting
 changes only through :func:`override`, a context manager; every change moves
-:data:`generation`, which the plan caches key on, so the next call plans again.
+:data:`generation`, which the plan caches key on, so the next call plans for
+the settings in force (or finds the plans made for them before).
 Nothing else in the package reads ``os.environ``.
 
 A bad value in the environment does not break ``import convgru_triton``
@@ -32,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 #: setting -> (environment variable, accepted values or None for free text, default)
 _SPEC: Dict[str, Tuple[str, Optional[Tuple[str, ...]], Optional[str]]] = {
@@ -102,10 +103,13 @@ def _check(name: str, value, origin: str) -> Optional[str]:
     return text
 
 
-def _from_environment() -> Tuple[Settings, Optional[ValueError]]:
+def _from_environment(environ: Optional[Mapping[str, str]] = None) -> Tuple[Settings, Optional[ValueError]]:
+    """The settings of ``environ`` (default: ``os.environ``) and the error of
+    its first bad value, or ``None``. A bad value leaves that setting's default."""
+    environ = os.environ if environ is None else environ
     values, sources, error = {}, [], None
     for name, (variable, _, default) in _SPEC.items():
-        raw = os.environ.get(variable)
+        raw = environ.get(variable)
         if raw is None or (raw.strip() == "" and name != "tuning_dir"):
             values[name] = default
             continue
@@ -115,17 +119,39 @@ def _from_environment() -> Tuple[Settings, Optional[ValueError]]:
         except ValueError as exc:
             values[name] = default
             error = error or exc
-    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
+    interpret = environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
     settings = Settings(**values, triton_interpret=interpret,
-                        xdg_cache_home=os.environ.get("XDG_CACHE_HOME") or None, sources=tuple(sources))
+                        xdg_cache_home=environ.get("XDG_CACHE_HOME") or None, sources=tuple(sources))
     return settings, error
 
 
 _current, _environment_error = _from_environment()
 
-#: Moves at every change of the settings (and of the tuning registry, which
-#: calls :func:`bump`): plan caches keep it in their keys.
+#: A number for the settings in force and the tuning registry's state: it moves
+#: at every change of the settings and at every :func:`bump` (the tuning
+#: registry calls it), and plan caches keep it in their keys. Going back to
+#: settings in force before, with no bump since, gives their number back, so
+#: that an override around each call (a benchmark's providers) finds the plans
+#: made at its previous call instead of planning again.
 generation = 0
+_issued = 0  # the last number given out; numbers are never reused after a bump
+_numbers: Dict[Tuple[Settings, bool], int] = {}  # since the last bump: settings -> their number
+#: Called as ``listener(old, new)`` after every change of the settings
+#: (:func:`on_change`): for state that is not keyed on :data:`generation`.
+_listeners: List[Callable[[Settings, Settings], None]] = []
+
+
+def _renumber() -> None:
+    global generation, _issued
+    key = (_current, _environment_error is None)
+    number = _numbers.get(key)
+    if number is None:
+        _issued += 1
+        number = _numbers[key] = _issued
+    generation = number
+
+
+_renumber()
 
 
 def get_settings() -> Settings:
@@ -153,9 +179,24 @@ def environment_error() -> Optional[ValueError]:
 
 
 def bump() -> None:
-    """Move :data:`generation`: something a plan depends on changed."""
-    global generation
-    generation += 1
+    """Move :data:`generation` to a number not given out before: something a
+    plan depends on changed (a tuning file re-read, a launch path forced)."""
+    _numbers.clear()
+    _renumber()
+
+
+def on_change(listener: Callable[[Settings, Settings], None]) -> Callable[[Settings, Settings], None]:
+    """Call ``listener(old, new)`` after every change of the settings (the start
+    and the end of each :func:`override`); returns ``listener``. For state read
+    at every launch, where a look-up of :data:`generation` would cost time."""
+    _listeners.append(listener)
+    return listener
+
+
+def _changed(old: Settings) -> None:
+    _renumber()
+    for listener in _listeners:
+        listener(old, _current)
 
 
 @contextlib.contextmanager
@@ -176,8 +217,9 @@ def override(**changes) -> Iterator[Settings]:
         ValueError: a value the setting does not take (the message names the
             setting, the values it takes and the value given).
 
-    Plans made inside the block are not reused outside it: every change moves
-    :data:`generation`. Not thread-safe: settings are process-wide.
+    Every change moves :data:`generation`, which the plan caches key on: plans
+    made inside the block answer only under these settings. Not thread-safe:
+    settings are process-wide.
     """
     global _current, _environment_error
     unknown = sorted(set(changes) - set(_SPEC))
@@ -185,17 +227,28 @@ def override(**changes) -> Iterator[Settings]:
         raise TypeError(f"override_settings() got unknown settings {unknown}; the settings are {sorted(_SPEC)}")
     checked = {name: _check(name, value, "override") for name, value in changes.items()}
     previous, previous_error = _current, _environment_error
-    sources = dict(previous.sources)
-    sources.update((name, "override") for name in checked)
-    _current = dataclasses.replace(previous, **checked, sources=tuple(sorted(sources.items())))
+    key = (previous, tuple(checked.items()))
+    _current = _DERIVED.get(key)
+    if _current is None:
+        sources = dict(previous.sources)
+        sources.update((name, "override") for name in checked)
+        if len(_DERIVED) >= 256:
+            _DERIVED.clear()
+        _current = _DERIVED[key] = dataclasses.replace(previous, **checked, sources=tuple(sorted(sources.items())))
     if previous_error is not None and any(variable_setting in checked for variable_setting in _bad_settings()):
         _environment_error = None
-    bump()
+    _changed(previous)
     try:
         yield _current
     finally:
+        inner = _current
         _current, _environment_error = previous, previous_error
-        bump()
+        _changed(inner)
+
+
+# (settings, changes) -> the settings an override makes of them: an override
+# around every call (a benchmark's providers) then builds no new object.
+_DERIVED: Dict[tuple, Settings] = {}
 
 
 def _bad_settings() -> Tuple[str, ...]:
@@ -203,6 +256,17 @@ def _bad_settings() -> Tuple[str, ...]:
     if _environment_error is None:
         return ()
     return tuple(name for name, (variable, _, _) in _SPEC.items() if variable in str(_environment_error))
+
+
+def parse(name: str, value: str) -> Optional[str]:
+    """``value`` for setting ``name`` as :func:`override` takes it (stripped,
+    lower-cased; empty is the default).
+
+    Raises:
+        ValueError: a value the setting does not take, naming the setting,
+            its environment variable, the values it takes and the value given.
+    """
+    return _check(name, value, "override")
 
 
 def environment_variable(name: str) -> str:

@@ -9,10 +9,11 @@ size of the state, so the launchers ask :func:`launch_config` for it.
 
 Where a configuration comes from, for a CUDA device (first match wins):
 
-1. ``$CONVGRU_TRITON_TUNING_DIR/<gpu>.json`` when that variable is set,
+1. ``<tuning_dir>/<gpu>.json`` when the ``tuning_dir`` setting is set
+   (``$CONVGRU_TRITON_TUNING_DIR`` at import, or ``override_settings(tuning_dir=...)``),
 2. ``$XDG_CACHE_HOME/convgru_triton/tuning/<gpu>.json`` (default
-   ``~/.cache/convgru_triton/tuning``), where ``python -m convgru_triton.tune``
-   writes,
+   ``~/.cache/convgru_triton/tuning``; ``XDG_CACHE_HOME`` as read at import),
+   where ``python -m convgru_triton.tune`` writes,
 3. ``convgru_triton/tuning_configs/<gpu>.json`` shipped with the package,
 4. :func:`default_config` (per dtype), sound on any GPU.
 
@@ -27,8 +28,8 @@ kernels mask their tail), so any valid file gives correct results.
 
 Every look-up is cached in memory per (device, kernel, dtype, size class): after
 the first launch of a kernel on a device there is no file access and no JSON
-parsing, only a dict look-up. Files and environment variables are read again
-after :func:`clear_cache`. Non-CUDA devices (the Triton interpreter on CPU) get
+parsing, only a dict look-up. Files are read again after :func:`clear_cache`,
+and after the ``tuning_dir`` setting changed. Non-CUDA devices (the Triton interpreter on CPU) get
 :func:`default_config` without any look-up. Under ``torch.compile`` the look-up
 runs once at trace time and its result is a constant of the graph.
 
@@ -47,6 +48,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from . import _settings
 
 # ----------------------------------------------------------------------------
 # Configurations
@@ -153,14 +156,14 @@ def size_class(numel: int) -> int:
 def user_cache_dir() -> str:
     """Where the tuner writes and the registry looks second:
     ``$XDG_CACHE_HOME/convgru_triton/tuning`` or ``~/.cache/convgru_triton/tuning``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = _settings.peek_settings().xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "convgru_triton", "tuning")
 
 
 def user_tuning_dir() -> str:
-    """The folder the tuner writes to by default: ``$CONVGRU_TRITON_TUNING_DIR``
-    when set, else :func:`user_cache_dir`."""
-    return os.environ.get(ENV_DIR) or user_cache_dir()
+    """The folder the tuner writes to by default: the ``tuning_dir`` setting
+    (``$CONVGRU_TRITON_TUNING_DIR``) when set, else :func:`user_cache_dir`."""
+    return _settings.peek_settings().tuning_dir or user_cache_dir()
 
 
 def tuning_file_name(device_name: str) -> str:
@@ -310,19 +313,28 @@ _CACHE: Dict[Tuple[Any, str, torch.dtype, int], LaunchConfig] = {}
 _DEVICE_NAMES: Dict[int, str] = {}
 # set by forced_config(): every launch uses this configuration
 _FORCED: Optional[LaunchConfig] = None
-# Bumped whenever what launch_config() returns may change (forced_config,
-# clear_cache): the launchers keep their launch geometry per output shape and
-# rebuild it when this moved, instead of asking for the configuration at every
-# launch (a look-up that was ~1 us of a ~12 us launch on the host).
+# Moved whenever what launch_config() returns may change (forced_config,
+# clear_cache, the tuning_dir setting): the launchers keep their launch geometry
+# per output shape and rebuild it when this moved, instead of asking for the
+# configuration at every launch (a look-up that was ~1 us of a ~12 us launch on
+# the host). Every move also moves _settings.generation, the one number for the
+# settings and this registry that the plan caches key on; this counter moves
+# only with the registry, so that an override of an unrelated setting around a
+# call does not rebuild the geometries (and drop their kept compiled kernels).
 generation = 0
+
+
+def _bump() -> None:
+    global generation
+    generation += 1
+    _settings.bump()
 
 
 def clear_cache() -> None:
     """Forget every file, look-up and device name read so far (and which files
-    were warned about): the next launches read the files and environment again.
-    The tuner calls it after writing a file."""
-    global generation
-    generation += 1
+    were warned about): the next launches read the files again. The tuner calls
+    it after writing a file; a change of the ``tuning_dir`` setting does too."""
+    _bump()
     _FILES.clear()
     _WARNED.clear()
     _CACHE.clear()
@@ -384,7 +396,7 @@ def source_paths(device_key: str) -> List[Tuple[str, str]]:
     """``(origin, path)`` of the files consulted for a GPU, in order of precedence."""
     name = device_key + ".json"
     paths = []
-    env_dir = os.environ.get(ENV_DIR)
+    env_dir = _settings.peek_settings().tuning_dir
     if env_dir:
         paths.append((ENV_DIR, os.path.join(env_dir, name)))
     paths.append(("user cache", os.path.join(user_cache_dir(), name)))
@@ -483,17 +495,17 @@ def forced_config(cfg: LaunchConfig) -> Iterator[LaunchConfig]:
         with forced_config(LaunchConfig(2048, 8)):
             ...  # launches
     """
-    global _FORCED, generation
+    global _FORCED
     if not isinstance(cfg, LaunchConfig):
         raise TypeError(f"forced_config takes a LaunchConfig, got {type(cfg).__name__}")
     previous = _FORCED
     _FORCED = cfg
-    generation += 1
+    _bump()
     try:
         yield cfg
     finally:
         _FORCED = previous
-        generation += 1
+        _bump()
 
 
 # ----------------------------------------------------------------------------
@@ -761,28 +773,36 @@ def tile_config(kernel: str, dtype: torch.dtype, numel: int, device: torch.devic
 @contextlib.contextmanager
 def forced_tile(tile: Optional[TileConfig]) -> Iterator[Optional[TileConfig]]:
     """Within the block every fused launch uses ``tile`` (``None``: the registry's)."""
-    global _FORCED_TILE, generation
+    global _FORCED_TILE
     if tile is not None and not isinstance(tile, TileConfig):
         raise TypeError(f"forced_tile takes a TileConfig or None, got {type(tile).__name__}")
     previous, _FORCED_TILE = _FORCED_TILE, tile
-    generation += 1
+    _bump()
     try:
         yield tile
     finally:
         _FORCED_TILE = previous
-        generation += 1
+        _bump()
 
 
 @contextlib.contextmanager
 def forced_step_path(path: Optional[str]) -> Iterator[Optional[str]]:
     """Within the block every step decision returns ``path`` (``None``: the registry's)."""
-    global _FORCED_PATH, generation
+    global _FORCED_PATH
     if path is not None and path not in STEP_PATHS:
         raise ValueError(f"path must be one of {STEP_PATHS} or None, got {path!r}")
     previous, _FORCED_PATH = _FORCED_PATH, path
-    generation += 1
+    _bump()
     try:
         yield path
     finally:
         _FORCED_PATH = previous
-        generation += 1
+        _bump()
+
+
+@_settings.on_change
+def _folders_changed(old: "_settings.Settings", new: "_settings.Settings") -> None:
+    """Another ``tuning_dir`` (``override_settings``) or user cache: every look-up
+    is cached per device, not per folder, so the files are read again."""
+    if (old.tuning_dir, old.xdg_cache_home) != (new.tuning_dir, new.xdg_cache_home):
+        clear_cache()

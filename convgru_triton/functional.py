@@ -16,22 +16,21 @@ gate is ``1 - z``.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _tuning
-from ._backend import ENV_VAR, select_backend
+from . import _backend, _settings, _tuning
+from ._backend import select_backend
 from ._conv import ConvSpec, conv_same, same_conv
 from ._layout import (
-    LAYOUT_ENV_VAR, cat_channels, check_kernel_sample_size, empty_in_layout, frames_channels_last, frames_in_format,
+    cat_channels, check_kernel_sample_size, empty_in_layout, frames_channels_last, frames_in_format,
     internal_memory_format, is_channels_last, layout_setting, stack_frames,
 )
 from .ops.conv_gru import (
-    _FUSED_ENV_VAR, Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
+    Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
     fused_cell_step, fused_step_setting, plan,
 )
 from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
@@ -163,7 +162,7 @@ def _internal_format(device: torch.device, dtype: torch.dtype, dims: int,
     for tensors of ``dtype`` computed in after autocast's cast (``cast``). Not
     applied while torch.compile traces: Inductor chooses the layouts of the
     graph it compiles (explicit conversions would only pin them and add copies),
-    and reading the environment there would guard the graph on it; nor under
+    and reading the setting there would guard the graph on it; nor under
     jit.trace, nor inside a functorch transform (unless ``planning``: a cell
     plan, cached across calls, leaves that to each call)."""
     if torch.compiler.is_compiling():
@@ -271,10 +270,10 @@ def conv_gru_cell(
             weight_hh.shape, weight_hh.dtype, weight_hh.device,
             None if bias_ih is None else (bias_ih.shape, bias_ih.dtype, bias_ih.device),
             None if bias_hh is None else (bias_hh.shape, bias_hh.dtype, bias_hh.device),
-            reset_after, padding_mode, dilation, backend, os.environ.get(ENV_VAR),
-            os.environ.get(_FUSED_ENV_VAR),  # the step plan's fused-step switch (ops.conv_gru.plan)
-            os.environ.get(LAYOUT_ENV_VAR),  # the internal layout policy (_CellPlan.memory_format)
-            _tuning.generation,  # tuning files re-read or a path forced (_CellPlan.fused_cell)
+            reset_after, padding_mode, dilation, backend,
+            # Moves at every change of the settings (backend, fused step, layout)
+            # and of the tuning registry (files re-read, a path forced).
+            _settings.generation,
             autocast_dtype(input.device.type),  # the checks compare dtypes after autocast's cast
         )
         cell_plan = _CELL_PLANS.get(key)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from . import _tuning
+from . import _settings, _tuning
 from ._tuning import KERNELS, LaunchConfig
 
 DEFAULT_DTYPES = ("float32", "float16", "bfloat16")
@@ -721,18 +721,14 @@ def fused_tile_candidates(dtype: torch.dtype, block_m: Sequence[int] = DEFAULT_B
 
 
 @contextlib.contextmanager
-def _fused_env(value: str):
-    from .ops import fused_step
-
-    old = os.environ.get(fused_step.ENV_VAR)
-    os.environ[fused_step.ENV_VAR] = value
-    try:
+def _fused_setting(value: str):
+    """The ``fused_step`` setting at ``value`` inside, the caller's after
+    (nothing to change, and nothing done, where it is ``value`` already)."""
+    if _settings.environment_error() is None and _settings.peek_settings().fused_step == value:
         yield
-    finally:
-        if old is None:
-            os.environ.pop(fused_step.ENV_VAR, None)
-        else:
-            os.environ[fused_step.ENV_VAR] = old
+        return
+    with _settings.override(fused_step=value):
+        yield
 
 
 class StepCase:
@@ -777,9 +773,9 @@ class StepCase:
         # The references start from the dtype-rounded inputs, in float64.
         rounded = [t.to(torch.float64) for t in (self.gx, self.h, self.w, self.b_ih, self.b_hh)]
         step = fused_step.reference_step(shape.reset_after, self.spec, *rounded)
-        # Made under CONVGRU_TRITON_FUSED_STEP=1: a plan that may fuse (and the
-        # operator's fused_step module loaded) whatever the caller's variable says.
-        with _fused_env("1"):
+        # Made under the fused_step setting "1": a plan that may fuse (and the
+        # operator's fused_step module loaded) whatever the caller's setting says.
+        with _fused_setting("1"):
             p = conv_gru.plan(self.spec, shape.reset_after, False, True)
         self.fused_plan, self.plan = p, p._replace(fused_step=False)  # the latter: cuDNN + the gate kernels
         self.weights = conv_gru._hidden_weights(self.plan, self.w)
@@ -827,13 +823,13 @@ class StepCase:
             # falls back to cuDNN there, which the tuner's check run catches
             # (no fused launch recorded).
             if fused:
-                with _fused_env("1"):
+                with _fused_setting("1"):
                     self._backward(self.fused_plan)
             else:
                 self._backward(self.plan)
             return
         if fused:
-            with _fused_env("1"):
+            with _fused_setting("1"):
                 ran = self._fused.forward_step(self.shape.reset_after, self.spec, self.gx, self.h, self.weights,
                                                self.b_ih, self.b_hh, self.state, self.gates, self.aux, True)
             if not ran:
@@ -923,7 +919,8 @@ def _trial(case: StepCase, fused: bool, tile: Optional[_tuning.TileConfig], time
         trial.skipped = spills
         return trial
     try:
-        with _tuning.forced_tile(tile):
+        # The setting held around the timing, so that the timed calls do not change it.
+        with _tuning.forced_tile(tile), (_fused_setting("1") if fused else contextlib.nullcontext()):
             ms = float(timer(lambda: case.run(fused)))
     except Exception as exc:
         trial.skipped = f"failed while timing: {_reason(exc)}"
@@ -1303,7 +1300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
 
-    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):
+    if _settings.peek_settings().triton_interpret:
         print("convgru_triton.tune: TRITON_INTERPRET is set, so the kernels would run in the Triton interpreter "
               "and the timings would mean nothing; unset it to tune.", file=sys.stderr)
         return 2

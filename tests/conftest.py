@@ -22,6 +22,7 @@ treated the same way: by the suite's convention its parameter id is
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -75,6 +76,55 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """The device every test builds its tensors on (see the module docstring)."""
     return DEVICE
+
+
+@pytest.fixture
+def _settings_changes():
+    """One stack for a test's changes of the settings (package_settings,
+    environment_at_import), undone in reverse order however they interleave."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def package_settings(_settings_changes):
+    """``package_settings(**changes)`` changes the package's settings until the
+    test ends (``convgru_triton.override_settings``; calls stack, the last wins),
+    and returns the settings in force. Tests change settings this way, never
+    through ``os.environ``: the package reads the environment once, at import."""
+    import convgru_triton
+
+    return lambda **changes: _settings_changes.enter_context(convgru_triton.override_settings(**changes))
+
+
+@contextlib.contextmanager
+def simulated_environment(**environ):
+    """The package's settings inside the block as if the environment had held
+    these variables (and no other ``CONVGRU_TRITON_*`` one; ``TRITON_INTERPRET``
+    and ``XDG_CACHE_HOME`` as they were unless given) when the package was
+    imported, a bad value raising at the first call. For in-process tests of
+    what the environment does; tests in a subprocess check the real import."""
+    from convgru_triton import _settings
+
+    saved = (_settings._current, _settings._environment_error)
+    facts = {"TRITON_INTERPRET": "1" if saved[0].triton_interpret else "0"}
+    if saved[0].xdg_cache_home is not None:
+        facts["XDG_CACHE_HOME"] = saved[0].xdg_cache_home
+    _settings._current, _settings._environment_error = _settings._from_environment({**facts, **environ})
+    _settings._changed(saved[0])
+    try:
+        yield _settings._current
+    finally:
+        inner = _settings._current
+        _settings._current, _settings._environment_error = saved
+        _settings._changed(inner)
+
+
+@pytest.fixture
+def environment_at_import(_settings_changes):
+    """``environment_at_import(NAME=value, ...)``: :func:`simulated_environment`
+    until the test ends (a later call replaces an earlier one's variables)."""
+    return lambda **environ: _settings_changes.enter_context(simulated_environment(**environ))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 import convgru_triton
 from convgru_triton import ConvGRU, ConvGRUCell1d, explain_backend
-from convgru_triton._backend import ENV_VAR, select_backend
+from convgru_triton._backend import select_backend
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,35 +29,41 @@ def _run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
     )
 
 
-def test_auto_uses_torch_on_cpu(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_auto_uses_torch_on_cpu(package_settings):
+    package_settings(backend="auto")
     choice = select_backend(torch.device("cpu"))
     assert choice.name == "torch"
     assert "cpu" in choice.reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU rule is tested above")
-def test_auto_uses_triton_on_cuda(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_auto_uses_triton_on_cuda(package_settings):
+    package_settings(backend="auto")
     assert select_backend(torch.device("cuda")).name == "triton"
 
 
 @pytest.mark.triton_kernels
-def test_argument_forces_backend(monkeypatch, device):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_argument_forces_backend(package_settings, device):
+    package_settings(backend="auto")
     assert select_backend(device, "torch").name == "torch"
     choice = select_backend(device, "triton")  # CUDA, or the interpreter on CPU
     assert choice.name == "triton" and "backend='triton'" in choice.reason
 
 
 @pytest.mark.triton_kernels
-def test_environment_variable_forces_backend(monkeypatch, device):
-    monkeypatch.setenv(ENV_VAR, "triton")
+def test_backend_setting_forces_backend(package_settings, environment_at_import, device):
+    package_settings(backend="triton")
     assert select_backend(device).name == "triton"
-    assert "CONVGRU_TRITON_BACKEND=triton" in select_backend(device).reason
-    # The argument wins over the variable.
+    assert "override_settings(backend='triton')" in select_backend(device).reason
+    # The argument wins over the setting.
     assert select_backend(device, "torch").name == "torch"
-    monkeypatch.setenv(ENV_VAR, "cuda")
+    with convgru_triton.override_settings(backend="auto"):
+        assert select_backend("cpu").name == "torch"
+    assert select_backend(device).name == "triton"  # restored at the block's end
+    # From the environment: read at import, named in the reason.
+    environment_at_import(CONVGRU_TRITON_BACKEND="triton")
+    assert "CONVGRU_TRITON_BACKEND=triton" in select_backend(device).reason
+    environment_at_import(CONVGRU_TRITON_BACKEND="cuda")
     with pytest.raises(ValueError, match="CONVGRU_TRITON_BACKEND.*'cuda'"):
         select_backend("cpu")
 
@@ -70,8 +76,8 @@ def test_bad_backend_name():
 
 
 @pytest.mark.triton_kernels
-def test_explain_backend_reports_module_choice(monkeypatch, device):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_explain_backend_reports_module_choice(package_settings, device):
+    package_settings(backend="auto")
     assert explain_backend(ConvGRU(2, 3, 3)).name == "torch"  # parameters on the CPU
     assert explain_backend(ConvGRU(2, 3, 3, backend="torch"), device).name == "torch"
     forced = explain_backend(ConvGRUCell1d(2, 3, 3, backend="triton", device=device))
@@ -80,8 +86,9 @@ def test_explain_backend_reports_module_choice(monkeypatch, device):
 
 
 @pytest.mark.triton_kernels
-def test_env_variable_switches_module_to_kernels(monkeypatch, device):
-    """CONVGRU_TRITON_BACKEND=triton makes an 'auto' module run the kernels."""
+def test_backend_setting_switches_module_to_kernels(monkeypatch, device):
+    """The backend setting "triton" makes an 'auto' module run the kernels from
+    its next call on (the setting's generation is in the plans' keys)."""
     from convgru_triton.ops import conv_gru_cell as kernels
 
     calls = []
@@ -92,11 +99,11 @@ def test_env_variable_switches_module_to_kernels(monkeypatch, device):
     monkeypatch.setattr(kernels, "_bind", lambda *args: None)
     model = ConvGRU(2, 3, 3, device=device)
     x = torch.randn(2, 1, 2, 4, 4, device=device)
-    monkeypatch.setenv(ENV_VAR, "torch")
-    model(x)
+    with convgru_triton.override_settings(backend="torch"):
+        model(x)
     assert calls == []
-    monkeypatch.setenv(ENV_VAR, "triton")
-    model(x)
+    with convgru_triton.override_settings(backend="triton"):
+        model(x)
     assert len(calls) == 2
 
 
@@ -148,8 +155,8 @@ def test_package_works_without_triton():
 def test_public_api_is_small():
     assert set(convgru_triton.__all__) == {
         "BackendChoice", "ConvGRU", "ConvGRU1d", "ConvGRU2d", "ConvGRU3d", "ConvGRUCell", "ConvGRUCell1d",
-        "ConvGRUCell2d", "ConvGRUCell3d", "SepConvGRUCell2d", "conv_gru", "conv_gru_cell", "explain_backend",
-        "triton_available",
+        "ConvGRUCell2d", "ConvGRUCell3d", "SepConvGRUCell2d", "Settings", "conv_gru", "conv_gru_cell",
+        "explain_backend", "get_settings", "override_settings", "triton_available",
     }
     for name in convgru_triton.__all__:
         assert getattr(convgru_triton, name).__doc__, name

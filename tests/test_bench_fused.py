@@ -1,6 +1,6 @@
 """The ``ours-fused`` benchmark provider (issue 18, item 5): it runs the fused
-step's kernels (forward and backward with ``CONVGRU_TRITON_FUSED_STEP=1`` held),
-computes what ``ours`` computes, ``ours`` runs none of them, the variable is
+step's kernels (forward and backward with the ``fused_step`` setting held at
+1), computes what ``ours`` computes, ``ours`` runs none of them, the setting is
 restored after each call; and the report's issue-18 targets from numbers chosen
 here: the benchmark rows, and the CUDA-graph replay (bench/cuda_graphs.py's JSON)
 over the roofline floor of the inference step, or what is missing for it."""
@@ -18,14 +18,19 @@ if REPO_ROOT not in sys.path:
 
 from bench import gpu_check, report, workloads  # noqa: E402
 
-VAR = workloads.FUSED_ENV_VAR
+switch = workloads.switch  # the fused_step setting in force
 
 
 @pytest.fixture
-def restore_switch():
-    old = os.environ.get(VAR)
-    yield
-    workloads._set_switch(old)
+def caller(package_settings):
+    """``caller(value)``: the caller's fused_step setting (``None``: the
+    default, no override), which each provider must give back."""
+    def set_to(value):
+        if value is not None:
+            package_settings(fused_step=value)
+        return switch()
+
+    return set_to
 
 
 def _run(workload, provider, device, seen):
@@ -33,10 +38,10 @@ def _run(workload, provider, device, seen):
     model = workloads.build_model(workload, provider, master, torch.float32)
     inputs = workloads.make_inputs(workload, device, torch.float32, requires_grad=True)
     # A hook on an input's gradient runs inside the backward pass: the switch then.
-    inputs.xs[0].register_hook(lambda g: seen.append(os.environ.get(VAR)))
+    inputs.xs[0].register_hook(lambda g: seen.append(switch()))
     with workloads.count_fused_launches() as launches:
         outputs = model(inputs.xs, inputs.hs)
-        after_forward = os.environ.get(VAR)
+        after_forward = switch()
         torch.autograd.backward(outputs, inputs.grads)
     grads = [t.grad for t in inputs.leaves()] + [p.grad for p in model.parameters()]
     return [o.detach() for o in outputs] + grads, launches[0], after_forward
@@ -44,14 +49,14 @@ def _run(workload, provider, device, seen):
 
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("name", ["raft-sepconvgru", "mmnist"])
-def test_ours_fused_runs_the_fused_step_and_computes_what_ours_does(name, device, restore_switch):
+def test_ours_fused_runs_the_fused_step_and_computes_what_ours_does(name, device, caller):
     workload = next(w for w in workloads.TINY_WORKLOADS if w.name == name)
-    os.environ[VAR] = "auto"  # the caller's value: each provider forces its own and gives this back
+    caller("auto")  # the caller's value: each provider forces its own and gives this back
     fused_seen, ours_seen = [], []
     fused, fused_launches, fused_after = _run(workload, "ours-fused", device, fused_seen)
-    assert os.environ.get(VAR) == "auto" and fused_after == "auto"
+    assert switch() == "auto" and fused_after == "auto"
     ours, ours_launches, _ = _run(workload, "ours", device, ours_seen)
-    assert os.environ.get(VAR) == "auto"
+    assert switch() == "auto"
     assert fused_launches > 0 and ours_launches == 0
     assert fused_seen == ["1"] and ours_seen == ["0"]  # held through the backward, then restored
     workloads.check_path("ours-fused", fused_launches)
@@ -64,7 +69,7 @@ def test_ours_fused_runs_the_fused_step_and_computes_what_ours_does(name, device
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_ours_fused_says_why_it_cannot_run(restore_switch):
+def test_ours_fused_says_why_it_cannot_run():
     assert workloads.unavailable("ours", "cpu", torch.bfloat16) is None
     reason = workloads.unavailable("ours-fused", "cpu", torch.bfloat16)
     assert reason and reason.startswith("ours-fused")  # no kernels (interpreter off) or no bfloat16 in it
@@ -72,11 +77,15 @@ def test_ours_fused_says_why_it_cannot_run(restore_switch):
         assert "bfloat16" in reason and workloads.unavailable("ours-fused", "cpu", torch.float32) is None
 
 
-def test_switch_restores_an_unset_variable(restore_switch):
-    os.environ.pop(VAR, None)
+def test_switch_restores_the_setting(caller):
+    before = caller(None)
     with workloads.fused_switch("1"):
-        assert os.environ[VAR] == "1"
-    assert VAR not in os.environ
+        assert switch() == "1"
+    assert switch() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with workloads.fused_switch("0"):
+            raise RuntimeError("inside")
+    assert switch() == before
 
 
 def _record(workload, provider, pass_, ms):
@@ -292,7 +301,7 @@ class _RaisingBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.seen.append(os.environ.get(VAR))
+        ctx.seen.append(switch())
         if ctx.keep is not None:  # a reference to the pass's held switch, outliving the pass
             ctx.keep.append(workloads._held())
         if ctx.raises:
@@ -308,7 +317,7 @@ class _FakeStep(torch.nn.Module):
         self.keep = keep
 
     def forward(self, x, h):
-        self.seen.append(os.environ.get(VAR))
+        self.seen.append(switch())
         if self.forward_raises:
             raise RuntimeError("forward failed")
         return _RaisingBackward.apply(x * self.weight + h, self.seen, self.backward_raises, self.keep)
@@ -320,67 +329,67 @@ def _fake_inputs(stages):
 
 
 @pytest.mark.parametrize("before", [None, "auto"], ids=["unset", "auto"])
-def test_switch_given_back_when_the_forward_raises(restore_switch, before):
-    workloads._set_switch(before)
+def test_switch_given_back_when_the_forward_raises(caller, before):
+    before = caller(before)
     seen = []
     runner = workloads.StepRunner([_FakeStep(seen, forward_raises=True)], state_first=False, fused="1")
     inputs = _fake_inputs(1)
     with pytest.raises(RuntimeError, match="forward failed"):
         runner(inputs.xs, inputs.hs)
-    assert seen == ["1"] and os.environ.get(VAR) == before
+    assert seen == ["1"] and switch() == before
     with pytest.raises(RuntimeError, match="forward failed"):
         workloads.make_step(runner, inputs, backward=True)()
-    assert os.environ.get(VAR) == before
+    assert switch() == before
 
 
 @pytest.mark.parametrize("stages", [1, 2], ids=["one output", "two outputs"])
 @pytest.mark.parametrize("before", [None, "auto"], ids=["unset", "auto"])
-def test_switch_given_back_when_the_backward_raises(restore_switch, before, stages):
+def test_switch_given_back_when_the_backward_raises(caller, before, stages):
     """Held at 1 through the failed backward, the caller's value back after
     it, and the next pass holds and gives back again (the pass that raised
     must leave nothing behind: it used to keep the switch at 1 for good, and
     every later pass saw it taken and neither set nor restored it)."""
-    workloads._set_switch(before)
+    before = caller(before)
     seen = []
     steps = [_FakeStep(seen, backward_raises=i == 0) for i in range(stages)]
     runner = workloads.StepRunner(steps, state_first=False, fused="1")
     inputs = _fake_inputs(stages)
     outputs = runner(inputs.xs, inputs.hs)
-    assert os.environ.get(VAR) == before
+    assert switch() == before
     seen.clear()
     with pytest.raises(RuntimeError, match="backward failed"):
         torch.autograd.backward(outputs, inputs.grads)
     assert seen and set(seen) == {"1"}
-    assert os.environ.get(VAR) == before and workloads._held() is None
+    assert switch() == before and workloads._held() is None
 
     # Through the harness's step: given back by make_step too.
     seen.clear()
     with pytest.raises(RuntimeError, match="backward failed"):
         workloads.make_step(runner, inputs, backward=True)()
-    assert set(seen) == {"1"} and os.environ.get(VAR) == before
+    assert set(seen) == {"1"} and switch() == before
 
     # The next pass, without a failure, holds the switch again and gives it back.
     steps[0].backward_raises = False
     seen.clear()
     workloads.make_step(runner, inputs, backward=True)()
     assert seen.count("1") == 2 * stages and set(seen) == {"1"}  # forward and backward of each stage
-    assert os.environ.get(VAR) == before and workloads._held() is None
+    assert switch() == before and workloads._held() is None
     assert inputs.xs[0].grad is not None
 
 
-def test_give_back_switch_restores_a_pass_not_yet_released(restore_switch):
+def test_give_back_switch_restores_a_pass_not_yet_released(caller):
     """What make_step does when the engine has not let go of a failed pass yet
     (CUDA's worker thread may hold it a moment longer; here the test holds it):
     the switch comes back at once, and the later release changes nothing."""
-    os.environ[VAR] = "0"
+    caller("0")
     keep = []
     runner = workloads.StepRunner([_FakeStep([], backward_raises=True, keep=keep)], state_first=False, fused="1")
     with pytest.raises(RuntimeError, match="backward failed"):
         workloads.make_step(runner, _fake_inputs(1), backward=True)()
     assert len(keep) == 1 and keep[0] is not None and keep[0].given_back  # alive, and given back
-    assert os.environ.get(VAR) == "0" and workloads._held() is None
-    os.environ[VAR] = "auto"  # someone's value since: the late release must not undo it
+    assert switch() == "0" and workloads._held() is None
+    caller("auto")  # someone's value since: the late release must not undo it
     keep.clear()
-    assert os.environ.get(VAR) == "auto"
+    assert switch() == "auto"
     workloads.give_back_switch()  # nothing held: nothing changes
-    assert os.environ.get(VAR) == "auto"
+    assert switch() == "auto"

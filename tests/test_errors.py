@@ -11,6 +11,7 @@ input compute results and take their device from the ``device`` fixture.
 
 import pytest
 import torch
+from conftest import simulated_environment
 
 from convgru_triton import ConvGRU, ConvGRU1d, ConvGRU3d, ConvGRUCell, ConvGRUCell3d, conv_gru, conv_gru_cell
 
@@ -156,8 +157,8 @@ def test_3d_module_rejects_2d_input():
 # ----------------------------------------------------------------------------
 
 import os  # noqa: E402
-from unittest import mock  # noqa: E402
 
+import convgru_triton  # noqa: E402
 import convgru_triton._backend as _backend_module  # noqa: E402
 import convgru_triton.functional as _functional  # noqa: E402
 
@@ -190,25 +191,47 @@ def _under_bfloat16_autocast(call):
 
 
 def _with_env(name, value, call):
-    """``call()`` with the environment variable ``name`` set to ``value``."""
-    with mock.patch.dict(os.environ, {name: value}):
+    """``call()`` with the settings as if the environment variable ``name`` had
+    held ``value`` when the package was imported."""
+    with simulated_environment(**{name: value}):
         return call()
+
+
+def _override(**changes):
+    with convgru_triton.override_settings(**changes):
+        pass
 
 
 # (row, call(backend), exception type, the message as the docs/errors.md table shows it)
 BAD_INPUTS = [
-    # --- environment variables: read at the first call, checked before anything runs ---
+    # --- settings: the environment is read at import; a bad value raises at the first call ---
     ("CONVGRU_TRITON_FUSED_STEP unknown (sequence)", lambda b: _with_env(
         "CONVGRU_TRITON_FUSED_STEP", "yes", lambda: _seq(b)(_x())), ValueError,
-     "CONVGRU_TRITON_FUSED_STEP must be one of '1' (fused step), '0' (cuDNN + gate kernels) or 'auto' "
-     "(unset or empty: the tuning registry decides), got 'yes'"),
+     "environment variable CONVGRU_TRITON_FUSED_STEP must be one of 'auto', '1', '0' ('1': the fused "
+     "convolution-and-gate step; '0': cuDNN + the gate kernels; 'auto': the tuning registry decides), got 'yes'"),
     ("CONVGRU_TRITON_FUSED_STEP unknown (cell)", lambda b: _with_env(
         "CONVGRU_TRITON_FUSED_STEP", "yes", lambda: _cell_call(b, _x(4, 2, 5, 6), None, None, None)), ValueError,
-     "CONVGRU_TRITON_FUSED_STEP must be one of '1' (fused step), '0' (cuDNN + gate kernels) or 'auto' "
-     "(unset or empty: the tuning registry decides), got 'yes'"),
+     "environment variable CONVGRU_TRITON_FUSED_STEP must be one of 'auto', '1', '0' ('1': the fused "
+     "convolution-and-gate step; '0': cuDNN + the gate kernels; 'auto': the tuning registry decides), got 'yes'"),
     ("CONVGRU_TRITON_LAYOUT unknown", lambda b: _with_env(
         "CONVGRU_TRITON_LAYOUT", "nhwc", lambda: _seq(b)(_x())), ValueError,
-     "CONVGRU_TRITON_LAYOUT must be one of auto, channels_last, keep, got 'nhwc'"),
+     "environment variable CONVGRU_TRITON_LAYOUT must be one of 'auto', 'channels_last', 'keep' (the memory "
+     "format the package computes in), got 'nhwc'"),
+    ("CONVGRU_TRITON_BACKEND unknown", lambda b: _with_env(
+        "CONVGRU_TRITON_BACKEND", "gpu", lambda: _seq(b)(_x())), ValueError,
+     "environment variable CONVGRU_TRITON_BACKEND must be one of 'auto', 'torch', 'triton' (the gate math's "
+     "backend where a module's backend argument is 'auto'), got 'gpu'"),
+    ("CONVGRU_TRITON_DIRECT_LAUNCH unknown", lambda b: _with_env(
+        "CONVGRU_TRITON_DIRECT_LAUNCH", "yes", lambda: _seq(b)(_x())), ValueError,
+     "environment variable CONVGRU_TRITON_DIRECT_LAUNCH must be one of '1', '0' ('1': compiled kernels are "
+     "called directly after their first launch; '0': every launch goes through Triton's argument binder), "
+     "got 'yes'"),
+    ("override_settings: unknown value", lambda b: _override(fused_step="yes"), ValueError,
+     "fused_step (CONVGRU_TRITON_FUSED_STEP) must be one of 'auto', '1', '0' ('1': the fused "
+     "convolution-and-gate step; '0': cuDNN + the gate kernels; 'auto': the tuning registry decides), got 'yes'"),
+    ("override_settings: unknown setting", lambda b: _override(fused=1), TypeError,
+     "override_settings() got unknown settings ['fused']; the settings are ['backend', 'direct_launch', "
+     "'fused_step', 'layout', 'tuning_dir']"),
     # --- under autocast: dtypes compared after autocast's cast, which leaves float64 as it is ---
     ("autocast: float64 input, float32 weights", lambda b: _under_bfloat16_autocast(
         lambda: _seq(b)(_x(dtype=torch.float64))), ValueError,

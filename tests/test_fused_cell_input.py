@@ -41,7 +41,7 @@ TOLERANCE = {
 
 @pytest.fixture(autouse=True)
 def fresh_plans(monkeypatch):
-    """No plan made before (with another CONVGRU_TRITON_FUSED_STEP) may answer."""
+    """No plan made before (by another test) may answer."""
     monkeypatch.setattr(conv_gru, "_PLANS", {})
     monkeypatch.setattr(functional, "_CELL_PLANS", {})
 
@@ -61,10 +61,8 @@ def launches(monkeypatch):
     return calls
 
 
-def _set_mode(monkeypatch, value):
-    monkeypatch.setenv(fused_step.ENV_VAR, value)
-    monkeypatch.setattr(conv_gru, "_PLANS", {})
-    monkeypatch.setattr(functional, "_CELL_PLANS", {})
+def _set_mode(package_settings, value):
+    package_settings(fused_step=value)  # in the plans' keys: no plan made under another value answers
 
 
 def _rand(device, dtype, *shape, seed, scale=1.0):
@@ -81,10 +79,10 @@ def _rand(device, dtype, *shape, seed, scale=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 @pytest.mark.parametrize("case", ["c3-h5-3x3-nchw", "c70-h36-1x5-cl", "c3-h5-3x3dil2-cl-nobias"])
-def test_kernels_with_input_equal_reference(device, monkeypatch, dtype, reset_after, case):
+def test_kernels_with_input_equal_reference(device, package_settings, dtype, reset_after, case):
     """C_in 70 and H 36: three (float32, BLOCK_K 32) or two (float16, 64)
     input channel blocks per tap and two output channel blocks (BLOCK_N 32)."""
-    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    package_settings(fused_step="1")
     channels, hidden, kernel, layout, *nobias = case.split("-")
     c_in, hidden = int(channels[1:]), int(hidden[1:])
     spec = ConvSpec((3, 3), (2, 2)) if kernel == "3x3dil2" else ConvSpec(tuple(map(int, kernel.split("x"))), (1, 1))
@@ -110,10 +108,10 @@ def test_kernels_with_input_equal_reference(device, monkeypatch, dtype, reset_af
 
 
 @pytest.mark.triton_kernels
-def test_declines_what_it_does_not_take(device, monkeypatch):
+def test_declines_what_it_does_not_take(device, package_settings):
     """A weight_ih of another kernel size or dtype, an input of another size:
     False, nothing written."""
-    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    package_settings(fused_step="1")
     spec = ConvSpec((3, 3), (1, 1))
     x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
     w_hh = _rand(device, torch.float32, 15, 5, 3, 3, seed=3)
@@ -170,7 +168,7 @@ CELL_PARAMS = [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 @pytest.mark.parametrize("case, dtype", CELL_PARAMS)
-def test_cell_equals_default_path_and_reference(device, monkeypatch, launches, case, dtype, reset_after):
+def test_cell_equals_default_path_and_reference(device, package_settings, launches, case, dtype, reset_after):
     c_in, hidden, kernel, dilation, channels_last, bias = CELL_CASES[case]
     torch.manual_seed(0)
     module = cg.ConvGRUCell2d(c_in, hidden, kernel, bias=bias, reset_after=reset_after, dilation=dilation,
@@ -179,10 +177,10 @@ def test_cell_equals_default_path_and_reference(device, monkeypatch, launches, c
     x = _rand(device, dtype, 2, c_in, 5, 7, seed=1).contiguous(memory_format=fmt)
     h0 = torch.tanh(_rand(device, dtype, 2, hidden, 5, 7, seed=2)).contiguous(memory_format=fmt)
 
-    _set_mode(monkeypatch, "0")
+    _set_mode(package_settings, "0")
     expected = _train_step(module, x, h0, dtype)
     assert launches == []
-    _set_mode(monkeypatch, "1")
+    _set_mode(package_settings, "1")
     got = _train_step(module, x, h0, dtype)
     assert launches == [(True, True)], "the cell's fused step with its input did not run"
     ref = _reference(module, x, h0, reset_after, ConvSpec(kernel, dilation))
@@ -210,14 +208,14 @@ class _Convolutions(TorchDispatchMode):
 
 
 @pytest.mark.triton_kernels
-def test_forward_runs_no_convolution(device, monkeypatch, launches):
+def test_forward_runs_no_convolution(device, package_settings, launches):
     """With =1 the cell's training forward calls no convolution at all: W_ih * x
     (and W_h * h) ran inside the kernels, gx was never made. With =0 the input
     convolution is a convolution call with W_ih (cuDNN on a GPU)."""
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1).requires_grad_()
     for mode, want in (("0", True), ("1", False)):
-        _set_mode(monkeypatch, mode)
+        _set_mode(package_settings, mode)
         with _Convolutions() as convs:
             out = module(x)
         assert (tuple(module.weight_ih.shape) in convs.weights) == want, (mode, convs.weights)
@@ -229,7 +227,7 @@ def test_forward_runs_no_convolution(device, monkeypatch, launches):
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_without_gradient_and_without_hx(device, monkeypatch, launches, reset_after, layout):
+def test_without_gradient_and_without_hx(device, package_settings, launches, reset_after, layout):
     """No gradient (no autograd node, scratch buffers) and hx None (zeros made
     by the fused path): h' equals the default path's, in the same layout."""
     module = cg.ConvGRUCell2d(3, 5, (1, 5), reset_after=reset_after, backend="triton").to(device)
@@ -238,7 +236,7 @@ def test_without_gradient_and_without_hx(device, monkeypatch, launches, reset_af
     h = _rand(device, torch.float32, 2, 5, 5, 7, seed=2).contiguous(memory_format=fmt)
     results = {}
     for mode in ("0", "1"):
-        _set_mode(monkeypatch, mode)
+        _set_mode(package_settings, mode)
         with torch.no_grad():
             results[mode] = module(x, h), module(x)
     assert launches == [(True, True)] * 2
@@ -256,10 +254,10 @@ def _grads(fn, inputs, module):
     return [out.detach()] + [t.grad for t in inputs] + [p.grad for _, p in sorted(module.named_parameters())]
 
 
-def _fused_equals_default(monkeypatch, launches, fn, inputs, module, runs):
-    _set_mode(monkeypatch, "0")
+def _fused_equals_default(package_settings, launches, fn, inputs, module, runs):
+    _set_mode(package_settings, "0")
     expected = _grads(fn, inputs, module)
-    _set_mode(monkeypatch, "1")
+    _set_mode(package_settings, "1")
     launches.clear()
     got = _grads(fn, inputs, module)
     assert launches == [(True, True)] * runs
@@ -268,16 +266,16 @@ def _fused_equals_default(monkeypatch, launches, fn, inputs, module, runs):
 
 
 @pytest.mark.triton_kernels
-def test_sep_conv_gru_cell(device, monkeypatch, launches):
+def test_sep_conv_gru_cell(device, package_settings, launches):
     """SepConvGRUCell2d: its two cells ((1, 5) then (5, 1)) each run fused with their input."""
     torch.manual_seed(0)
     module = cg.SepConvGRUCell2d(3, 5, kernel_size=5, backend="triton").to(device)
     x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
-    _fused_equals_default(monkeypatch, launches, module, (x, h), module, 2)
+    _fused_equals_default(package_settings, launches, module, (x, h), module, 2)
 
 
 @pytest.mark.triton_kernels
-def test_three_steps_feeding_h_back(device, monkeypatch, launches):
+def test_three_steps_feeding_h_back(device, package_settings, launches):
     """A 3-step loop (RAFT's refinement): h' of a step is the next step's hx;
     the gradient flows back through all three fused steps."""
     torch.manual_seed(0)
@@ -289,18 +287,18 @@ def test_three_steps_feeding_h_back(device, monkeypatch, launches):
             h = module(x, h)
         return h
 
-    _fused_equals_default(monkeypatch, launches, loop, (xs, h), module, 3)
+    _fused_equals_default(package_settings, launches, loop, (xs, h), module, 3)
 
 
 @pytest.mark.triton_kernels
-def test_autocast(device, monkeypatch, launches):
+def test_autocast(device, package_settings, launches):
     """Under autocast float16: float32 tensors decline (autocast's casts are
     today's path's); float16 tensors, already in the autocast dtype, run fused."""
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1)
     results = {}
     for mode in ("0", "1"):
-        _set_mode(monkeypatch, mode)
+        _set_mode(package_settings, mode)
         with torch.autocast(device.type, dtype=torch.float16):
             results[mode] = module(x)
     assert results["1"].dtype == torch.float16
@@ -314,17 +312,17 @@ def test_autocast(device, monkeypatch, launches):
 
 
 @pytest.mark.triton_kernels
-def test_autocast_with_the_layout_policy_casts_the_biases(device, monkeypatch, launches):
+def test_autocast_with_the_layout_policy_casts_the_biases(device, package_settings, launches):
     """As on CUDA in float16/bfloat16: the layout policy casts input, hx and
     weights to the autocast dtype in its copy, the float32 biases get
     autocast's cast here, and the step runs fused with the input convolution;
     the same result and float32 parameter gradients as today's path."""
-    monkeypatch.setenv("CONVGRU_TRITON_LAYOUT", "channels_last")  # forces on the CPU what auto does on CUDA
+    package_settings(layout="channels_last")  # forces on the CPU what auto does on CUDA
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
     results = {}
     for mode in ("0", "1"):
-        _set_mode(monkeypatch, mode)
+        _set_mode(package_settings, mode)
         module.zero_grad()
         with torch.autocast(device.type, dtype=torch.float16):
             out = module(x, h)
@@ -338,12 +336,12 @@ def test_autocast_with_the_layout_policy_casts_the_biases(device, monkeypatch, l
 
 
 @pytest.mark.triton_kernels
-def test_compile_and_vmap_decline(device, monkeypatch, launches):
+def test_compile_and_vmap_decline(device, package_settings, launches):
     """torch.compile (the traced step math) and torch.vmap (the operator's
     vmap rule) keep today's paths: the fused cell step is never asked."""
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     xs, h = _rand(device, torch.float32, 2, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
-    _set_mode(monkeypatch, "1")
+    _set_mode(package_settings, "1")
     eager = module(xs[0], h)
     torch._dynamo.reset()
     compiled = torch.compile(module, backend="eager")(xs[0], h)
@@ -356,7 +354,7 @@ def test_compile_and_vmap_decline(device, monkeypatch, launches):
 
 
 @pytest.mark.triton_kernels
-def test_default_auto_does_not_try_the_fused_cell_step(device, monkeypatch):
+def test_default_auto_does_not_try_the_fused_cell_step(device, monkeypatch, package_settings):
     """Under auto with no tuning file naming the fused path (every GPU today)
     the cell's plan says no once, and no call tries the fused input
     convolution (the attempt cost 3-10 us of host time per call); a path
@@ -368,14 +366,14 @@ def test_default_auto_does_not_try_the_fused_cell_step(device, monkeypatch):
     monkeypatch.setattr(functional, "fused_cell_step", lambda *a: tried.append(1) or real(*a))
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
-    monkeypatch.delenv(fused_step.ENV_VAR, raising=False)
+    package_settings(fused_step="auto")
     for _ in range(2):
         module(x, h)
     assert tried == []
     with _tuning.forced_step_path("fused"):
         module(x, h)
     assert tried == [1]
-    _set_mode(monkeypatch, "1")
+    _set_mode(package_settings, "1")
     module(x, h)
     assert tried == [1, 1]
 
@@ -396,7 +394,9 @@ if error:
 from convgru_triton._conv import ConvSpec
 from convgru_triton.ops import fused_step
 fused_step.supports = lambda spec, dtype, device: True  # CPU tensors through the launcher; compiled, never launched
-os.environ[fused_step.ENV_VAR] = "1"
+from convgru_triton import _settings
+fused_setting = _settings.override(fused_step="1")  # kept: a collected generator would restore the setting
+fused_setting.__enter__()  # for the rest of this process
 records, tags = [], []
 with tc.compile_without_launch(90, records):
     # RAFT's update block: x 256 channels, hidden 128, the 1/8 map 46x62, N = 6, bfloat16.

@@ -51,10 +51,10 @@ def _inputs(device, dtype, batch, hidden, size, kernel, seed=0, bias=True):
 
 
 @pytest.fixture(autouse=True)
-def fused_forced(monkeypatch):
-    """CONVGRU_TRITON_FUSED_STEP=1: the launcher runs wherever supports() holds
+def fused_forced(package_settings):
+    """The fused_step setting "1": the launcher runs wherever supports() holds
     (under auto it declines on CPU: the registry's default is cuDNN + gate kernels)."""
-    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    package_settings(fused_step="1")
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def _train_step(module, x, h0):
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("what", ["cell-reset_before-cl", "cell-reset_after", "sequence-reset_before",
                                   "sequence-reset_after-cl"])
-def test_training_step_equals_default_path(device, monkeypatch, what):
+def test_training_step_equals_default_path(device, monkeypatch, package_settings, what):
     import convgru_triton as cg
     from convgru_triton import functional
 
@@ -225,7 +225,7 @@ def test_training_step_equals_default_path(device, monkeypatch, what):
                  else torch.stack([f.contiguous(memory_format=torch.channels_last) for f in t]) for t in (x, h0))
         assert x[0].stride(-3) == 1 or x.stride(1) == 1
 
-    def fresh_plans():  # the flag is read when a plan is made: no plan made before may answer
+    def fresh_plans():  # the setting is read when a plan is made: no plan made before may answer
         monkeypatch.setattr(conv_gru, "_PLANS", {})
         monkeypatch.setattr(functional, "_CELL_PLANS", {})
 
@@ -238,18 +238,18 @@ def test_training_step_equals_default_path(device, monkeypatch, what):
         return ran
 
     monkeypatch.setattr(fused_step, "forward_step", counted)
-    monkeypatch.delenv(fused_step.ENV_VAR, raising=False)
+    package_settings(fused_step="auto")
     fresh_plans()
     expected = _train_step(module, x, h0)
-    # auto (unset): consulted, declined (no tuned entry: the default is cuDNN + gate kernels)
+    # auto: consulted, declined (no tuned entry: the default is cuDNN + gate kernels)
     assert calls and not any(calls)
     calls.clear()
-    monkeypatch.setenv(fused_step.ENV_VAR, "0")
+    package_settings(fused_step="0")
     fresh_plans()
     _train_step(module, x, h0)
     assert calls == []  # 0: plans never consult it
 
-    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    package_settings(fused_step="1")
     fresh_plans()
     got = _train_step(module, x, h0)
     steps = 1 if kind == "cell" else x.shape[0]
@@ -280,11 +280,12 @@ from bench import _triton_compat as tc
 error = tc.nvidia_backend_error()
 if error:
     print(json.dumps({"skip": error})); sys.exit(0)
-from convgru_triton import _tuning, tune
+from convgru_triton import _settings, _tuning, tune
 from convgru_triton._conv import ConvSpec
 from convgru_triton.ops import fused_step
 fused_step.supports = lambda spec, dtype, device: True  # CPU tensors through the launcher; compiled, never launched
-os.environ[fused_step.ENV_VAR] = "1"
+fused_setting = _settings.override(fused_step="1")  # kept: a collected generator would restore the setting
+fused_setting.__enter__()  # for the rest of this process
 out = []
 records = []
 tags = []

@@ -55,10 +55,10 @@ SPECS = {
 
 
 @pytest.fixture(autouse=True)
-def fused_on(monkeypatch):
-    """``CONVGRU_TRITON_FUSED_STEP=1`` (the plans made under it may fuse; each test
+def fused_on(package_settings):
+    """The fused_step setting "1" (the plans made under it may fuse; each test
     that wants today's path sets ``0``)."""
-    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    package_settings(fused_step="1")
 
 
 @pytest.fixture
@@ -203,8 +203,8 @@ def test_channel_blocks_and_mixed_layouts(device, bwd_calls, reset_after):
 
 
 def _sequence_grads(device, dtype, reset_after, reverse, spec, steps, hidden, size, channels_last, fused,
-                    monkeypatch):
-    monkeypatch.setenv(fused_step.ENV_VAR, "1" if fused else "0")
+                    package_settings):
+    package_settings(fused_step="1" if fused else "0")
     gen = torch.Generator().manual_seed(1)
     batch = 2
     gx = _rand(gen, device, dtype, steps, batch, 3 * hidden, *size)
@@ -227,14 +227,14 @@ def _sequence_grads(device, dtype, reset_after, reverse, spec, steps, hidden, si
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("case", ["reset_before-forward-nchw", "reset_before-reverse-cl",
                                   "reset_after-forward-cl", "reset_after-reverse-nchw"])
-def test_sequence_gradients(device, monkeypatch, bwd_calls, case):
+def test_sequence_gradients(device, package_settings, bwd_calls, case):
     form, direction, layout = case.split("-")
     reset_after, reverse, cl = form == "reset_after", direction == "reverse", layout == "cl"
     spec, steps = SPECS["3x3-dil2"] if reset_after else SPECS["1x5"], 2
     args = (device, torch.float32, reset_after, reverse, spec, steps, 6, (5, 7), cl)
-    got, ref = _sequence_grads(*args, True, monkeypatch)
+    got, ref = _sequence_grads(*args, True, package_settings)
     assert bwd_calls == [True] * steps, "the fused backward did not run at every step"
-    default, _ = _sequence_grads(*args, False, monkeypatch)
+    default, _ = _sequence_grads(*args, False, package_settings)
     assert bwd_calls == [True] * steps  # at 0 the plan never asks
     names = ("d_gates_x", "d_h0", "d_weight_hh", "d_bias_ih", "d_bias_hh")
     for name, g, d, r in zip(names, got, default, ref):
@@ -246,11 +246,8 @@ def test_sequence_gradients(device, monkeypatch, bwd_calls, case):
 # ----------------------------------------------------------------------------
 
 
-def _module_grads(module, x, h0, fused, monkeypatch):
-    from convgru_triton import functional
-
-    monkeypatch.setenv(fused_step.ENV_VAR, "1" if fused else "0")
-    monkeypatch.setattr(functional, "_CELL_PLANS", {})  # keyed on the variable too; no stale plan either way
+def _module_grads(module, x, h0, fused, package_settings):
+    package_settings(fused_step="1" if fused else "0")  # in the plans' keys: no stale plan either way
     for p in module.parameters():
         p.grad = None
     x, h0 = (t.detach().clone().requires_grad_() for t in (x, h0))
@@ -263,7 +260,7 @@ def _module_grads(module, x, h0, fused, monkeypatch):
 
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("kind", ["cell-reset_before-cl", "cell-reset_after", "bidirectional-reset_before"])
-def test_modules_input_gradient(device, monkeypatch, bwd_calls, kind):
+def test_modules_input_gradient(device, package_settings, bwd_calls, kind):
     import convgru_triton as cg
 
     what, form, *cl = kind.split("-")
@@ -279,9 +276,9 @@ def test_modules_input_gradient(device, monkeypatch, bwd_calls, kind):
         module = cg.ConvGRU2d(3, 6, (5, 1), reset_after=reset_after, bidirectional=True, backend="triton").to(device)
         x, h0 = torch.randn(2, 2, 3, 6, 5, device=device), torch.randn(2, 2, 6, 6, 5, device=device)
         steps = 2 * x.shape[0]  # both directions
-    grad, *got = _module_grads(module, x, h0, True, monkeypatch)
+    grad, *got = _module_grads(module, x, h0, True, package_settings)
     assert bwd_calls == [True] * steps, "the fused backward did not run at every step"
-    _, *default = _module_grads(module, x, h0, False, monkeypatch)
+    _, *default = _module_grads(module, x, h0, False, package_settings)
     assert set(got[2]) == set(default[2]) and got[2]
     # The fused and the default backward are two algorithms: each against float64.
     _, ref_inputs, ref_params = float64_training_step(module, (x, h0), grad)
@@ -309,7 +306,7 @@ def test_modules_input_gradient(device, monkeypatch, bwd_calls, kind):
 
 
 @pytest.mark.triton_kernels
-def test_declines_without_writing(device, monkeypatch):
+def test_declines_without_writing(device, package_settings):
     """Mixed dtypes, the switch at 0, bfloat16 under the interpreter, a 3-D
     state: ``False``, every output still NaN."""
     spec, hidden = SPECS["3x3"], 4
@@ -335,7 +332,7 @@ def test_declines_without_writing(device, monkeypatch):
     if device.type == "cpu":
         assert not run(**{k: v.bfloat16() for k, v in dict(grad=grad, h=h, gates=gates, aux=aux).items()},
                        weights=tuple(t.bfloat16() for t in weights))  # no bfloat16 in the interpreter
-    monkeypatch.setenv(fused_step.ENV_VAR, "0")
+    package_settings(fused_step="0")
     assert not run()
 
 

@@ -4,7 +4,7 @@ caller's NCHW tensors are converted once per call, every convolution sees
 channels_last operands, results and every gradient equal the policy-off path
 (``keep``) and the reference, and outputs come back in the caller's layout.
 
-On the CPU the policy is forced on with ``CONVGRU_TRITON_LAYOUT=channels_last``
+On the CPU the policy is forced on with ``override_settings(layout="channels_last")``
 (its default there is off); on CUDA the same tests run on the fixture's device.
 
 The two layouts run different convolution algorithms, which round
@@ -19,11 +19,13 @@ import copy
 
 import pytest
 import torch
+from conftest import simulated_environment
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convgru_triton import ConvGRU2d, ConvGRU3d, ConvGRUCell2d, ConvGRUCell3d, SepConvGRUCell2d, functional
 from convgru_triton._conv import ConvSpec, conv_same
 from convgru_triton._layout import LAYOUT_ENV_VAR, internal_memory_format
+from convgru_triton._settings import override
 from convgru_triton.ops.naive import conv_gru_cell_ref, conv_gru_sequence_ref
 
 from _tolerance import assert_all_close_to_reference
@@ -35,9 +37,9 @@ CONV_OPS = {"aten.convolution.default", "aten.convolution_backward.default"}
 
 
 @pytest.fixture
-def layout(monkeypatch):
-    """Sets CONVGRU_TRITON_LAYOUT for the test (read at every call: it is in the plan keys)."""
-    return lambda value: monkeypatch.setenv(LAYOUT_ENV_VAR, value)
+def layout(package_settings):
+    """Sets the layout setting for the test (its generation is in the plan keys)."""
+    return lambda value: package_settings(layout=value)
 
 
 def _stride_order(t: torch.Tensor):
@@ -103,26 +105,33 @@ def _float64_leaf(t):
 
 # --- the policy ---------------------------------------------------------------
 
-def test_policy_default_and_override(monkeypatch):
+def test_policy_default_and_override():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv(LAYOUT_ENV_VAR, raising=False)
-    assert internal_memory_format(cuda, torch.bfloat16, 2) == torch.channels_last
-    assert internal_memory_format(cuda, torch.float16, 3) == torch.channels_last_3d
-    assert internal_memory_format(cuda, torch.float32, 2) is None
-    assert internal_memory_format(cpu, torch.bfloat16, 2) is None
-    assert internal_memory_format(cuda, torch.bfloat16, 1) is None
-    monkeypatch.setenv(LAYOUT_ENV_VAR, "channels_last")
-    assert internal_memory_format(cpu, torch.float64, 2) == torch.channels_last
-    assert internal_memory_format(cpu, torch.float32, 1) is None
-    monkeypatch.setenv(LAYOUT_ENV_VAR, "keep")
-    assert internal_memory_format(cuda, torch.bfloat16, 2) is None
+    with override(layout="auto"):
+        assert internal_memory_format(cuda, torch.bfloat16, 2) == torch.channels_last
+        assert internal_memory_format(cuda, torch.float16, 3) == torch.channels_last_3d
+        assert internal_memory_format(cuda, torch.float32, 2) is None
+        assert internal_memory_format(cpu, torch.bfloat16, 2) is None
+        assert internal_memory_format(cuda, torch.bfloat16, 1) is None
+    with override(layout="channels_last"):
+        assert internal_memory_format(cpu, torch.float64, 2) == torch.channels_last
+        assert internal_memory_format(cpu, torch.float32, 1) is None
+    with override(layout="keep"):
+        assert internal_memory_format(cuda, torch.bfloat16, 2) is None
 
 
-def test_bad_setting_names_the_variable(layout, device):
-    layout("nhwc")
+def test_bad_setting_names_the_variable(device):
     cell = ConvGRUCell2d(3, 4, 3, device=device)
-    with pytest.raises(ValueError, match=f"{LAYOUT_ENV_VAR} must be one of auto, channels_last, keep, got 'nhwc'"):
-        cell(torch.randn(2, 3, 5, 7, device=device))
+    with pytest.raises(ValueError, match=f"layout \\({LAYOUT_ENV_VAR}\\) must be one of 'auto', 'channels_last', "
+                                         "'keep' .*got 'nhwc'"):
+        with override(layout="nhwc"):
+            pass
+    with simulated_environment(CONVGRU_TRITON_LAYOUT="nhwc"):
+        with pytest.raises(ValueError, match=f"environment variable {LAYOUT_ENV_VAR} must be one of 'auto', "
+                                             "'channels_last', 'keep' .*got 'nhwc'"):
+            cell(torch.randn(2, 3, 5, 7, device=device))
+        with override(layout="keep"):  # an override of the setting lifts the error of its variable
+            cell(torch.randn(2, 3, 5, 7, device=device))
 
 
 # --- the cell -----------------------------------------------------------------
@@ -409,10 +418,10 @@ def test_not_applied_under_compile(layout, device):
     assert functional._internal_format(device, torch.float32, 2, None) == torch.channels_last
 
 
-def test_bad_value_raises_inside_vmap_and_jit_trace(layout, device):
+def test_bad_value_raises_inside_vmap_and_jit_trace(environment_at_import, device):
     """Where the policy is not applied (vmap, jit.trace), a bad value still
     raises, as it does in eager mode, rather than being ignored there."""
-    layout("nhwc")
+    environment_at_import(CONVGRU_TRITON_LAYOUT="nhwc")
     x = torch.randn(2, 4, 3, 5, 7, device=device)  # a sequence (T=2, N=4), or vmapped cell inputs (N=4)
     for module in (ConvGRU2d(3, 4, 3, device=device), ConvGRUCell2d(3, 4, 3, device=device)):
         with pytest.raises(ValueError, match="CONVGRU_TRITON_LAYOUT must be one of .*got 'nhwc'"):

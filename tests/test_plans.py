@@ -5,6 +5,7 @@ the checks back."""
 import pytest
 import torch
 
+import convgru_triton
 import convgru_triton._backend as backend_module
 import convgru_triton.functional as functional
 from convgru_triton import ConvGRUCell2d, conv_gru_cell
@@ -95,12 +96,28 @@ def test_forced_triton_rechecks_the_interpreter(monkeypatch, counted_plans):
     assert len(replayed) == 2
 
 
-def test_environment_variable_is_part_of_the_key(monkeypatch, counted_plans, device):
-    cell = ConvGRUCell2d(3, 4, 3, device=device)
+def test_settings_are_part_of_the_key(counted_plans, environment_at_import, device):
+    """A change of the settings brings the checks back; going back to settings
+    planned for before finds their plan again (an override around every call
+    plans once per settings)."""
+    w_ih, w_hh = torch.randn(12, 3, 3, 3, device=device), torch.randn(12, 4, 3, 3, device=device)
     x, h = torch.randn(1, 3, 4, 4, device=device), torch.randn(1, 4, 4, 4, device=device)
-    monkeypatch.setenv(backend_module.ENV_VAR, "torch")
+
+    def cell(x, h):
+        return conv_gru_cell(x, h, w_ih, w_hh)
+
+    with convgru_triton.override_settings(backend="torch"):
+        cell(x, h)
+        cell(x, h)
+    assert len(counted_plans) == 1
     cell(x, h)
-    monkeypatch.setenv(backend_module.ENV_VAR, "nonsense")
+    assert len(counted_plans) == 2
+    for _ in range(3):
+        with convgru_triton.override_settings(backend="torch"):
+            cell(x, h)
+        cell(x, h)
+    assert len(counted_plans) == 2
+    environment_at_import(CONVGRU_TRITON_BACKEND="nonsense")
     with pytest.raises(ValueError, match="CONVGRU_TRITON_BACKEND"):
         cell(x, h)
 

@@ -39,7 +39,7 @@ ALLOWED: Dict[Tuple[str, str], str] = {
     ("test_plans.py", "test_autocast_check_sees_every_device_type"): "about autocast's device types",
     ("test_backend.py", "test_auto_uses_torch_on_cpu"): "the backend rule for CPU tensors (no tensor is made)",
     ("test_backend.py", "test_auto_uses_triton_on_cuda"): "the backend rule for CUDA tensors (no tensor is made)",
-    ("test_backend.py", "test_environment_variable_forces_backend"):
+    ("test_backend.py", "test_backend_setting_forces_backend"):
         "a bad CONVGRU_TRITON_BACKEND raises before the device matters",
     ("test_backend.py", "test_bad_backend_name"): "a bad backend name raises before the device matters",
     ("test_bench_baselines.py", "test_providers_compute_the_same_function"):

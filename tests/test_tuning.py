@@ -52,11 +52,11 @@ def _entry(block, warps, numel=2**20, kernel="gru_reset_after_fwd", dtype="float
 
 
 class Registry:
-    """The three folders of a test, each empty at first; the environment variable
+    """The three folders of a test, each empty at first; the tuning_dir setting
     points at the first one once a file is written there (or ``use_env()``)."""
 
-    def __init__(self, tmp_path, monkeypatch):
-        self.monkeypatch = monkeypatch
+    def __init__(self, tmp_path, package_settings):
+        self.package_settings = package_settings
         self.env = tmp_path / "env"
         self.cache = tmp_path / "xdg" / "convgru_triton" / "tuning"
         self.shipped = tmp_path / "shipped"
@@ -64,7 +64,7 @@ class Registry:
             folder.mkdir(parents=True)
 
     def use_env(self):
-        self.monkeypatch.setenv(_tuning.ENV_DIR, str(self.env))
+        self.package_settings(tuning_dir=str(self.env))
 
     def write(self, folder, doc, name=FAKE_GPU + ".json"):
         if folder == self.env:
@@ -75,10 +75,10 @@ class Registry:
 
 
 @pytest.fixture
-def registry(tmp_path, monkeypatch):
-    reg = Registry(tmp_path, monkeypatch)
-    monkeypatch.delenv(_tuning.ENV_DIR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+def registry(tmp_path, monkeypatch, package_settings, environment_at_import):
+    reg = Registry(tmp_path, package_settings)
+    # No tuning_dir, the user cache under tmp_path (the settings' listener reads the files again).
+    environment_at_import(XDG_CACHE_HOME=str(tmp_path / "xdg"))
     monkeypatch.setattr(_tuning, "SHIPPED_DIR", str(reg.shipped))
     monkeypatch.setattr(_tuning, "_device_key", lambda device: FAKE_GPU if device.type == "cuda" else None)
     _tuning.clear_cache()
@@ -133,7 +133,7 @@ def test_num_stages_read_and_defaulted(registry):
 # ----------------------------------------------------------------------------
 
 
-def test_precedence(registry, monkeypatch):
+def test_precedence(registry, package_settings):
     env = registry.write(registry.env, _doc([_entry(2048, 8)]))
     cache = registry.write(registry.cache, _doc([_entry(512, 4)]))
     shipped = registry.write(registry.shipped, _doc([_entry(256, 2)]))
@@ -143,8 +143,7 @@ def test_precedence(registry, monkeypatch):
         assert _tuning.explain_config("gru_reset_after_fwd", torch.float32, 2**20, GPU).endswith(str(env))
 
         env.unlink()
-        monkeypatch.delenv(_tuning.ENV_DIR)
-        _tuning.clear_cache()
+        package_settings(tuning_dir=None)  # a change of the folder reads the files again
         assert lookup() == LaunchConfig(512, 4)
         assert _tuning.explain_config("gru_reset_after_fwd", torch.float32, 2**20, GPU).endswith(str(cache))
 
@@ -679,9 +678,9 @@ def test_command_rejects_bad_arguments(capsys):
         assert "error" in capsys.readouterr().err
 
 
-def test_command_writes_the_file_the_registry_then_uses(registry, monkeypatch, capsys):
+def test_command_writes_the_file_the_registry_then_uses(registry, monkeypatch, environment_at_import, capsys):
     """A new card: one command, then the package uses its file (GPU calls faked)."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # checked by main(); the kernels are imported already
+    environment_at_import(TRITON_INTERPRET="0")  # checked by main(); the kernels are imported already
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -705,9 +704,9 @@ def test_command_writes_the_file_the_registry_then_uses(registry, monkeypatch, c
     assert lookup(kernel="gru_update_fwd", dtype=torch.float32) == DEFAULT_CONFIG
 
 
-def test_command_refuses_to_time_the_interpreter(monkeypatch, capsys):
+def test_command_refuses_to_time_the_interpreter(monkeypatch, environment_at_import, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    environment_at_import(TRITON_INTERPRET="1")
     assert tune.main(["-q"]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
@@ -809,23 +808,27 @@ def test_bad_fused_sections_skip_the_file_with_a_warning(registry, bad):
     assert lookup() == DEFAULT_CONFIG  # the whole file is skipped, as for any schema error
 
 
-def test_fused_step_mode_values(monkeypatch):
+def test_fused_step_mode_values(environment_at_import):
     pytest.importorskip("triton")
     from convgru_triton.ops import fused_step
 
     for raw, want in ((None, "auto"), ("", "auto"), (" AUTO ", "auto"), ("1", "1"), ("0", "0")):
         assert fused_step.mode(raw if raw is not None else "") == want
-    monkeypatch.setenv(fused_step.ENV_VAR, "yes")
-    with pytest.raises(ValueError, match=r"CONVGRU_TRITON_FUSED_STEP must be one of '1'.*'0'.*'auto'.*'yes'"):
+    with pytest.raises(ValueError, match=r"fused_step \(CONVGRU_TRITON_FUSED_STEP\) must be one of 'auto', '1', "
+                                         r"'0'.*got 'yes'"):
+        fused_step.mode("yes")
+    environment_at_import(CONVGRU_TRITON_FUSED_STEP="yes")
+    with pytest.raises(ValueError, match=r"environment variable CONVGRU_TRITON_FUSED_STEP must be one of 'auto', "
+                                         r"'1', '0'.*got 'yes'"):
         fused_step.mode()
 
 
 @pytest.mark.triton_kernels
-def test_fused_step_bad_env_value_raises_at_the_first_call(monkeypatch, device):
+def test_fused_step_bad_env_value_raises_at_the_first_call(monkeypatch, environment_at_import, device):
     import convgru_triton as cg
     from convgru_triton.ops import conv_gru
 
-    monkeypatch.setenv("CONVGRU_TRITON_FUSED_STEP", "true")
+    environment_at_import(CONVGRU_TRITON_FUSED_STEP="true")
     monkeypatch.setattr(conv_gru, "_PLANS", {})
     gru = cg.ConvGRU2d(2, 3, 3, backend="triton").to(device)
     with pytest.raises(ValueError, match="CONVGRU_TRITON_FUSED_STEP must be one of .*got 'true'"):
@@ -833,18 +836,18 @@ def test_fused_step_bad_env_value_raises_at_the_first_call(monkeypatch, device):
 
 
 @pytest.mark.triton_kernels
-def test_use_fused_follows_mode_and_registry(monkeypatch, device):
+def test_use_fused_follows_mode_and_registry(package_settings, device):
     from convgru_triton._conv import ConvSpec
     from convgru_triton.ops import fused_step
 
     spec = ConvSpec((3, 3), (1, 1))
     h = torch.zeros(2, 4, 5, 6, device=device)
-    monkeypatch.setenv(fused_step.ENV_VAR, "1")
+    package_settings(fused_step="1")
     assert fused_step.use_fused("fwd", False, spec, h) and fused_step.use_fused("bwd", True, spec, h)
     assert not fused_step.use_fused("fwd", False, ConvSpec((3, 3), (1, 1), "reflect"), h)  # supports() is False
-    monkeypatch.setenv(fused_step.ENV_VAR, "0")
+    package_settings(fused_step="0")
     assert not fused_step.use_fused("fwd", False, spec, h)
-    monkeypatch.delenv(fused_step.ENV_VAR)
+    package_settings(fused_step="auto")
     assert not fused_step.use_fused("fwd", False, spec, h)  # auto: the default, cuDNN + gate kernels
     with _tuning.forced_step_path("fused"):  # as a tuned entry saying "fused" would
         assert fused_step.use_fused("fwd", False, spec, h)
@@ -1069,10 +1072,11 @@ def test_command_fused_step_says_which_tiles_it_drops(capsys):
     assert "only the default" in capsys.readouterr().err
 
 
-def test_command_fused_step_writes_the_file_the_registry_then_uses(registry, monkeypatch, capsys):
+def test_command_fused_step_writes_the_file_the_registry_then_uses(registry, monkeypatch, environment_at_import,
+                                                                  capsys):
     """--fused-step on a new card (GPU calls and the timing run faked): the
     choice lands in the user file, next to the gate entries already there."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    environment_at_import(TRITON_INTERPRET="0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

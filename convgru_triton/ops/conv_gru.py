@@ -38,11 +38,11 @@ this module's step backward followed by the input convolution's.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _settings
 from .._conv import ConvSpec, same_conv
 from .._layout import empty_in_layout, is_channels_last
 from . import naive
@@ -189,9 +189,9 @@ def plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: bool) -> 
         # No cache while torch.compile traces (a cache read guards the graph,
         # a write then recompiles it; see _conv.same_conv).
         return _make_plan(spec, reset_after, reverse, use_triton)
-    # The fused step's switch is in the key: setting or clearing it between
-    # calls (a benchmark's providers, the tests) takes effect at the next call.
-    key = (spec, reset_after, reverse, use_triton, os.environ.get(_FUSED_ENV_VAR))
+    # The settings' generation is in the key: override_settings(fused_step=...)
+    # between calls (a benchmark's providers, the tests) takes effect at the next call.
+    key = (spec, reset_after, reverse, use_triton, _settings.generation)
     p = _PLANS.get(key)
     if p is None:
         p = _PLANS[key] = _make_plan(spec, reset_after, reverse, use_triton)
@@ -210,38 +210,34 @@ def _make_plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: boo
 
 # --- Fused step (issue 18): CONVGRU_TRITON_FUSED_STEP and the hooks' switch -------------
 _fused = None  # convgru_triton.ops.fused_step, imported by the first plan that may use it
-_FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"  # = fused_step.ENV_VAR (not imported: it imports Triton)
 FUSED_STEP_MODES = ("1", "0", "auto")  # the values it takes (fused_step_setting)
 
 
 def fused_step_setting(raw: Optional[str] = None) -> str:
-    """``"1"``, ``"0"`` or ``"auto"`` from ``raw`` (default: the environment
-    variable ``CONVGRU_TRITON_FUSED_STEP``; unset or empty is ``"auto"``).
-    Here rather than in :mod:`.fused_step` so that it is checked without
-    importing Triton where Triton is absent.
+    """``"1"``, ``"0"`` or ``"auto"``: the ``fused_step`` setting
+    (``CONVGRU_TRITON_FUSED_STEP`` as read at import, or
+    ``override_settings(fused_step=...)``), or ``raw`` checked the same way
+    when given (empty is ``"auto"``). Here rather than in :mod:`.fused_step`
+    so that it is checked without importing Triton where Triton is absent.
 
     Raises:
-        ValueError: any other value, naming the variable, the values it takes
+        ValueError: a bad value, naming the variable, the values it takes
             and the value given.
     """
     if raw is None:
-        raw = os.environ.get(_FUSED_ENV_VAR)
-    text = (raw or "").strip().lower() or "auto"
-    if text not in FUSED_STEP_MODES:
-        raise ValueError(f"{_FUSED_ENV_VAR} must be one of '1' (fused step), '0' (cuDNN + gate kernels) or "
-                         f"'auto' (unset or empty: the tuning registry decides), got {raw!r}")
-    return text
+        return _settings.get_settings().fused_step
+    return _settings.parse("fused_step", raw)
 
 
 def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
     """Whether a plan may run steps as :mod:`.fused_step`'s kernels
-    (convolution and gate math in one pass), per ``CONVGRU_TRITON_FUSED_STEP``
-    when the plan is made: ``1`` or ``auto`` (also unset or empty) with the
+    (convolution and gate math in one pass), per the ``fused_step`` setting
+    (``CONVGRU_TRITON_FUSED_STEP``) when the plan is made: ``1`` or ``auto`` (also unset or empty) with the
     Triton gate math and a spec those kernels take; ``0`` never. Whether a
     step then does is decided per call by ``fused_step.use_fused`` (under
     ``auto`` the tuning registry, whose default is cuDNN + the gate kernels:
-    no GPU figure of the fused step exists yet). Raises ValueError on any
-    other value of the variable (:func:`fused_step_setting`)."""
+    no GPU figure of the fused step exists yet). Raises ValueError for a bad
+    value of the variable (:func:`fused_step_setting`)."""
     global _fused
     text = fused_step_setting()
     if not use_triton or text == "0" or spec.dims != 2 or spec.padding_mode != "zeros":

@@ -55,14 +55,13 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _tuning
+from .. import _settings, _tuning
 from .._layout import check_kernel_sample_size, empty_in_layout, is_channels_last
 
 # ----------------------------------------------------------------------------
@@ -608,16 +607,32 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
 # constexprs did not change, ``pre_run_hooks``, and knobs it reads at every
 # launch (``knobs.runtime.debug``, ``add_stages_inspection_hook``,
 # ``knobs.compilation.instrumentation_mode`` and ``fpsan_homomorphic_casts`` in
-# Triton 3.9) changed after the first launch; for those,
-# CONVGRU_TRITON_DIRECT_LAUNCH=0 (read at import) turns replay off. So does the
-# Triton interpreter, where kernels are not compiled.
+# Triton 3.9) changed after the first launch; for those, the ``direct_launch``
+# setting "0" (CONVGRU_TRITON_DIRECT_LAUNCH=0 at import, or
+# override_settings(direct_launch="0")) turns replay off. So does the Triton
+# interpreter, where kernels are not compiled.
 # ----------------------------------------------------------------------------
 
-_DIRECT_LAUNCH = (
-    os.environ.get("CONVGRU_TRITON_DIRECT_LAUNCH", "1") != "0"
-    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-    and hasattr(triton, "knobs")  # Triton >= 3.4: knobs.runtime holds the launch hooks
-)
+#: Replay can work here: Triton >= 3.4 (knobs.runtime holds the launch hooks),
+#: and kernels are compiled (not the interpreter).
+_REPLAY_POSSIBLE = hasattr(triton, "knobs") and not _settings.peek_settings().triton_interpret
+
+
+def _direct_launch_wanted(settings: "_settings.Settings") -> bool:
+    return _REPLAY_POSSIBLE and settings.direct_launch != "0"
+
+
+#: Whether launches replay compiled kernels: a plain global, read at every
+#: launch, kept in step with the ``direct_launch`` setting by the listener
+#: below (tests set it directly to force either way).
+_DIRECT_LAUNCH = _direct_launch_wanted(_settings.peek_settings())
+
+
+@_settings.on_change
+def _direct_launch_changed(old: "_settings.Settings", new: "_settings.Settings") -> None:
+    global _DIRECT_LAUNCH
+    if old.direct_launch != new.direct_launch:
+        _DIRECT_LAUNCH = _direct_launch_wanted(new)
 
 
 def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:

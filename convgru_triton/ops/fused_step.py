@@ -100,14 +100,13 @@ fusion too: its tiles are the hidden-only kernels' defaults).
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _tuning
+from .. import _settings, _tuning
 from .._conv import ConvSpec, conv_same
 from . import naive
 from .conv_gru import FUSED_STEP_MODES, fused_step_setting
@@ -115,7 +114,9 @@ from .conv_gru_cell import _sigmoid, _tanh
 
 Tensor = torch.Tensor
 
-#: The environment variable that chooses the fused step: 1, 0 or auto (:data:`MODES`).
+#: The environment variable of the ``fused_step`` setting that chooses the fused
+#: step: 1, 0 or auto (:data:`MODES`). Read at import; ``override_settings(fused_step=...)``
+#: changes the setting at run time.
 ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
 
 #: dtypes the fused step takes (float64 runs under the interpreter in the tests, not selected).
@@ -129,15 +130,15 @@ MODES = FUSED_STEP_MODES
 
 
 def mode(value: Optional[str] = None) -> str:
-    """``"1"``, ``"0"`` or ``"auto"`` from ``value`` (default: the environment
-    variable ``CONVGRU_TRITON_FUSED_STEP``; unset or empty is ``"auto"``):
-    :func:`.conv_gru.fused_step_setting`, which raises ValueError naming the
-    variable, the values it takes and the value given for anything else."""
+    """``"1"``, ``"0"`` or ``"auto"`` from ``value`` (default: the ``fused_step``
+    setting; empty is ``"auto"``): :func:`.conv_gru.fused_step_setting`, which
+    raises ValueError naming the variable, the values it takes and the value
+    given for anything else."""
     return fused_step_setting(value)
 
 
 def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _settings.peek_settings().triton_interpret
 
 
 def supports(spec: ConvSpec, dtype: torch.dtype, device: torch.device) -> bool:
@@ -474,30 +475,31 @@ def _blocks(hidden: int, channels: int, tile: "_tuning.TileConfig") -> Tuple[int
     return block_n, block_k
 
 
-# (mode, direction, reset_after, spec, device, dtype, shape, strides) -> whether the fused path runs
+# (settings generation, direction, reset_after, spec, device, dtype, shape, strides) -> whether the fused path runs
 _DECISIONS: dict = {}
 
 
 def use_fused(direction: str, reset_after: bool, spec: ConvSpec, h: Tensor) -> bool:
     """Whether a step in ``direction`` (``"fwd"`` or ``"bwd"``) on the state
-    ``h`` (N, H, Y, X) runs the fused kernels, per ``CONVGRU_TRITON_FUSED_STEP``:
+    ``h`` (N, H, Y, X) runs the fused kernels, per the ``fused_step`` setting
+    (``CONVGRU_TRITON_FUSED_STEP``):
     ``1`` yes where :func:`supports` holds; ``0`` no; ``auto`` (or unset) as the
     tuning registry says for this GPU, dtype, formulation, direction, kernel
     size and state size (``step_paths``; without an entry cuDNN + the gate
     kernels, the path the committed GPU figures measured: no figure of the
     fused step exists yet). :func:`forward_step` (and the fused backward)
-    consult it and decline when it is False. Cached per (mode, direction,
-    formulation, spec, device, dtype, shape, strides): after the first call a
-    dict look-up. Raises ValueError on a bad ``CONVGRU_TRITON_FUSED_STEP`` or
-    ``direction``."""
-    raw = os.environ.get(ENV_VAR)
-    # _tuning.generation moves when a tuning file may have changed (clear_cache, forced_step_path).
-    key = (raw, _tuning.generation, direction, reset_after, spec, h.device, h.dtype, tuple(h.shape), h.stride())
+    consult it and decline when it is False. Cached per (settings generation,
+    direction, formulation, spec, device, dtype, shape, strides): after the
+    first call a dict look-up. Raises ValueError on a bad
+    ``CONVGRU_TRITON_FUSED_STEP`` or ``direction``."""
+    # _settings.generation moves when a setting changes and when a tuning file
+    # may have changed (clear_cache, forced_step_path).
+    key = (_settings.generation, direction, reset_after, spec, h.device, h.dtype, tuple(h.shape), h.stride())
     decision = _DECISIONS.get(key)
     if decision is None:
         if direction not in _tuning.DIRECTIONS:
             raise ValueError(f"direction must be one of {_tuning.DIRECTIONS}, got {direction!r}")
-        m = mode(raw or "")
+        m = mode()
         if m == "0" or h.dim() != 4 or not supports(spec, h.dtype, h.device):
             decision = False
         elif m == "1":
