@@ -1076,10 +1076,15 @@ def conv_gru_sequence(
     run = _runner(gates_x)
     cast = autocast_dtype(gates_x.device.type)
     if run is None:
-        if cast is None:
-            return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
-        # Under autocast: the operator, whose registered autocast rule casts.
-        run = conv_gru_fwd
+        if cast is not None:
+            # Eager autocast: the operator's autocast rule applied here, then the
+            # same replay as plain eager; the dispatcher's custom-op call costs
+            # 10-30 us with autograd (it stays for compile, export and fakes).
+            device_type = gates_x.device.type
+            gates_x, h0, weight_hh, bias_ih, bias_hh = (
+                autocast_cast(t, device_type, cast) for t in (gates_x, h0, weight_hh, bias_ih, bias_hh)
+            )
+        return _run(plan(spec, reset_after, reverse, use_triton), gates_x, h0, weight_hh, bias_ih, bias_hh, False)
     elif cast is not None and run is not conv_gru_fwd:
         # torch.func (_ConvGRUFunctorch.apply): the Function saves its inputs
         # for its backward, which must see them as the operator's forward did:

@@ -570,15 +570,23 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple,
         x, w_ih = inputs
         x_args, x_strides = (x, w_ih), _strides(x) + _strides(w_ih)
         kw.update(HAS_X=True, C_IN=x.shape[1], BLOCK_KI=_blocks(hidden, x.shape[1], tile)[1])
-    compiled = kernel[grid](*args[:8], *x_args, m, height * width, height, width, hidden, *args[8:], *x_strides,
-                            **kw, **extra)
+    positional = (*args[:8], *x_args, m, height * width, height, width, hidden, *args[8:], *x_strides)
+    kw.update(extra)
+    compiled = kernel[grid](*positional, **kw)
     if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
         _COMPILED.append(compiled)
+    if _RECORD is not None:  # a cell plan binding its launches (convgru_triton._plan)
+        _RECORD.append((kernel, grid, positional, kw, compiled))
 
 
 #: ``None``, or a list the launcher appends each launch's compiled kernel to
 #: (``python -m convgru_triton.tune --fused-step`` drops tiles that spill).
 _COMPILED: Optional[list] = None
+
+#: ``None``, or a list the launchers append ``(kernel, grid, positional
+#: arguments, keyword arguments, compiled kernel)`` of each launch to: a cell
+#: plan records its first step's launches and replays them after.
+_RECORD: Optional[list] = None
 
 
 def forward_step(reset_after: bool, spec: ConvSpec, gx: Optional[Tensor], h: Tensor, weights: Sequence[Tensor],
@@ -809,8 +817,9 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
         block_x = max(8, min(tile.block_m, triton.next_power_of_2(width)))
         tiles = batch * triton.cdiv(height, tile.block_m // block_x) * triton.cdiv(width, block_x)
     (_, pad_bottom), (_, pad_right) = spec.pad_per_dim
-    compiled = kernel[(tiles, triton.cdiv(hidden, block_n))](
-        *pointers, m, height * width, height, width, hidden, *strides,
+    grid = (tiles, triton.cdiv(hidden, block_n))
+    positional = (*pointers, m, height * width, height, width, hidden, *strides)
+    kw = dict(
         C=channels, KH=spec.kernel_size[0], KW=spec.kernel_size[1], DIL_Y=spec.dilation[0],
         DIL_X=spec.dilation[1], PAD_Y=pad_bottom, PAD_X=pad_right,
         BLOCK_M=tile.block_m, BLOCK_X=block_x, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -818,8 +827,11 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
         PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
+    compiled = kernel[grid](*positional, **kw)
     if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
         _COMPILED.append(compiled)
+    if _RECORD is not None:
+        _RECORD.append((kernel, grid, positional, kw, compiled))
 
 
 def backward_step(reset_after: bool, spec: ConvSpec, math, grad: Tensor, grad2: Optional[Tensor], h: Tensor,
