@@ -39,7 +39,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from . import _settings, _tuning
+from . import _backend, _settings, _tuning
 from ._backend import select_backend
 from ._conv import ConvSpec, same_conv
 from ._layout import empty_in_layout, is_channels_last
@@ -198,9 +198,10 @@ class _WeightCasts:
 
     def _make(self, i: int, w: Tensor, version) -> Tensor:
         value = w
+        fmt = self.fmt if self.fmt is not None and w.dim() in (4, 5) else None
         if self.dtype is not None and w.dtype != self.dtype and w.dtype is not torch.float64:
-            value = w.to(dtype=self.dtype, memory_format=self.fmt or torch.preserve_format)
-        elif self.fmt is not None and w.dim() in (4, 5):
+            value = w.to(dtype=self.dtype, memory_format=fmt or torch.preserve_format)
+        elif fmt is not None:
             value = w.contiguous(memory_format=self.fmt)
         self.sources[i], self.versions[i], self.values[i] = w, version, value
         return value
@@ -236,6 +237,9 @@ class CellPlan:
     the eager backend, unbatched input, padding modes other than zeros, and
     whatever the bound paths do not cover)."""
 
+    #: Triton forced on CPU tensors: valid only while the interpreter is on (see cell_forward)
+    recheck = False
+
     def __init__(self, path: str, **facts):
         self.path = path
         self.__dict__.update(facts)
@@ -252,12 +256,14 @@ def _general(module, x, hx):
 def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     """Check the call (the checks of the general path, raising on bad input)
     and decide everything a step of this signature needs."""
-    from .functional import _plan_cell
+    from .functional import _cached_cell_plan
 
     params = module._parameters
     w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
-    general = _plan_cell(x, hx, w_ih, w_hh, b_ih, b_hh, module.reset_after, module.padding_mode,
-                         module.dilation, module.backend)
+    # The general path's checks and plan, kept where the general path finds
+    # them (a call that this plan hands to it is not checked twice).
+    general = _cached_cell_plan(x, hx, w_ih, w_hh, b_ih, b_hh, module.reset_after, module.padding_mode,
+                                module.dilation, module.backend)
     spec = general.spec
     if (not general.use_triton or not general.batched or general.step is None or spec.padding_mode != "zeros"
             or x.device.type == "meta" or (hx is not None and hx.dtype != x.dtype and cast is None)):
@@ -293,6 +299,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         state_shape=(n, hidden) + spatial, gates_shape=(n, 3 * hidden) + spatial,
         state_channels_last=None,  # the state's layout: known at the first step (_layout_of_state)
         launches={},
+        recheck=general.recheck_backend,
         sites=_gate_sites(b_ih is not None, grad),
         bindable=bindable,
         cast_w=cast is not None or fmt is not None,
@@ -823,6 +830,8 @@ def cell_forward(module, x, hx):
         p = plans[key] = _build(module, x, hx, grad, cast)
     if p.path == _GENERAL:
         return _general(module, x, hx)
+    if p.recheck and not _backend._interpreter_enabled():
+        select_backend(x.device, module.backend)  # the interpreter was switched off since: raises
     return run(p, x, hx, w_ih, w_hh, b_ih, params["bias_hh"])
 
 
@@ -970,6 +979,8 @@ def sep_forward(module, x, hx):
         sp = plans[key] = _build_sep(module, x, hx, grad, cast)
     if sp.general:
         return _sep_general(module, x, hx)
+    if sp.first.recheck and not _backend._interpreter_enabled():
+        select_backend(x.device, modules["horizontal"].backend)  # the interpreter was switched off since: raises
     if sp.cast_x:
         x = x.to(**sp.options)
     if sp.cast_h:

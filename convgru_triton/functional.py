@@ -259,9 +259,17 @@ def conv_gru_cell(
         cell_plan = _plan_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, padding_mode,
                                dilation, backend)
         return _replay_cell(cell_plan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
-    # Everything the checks look at is in the key; a call with the same facts
-    # as a checked one skips the checks and replays that call's plan (RAFT
-    # steps a cell 12-32 times per frame pair with the same shapes).
+    cell_plan = _cached_cell_plan(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, padding_mode,
+                                  dilation, backend)
+    return _replay_cell(cell_plan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+
+
+def _cached_cell_plan(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, padding_mode, dilation,
+                      backend) -> "_CellPlan":
+    """The :class:`_CellPlan` of a call: the one of an earlier call with the
+    same facts (the checks are skipped), else checked and planned now."""
+    # Everything the checks look at is in the key (RAFT steps a cell 12-32
+    # times per frame pair with the same shapes).
     try:
         key = (
             input.shape, input.dtype, input.device,
@@ -288,7 +296,7 @@ def conv_gru_cell(
             _CELL_PLANS[key] = cell_plan
     elif cell_plan.recheck_backend and not _backend._interpreter_enabled():
         select_backend(input.device, backend)  # the interpreter was switched off since: raises
-    return _replay_cell(cell_plan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    return cell_plan
 
 
 class _CellPlan(NamedTuple):

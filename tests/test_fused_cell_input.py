@@ -292,8 +292,10 @@ def test_three_steps_feeding_h_back(device, package_settings, launches):
 
 @pytest.mark.triton_kernels
 def test_autocast(device, package_settings, launches):
-    """Under autocast float16: float32 tensors decline (autocast's casts are
-    today's path's); float16 tensors, already in the autocast dtype, run fused."""
+    """Under autocast float16 the cell's plan casts the float32 input and
+    weights once (autocast's rule) and runs the fused step with its input
+    convolution, as plain eager after the cast; float16 tensors, already in
+    the autocast dtype, run fused without a cast."""
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1)
     results = {}
@@ -302,7 +304,7 @@ def test_autocast(device, package_settings, launches):
         with torch.autocast(device.type, dtype=torch.float16):
             results[mode] = module(x)
     assert results["1"].dtype == torch.float16
-    assert not any(with_x for with_x, _ in launches)
+    assert launches and all(with_x and ran for with_x, ran in launches)
     torch.testing.assert_close(results["1"], results["0"], **TOLERANCE[torch.float16])
     module.half()
     with torch.autocast(device.type, dtype=torch.float16):
@@ -354,28 +356,29 @@ def test_compile_and_vmap_decline(device, package_settings, launches):
 
 
 @pytest.mark.triton_kernels
-def test_default_auto_does_not_try_the_fused_cell_step(device, monkeypatch, package_settings):
+def test_default_auto_does_not_try_the_fused_cell_step(device, package_settings, launches):
     """Under auto with no tuning file naming the fused path (every GPU today)
-    the cell's plan says no once, and no call tries the fused input
-    convolution (the attempt cost 3-10 us of host time per call); a path
-    forced to "fused", as a tuned entry would, and =1 do try it."""
+    the cell's plan decides once for cuDNN + the gate kernels, and no call
+    tries the fused step; a path forced to "fused", as a tuned entry would,
+    and =1 make plans that run it."""
     from convgru_triton import _tuning
 
-    tried = []
-    real = conv_gru.fused_cell_step
-    monkeypatch.setattr(functional, "fused_cell_step", lambda *a: tried.append(1) or real(*a))
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+
+    def paths():
+        return sorted(p.path for p in module.__dict__["_cell_plans"].values())
+
     package_settings(fused_step="auto")
     for _ in range(2):
         module(x, h)
-    assert tried == []
+    assert launches == [] and paths() == ["gates"]
     with _tuning.forced_step_path("fused"):
         module(x, h)
-    assert tried == [1]
+    assert launches == [(True, True)] and paths() == ["fused", "gates"]
     _set_mode(package_settings, "1")
     module(x, h)
-    assert tried == [1, 1]
+    assert launches == [(True, True)] * 2 and paths() == ["fused", "fused", "gates"]
 
 
 # ----------------------------------------------------------------------------
@@ -439,6 +442,7 @@ def sm90_kernels():
 REGISTER_HEADROOM = 32
 
 
+@pytest.mark.slow
 def test_sm90_every_variant_compiles(sm90_kernels):
     got = {(k["name"], k["layout"], k["kernel"]) for k in sm90_kernels}
     want = {(n, lay, ks) for n in ("_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel")
@@ -447,6 +451,7 @@ def test_sm90_every_variant_compiles(sm90_kernels):
     assert all(k["has_x"] for k in sm90_kernels)
 
 
+@pytest.mark.slow
 def test_sm90_wgmma_no_spills_registers(sm90_kernels):
     rows = [f"{k['name']} {k['layout']} {k['kernel']}: {k['regs']} registers, stack {k['stack']} B, "
             f"local {k['local']} B, {k['wgmma']} wgmma" for k in sm90_kernels]

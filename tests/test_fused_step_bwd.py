@@ -82,6 +82,22 @@ def bwd_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def dgrad_launches(monkeypatch):
+    """The fused dgrad kernels launched, in order (by kernel name): every
+    fused backward step launches them, from the sequence operator
+    (``fused_step.backward_step``) or from a cell's plan."""
+    calls = []
+    launch = fused_step._launch_dgrad
+
+    def counted(kernel, *args, **kwargs):
+        calls.append(kernel.__name__)
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fused_step, "_launch_dgrad", counted)
+    return calls
+
+
 def _rand(gen, device, dtype, *shape, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
@@ -260,7 +276,7 @@ def _module_grads(module, x, h0, fused, package_settings):
 
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("kind", ["cell-reset_before-cl", "cell-reset_after", "bidirectional-reset_before"])
-def test_modules_input_gradient(device, package_settings, bwd_calls, kind):
+def test_modules_input_gradient(device, package_settings, dgrad_launches, kind):
     import convgru_triton as cg
 
     what, form, *cl = kind.split("-")
@@ -277,7 +293,9 @@ def test_modules_input_gradient(device, package_settings, bwd_calls, kind):
         x, h0 = torch.randn(2, 2, 3, 6, 5, device=device), torch.randn(2, 2, 6, 6, 5, device=device)
         steps = 2 * x.shape[0]  # both directions
     grad, *got = _module_grads(module, x, h0, True, package_settings)
-    assert bwd_calls == [True] * steps, "the fused backward did not run at every step"
+    per_step = ["_conv_dgrad_bwd_kernel"] if reset_after else ["_conv_dgrad_reset_gate_bwd_kernel",
+                                                               "_conv_dgrad_bwd_kernel"]
+    assert dgrad_launches == per_step * steps, "the fused backward did not run at every step"
     _, *default = _module_grads(module, x, h0, False, package_settings)
     assert set(got[2]) == set(default[2]) and got[2]
     # The fused and the default backward are two algorithms: each against float64.
@@ -384,6 +402,7 @@ def sm90_kernels():
     return compile_for_sm90(_CODEGEN, "the fused backward kernels")
 
 
+@pytest.mark.slow
 def test_sm90_every_kernel_compiles(sm90_kernels):
     got = sorted((k["name"], k["dtype"], k["C"], k["bx"] == 0) for k in sm90_kernels)
     want = sorted((name, dtype, c, cl) for dtype, cl in (("*bf16", False), ("*bf16", True), ("*fp16", True))
@@ -392,11 +411,13 @@ def test_sm90_every_kernel_compiles(sm90_kernels):
     assert got == want
 
 
+@pytest.mark.slow
 def test_sm90_uses_wgmma(sm90_kernels):
     bad = [f"{k['name']} {k['dtype']} C={k['C']}" for k in sm90_kernels if k["wgmma"] == 0]
     assert not bad, "no wgmma.mma_async in the PTX (no Hopper tensor cores):\n" + "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_sm90_no_spills(sm90_kernels):
     bad = [f"{k['name']} {k['dtype']} C={k['C']}: {k['regs']} registers, stack {k['stack']} B, local {k['local']} B"
            for k in sm90_kernels if k["stack"] or k["local"]]

@@ -72,27 +72,37 @@ def test_unhashable_arguments_take_the_checked_path(counted_plans, device):
     assert torch.equal(conv_gru_cell(x, h, w_ih, w_hh, dilation=(1, 2)), a)
 
 
-def test_forced_triton_rechecks_the_interpreter(monkeypatch, counted_plans):
+@pytest.mark.parametrize("form", ["functional", "module"])
+def test_forced_triton_rechecks_the_interpreter(monkeypatch, counted_plans, form):
     """A cached plan for Triton on CPU tensors (the interpreter) is refused once
-    the interpreter is off, as the first call would have been.
+    the interpreter is off, as the first call would have been: the functional
+    form's plan and a module's cell plan alike.
 
     About CPU tensors by definition, so on the CPU on every machine. The
     interpreter is only pretended on: the step itself (the replay of the plan,
     the kernels) is replaced, as what is tested is the checks around it, and
     compiled kernels cannot run on CPU tensors."""
+    from convgru_triton import _plan
+
     cpu = torch.device("cpu")
     replayed = []
     monkeypatch.setattr(functional, "_replay_cell", lambda cell_plan, *args: replayed.append(cell_plan))
+    monkeypatch.setattr(_plan, "run", lambda p, *args: replayed.append(p))
     cell = ConvGRUCell2d(3, 4, 3, backend="triton", device=cpu)
     x, h = torch.randn(1, 3, 4, 4, device=cpu), torch.randn(1, 4, 4, 4, device=cpu)
+    if form == "functional":
+        def step(x, h):
+            return conv_gru_cell(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, backend="triton")
+    else:
+        step = cell
     monkeypatch.setattr(backend_module, "_interpreter_enabled", lambda: True)
-    cell(x, h)
-    cell(x, h)  # the cached plan, replayed
+    step(x, h)
+    step(x, h)  # the cached plan, replayed
     assert len(counted_plans) == 1 and len(replayed) == 2
-    assert replayed[0].use_triton and replayed[0].recheck_backend
+    assert replayed[0].recheck if form == "module" else replayed[0].use_triton and replayed[0].recheck_backend
     monkeypatch.setattr(backend_module, "_interpreter_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
-        cell(x, h)
+        step(x, h)
     assert len(replayed) == 2
 
 
