@@ -75,7 +75,7 @@ def cat_channels(sequences: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([s.movedim(2, -1) for s in sequences], dim=-1).movedim(-1, 2)
 
 
-# --- Internal layout policy (issue 18, item 1) --------------------------------
+# --- Internal layout policy -----------------------------------------------------
 
 LAYOUT_ENV_VAR = "CONVGRU_TRITON_LAYOUT"
 # The tensor-core dtypes the policy's default targets on CUDA.

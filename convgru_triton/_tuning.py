@@ -509,7 +509,7 @@ def forced_config(cfg: LaunchConfig) -> Iterator[LaunchConfig]:
 
 
 # ----------------------------------------------------------------------------
-# The fused step (issue 18): which path a step takes, and the fused kernels' tiles
+# The fused step: which path a step takes, and the fused kernels' tiles
 # ----------------------------------------------------------------------------
 #
 # Two optional lists of a tuning file (schema 1; files without them stay valid):
@@ -524,8 +524,8 @@ def forced_config(cfg: LaunchConfig) -> Iterator[LaunchConfig]:
 #: convolution followed by the gate kernels.
 STEP_PATHS = ("fused", "cudnn")
 #: The path without a tuned entry. "cudnn": no committed GPU figure of the fused
-#: step exists yet (bench/results holds only cuDNN + gate kernel runs, commit
-#: 3046799 on an H200), so the measured-faster path is today's.
+#: step exists yet (bench/results holds only cuDNN + gate-kernel runs, on an
+#: H200), and a path is the default only where a GPU figure shows it faster.
 DEFAULT_STEP_PATH = "cudnn"
 DIRECTIONS = ("fwd", "bwd")
 #: The fused kernels whose tiles the registry holds (names as in ops/fused_step.py,

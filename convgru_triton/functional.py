@@ -386,7 +386,7 @@ def _replay_cell(p: _CellPlan, input, hx, weight_ih, weight_hh, bias_ih, bias_hh
         weight_ih, weight_hh = _to_internal(weight_ih, fmt, p.cast), _to_internal(weight_hh, fmt, p.cast)
     h_new = None
     if p.fused_cell:
-        # Issue 18: W_ih * x inside the fused step's kernels (eager only, where
+        # W_ih * x inside the fused step's kernels (eager only, where
         # fused_step.use_fused says so; None where it does not apply).
         h_new = fused_cell_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, p.step)
     if h_new is None:

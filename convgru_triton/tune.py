@@ -619,7 +619,7 @@ def _read_existing(path: str) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------
-# The fused step (issue 18): fused kernels or cuDNN + gate kernels, and their tiles
+# The fused step: fused kernels or cuDNN + gate kernels, and their tiles
 # ----------------------------------------------------------------------------
 
 #: RAFT's update step: N=6 on the 1/8 map of a 368x496 crop, hidden 128.
@@ -638,7 +638,7 @@ SEQUENCE_STEPS = (
 # threads each, sm_90, Triton 3.9); 64x64 or 128x32 at 8 warps make 536, 4.06
 # waves at one per SM (162-175 registers x 256 threads), 2.03 at two. Which
 # wins depends on the occupancy the GPU reaches, so it is measured, not
-# assumed; a persistent grid and split-K are not built (issue 18).
+# assumed; a persistent grid and split-K are not built.
 DEFAULT_BLOCK_M = (64, 128)
 DEFAULT_BLOCK_N = (32, 64)
 DEFAULT_FUSED_WARPS = (4, 8)

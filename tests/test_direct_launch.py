@@ -228,6 +228,43 @@ SCRIPT = textwrap.dedent(
     hooked = [describe(c) for c in calls[hooked_first:]]
     del calls[hooked_first:]
     result["hooked"] = dict(calls=hooked)
+    # The files a step's call enters, from the module down to the launches,
+    # once its plan is bound: each at most once (the decision layer decides,
+    # nothing below it asks again).
+    def files_entered(fn):
+        seq = []
+
+        def profile(frame, event, arg):
+            if event == "call" and "convgru_triton" in frame.f_code.co_filename:
+                name = frame.f_code.co_filename.split("convgru_triton")[-1]
+                if not seq or seq[-1] != name:
+                    seq.append(name)
+
+        sys.setprofile(profile)
+        try:
+            fn()
+        finally:
+            sys.setprofile(None)
+        return seq
+
+    entered = {}
+    for fused in ("1", "0"):
+        with convgru_triton.override_settings(fused_step=fused):
+            for name, module in (("cell", ConvGRUCell2d(3, 4, 3, backend="triton")),
+                                 ("sep", SepConvGRUCell2d(3, 4, backend="triton"))):
+                x, h = torch.randn(2, 3, 5, 8), torch.randn(2, 4, 5, 8)
+                hg = h.clone().requires_grad_()
+                for _ in range(2):  # planned and bound
+                    with torch.no_grad():
+                        module(x, h)
+                    module(x, hg).sum().backward()
+                with torch.no_grad():
+                    entered[f"{name} fused={fused} no_grad"] = files_entered(lambda: module(x, h))
+                out = [None]
+                entered[f"{name} fused={fused} forward"] = files_entered(lambda: out.__setitem__(0, module(x, hg)))
+                entered[f"{name} fused={fused} backward"] = files_entered(lambda: out[0].sum().backward())
+    del calls[hooked_first:]
+    result["files"] = entered
     result["fused"] = dict(calls=[describe(without_empty_hooks(c)) for c in calls[first:]],
                            binder_per_round=per_round,
                            fused_compiles=sum(1 for name in compiled_names if name in fused_names))
@@ -307,3 +344,14 @@ def test_bound_launches_pass_launch_hooks_and_metadata():
     assert len(on["calls"]) == len(off["calls"]) > 0
     assert on["calls"] == off["calls"]
     assert all(call[6] != "no launch hooks" and call[7] is not None for call in on["calls"])
+
+
+def test_a_bound_step_enters_each_file_once():
+    """Followed from the module down to the launches, a bound step's call
+    enters each of the package's files once: the module's, then the plan's,
+    whose steps launch the compiled kernels themselves."""
+    files = _run("on")["files"]
+    assert len(files) == 12
+    for what, seq in files.items():
+        assert len(seq) == len(set(seq)), f"{what}: {seq}"
+        assert set(seq) <= {"/modules.py", "/separable.py", "/_plan.py"}, f"{what}: {seq}"

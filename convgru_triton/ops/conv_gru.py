@@ -177,7 +177,7 @@ class Plan(NamedTuple):
     conv: Callable  # (x, weight) -> weight * x, 'same' padded
     conv_backward: Callable  # (grad, x, weight, need_input, need_weight) -> (d_x, d_weight)
     op_args: tuple  # (kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
-    fused_step: bool = False  # this plan may use the fused step (issue 18): see _fused_step_wanted
+    fused_step: bool = False  # this plan may use the fused step: see _fused_step_wanted
 
 
 _PLANS: dict = {}
@@ -208,7 +208,7 @@ def _make_plan(spec: ConvSpec, reset_after: bool, reverse: bool, use_triton: boo
     )
 
 
-# --- Fused step (issue 18): CONVGRU_TRITON_FUSED_STEP and the hooks' switch -------------
+# --- Fused step: the fused_step setting and the hooks' switch -------------
 _fused = None  # convgru_triton.ops.fused_step, imported by the first plan that may use it
 FUSED_STEP_MODES = ("1", "0", "auto")  # the values it takes (fused_step_setting)
 
@@ -330,7 +330,7 @@ def _step_forward(p: Plan, math, gx: Tensor, h: Tensor, weights, bias_ih, bias_h
     within the step; n is then not stored). ``math``: ``p.math`` bound to the call."""
     if p.fused_step and _fused.forward_step(p.reset_after, p.spec, gx, h, weights, bias_ih, bias_hh, state,
                                             gates, aux, save):
-        return  # fused step (issue 18; use_fused chose it): wrote what the lines below write
+        return  # fused step (use_fused chose it): wrote what the lines below write
     conv = p.conv
     if p.reset_after:
         math.reset_after_fwd(gx, conv(h, weights[0]), h, bias_ih, bias_hh, h_new=state, gates=gates, aux=aux)
@@ -413,7 +413,7 @@ def _step_backward(p: Plan, math, grad: Tensor, grad2: Optional[Tensor], h: Tens
     conv_backward = p.conv_backward
     if p.fused_step and _fused.backward_step(p.reset_after, p.spec, math, grad, grad2, h, weights, gates, aux,
                                              d_gx, d_gh, d_h):
-        # Fused dgrad + gate backward (issue 18) wrote d_gx, d_gh, d_h; wgrad stays on cuDNN.
+        # Fused dgrad + gate backward wrote d_gx, d_gh, d_h; wgrad stays on cuDNN.
         dys, xs = ((d_gh,), (h,)) if p.reset_after else ((d_rz, d_n), (h, aux))
         return tuple(conv_backward(dy, x, w, False, True)[1] if with_weights else None
                      for dy, x, w in zip(dys, xs, weights))
@@ -746,7 +746,7 @@ def _run(p: Plan, gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_ih, bias_
 
 
 # ----------------------------------------------------------------------------
-# The one-step cell with its input convolution inside the fused step (issue 18)
+# The one-step cell with its input convolution inside the fused step
 # ----------------------------------------------------------------------------
 
 
@@ -812,7 +812,7 @@ def fused_cell_step(x: Tensor, h: Optional[Tensor], weight_ih: Tensor, weight_hh
     """One cell step with the input convolution inside the fused step's
     kernels (:func:`.fused_step.forward_step` with ``x`` and ``weight_ih``),
     differentiable (:class:`_FusedCellFunction`), or ``None``, having run
-    nothing, where that does not apply: the caller then runs today's path
+    nothing, where that does not apply: the caller then runs the cuDNN + gate-kernel path
     (``W_ih * x`` by cuDNN, then :func:`conv_gru_step`). ``x`` (N, C_in, Y,
     X), ``h`` (N, H, Y, X) or ``None`` (zeros, made here in x's layout, or
     W_ih's when that is channels_last, as the convolution's output would be),
@@ -825,7 +825,7 @@ def fused_cell_step(x: Tensor, h: Optional[Tensor], weight_ih: Tensor, weight_hh
     state, with every tensor of one dtype and device; under autocast only
     when that dtype is already the autocast dtype (the layout policy's copies
     make it so on CUDA in float16/bfloat16; float32 biases are cast here),
-    else autocast's casts are today's path's."""
+    else autocast's casts are the cuDNN + gate-kernel path's."""
     if not p.fused_step or x.dim() != 4:
         return None
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state()
@@ -1129,10 +1129,11 @@ def conv_gru_step_compiled(gates_x: Tensor, h: Tensor, weight_hh: Tensor, bias_i
     own, forward and backward, in the layouts it chooses, and launches from
     its generated code. The operator would stay an opaque node with a Python
     dispatch per step: on the host (CPU, GPU work stubbed, bench/host_overhead)
-    a compiled 12-step loop of that cost 1.6-2.2x eager (at 2d1ac7c), and
-    on an H200 the compiled cell ran 0.23-0.44x as fast as eager (issue 16's
-    independent harness at commit 3046799); the traced math costs 0.41-0.48x
-    (bench/results/host_overhead-cpu-compiled.md, the loop row). Sequences
+    a compiled 12-step loop of that cost 1.6-2.2x eager, and on an H200
+    the compiled cell ran 0.23-0.44x as fast as eager
+    (bench/results/gpu_check-nvidia-h200-2026-12-04.md); the traced math
+    costs 0.41-0.48x (bench/results/host_overhead-cpu-compiled.md, the loop
+    row). Sequences
     keep the operator (compile time would grow with T).
 
     Under autocast the inputs get the operators' autocast rule

@@ -659,8 +659,8 @@ def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
 # (and the first launch of a specialization goes through them, keeping what it
 # compiled). Measured with the kernels stubbed (bench/host_overhead.py, the
 # "inside" column): a no-grad ConvGRUCell2d step spent 73 us in its two
-# launches with the general launchers alone (commit 6fcd22e), 37 us with the
-# bound launches, the bind included (commit 0d20d37).
+# launches with the general launchers alone, 37 us with the bound launches,
+# the bind included.
 # ----------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The fused ConvGRU step: hidden convolution and gate math in one pass,
 forward and backward (the backward's data gradient; section "Backward").
 
-Issue 18 ("a fused ConvGRU step"). Kernels, launchers and the selection
+Kernels, launchers and the selection
 (:func:`use_fused`) live together in this file; the references they are
 checked against are the ``*_ref`` functions of :mod:`.naive`.
 
@@ -71,7 +71,7 @@ transposed, flipped weight, with the gate backward in its epilogue:
 backward) then ``_conv_dgrad_bwd_kernel`` (dgrad of W_hrz, added to dL/dh);
 with ``reset_after`` the latter alone over the 3H channels of d_gh. The
 elementwise first kernel of the step (``update_bwd``/``reset_after_bwd``)
-and the weight gradient (wgrad, cuDNN) are today's.
+and the weight gradient (wgrad, cuDNN) are the cuDNN + gate-kernel path's.
 
 The one-step cell's input convolution (``HAS_X``; :func:`forward_step` with
 ``x`` and ``weight_ih``, from ``conv_gru.fused_cell_step``): the three forward
@@ -91,7 +91,7 @@ compile for sm_90 to 80-143 registers, with wgmma and no spills
 (``conv_gru._backward_step``) followed by cuDNN's convolution backward for
 d_x and d_W_ih.
 
-Not yet (issue 18): wgrad as a Triton kernel, the input convolution inside
+Not built: wgrad as a Triton kernel, the input convolution inside
 the sequence operator (it stays one batched cuDNN call over all steps), a
 tuned or persistent grid, pre-packed weights (the weight tile is gathered with
 the weight's own strides), and any GPU measurement (of the cell's input
@@ -109,7 +109,6 @@ import triton.language as tl
 from .. import _settings, _tuning
 from .._conv import ConvSpec, conv_same
 from . import naive
-from .conv_gru import FUSED_STEP_MODES, fused_step_setting
 from .conv_gru_cell import _sigmoid, _tanh
 
 Tensor = torch.Tensor
@@ -126,15 +125,21 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: The values ``CONVGRU_TRITON_FUSED_STEP`` takes: ``1`` force the fused step
 #: where :func:`supports` holds, ``0`` force cuDNN + the gate kernels, ``auto``
 #: (also unset or empty) the tuning registry decides per shape (:func:`use_fused`).
-MODES = FUSED_STEP_MODES
+MODES = ("1", "0", "auto")
 
 
 def mode(value: Optional[str] = None) -> str:
     """``"1"``, ``"0"`` or ``"auto"`` from ``value`` (default: the ``fused_step``
-    setting; empty is ``"auto"``): :func:`.conv_gru.fused_step_setting`, which
-    raises ValueError naming the variable, the values it takes and the value
-    given for anything else."""
-    return fused_step_setting(value)
+    setting; empty is ``"auto"``), checked as :mod:`convgru_triton._settings`
+    checks it.
+
+    Raises:
+        ValueError: anything else, naming the variable, the values it takes
+            and the value given.
+    """
+    if value is None:
+        return _settings.get_settings().fused_step
+    return _settings.parse("fused_step", value)
 
 
 def _interpreter_enabled() -> bool:
@@ -608,7 +613,7 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Optional[Tensor], h: Ten
     Returns ``False``, having written nothing, where these kernels do not
     apply or are not chosen (:func:`use_fused` with ``"fwd"``: the mode,
     :func:`supports`, the registry's decision; mixed dtypes, a sample too
-    large for 32-bit offsets): the caller then runs today's path.
+    large for 32-bit offsets): the caller then runs cuDNN + the gate kernels.
 
     The one-step cell (:func:`convgru_triton.functional.conv_gru_cell`) passes
     its input ``x`` (N, C_in, Y, X) and ``weight_ih`` (3H, C_in, kh, kw; the
@@ -851,7 +856,7 @@ def backward_step(reset_after: bool, spec: ConvSpec, math, grad: Tensor, grad2: 
     Returns ``False``, having written nothing, where these kernels do not apply
     or are not chosen (:func:`use_fused` with ``"bwd"``: the mode,
     :func:`supports`, the registry; mixed dtypes or devices, a sample too large
-    for 32-bit offsets): the caller then runs today's path."""
+    for 32-bit offsets): the caller then runs cuDNN + the gate kernels."""
     if h.dim() != 4 or not use_fused("bwd", reset_after, spec, h):
         return False
     dtype, device = h.dtype, h.device
