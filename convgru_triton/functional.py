@@ -121,7 +121,10 @@ def _check_same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
     if cast is None:
         if t.dtype != ref.dtype:
-            raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+            hint = ""
+            if name == "input" and ref_name == "weight_ih":
+                hint = f": convert the input (input.to({ref.dtype})) or the parameters (module.to({t.dtype}))"
+            raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}{hint}")
     elif autocast_result_dtype(t.dtype, cast) != autocast_result_dtype(ref.dtype, cast):
         raise ValueError(
             f"{name} must have the same dtype as {ref_name} after autocast's cast to {cast} (which leaves "

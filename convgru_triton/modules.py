@@ -48,6 +48,24 @@ def _init_uniform(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+# Arguments of torch.nn.Conv2d that a ConvGRU cannot take, and why.
+_UNSUPPORTED = {
+    "stride": "a ConvGRU's convolutions have stride 1 and 'same' padding, so the state keeps the input's "
+              "spatial size from step to step; downsample the input before the ConvGRU instead",
+    "padding": "padding is always 'same' (the state keeps its spatial size); padding_mode chooses how",
+    "groups": "grouped convolutions are not supported",
+    "output_padding": "a ConvGRU has no transposed convolution",
+}
+
+
+def _refuse_unsupported(owner: str, arguments: dict) -> None:
+    """A TypeError naming the first argument the module does not take and why
+    (Python's own message would name only the argument)."""
+    for name in arguments:
+        why = _UNSUPPORTED.get(name, "see the module's docstring for the arguments it takes")
+        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}: {why}")
+
+
 def _refuse_script(module: nn.Module):
     """``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and on
     every submodule before compiling: refuse there, with the ways that work,
@@ -122,7 +140,9 @@ class _ConvGRUCellNd(_ConvGRUBase):
         device=None,
         dtype=None,
         backend: str = "auto",
+        **unsupported,
     ) -> None:
+        _refuse_unsupported(type(self).__name__, unsupported)
         super().__init__()
         self._init_common(input_channels, hidden_channels, kernel_size, bias, reset_after, padding_mode, dilation, backend)
         factory = {"device": device, "dtype": dtype}
@@ -215,7 +235,9 @@ class _ConvGRUNd(_ConvGRUBase):
         device=None,
         dtype=None,
         backend: str = "auto",
+        **unsupported,
     ) -> None:
+        _refuse_unsupported(type(self).__name__, unsupported)
         super().__init__()
         self._init_common(input_channels, hidden_channels, kernel_size, bias, reset_after, padding_mode, dilation, backend)
         self.num_layers = _check_positive_int("num_layers", num_layers)

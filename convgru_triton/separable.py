@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._plan import sep_forward
-from .modules import ConvGRUCell2d, _refuse_script
+from .modules import ConvGRUCell2d, _refuse_script, _refuse_unsupported
 
 
 def _check_kernel(value) -> int:
@@ -74,7 +74,9 @@ class SepConvGRUCell2d(nn.Module):
         device=None,
         dtype=None,
         backend: str = "auto",
+        **unsupported,
     ) -> None:
+        _refuse_unsupported(type(self).__name__, unsupported)
         super().__init__()
         k = _check_kernel(kernel_size)
         if isinstance(dilation, bool) or not isinstance(dilation, int):

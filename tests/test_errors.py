@@ -249,7 +249,12 @@ BAD_INPUTS = [
     ("padding_mode", lambda b: _seq(b, padding_mode="same"), ValueError,
      "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'same'"),
     ("padding argument", lambda b: _seq(b, padding=1), TypeError,
-     "got an unexpected keyword argument 'padding'"),
+     "ConvGRU2d() got an unexpected keyword argument 'padding': padding is always 'same' (the state keeps its "
+     "spatial size); padding_mode chooses how"),
+    ("stride argument", lambda b: _seq(b, stride=2), TypeError,
+     "ConvGRU2d() got an unexpected keyword argument 'stride': a ConvGRU's convolutions have stride 1 and "
+     "'same' padding, so the state keeps the input's spatial size from step to step; downsample the input "
+     "before the ConvGRU instead"),
     ("hidden_channels 0", lambda b: _seq(b, hidden_channels=0), ValueError,
      "hidden_channels must be positive, got 0"),
     ("input_channels negative", lambda b: _seq(b, input_channels=-2), ValueError,
@@ -280,7 +285,8 @@ BAD_INPUTS = [
     ("input complex", lambda b: _seq(b)(torch.ones(4, 2, 2, 5, 6, dtype=torch.complex64)), TypeError,
      "input must be a floating-point tensor, got dtype torch.complex64"),
     ("input dtype vs weights", lambda b: _seq(b)(_x(dtype=torch.float64)), ValueError,
-     "input must have the same dtype as weight_ih (torch.float32), got torch.float64"),
+     "input must have the same dtype as weight_ih (torch.float32), got torch.float64: convert the input "
+     "(input.to(torch.float32)) or the parameters (module.to(torch.float64))"),
     ("input device vs weights", lambda b: _seq(b)(_x(device="meta")), ValueError,
      "input must be on the same device as weight_ih (cpu), got meta"),
     ("sequence length 0", lambda b: _seq(b)(_x(0, 2, 2, 5, 6)), ValueError,
