@@ -471,7 +471,8 @@ class Check:
             paths, ignores = ["tests/test_bench_roofline.py"], []
         else:
             paths, ignores = ["tests"], [f"--ignore={p}" for p in DESELECTED]
-        cmd = self.python("-m", "pytest", *paths, "-q", "-rfEs", "-p", "no:cacheprovider",
+        # Every test: the slow tier too (pyproject.toml deselects it by default).
+        cmd = self.python("-m", "pytest", *paths, "-q", "-rfEs", "-p", "no:cacheprovider", "-m", "slow or not slow",
                           f"--junitxml={self.raw_path('gpu_tests.xml')}", *ignores)
         if self.has_xdist:
             workers = max(1, (os.cpu_count() or 1) - (PREWARM_WORKERS if self.prewarm_runs() else 0))

@@ -270,6 +270,7 @@ def test_grad_scaler_float16(device):
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.slow
 def test_compiled_under_autocast(mode, device):
     """torch.compile(fullgraph=True) of a cell loop and of a sequence under
     autocast: no graph break, the eager result, the autocast dtype."""

@@ -168,6 +168,8 @@ def test_report_never_mixes_cpu_and_gpu(tmp_path):
     assert not (tmp_path / "cpu-mixed.md").exists() and not (tmp_path / "gpu-wrong.md").exists()
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_benchmark_suite_runs_and_reports(tmp_path):
     """``pytest bench --benchmark-only`` end to end on tiny shapes, then the report."""
     out = tmp_path / "cpu-tiny.json"

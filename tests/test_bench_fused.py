@@ -48,7 +48,7 @@ def _run(workload, provider, device, seen):
 
 
 @pytest.mark.triton_kernels
-@pytest.mark.parametrize("name", ["raft-sepconvgru", "mmnist"])
+@pytest.mark.parametrize("name", ["raft-sepconvgru", pytest.param("mmnist", marks=pytest.mark.slow)])
 def test_ours_fused_runs_the_fused_step_and_computes_what_ours_does(name, device, caller):
     workload = next(w for w in workloads.TINY_WORKLOADS if w.name == name)
     caller("auto")  # the caller's value: each provider forces its own and gives this back

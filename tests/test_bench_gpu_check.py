@@ -133,6 +133,7 @@ def test_test_suite_command(tmp_path, monkeypatch):
     check.has_xdist = check.has_timeout = True
     cmd = check.test_command()
     assert cmd[1:4] == ["-m", "pytest", "tests"]
+    assert cmd[cmd.index("-m", 2) + 1] == "slow or not slow", "the GPU runs the slow tier too"
     assert cmd[cmd.index("-n") + 1] == str(16 - gpu_check.PREWARM_WORKERS) and "worksteal" in cmd
     assert f"--timeout={gpu_check.TEST_TIMEOUT_S}" in cmd
     assert {c.split("=", 1)[1] for c in cmd if c.startswith("--ignore=")} == set(gpu_check.DESELECTED)
@@ -193,6 +194,8 @@ class _FakeCheck(gpu_check.Check):
         return self.sh("report", f"cd {self.out} && echo table > {self.stem}.md && echo extra > stray.txt", limit)
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_a_slow_or_stuck_part_costs_only_its_own_numbers(tmp_path, monkeypatch):
     # 2 s of grace: a part that exits on SIGINT must be seen to stop within it
     # also on a loaded 2-core machine (1 s flaked once there, with CI running).
@@ -235,6 +238,7 @@ def test_no_gpu_stops_after_env_with_a_reason(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.md", "gpu_check_raw.tar.gz"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in of the GPU check; on a GPU the check is real")
 def test_smoke_run_every_part_writes_into_the_output(tmp_path):
@@ -293,6 +297,8 @@ def _bench_cmd(device, json_path, *extra):
             "--benchmark-max-time=0.001", "--benchmark-min-rounds=1", f"--bench-json={json_path}", *extra]
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_bench_json_keeps_what_a_killed_run_measured(tmp_path, device):
     """--bench-json is rewritten after every benchmark: SIGKILL mid-run (what the GPU
     check's grace ends in) leaves valid JSON with the benchmarks done so far."""
@@ -317,6 +323,8 @@ def test_bench_json_keeps_what_a_killed_run_measured(tmp_path, device):
     assert data["machine_info"]["convgru"]["device"] == device.type
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_bench_order_target_puts_the_bfloat16_training_step_first(tmp_path, device):
     proc = subprocess.run(_bench_cmd(device, tmp_path / "x.json", "--bench-dtypes=float32,bfloat16", "--bench-order=target",
                                      "--bench-workloads=raft-convgru,mmnist", "--collect-only"),

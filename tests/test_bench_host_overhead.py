@@ -20,6 +20,8 @@ def _run_host_overhead(tmp_path, *args):
     return json.loads((tmp_path / "host_overhead-cpu.json").read_text())
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_host_overhead_takes_the_triton_path(tmp_path):
     """In its own process (compiled-mode Triton, fake sm_90 target): the Triton
     path launches the kernels it should, per row, and the table is written."""
@@ -39,6 +41,8 @@ def test_host_overhead_takes_the_triton_path(tmp_path):
     assert "| ConvGRUCell2d reset_after=False, no grad |" in (tmp_path / "host_overhead-cpu.md").read_text()
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_host_overhead_raft_loops(tmp_path):
     """RAFT's 12-step update loop, four modes, both step paths, both cells: the
     fused rows ran the fused kernels (and the default rows none), every count
@@ -78,6 +82,8 @@ def test_host_overhead_fails_loudly_without_the_fused_kernels():
     ho._check_launches("row", "ours (default path)", 0, 4)
 
 
+# The slow tier: a smoke run of a benchmark harness (seconds each on two cores).
+@pytest.mark.slow
 def test_cuda_graphs_dry_run(tmp_path):
     from bench import cuda_graphs
 

@@ -64,7 +64,9 @@ def _tolerance(dtype):
     return {torch.float32: 1e-4, torch.float16: 5e-3}[dtype]
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
+# The fused path's variants in the slow tier: seconds each under the interpreter.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.slow] if p == "fused" else [])
+                                  for p in sorted(PATHS)])
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 @pytest.mark.parametrize("cls", [cg.ConvGRUCell2d, cg.SepConvGRUCell2d], ids=["cell", "sep"])
 @pytest.mark.parametrize("hx", ["given", "none"])

@@ -57,6 +57,9 @@ from bench import codegen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The slow tier: every test compiles kernels for fake sm_90/sm_80 targets (minutes).
+pytestmark = pytest.mark.slow
+
 #: issue 10: "at most 64 registers per thread at the default launch configuration"
 MAX_REGISTERS = 64
 #: The most bias slices a kernel reads is 6 (reset_after forward: b_ih and b_hh

@@ -44,6 +44,7 @@ def _graph_breaks(fn, *args) -> int:
     return torch._dynamo.explain(fn)(*args).graph_break_count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_sequence(device, backend):
     """A 2-layer bidirectional ConvGRU compiles with fullgraph=True, no graph
@@ -70,6 +71,7 @@ def test_compile_fullgraph_sequence(device, backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 def test_compile_fullgraph_cell_loop(device):
     """RAFT-style loop of cell steps compiles without graph breaks."""
@@ -159,6 +161,7 @@ _COPIES = ("aten.clone.default", "aten.copy.default", "aten.copy_.default", "ate
            "aten.contiguous.default")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_sequence_graph_holds_no_copies(device, backend):
     """The post-grad graph of a compiled 2-layer bidirectional sequence, forward
@@ -179,6 +182,7 @@ def test_compiled_sequence_graph_holds_no_copies(device, backend):
     assert not {k: seen[k] for k in _COPIES if seen[k]}, seen
 
 
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 def test_compiled_cell_is_fused_by_inductor(device):
     """A compiled cell step traces the step's math (convolutions and pointwise
@@ -198,6 +202,7 @@ def test_compiled_cell_is_fused_by_inductor(device):
     assert not {k: seen[k] for k in _COPIES if seen[k]}, seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 @pytest.mark.triton_kernels
 def test_compiled_cell_loop_trains_like_eager(device, reset_after):
@@ -224,6 +229,7 @@ def test_compiled_cell_loop_trains_like_eager(device, reset_after):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 def test_no_recompiles_between_calls_of_the_same_shapes(device):
     """Calls with the same shapes reuse the compiled graphs, also when eager

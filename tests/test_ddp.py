@@ -23,6 +23,9 @@ WORLD = 2
 STEPS = 3
 BATCH = 4  # global batch; WORLD ranks get BATCH // WORLD each
 
+# The slow tier: two processes start, each imports torch and sets up gloo.
+pytestmark = pytest.mark.slow
+
 
 class Net(nn.Module):
     def __init__(self, backend):

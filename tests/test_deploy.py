@@ -30,7 +30,9 @@ pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscr
 
 # torch.jit.trace/save/load/script are deprecated upstream; they are still what
 # this file tests, so their deprecation notes are not news here.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+# The slow tier: exports (ONNX, torch.export, tracing) take seconds to a minute each.
+pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
+              pytest.mark.slow]
 
 # Relative error bound of the issue: max |ORT - torch| / max |torch| in float32.
 RTOL = 1e-5

@@ -285,6 +285,8 @@ def _run(mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The slow tier: a subprocess per mode, each importing torch and Triton.
+@pytest.mark.slow
 def test_replay_passes_what_the_binder_passes():
     result = _run("on")
     repeat = result["repeat"]
@@ -299,11 +301,13 @@ def test_replay_passes_what_the_binder_passes():
     assert unaligned["compiles"] == 2, unaligned
 
 
+@pytest.mark.slow
 def test_replay_off_uses_the_binder_every_time():
     repeat = _run("off")["repeat"]
     assert repeat["binder"] == 3 and repeat["calls"] == 3 and repeat["identical"], repeat
 
 
+@pytest.mark.slow
 def test_bound_launches_of_the_operator_pass_what_the_binder_passes():
     """The operator's bound launches (conv_gru_cell._bind) replay every kernel of
     cells and sequences -- both formulations, forward and backward, contiguous,

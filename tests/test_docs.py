@@ -173,6 +173,7 @@ def test_docs_cuda_snippets_run(page, tmp_path, monkeypatch):
     _run(blocks, tmp_path, monkeypatch)
 
 
+@pytest.mark.slow
 def test_docs_deploying_snippets_run(tmp_path, monkeypatch):
     text = _read("docs/deploying.md")
     namespace = _run(_blocks(text, "python"), tmp_path, monkeypatch)
@@ -213,9 +214,23 @@ def test_readme_commands_are_what_ci_runs():
     ci = _read(os.path.join(".ci", "run")).splitlines()
     install = [line.split("#")[0].strip() for line in _blocks(_section(readme, "Install"), "bash")[0].splitlines()]
     assert 'pip install "torch==2.13.0" -e ".[dev]"' in install and 'pip install "torch==2.13.0" -e ".[dev]"' in ci
-    (test_command,) = [line.strip() for line in _blocks(_section(readme, "Run the tests"), "bash")[0].splitlines()
-                       if line.strip()]
-    assert test_command in ci, f"the README's test command {test_command!r} is not what .ci/run runs"
+    commands = [line.split("#")[0].strip() for line in _blocks(_section(readme, "Run the tests"), "bash")[0].splitlines()]
+    commands = [c for c in commands if c]
+    assert commands[:2] == ["python -m pytest", "python -m pytest -m slow"], commands
+    for command in commands:
+        assert command in ci, f"the README's test command {command!r} is not what .ci/run runs"
+
+
+def test_ci_runs_every_tier():
+    """pyproject.toml deselects the slow tier by default; .ci/run runs the
+    default tier, the slow tier, and the second pass with both."""
+    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with tomllib (Python >= 3.11)")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        ini = tomllib.load(f)["tool"]["pytest"]["ini_options"]
+    assert ini["addopts"] == ["-m", "not slow"]
+    assert any(m.startswith("slow:") for m in ini["markers"])
+    ci = _read(os.path.join(".ci", "run"))
+    assert '-m "slow or not slow"' in ci, "the second pass must run every test"
 
 
 def test_py_typed_is_shipped():

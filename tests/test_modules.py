@@ -533,7 +533,11 @@ def test_cell_channels_last(reset_after, hx_given, backend, device):
         assert_close(b, a, **TOL64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The Triton variants in the slow tier (seconds each under the interpreter); the
+# kernels' strided reads are covered by test_sequence_channels_last_frames and the
+# property tests.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
+                                     for b in BACKENDS])
 @pytest.mark.parametrize("view", ["sliced", "transposed", "expanded_hx", "expanded_grad"])
 @pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
 def test_sequence_non_contiguous(view, reset_after, backend, device):
@@ -753,6 +757,8 @@ def test_state_dict_round_trip_between_backends(direction, device):
 # ----------------------------------------------------------------------------
 
 
+# The slow tier: many training steps.
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 def test_training_reduces_loss(device):
     torch.manual_seed(0)

@@ -580,6 +580,7 @@ def offset_results():
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_offsets_past_2_31_elements_across_the_batch(kernel, offset_results):
     """Samples whose elements lie past 2**31 (and 2**32) from the start of the
@@ -592,6 +593,7 @@ def test_offsets_past_2_31_elements_across_the_batch(kernel, offset_results):
     assert result == "ok", f"{kernel}: {result}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_offsets_in_the_largest_allowed_sample(kernel, offset_results):
     """One sample as large as the kernels accept (3 x hidden x spatial < 2**31,
@@ -651,6 +653,7 @@ print(json.dumps(errors))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="a CPU check through the interpreter; the GPU covers real batch_first buffers above")
 def test_gx_sample_stride_past_2_31_with_wide_alignment():
     """A batch_first input's pre-activations are read from batch-major storage:

@@ -308,6 +308,7 @@ def check_sequence_case(case: SequenceCase, backend: str, device: torch.device):
         _assert_close(g, g_ref, case.dtype, f"grad {name}", scale_by_max=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @SEQUENCE_SETTINGS
 @given(case=sequence_cases())
@@ -362,6 +363,7 @@ def operator_cases(draw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 @OPERATOR_SETTINGS
 @given(case=operator_cases())

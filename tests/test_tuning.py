@@ -627,7 +627,8 @@ def _all_configs():
 
 
 @pytest.mark.triton_kernels
-@pytest.mark.parametrize("cfg", _all_configs(), ids=str)
+@pytest.mark.parametrize("cfg", [pytest.param(c, marks=[pytest.mark.slow] if c.block_size >= 512 else [])
+                                 for c in _all_configs()], ids=str)
 def test_kernels_correct_with_config(cfg, device):
     """Every kernel against its reference with ``cfg``, on planes of 1.5 blocks
     (3 channels x S, which no block size divides), two samples."""
@@ -651,6 +652,7 @@ def _run_command(*args, env=None):
                           env=full_env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_without_gpu_fails_clearly():
     proc = _run_command()
     assert proc.returncode == 2, proc.stderr
@@ -658,6 +660,7 @@ def test_command_without_gpu_fails_clearly():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_command_dry_run(tmp_path):
     proc = _run_command("--dry-run", "--dtypes", "float16", "--max-size", "2^20", env={_tuning.ENV_DIR: str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
@@ -864,6 +867,8 @@ def _fake_step_timer(tile_ms, cudnn_ms=1.0):
     return timer
 
 
+# The slow tier: a tuning run through the interpreter.
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 def test_tune_fused_step_chooses_and_writes(registry, device):
     """Both paths and every tile checked against the reference (NaN-poisoned
@@ -924,6 +929,7 @@ def test_tune_fused_step_skips_a_wrong_tile(monkeypatch, device):
     assert bad not in timed
 
 
+@pytest.mark.slow
 @pytest.mark.triton_kernels
 def test_tune_fused_step_backward_chooses_and_writes(registry, device):
     """The backward step through conv_gru._step_backward: the cuDNN path and
