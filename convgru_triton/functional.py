@@ -29,11 +29,11 @@ from ._layout import (
     cat_channels, check_kernel_sample_size, empty_in_layout, frames_channels_last, frames_in_format,
     internal_memory_format, is_channels_last, layout_setting, stack_frames,
 )
-from .ops.conv_gru import (
+from .ops.sequence.op import (
     Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
     fused_cell_step, fused_step_setting, plan,
 )
-from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
+from .ops.sequence import vmap  # noqa: F401  (registers the operators' torch.vmap rules)
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
