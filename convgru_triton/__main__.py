@@ -11,6 +11,7 @@ reported, not raised.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -87,7 +88,9 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convgru_triton", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
     print(report())
     return 0
 

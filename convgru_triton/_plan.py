@@ -180,45 +180,36 @@ def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
 
 
 class _WeightCasts:
-    """A cell's four parameters in the plan's dtype and memory format, kept
-    between steps and made again only for a parameter that was replaced, changed
-    in place (its ``_version``: an optimizer step), or given new storage under
-    the same Parameter (``module.to(memory_format=...)`` keeps the Parameter
-    and its version but swaps its data; checked for the two weights, the only
-    ones with a memory format). Casts made with gradients are differentiable:
-    each parameter's ``.grad`` comes back in its own dtype and layout."""
+    """A cell's four parameters in the plan's dtype and memory format, cast at
+    every call, as autocast casts them for its own operators. Not kept between
+    calls: an update through ``.data`` (``p.data -= lr * p.grad``) moves
+    neither the version nor the storage, so a kept cast could not tell it went
+    stale; and PyTorch gives no signal when an autocast region ends, where
+    autocast's own cache is cleared. The cast is differentiable: each
+    parameter's ``.grad`` comes back in its own dtype and layout."""
 
-    __slots__ = ("dtype", "fmt", "sources", "versions", "values")
+    __slots__ = ("dtype", "fmt")
 
     def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format]):
         self.dtype, self.fmt = dtype, fmt
-        self.sources = [None] * 4
-        self.versions = [None] * 4  # (version, data pointer) of the source when cast
-        self.values = [None] * 4
 
-    def _make(self, i: int, w: Tensor, version) -> Tensor:
-        value = w
+    def _one(self, w: Tensor) -> Tensor:
+        if w.dim() == 1:  # a bias: a dense vector, as the kernels index it (a view may be strided)
+            if self.dtype is not None and w.dtype != self.dtype and w.dtype is not torch.float64:
+                w = w.to(self.dtype)
+            return w.contiguous()
         fmt = self.fmt if self.fmt is not None and w.dim() in (4, 5) else None
         if self.dtype is not None and w.dtype != self.dtype and w.dtype is not torch.float64:
-            value = w.to(dtype=self.dtype, memory_format=fmt or torch.preserve_format)
-        elif fmt is not None:
-            value = w.contiguous(memory_format=self.fmt)
-        self.sources[i], self.versions[i], self.values[i] = w, version, value
-        return value
+            return w.to(dtype=self.dtype, memory_format=fmt or torch.preserve_format)
+        if fmt is not None:
+            return w.contiguous(memory_format=fmt)
+        return w
 
     def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
-        sources, versions, values = self.sources, self.versions, self.values
-        v = (w_ih._version, w_ih.data_ptr())
-        out_ih = values[0] if sources[0] is w_ih and versions[0] == v else self._make(0, w_ih, v)
-        v = (w_hh._version, w_hh.data_ptr())
-        out_hh = values[1] if sources[1] is w_hh and versions[1] == v else self._make(1, w_hh, v)
+        one = self._one
         if b_ih is None:
-            return out_ih, out_hh, None, None
-        v = b_ih._version
-        out_bi = values[2] if sources[2] is b_ih and versions[2] == v else self._make(2, b_ih, v)
-        v = b_hh._version
-        out_bh = values[3] if sources[3] is b_hh and versions[3] == v else self._make(3, b_hh, v)
-        return out_ih, out_hh, out_bi, out_bh
+            return one(w_ih), one(w_hh), None, None
+        return one(w_ih), one(w_hh), one(b_ih), one(b_hh)
 
 
 # ----------------------------------------------------------------------------
@@ -302,7 +293,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         recheck=general.recheck_backend,
         sites=_gate_sites(b_ih is not None, grad),
         bindable=bindable,
-        cast_w=cast is not None or fmt is not None,
+        cast_w=cast is not None or fmt is not None or _strided_biases(b_ih, b_hh),
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
         l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, fused_bwd=False,
     )
@@ -347,6 +338,12 @@ def _conv_backward_function(spec: ConvSpec) -> Callable:
         return d_x, d_w
 
     return backward
+
+
+def _strided_biases(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> bool:
+    """Biases that are not dense vectors (a sliced or expanded Parameter): the
+    kernels index them densely, so a plan makes them dense at every call."""
+    return b_ih is not None and not (b_ih.is_contiguous() and b_hh.is_contiguous())
 
 
 def _no_stream(device):
@@ -432,6 +429,7 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], gx: Optional[Tensor
     p.empty1 = functools.partial(_allocate, p.state_shape, dtype=dtype, device=device, memory_format=fmt)
     p.empty3 = functools.partial(_allocate, p.gates_shape, dtype=dtype, device=device, memory_format=fmt)
     p.state_strides = p.empty1().stride()
+    p.gates_strides = p.empty3().stride()
     p.bias_dims = (0,) + tuple(range(2, len(p.state_shape)))
 
 
@@ -482,14 +480,27 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
     return h_new, gates, rh
 
 
+def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor):
+    """The backward's inputs dense and aligned in the plan's layouts, as the
+    bound launches were compiled for: ``out.sum().backward()`` hands over a
+    stride-0 gradient, and saved-tensor hooks (``save_on_cpu``) may give the
+    saved tensors back in another layout."""
+    if grad.stride() != p.state_strides or grad.data_ptr() & 15:
+        grad = p.empty1().copy_(grad)
+    if h.stride() != p.state_strides or h.data_ptr() & 15:
+        h = p.empty1().copy_(h)
+    if gates.stride() != p.gates_strides or gates.data_ptr() & 15:
+        gates = p.empty3().copy_(gates)
+    if aux.stride() != p.state_strides or aux.data_ptr() & 15:
+        aux = p.empty1().copy_(aux)
+    return grad, h, gates, aux
+
+
 def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
                     need_weight: bool):
     """The step's backward: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
     stream, quiet = p.stream(p.device_index), _quiet()
-    if grad.stride() != p.state_strides or grad.data_ptr() & 15:
-        # Dense and aligned in the state's layout, as the bound launches were
-        # compiled for (out.sum().backward() hands over a stride-0 gradient).
-        grad = p.empty1().copy_(grad)
+    grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward = p.conv_backward
     if p.reset_after:
@@ -657,8 +668,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     fused dgrad kernels (the gate backward in their epilogue) and their weight
     gradient on cuDNN: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
     stream, quiet = p.stream(p.device_index), _quiet()
-    if grad.stride() != p.state_strides or grad.data_ptr() & 15:
-        grad = p.empty1().copy_(grad)
+    grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward = p.conv_backward
     hidden = p.hidden
@@ -796,9 +806,26 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 
 def _weights_key(params) -> tuple:
-    w_ih, w_hh, b_ih = params["weight_ih"], params["weight_hh"], params["bias_ih"]
-    return (w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_ih.requires_grad, w_hh.shape, w_hh.stride(),
-            w_hh.dtype, w_hh.requires_grad, None if b_ih is None else (b_ih.dtype, b_ih.shape, b_ih.requires_grad))
+    """The facts of a cell's parameters a plan depends on: the Parameters
+    themselves (a replaced one is another plan; kept alive by the key, so its
+    identity is never reused), the strides of all four (a storage swapped
+    under the same Parameter by ``.data =`` or ``module.to(memory_format=...)``),
+    their 16-byte alignment (the kernels are compiled for it) and which
+    require grad. Shapes and dtypes follow from the checks of a plan's
+    first call and are in the key too, cheaply."""
+    w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+    if b_ih is None or b_hh is None:
+        return (w_ih, w_hh, b_ih, b_hh, w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_ih.requires_grad,
+                w_hh.shape, w_hh.stride(), w_hh.dtype, w_hh.requires_grad, (w_ih.data_ptr() | w_hh.data_ptr()) & 15)
+    return (w_ih, w_hh, b_ih, b_hh, w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_ih.requires_grad,
+            w_hh.shape, w_hh.stride(), w_hh.dtype, w_hh.requires_grad, b_ih.shape, b_ih.stride(), b_ih.dtype,
+            b_ih.requires_grad, b_hh.shape, b_hh.stride(), b_hh.dtype, b_hh.requires_grad,
+            (w_ih.data_ptr() | w_hh.data_ptr() | b_ih.data_ptr() | b_hh.data_ptr()) & 15)
+
+
+def _module_key(module) -> tuple:
+    """A cell module's own arguments (attributes a user may change after construction)."""
+    return module.reset_after, module.backend, module.padding_mode, module.dilation
 
 
 def cell_forward(module, x, hx):
@@ -808,16 +835,14 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     params = module._parameters
     try:
-        w_ih, w_hh, b_ih = params["weight_ih"], params["weight_hh"], params["bias_ih"]
+        weights = _weights_key(params)
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
-            x.requires_grad or w_ih.requires_grad or w_hh.requires_grad
-            or (hx is not None and hx.requires_grad) or (b_ih is not None and b_ih.requires_grad))
+            x.requires_grad or (hx is not None and hx.requires_grad)
+            or any(t is not None and t.requires_grad for t in weights[:4]))
         key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
                None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
-               grad, cast, _settings.generation, _tuning.generation, module.reset_after, module.backend,
-               w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_hh.shape, w_hh.stride(), w_hh.dtype,
-               None if b_ih is None else (b_ih.dtype, b_ih.shape), module.padding_mode, module.dilation)
+               grad, cast, _settings.generation, _tuning.generation, _module_key(module), weights)
     except (AttributeError, TypeError, KeyError):  # not tensors: the general path's checks say what is wrong
         return _general(module, x, hx)
     plans = module.__dict__.get("_cell_plans")
@@ -832,12 +857,14 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     if p.recheck and not _backend._interpreter_enabled():
         select_backend(x.device, module.backend)  # the interpreter was switched off since: raises
-    return run(p, x, hx, w_ih, w_hh, b_ih, params["bias_hh"])
+    return run(p, x, hx, *weights[:4])
 
 
 def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
     """One half of a separable step with what its backward needs: ``(h',
     gates, aux, fused)``; ``fused``: the fused kernels ran (else the gates path)."""
+    if p.state_channels_last is None:
+        _first_step(p, x, h, None, w_ih)
     if p.path == _FUSED:
         saved = _fused_forward_saved(p, x, h, w_ih, w_hh, b_ih, b_hh)
         if saved is not None:
@@ -874,8 +901,14 @@ class _SepStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, sp):
-        p1, p2 = sp.first, sp.second
+        p1 = sp.first
         h_mid, gates1, aux1, fused1 = _half_forward(p1, x, h, w_ih1, w_hh1, b_ih1, b_hh1)
+        p2 = sp.second
+        if p2 is None:  # the first step of the signature: the second half's plan, from its state
+            p2 = sp.second = _build(sp.vertical, x, h_mid, True, sp.cast)
+            if p2.path == _GENERAL:
+                raise RuntimeError("the separable cell's second half has no plan where its first has one: "
+                                   "report this with the output of python -m convgru_triton")
         h_out, gates2, aux2, fused2 = _half_forward(p2, x, h_mid, w_ih2, w_hh2, b_ih2, b_hh2)
         ctx.save_for_backward(x, h, h_mid, h_out, w_ih1, w_hh1, gates1, aux1, w_ih2, w_hh2, gates2, aux2)
         ctx.sp, ctx.fused = sp, (fused1, fused2)
@@ -932,11 +965,15 @@ class SepPlan:
 
 
 def _build_sep(module, x, hx, grad: bool, cast) -> SepPlan:
-    from .functional import _internal_format
+    from .functional import _cached_cell_plan, _internal_format
 
     horizontal = module._modules["horizontal"]
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()):
         return SepPlan(True)
+    # The checks of the call as given (before any cast), as the general path runs them.
+    params = horizontal._parameters
+    _cached_cell_plan(x, hx, params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"],
+                      horizontal.reset_after, horizontal.padding_mode, horizontal.dilation, horizontal.backend)
     fmt = _internal_format(x.device, x.dtype, 2, cast)
     compute = cast if (cast is not None and x.dtype is not torch.float64) else x.dtype
     if hx is not None and hx.dtype is torch.float64 and compute is not torch.float64:
@@ -947,9 +984,12 @@ def _build_sep(module, x, hx, grad: bool, cast) -> SepPlan:
     first = _build(horizontal, x2, hx2, grad, cast)
     if first.path == _GENERAL:
         return SepPlan(True)
+    vp = module._modules["vertical"]._parameters
     return SepPlan(False, first=first, second=None, options=options, fmt=fmt, grad=grad, cast=cast,
+                   cast_w2=cast is not None or fmt is not None or _strided_biases(vp["bias_ih"], vp["bias_hh"]),
                    cast_x=x2 is not x, cast_h=hx2 is not hx and hx is not None,
-                   caller_channels_last=is_channels_last(x if hx is None else hx))
+                   caller_channels_last=is_channels_last(x if hx is None else hx),
+                   vertical=module._modules["vertical"])
 
 
 def sep_forward(module, x, hx):
@@ -959,14 +999,16 @@ def sep_forward(module, x, hx):
         return _sep_general(module, x, hx)
     modules = module._modules
     try:
-        hp, vp = modules["horizontal"]._parameters, modules["vertical"]._parameters
+        horizontal, vertical = modules["horizontal"], modules["vertical"]
+        w1, w2 = _weights_key(horizontal._parameters), _weights_key(vertical._parameters)
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad)
-            or any(t is not None and t.requires_grad for t in (*hp.values(), *vp.values())))
+            or any(t is not None and t.requires_grad for t in w1[:4] + w2[:4]))
         key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
                None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
-               grad, cast, _settings.generation, _tuning.generation, _weights_key(hp), _weights_key(vp))
+               grad, cast, _settings.generation, _tuning.generation, _module_key(horizontal),
+               _module_key(vertical), w1, w2)
     except (AttributeError, TypeError, KeyError):
         return _sep_general(module, x, hx)
     plans = module.__dict__.get("_cell_plans")
@@ -979,35 +1021,31 @@ def sep_forward(module, x, hx):
         sp = plans[key] = _build_sep(module, x, hx, grad, cast)
     if sp.general:
         return _sep_general(module, x, hx)
-    if sp.first.recheck and not _backend._interpreter_enabled():
-        select_backend(x.device, modules["horizontal"].backend)  # the interpreter was switched off since: raises
+    p1 = sp.first
+    if p1.recheck and not _backend._interpreter_enabled():
+        select_backend(x.device, horizontal.backend)  # the interpreter was switched off since: raises
     if sp.cast_x:
         x = x.to(**sp.options)
     if sp.cast_h:
         hx = hx.to(**sp.options)
-    second = sp.second
-    if sp.grad and second is not None and second.path != _GENERAL:
-        # Training from the second call of a signature on: one autograd node per step.
-        p1 = sp.first
-        w1 = (hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
-        w2 = (vp["weight_ih"], vp["weight_hh"], vp["bias_ih"], vp["bias_hh"])
+    w1, w2 = w1[:4], w2[:4]
+    if sp.grad:
+        # Training: one autograd node per step for both halves.
         if p1.cast_w:
             w1 = p1.weight_cast(*w1)
-        if second.cast_w:
-            w2 = second.weight_cast(*w2)
+        if sp.cast_w2:
+            w2 = p1.weight_cast(*w2)  # both halves: one dtype and format
         if hx is None:
+            if p1.state_channels_last is None:
+                _first_step(p1, x, None, None, w1[0])
             hx = p1.empty1().zero_()
         h = _apply_sep_step(x, hx, *w1, *w2, sp)
-        if sp.fmt is not None and not sp.caller_channels_last:
-            h = h.contiguous()
-        return h
-    h = run(sp.first, x, hx, hp["weight_ih"], hp["weight_hh"], hp["bias_ih"], hp["bias_hh"])
-    if second is None:
-        second = sp.second = _build(modules["vertical"], x, h, grad, cast)
-    if second.path == _GENERAL:
-        h = _general(modules["vertical"], x, h)
     else:
-        h = run(second, x, h, vp["weight_ih"], vp["weight_hh"], vp["bias_ih"], vp["bias_hh"])
+        h = run(p1, x, hx, *w1)
+        second = sp.second
+        if second is None:
+            second = sp.second = _build(vertical, x, h, False, sp.cast)
+        h = _general(vertical, x, h) if second.path == _GENERAL else run(second, x, h, *w2)
     if sp.fmt is not None and not sp.caller_channels_last:
         h = h.contiguous()
     return h

@@ -203,8 +203,8 @@ def test_plan_under_autocast_equals_general_path(device, path):
 
 
 def test_autocast_weight_casts_follow_updates(device):
-    """Under autocast a plan keeps each weight's cast between steps and makes
-    it again after an in-place update (an optimizer step) or a new Parameter."""
+    """Under autocast a plan casts the weights at every call: after optimizer
+    steps and a new Parameter the results are the reference's."""
     torch.manual_seed(0)
     cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
     ref = cg.ConvGRUCell2d(3, 4, 3, backend="torch", device=device)
@@ -222,3 +222,126 @@ def test_autocast_weight_casts_follow_updates(device):
         if step == 1:
             cell.bias_hh = torch.nn.Parameter(torch.randn_like(cell.bias_hh))
             optimizer = torch.optim.SGD(cell.parameters(), lr=0.5)
+
+
+# --- what a plan must notice (each found by review) ----------------------------
+
+
+def test_a_trainable_bias_alone_gets_its_gradient(device):
+    cell, ref = _pair(cg.ConvGRUCell2d, device, torch.float32, False, kernel_size=3)
+    for module in (cell, ref):
+        module.requires_grad_(False)
+        module.bias_hh.requires_grad_(True)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    cell(x, h).sum().backward()
+    ref(x.double(), h.double()).sum().backward()
+    assert cell.bias_hh.grad is not None
+    torch.testing.assert_close(cell.bias_hh.grad.double(), ref.bias_hh.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [cg.ConvGRUCell2d, cg.SepConvGRUCell2d], ids=["cell", "sep"])
+def test_autocast_sees_unfrozen_weights_and_data_updates(device, cls):
+    """Under autocast the weights are cast at every call: unfreezing them, an
+    update through ``.data`` (which moves neither version nor storage) and a
+    replaced Parameter are all seen at the next call."""
+    torch.manual_seed(0)
+    kwargs = {"kernel_size": 3} if cls is cg.ConvGRUCell2d else {}
+    module = cls(3, 4, backend="triton", device=device, **kwargs)
+    ref = cls(3, 4, backend="torch", device=device, **kwargs)
+    x = torch.randn(1, 3, 4, 6, device=device, requires_grad=True)
+    h = torch.randn(1, 4, 4, 6, device=device)
+    module.requires_grad_(False)
+    with torch.autocast(device.type, dtype=torch.float16):
+        module(x, h).float().sum().backward()
+    module.requires_grad_(True)
+    with torch.autocast(device.type, dtype=torch.float16):
+        module(x, h).float().sum().backward()
+    assert all(p.grad is not None for p in module.parameters())
+    for param in module.parameters():
+        param.data -= 0.1 * param.grad  # the tutorial's update: no version bump
+    ref.load_state_dict(module.state_dict())
+    with torch.autocast(device.type, dtype=torch.float16):
+        torch.testing.assert_close(module(x, h), ref(x, h), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bias", ["sliced", "expanded"])
+def test_strided_biases(device, bias):
+    """Biases that are views (docs/errors.md: valid) give the reference's
+    results, also after a plan was made for dense ones."""
+    torch.manual_seed(0)
+    cell, ref = _pair(cg.ConvGRUCell2d, device, torch.float32, False, kernel_size=3)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    with torch.no_grad():
+        cell(x, h)
+        if bias == "sliced":
+            b = torch.randn(24, device=device)[::2]
+        else:
+            b = torch.randn(1, device=device).expand(12)
+        cell.bias_ih = torch.nn.Parameter(b)
+        ref.bias_ih = torch.nn.Parameter(b.double())
+        torch.testing.assert_close(cell(x, h).double(), ref(x.double(), h.double()), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpointing_a_separable_cell_from_its_first_call(device):
+    """torch.utils.checkpoint recomputes the forward: the first call of a
+    signature must save what the recomputation saves."""
+    torch.manual_seed(0)
+    sep, ref = _pair(cg.SepConvGRUCell2d, device, torch.float32, False)
+    x = torch.randn(1, 3, 4, 6, device=device, requires_grad=True)
+    h = torch.randn(1, 4, 4, 6, device=device, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(sep, x, h, use_reentrant=False)
+    out.sum().backward()
+    xr, hr = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
+    ref(xr, hr).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_separable_cell_follows_changed_module_arguments(device):
+    torch.manual_seed(0)
+    sep = cg.SepConvGRUCell2d(3, 4, backend="triton", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    with torch.no_grad():
+        sep(x, h)
+        for half in (sep.horizontal, sep.vertical):
+            half.reset_after = True
+        ref = cg.SepConvGRUCell2d(3, 4, reset_after=True, backend="torch", device=device)
+        ref.load_state_dict(sep.state_dict())
+        torch.testing.assert_close(sep(x, h), ref(x, h), rtol=1e-5, atol=1e-5)
+
+
+def test_separable_cell_refuses_mixed_dtypes(device):
+    sep = cg.SepConvGRUCell2d(3, 4, backend="triton", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    with pytest.raises(ValueError, match="hx must have the same dtype as input"):
+        sep(x, h.half())
+
+
+def test_saved_tensors_in_another_layout(device):
+    """Saved-tensor hooks may give the saved tensors back in another layout
+    (``save_on_cpu`` unpacks contiguous copies): the backward conforms them."""
+    torch.manual_seed(0)
+    cell, ref = _pair(cg.ConvGRUCell2d, device, torch.float32, False, kernel_size=3)
+    cl = torch.channels_last
+    x = torch.randn(1, 3, 4, 6, device=device).contiguous(memory_format=cl)
+    h = torch.randn(1, 4, 4, 6, device=device).contiguous(memory_format=cl).requires_grad_()
+    with torch.no_grad():
+        cell(x, h)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+        out = cell(x, h)
+    out.sum().backward()
+    hr = h.detach().double().requires_grad_()
+    ref(x.double(), hr).sum().backward()
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cell.weight_hh.grad.double(), ref.weight_hh.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_removed_after_a_plan(device):
+    cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
+    ref = cg.ConvGRUCell2d(3, 4, 3, bias=False, backend="torch", device=device)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    with torch.no_grad():
+        cell(x, h)
+        cell.bias_ih = cell.bias_hh = None
+        ref.load_state_dict(cell.state_dict())
+        torch.testing.assert_close(cell(x, h), ref(x, h))

@@ -196,10 +196,8 @@ def test_cell_equals_policy_off_and_reference(layout, device, backend, dims, cal
 # leaves: forward, the four operands converted and h' converted back (5);
 # backward, autograd's accumulation of the four leaves' channels_last
 # gradients into their NCHW layouts (4; a non-leaf input's gradient flows on
-# channels_last, uncopied). The Triton cell's plan keeps its channels_last
-# weights between calls (made again when a weight changes: _plan._WeightCasts),
-# so its forward copies input, hx and h' only (3).
-CELL_COPIES_CPU = {"torch": (5, 4), "triton": (3, 4)}
+# channels_last, uncopied). Same for both backends.
+CELL_COPIES_CPU = {"torch": (5, 4), "triton": (5, 4)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -353,11 +351,9 @@ def test_raft_loop_equals_policy_off(layout, device, backend, caller_cl):
         results[setting] = (h, torch.autograd.grad(loss, leaves), rec)
     h, grads, rec = results["channels_last"]
     assert not rec.nchw_convs, rec.nchw_convs
-    # Per step: for an NCHW caller input and state in and h' out (once for both
-    # halves), and on the eager backend the four weights; the Triton cell's plan
-    # keeps its converted weights between steps.
-    weights = 4 if backend == "torch" else 0
-    assert len(rec.copies) == steps * (weights + (0 if caller_cl else 3)), rec.copies
+    # Per step: the four weights, and for an NCHW caller input and state in
+    # and h' out (once for both halves).
+    assert len(rec.copies) == steps * (4 if caller_cl else 7), rec.copies
     _assert_layout(h, caller_cl, "h'")
     names = ("channels_last", "keep")
     assert_all_close_to_reference([h], [results["keep"][0]], [results["reference"][0]], labels=["h"], names=names)

@@ -158,6 +158,10 @@ class EncoderForecaster(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+#: Images per float64 convolution in :func:`ssim` (bounds its memory).
+SSIM_IMAGES_PER_CHUNK = 64
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32, device=None) -> torch.Tensor:
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(x * x) / (2 * sigma * sigma))
@@ -170,38 +174,51 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     per image: 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, the mean
     of the SSIM map over the valid (unpadded) positions."""
     lead = a.shape[:-3]
-    a = a.reshape(-1, 1, *a.shape[-2:]).double()
-    b = b.reshape(-1, 1, *b.shape[-2:]).double()
-    w = _gaussian_window(dtype=a.dtype, device=a.device)
+    a = a.reshape(-1, 1, *a.shape[-2:])
+    b = b.reshape(-1, 1, *b.shape[-2:])
+    w = _gaussian_window(dtype=torch.float64, device=a.device)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
-    var_a = F.conv2d(a * a, w) - mu_a * mu_a
-    var_b = F.conv2d(b * b, w) - mu_b * mu_b
-    cov = F.conv2d(a * b, w) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
-    return (num / den).mean(dim=(-3, -2, -1)).reshape(lead).float()
+    values = []
+    # A float64 convolution on the CPU unfolds its input (121 values per output
+    # position for this window): 64 images at a time keep that under 200 MB.
+    for start in range(0, a.shape[0], SSIM_IMAGES_PER_CHUNK):
+        x = a[start : start + SSIM_IMAGES_PER_CHUNK].double()
+        y = b[start : start + SSIM_IMAGES_PER_CHUNK].double()
+        mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+        var_x = F.conv2d(x * x, w) - mu_x * mu_x
+        var_y = F.conv2d(y * y, w) - mu_y * mu_y
+        cov = F.conv2d(x * y, w) - mu_x * mu_y
+        num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+        den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+        values.append((num / den).mean(dim=(-3, -2, -1)))
+    return torch.cat(values).reshape(lead).float()
 
 
-def per_frame_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, List[float]]:
-    """MSE and SSIM of (T, N, 1, H, W) predictions, averaged over samples, per frame."""
-    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3, 4))
-    return {"mse": mse.tolist(), "ssim": ssim(pred, target).mean(dim=1).tolist()}
+def per_sample_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """MSE and SSIM of (T, N, 1, H, W) predictions, one value per frame and sample: (T, N) each."""
+    return {"mse": ((pred - target) ** 2).mean(dim=(2, 3, 4)), "ssim": ssim(pred, target)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, sequences: torch.Tensor, frames_in: int, batch_size: int, device) -> Dict:
-    """Per-frame MSE and SSIM of the model and of copying the last input frame."""
+    """Per-frame MSE and SSIM of the model and of copying the last input frame,
+    averaged over the held-out sequences. Predicted and scored ``batch_size``
+    sequences at a time, so that memory does not grow with their number."""
     model.eval()
-    preds = []
+    preds, scores = [], {"model": [], "copy_last": []}
     for start in range(0, sequences.shape[1], batch_size):
-        chunk = sequences[:frames_in, start : start + batch_size].to(device)
-        preds.append(model(chunk, sequences.shape[0] - frames_in).float().cpu())
+        chunk = sequences[:, start : start + batch_size]
+        pred = model(chunk[:frames_in].to(device), sequences.shape[0] - frames_in).float().cpu()
+        target = chunk[frames_in:]
+        copy_last = chunk[frames_in - 1 : frames_in].expand_as(target)
+        scores["model"].append(per_sample_metrics(pred, target))
+        scores["copy_last"].append(per_sample_metrics(copy_last, target))
+        preds.append(pred)
     model.train()
-    pred = torch.cat(preds, dim=1)
-    target = sequences[frames_in:]
-    copy_last = sequences[frames_in - 1 : frames_in].expand_as(target)
-    return {"model": per_frame_metrics(pred, target), "copy_last": per_frame_metrics(copy_last, target), "pred": pred}
+    result = {who: {key: torch.cat([s[key] for s in chunks], dim=1).mean(dim=1).tolist() for key in ("mse", "ssim")}
+              for who, chunks in scores.items()}
+    result["pred"] = torch.cat(preds, dim=1)
+    return result
 
 
 # ----------------------------------------------------------------------------
