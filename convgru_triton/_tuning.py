@@ -2,7 +2,7 @@
 
 The gate kernels are elementwise and memory-bound: one program handles a tile
 of ``block_size`` elements of one sample (whole runs of the memory-contiguous
-axis, see :mod:`convgru_triton.ops.conv_gru_cell`) with ``num_warps`` warps.
+axis, see :mod:`convgru_triton.ops.gates.kernels`) with ``num_warps`` warps.
 Where the contiguous extent is not a multiple of one 16-byte vector the
 launcher lowers the block to one access per thread and tensor. The best choice depends on the GPU, the dtype and the
 size of the state, so the launchers ask :func:`launch_config` for it.
