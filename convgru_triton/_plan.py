@@ -160,7 +160,7 @@ def _bind_record(record, tensors: tuple) -> Optional[Launch]:
 
 def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
     """A :class:`Launch` from the gate launcher's replay entry (see
-    ``conv_gru_cell._launch``): it holds the compiled kernel's handles and the
+    ``gates.kernels._launch``): it holds the compiled kernel's handles and the
     arguments after the pointers."""
     if entry is None:
         return None
@@ -370,7 +370,7 @@ def _gate_sites(has_bias: bool, save: bool) -> dict:
 
 
 def _gate_general(p: CellPlan, site: str, out: Tensor, tensors: tuple, n_bias: int) -> None:
-    """A gate launch through the general launcher (``conv_gru_cell._launch``);
+    """A gate launch through the general launcher (``gates.kernels._launch``);
     the first one of a site binds it (or marks it unbindable)."""
     from .ops.gates import kernels as gates
 

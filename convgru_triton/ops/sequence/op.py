@@ -113,7 +113,7 @@ class _TritonGateMath:
     """The launchers of :mod:`..gates.kernels` (imported by the first plan that
     uses them: the package works without Triton), looked up at call time.
     ``bind`` gives the launches bound to one call's step geometry where they
-    can be (``conv_gru_cell._bind``: compiled kernels, replay on), else these
+    can be (``gates.kernels._bind``: compiled kernels, replay on), else these
     (so a test that wraps a launcher makes ``_bind`` return ``None``)."""
 
     @classmethod
@@ -152,9 +152,9 @@ def _gate_math(use_triton: bool):
     if not use_triton:
         return _TorchGateMath
     if _launchers is None:
-        from ..gates import kernels as conv_gru_cell
+        from ..gates import kernels
 
-        _launchers = conv_gru_cell
+        _launchers = kernels
     return _TritonGateMath
 
 
