@@ -9,7 +9,7 @@ device-to-device copy on the same card (GPU only).
 
 For each size of the state h (N, H, S) from 1 MB to 1 GB, each dtype and each
 layout (``nchw``: contiguous; ``cl``: channels_last, every tensor), every
-launcher of :mod:`convgru_triton.ops.conv_gru_cell` is timed with
+launcher of :mod:`convgru_triton.ops.gates.kernels` is timed with
 ``triton.testing.do_bench`` (median, L2 flushed between calls) and its traffic
 counted: the bytes each kernel must read and write per element of the state
 (E = elements of h, biases ignored):
@@ -63,7 +63,7 @@ LAYOUT_NAMES = {"nchw": "contiguous", "cl": "channels_last"}
 
 
 def _ops():
-    from convgru_triton.ops import conv_gru_cell
+    from convgru_triton.ops.gates import kernels as conv_gru_cell
 
     return conv_gru_cell
 

@@ -270,10 +270,11 @@ def _package_on_cpu_compiling() -> Iterator[None]:
         raise RuntimeError("convgru_triton._backend._interpreter_enabled is gone: adapt "
                            "bench.codegen._package_on_cpu_compiling to where the package now refuses CPU tensors "
                            "for backend='triton'")
-    from convgru_triton.ops import conv_gru_cell, fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
+    from convgru_triton.ops.gates import kernels as conv_gru_cell
 
     if not hasattr(fused_step, "supports") or not hasattr(fused_step, "clear_decisions"):
-        raise RuntimeError("convgru_triton.ops.fused_step.supports/clear_decisions are gone: adapt "
+        raise RuntimeError("convgru_triton.ops.fused_step.kernels.supports/clear_decisions are gone: adapt "
                            "bench.codegen._package_on_cpu_compiling to where the fused step now refuses CPU tensors")
     saved_enabled, saved_direct = _backend._interpreter_enabled, conv_gru_cell._DIRECT_LAUNCH
     saved_supports = fused_step.supports
@@ -331,7 +332,8 @@ def run_fused_case(case: Case) -> None:
     contiguous weight (the modules' ``weight_hh``). Raises RuntimeError when a
     launcher declines (the kernels would silently not be in the report)."""
     from convgru_triton._conv import ConvSpec
-    from convgru_triton.ops import conv_gru, fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
+    from convgru_triton.ops.sequence import op as conv_gru
 
     dtype, hidden, k = DTYPES[case.dtype], case.hidden, case.kernel_size
 
@@ -728,7 +730,7 @@ def fused_lines(kernels: Sequence[Dict], arch: int) -> List[str]:
     spills = sum(k["local"] + k["stack"] for k in kernels)
     no_wgmma = sum(1 for k in kernels if not k.get("wgmma"))
     lines = [f"### sm_{arch}: the fused step (issue 18)", "",
-             f"{len(kernels)} compiled kernels (`convgru_triton/ops/fused_step.py`: implicit-GEMM convolution, the "
+             f"{len(kernels)} compiled kernels (`convgru_triton/ops/fused_step/kernels.py`: implicit-GEMM convolution, the "
              "gate math in the epilogue; forward without and with saving, backward = the data gradient); most "
              f"registers {max(k['regs'] for k in kernels)}; "
              + ("no spills" if not spills else f"{spills} bytes of stack/local memory (spills) in total") + "; "

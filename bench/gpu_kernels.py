@@ -46,7 +46,7 @@ def _jit_functions():
     """The package's ``@triton.jit`` kernels (every JITFunction in its ops modules)."""
     from triton.runtime.jit import JITFunction
 
-    from convgru_triton.ops import conv_gru_cell
+    from convgru_triton.ops.gates import kernels as conv_gru_cell
 
     out = []
     for name in dir(conv_gru_cell):

@@ -165,8 +165,8 @@ def stubbed_triton():
     from triton.runtime.jit import JITFunction
 
     import convgru_triton._backend as backend_rule
-    from convgru_triton.ops import conv_gru_cell as launchers  # the kernels' module must be loaded
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.gates import kernels as launchers  # the kernels' module must be loaded
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     if _FAKE is None:
         _FAKE = _FakeState()
@@ -224,7 +224,7 @@ def kernel_launches() -> "collections.Counter":
 def fused_kernel_names() -> frozenset:
     """The names of the fused step's kernels (forward and data gradient), as the
     stub sees them; every other package kernel is a gate kernel."""
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     return frozenset(fused_step._REGISTRY_NAMES) | frozenset(fused_step._BWD_REGISTRY_NAMES)
 
@@ -234,7 +234,7 @@ def gate_math_disabled():
     """Replace every method of the launchers' interface (``_TritonGateMath``) by a
     no-op, and its ``bind`` (the launches bound to one call) by the class: what
     remains is the host time above the launchers."""
-    from convgru_triton.ops import conv_gru
+    from convgru_triton.ops.sequence import op as conv_gru
 
     cls = conv_gru._TritonGateMath
     names = [n for n in ("bind", "reset_after_fwd", "reset_after_bwd", "reset_gate_fwd", "update_fwd", "update_bwd",

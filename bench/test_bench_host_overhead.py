@@ -28,7 +28,7 @@ def _triton_fakeable() -> bool:
         import triton  # noqa: F401
         from triton.runtime.jit import JITFunction
 
-        from convgru_triton.ops import conv_gru_cell
+        from convgru_triton.ops.gates import kernels as conv_gru_cell
 
         return isinstance(conv_gru_cell._gru_update_fwd_kernel, JITFunction)  # not the interpreter
     except Exception:

@@ -45,7 +45,7 @@ BASELINES = ("seed", "raft", "compile")
 OURS = ("ours", "ours-compile", "ours-fused")
 FUSED = ("ours-fused",)
 #: The fused step's switch: the package's ``fused_step`` setting, whose environment variable
-#: (= convgru_triton.ops.fused_step.ENV_VAR; not imported: it imports Triton) the messages name,
+#: (= convgru_triton.ops.fused_step.kernels.ENV_VAR; not imported: it imports Triton) the messages name,
 #: and its value per provider of ours: forced, so that each name means one path.
 FUSED_ENV_VAR = "CONVGRU_TRITON_FUSED_STEP"
 FUSED_SWITCH = {"ours": "0", "ours-compile": "0", "ours-fused": "1"}
@@ -436,11 +436,11 @@ def count_fused_launches() -> Iterator[List[int]]:
     """``[n]``: the launches of :mod:`convgru_triton.ops.fused_step`'s forward
     kernels inside (its ``_launch``, counted), so that a benchmark can say which
     path ran: ``ours-fused`` must launch them, ``ours`` must not."""
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     launch = getattr(fused_step, "_launch", None)
     if launch is None:
-        raise RuntimeError("convgru_triton.ops.fused_step._launch is gone: the benchmarks count the fused "
+        raise RuntimeError("convgru_triton.ops.fused_step.kernels._launch is gone: the benchmarks count the fused "
                            "step's launches through it (bench/workloads.count_fused_launches)")
     count = [0]
 

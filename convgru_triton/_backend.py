@@ -58,7 +58,7 @@ def triton_import_error() -> Optional[str]:
         try:
             import triton  # noqa: F401
 
-            from .ops import conv_gru_cell  # noqa: F401
+            from .ops.gates import kernels  # noqa: F401
 
             _triton_error = ""
         except Exception as exc:  # ImportError, or a broken Triton install

@@ -160,7 +160,7 @@ def _bind_record(record, tensors: tuple) -> Optional[Launch]:
 
 def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
     """A :class:`Launch` from the gate launcher's replay entry (see
-    ``conv_gru_cell._launch``): it holds the compiled kernel's handles and the
+    ``gates.kernels._launch``): it holds the compiled kernel's handles and the
     arguments after the pointers."""
     if entry is None:
         return None
@@ -265,7 +265,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
             return CellPlan(_GENERAL)  # float64 under autocast stays float64: the general path's rule
     fmt = general.memory_format
     triton = _triton()
-    from .ops import conv_gru_cell as gate_kernels
+    from .ops.gates import kernels as gate_kernels
 
     # Replay where the gate launchers replay (the direct_launch setting, Triton >= 3.4, not the interpreter).
     bindable = bool(gate_kernels._DIRECT_LAUNCH)
@@ -299,7 +299,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     )
     fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
     if fused:
-        from .ops import fused_step
+        from .ops.fused_step import kernels as fused_step
 
         probe = torch.empty(facts["state_shape"], dtype=compute, device=x.device)
         fused = fused_step.use_fused("fwd", general.reset_after, spec, probe)
@@ -370,9 +370,9 @@ def _gate_sites(has_bias: bool, save: bool) -> dict:
 
 
 def _gate_general(p: CellPlan, site: str, out: Tensor, tensors: tuple, n_bias: int) -> None:
-    """A gate launch through the general launcher (``conv_gru_cell._launch``);
+    """A gate launch through the general launcher (``gates.kernels._launch``);
     the first one of a site binds it (or marks it unbindable)."""
-    from .ops import conv_gru_cell as gates
+    from .ops.gates import kernels as gates
 
     kernel_name, name, slots, n_inputs, flags, with_gx = p.sites[site]
     kernel = getattr(gates, kernel_name)
@@ -388,7 +388,7 @@ def _fused_general(p: CellPlan, sites: Tuple[str, ...], tensors: Tuple[tuple, ..
     """Fused launches through the general launcher (``call()``, which returns
     what ``fused_step.forward_step`` returns); the first time, records them and
     binds each site to its compiled kernel."""
-    from .ops import fused_step
+    from .ops.fused_step import kernels as fused_step
 
     first = sites[0] not in p.launches
     records = [] if first else None
@@ -570,7 +570,7 @@ class _GateStep(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: through the registered operator, whose own
             # backward raises: a second derivative fails loudly.
-            from .ops.conv_gru import conv_gru_bwd
+            from .ops.sequence.op import conv_gru_bwd
 
             d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
                 grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
@@ -620,7 +620,7 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
         elif L:
             L(stream, *t)
         else:
-            from .ops import fused_step
+            from .ops.fused_step import kernels as fused_step
 
             saved = (gates, aux) if save else (None, None)
             return _fused_general(p, ("fra",), (t,), lambda: fused_step.forward_step(
@@ -638,7 +638,7 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
         L(stream, *t1)
         L2(stream, *t2)
     else:
-        from .ops import fused_step
+        from .ops.fused_step import kernels as fused_step
 
         return _fused_general(p, ("frz", "fn"), (t1, t2), lambda: fused_step.forward_step(
             False, p.spec, None, h, (w_rz, w_n), b_ih, b_hh, state, gates, aux, save, x=x, weight_ih=w_ih))
@@ -655,7 +655,7 @@ def _dgrad(p: CellPlan, site: str, stream, quiet: bool, kernel_name: str, channe
     if L:
         L(stream, *tensors)
         return
-    from .ops import fused_step
+    from .ops.fused_step import kernels as fused_step
 
     strides = tuple(s for t in tensors for s in fused_step._strides(t))
     _fused_general(p, (site,), (tensors,), lambda: fused_step._launch_dgrad(
@@ -737,7 +737,7 @@ class _FusedStep(torch.autograd.Function):
         p = ctx.p
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
-            from .ops.conv_gru import conv_gru_bwd
+            from .ops.sequence.op import conv_gru_bwd
 
             d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
                 grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
@@ -800,7 +800,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype on ``device_type``, or ``None`` (autocast off)."""
     if device_type == "cuda" or device_type == "cpu":  # two C calls, no Python frame of the general rule's
         return _get_autocast_dtype(device_type) if _autocast_enabled(device_type) else None
-    from .ops.conv_gru import autocast_dtype
+    from .ops.sequence.op import autocast_dtype
 
     return autocast_dtype(device_type)
 
@@ -878,7 +878,7 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     """A half's backward, the input convolution's included: ``(d_x, d_h,
     d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``."""
     if torch.is_grad_enabled():
-        from .ops.conv_gru import conv_gru_bwd
+        from .ops.sequence.op import conv_gru_bwd
 
         d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
             grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
@@ -1077,7 +1077,7 @@ def explain(device: torch.device, dtype: torch.dtype, kernel_size: Tuple[int, in
         if choice.name != "triton":
             paths[direction] = ("eager PyTorch", "the torch backend runs the reference math")
             continue
-        from .ops import fused_step
+        from .ops.fused_step import kernels as fused_step
 
         if not fused_step.supports(spec, dtype, device):
             paths[direction] = ("cuDNN + gate kernels", "the fused step does not take this kernel, dtype or device")

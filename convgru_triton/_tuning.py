@@ -2,7 +2,7 @@
 
 The gate kernels are elementwise and memory-bound: one program handles a tile
 of ``block_size`` elements of one sample (whole runs of the memory-contiguous
-axis, see :mod:`convgru_triton.ops.conv_gru_cell`) with ``num_warps`` warps.
+axis, see :mod:`convgru_triton.ops.gates.kernels`) with ``num_warps`` warps.
 Where the contiguous extent is not a multiple of one 16-byte vector the
 launcher lowers the block to one access per thread and tensor. The best choice depends on the GPU, the dtype and the
 size of the state, so the launchers ask :func:`launch_config` for it.
@@ -92,7 +92,7 @@ def default_config(dtype: torch.dtype) -> LaunchConfig:
     one 16-byte access per thread and tensor with 4 warps."""
     return DEFAULT_CONFIGS.get(dtype, DEFAULT_CONFIG)
 
-# The kernels that read their configuration here (names as in ops/conv_gru_cell.py,
+# The kernels that read their configuration here (names as in ops/gates/kernels.py,
 # without the leading underscore and the _kernel suffix).
 KERNELS = (
     "gru_reset_after_fwd",
@@ -520,7 +520,7 @@ def forced_config(cfg: LaunchConfig) -> Iterator[LaunchConfig]:
 # "fused_tiles": [{"kernel" (one of FUSED_KERNELS), "dtype", "numel",
 #                  "block_m", "block_n", "block_k", "num_warps", "num_stages"}]
 
-#: Paths a step can take: the fused kernels of ops/fused_step.py, or cuDNN's
+#: Paths a step can take: the fused kernels of ops/fused_step/kernels.py, or cuDNN's
 #: convolution followed by the gate kernels.
 STEP_PATHS = ("fused", "cudnn")
 #: The path without a tuned entry. "cudnn": no committed GPU figure of the fused
@@ -528,9 +528,9 @@ STEP_PATHS = ("fused", "cudnn")
 #: H200), and a path is the default only where a GPU figure shows it faster.
 DEFAULT_STEP_PATH = "cudnn"
 DIRECTIONS = ("fwd", "bwd")
-#: The fused kernels whose tiles the registry holds (names as in ops/fused_step.py,
+#: The fused kernels whose tiles the registry holds (names as in ops/fused_step/kernels.py,
 #: without the leading underscore and the _kernel suffix): forward, then the
-#: backward's dgrad kernels (ops/fused_step.py's backward section).
+#: backward's dgrad kernels (ops/fused_step/kernels.py, its backward section).
 FUSED_KERNELS = ("conv_rz_fwd", "conv_n_fwd", "conv_reset_after_fwd", "conv_dgrad_reset_gate_bwd", "conv_dgrad_bwd")
 TILE_BLOCK_M = (16, 32, 64, 128, 256)
 TILE_BLOCK_NK = (16, 32, 64, 128)

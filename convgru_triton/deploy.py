@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ._conv import ConvSpec, conv_same
-from .ops import naive
+from .ops.gates import naive as gate_naive
+from .ops.sequence import naive
 
 Tensor = torch.Tensor
 
@@ -54,11 +55,11 @@ def _conv_gru_fwd_decomposition(
     for t in naive.step_order(steps, reverse):
         gx = gates_x[t]
         if reset_after:
-            h, r, z, n, hn = naive.gru_reset_after_fwd_ref(gx, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)
+            h, r, z, n, hn = gate_naive.gru_reset_after_fwd_ref(gx, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)
             aux[t] = hn
         else:
-            r, z, rh = naive.gru_reset_gate_fwd_ref(gx, conv_same(h, weight_hh[: 2 * hidden], spec), h, bias_ih, bias_hh)
-            h, n = naive.gru_update_fwd_ref(gx, conv_same(rh, weight_hh[2 * hidden :], spec), z, h, bias_ih, bias_hh)
+            r, z, rh = gate_naive.gru_reset_gate_fwd_ref(gx, conv_same(h, weight_hh[: 2 * hidden], spec), h, bias_ih, bias_hh)
+            h, n = gate_naive.gru_update_fwd_ref(gx, conv_same(rh, weight_hh[2 * hidden :], spec), z, h, bias_ih, bias_hh)
             aux[t] = rh
         gates[t] = torch.cat([r, z, n], 1)
         states[t] = h

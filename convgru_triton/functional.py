@@ -29,11 +29,11 @@ from ._layout import (
     cat_channels, check_kernel_sample_size, empty_in_layout, frames_channels_last, frames_in_format,
     internal_memory_format, is_channels_last, layout_setting, stack_frames,
 )
-from .ops.conv_gru import (
+from .ops.sequence.op import (
     Plan, autocast_dtype, autocast_result_dtype, conv_gru_sequence, conv_gru_step, conv_gru_step_compiled,
     fused_cell_step, fused_step_setting, plan,
 )
-from .ops import vmap_rules  # noqa: F401  (registers the operators' torch.vmap rules)
+from .ops.sequence import vmap  # noqa: F401  (registers the operators' torch.vmap rules)
 
 Params = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
@@ -315,7 +315,7 @@ class _CellPlan(NamedTuple):
     recheck_backend: bool  # Triton forced on non-CUDA tensors: only valid while the interpreter is on
     memory_format: Optional[torch.memory_format]  # the internal layout (_layout.internal_memory_format), or None
     cast: Optional[torch.dtype]  # the autocast dtype at planning (it is in the plan key)
-    # May the input convolution run inside the fused step (ops.conv_gru.fused_cell_step)? Only where
+    # May the input convolution run inside the fused step (ops.sequence.op.fused_cell_step)? Only where
     # CONVGRU_TRITON_FUSED_STEP=1, or auto with a tuning file naming the fused path for this device;
     # elsewhere (the default) the cell skips the attempt: 3-10 us per call on the CPU, stubbed launches.
     fused_cell: bool

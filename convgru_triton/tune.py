@@ -6,7 +6,7 @@
 
 For every kernel, dtype and state size of a ladder, each candidate launch
 configuration is run once and its outputs are compared with the reference
-(:mod:`convgru_triton.ops.naive`); candidates that fail to compile, run out of
+(:mod:`convgru_triton.ops.gates.naive`); candidates that fail to compile, run out of
 resources or give a wrong result are skipped, the others are timed with
 ``triton.testing.do_bench``. The fastest per (kernel, dtype, size) goes into
 ``<gpu>.json``, written atomically (temporary file + rename) to
@@ -179,10 +179,10 @@ def build_case(
 ) -> Case:
     """Inputs, launch and reference check of ``kernel`` (one of :data:`KERNELS`) on
     a state of ``numel`` elements (shaped (N, H, S) = ``shape`` or :func:`state_shape`);
-    the reference is the kernel's ``*_ref`` twin in :mod:`convgru_triton.ops.naive`,
+    the reference is the kernel's ``*_ref`` twin in :mod:`convgru_triton.ops.gates.naive`,
     run in float32 (float64 for float64) on the same, storage-dtype inputs."""
-    from .ops import conv_gru_cell as op
-    from .ops import naive
+    from .ops.gates import kernels as op
+    from .ops.gates import naive
 
     n, hd, s = shape if shape is not None else state_shape(numel)
     if n * hd * s != numel:
@@ -350,7 +350,7 @@ class Result:
 def _poisoned_outputs():
     """Fill every buffer the launchers allocate with NaN first, so that an element
     a candidate does not write cannot pass the check with a stale correct value."""
-    from .ops import conv_gru_cell as op
+    from .ops.gates import kernels as op
 
     allocate = getattr(op, "_empty", None)
     if allocate is None:
@@ -753,7 +753,9 @@ class StepCase:
         if direction not in _tuning.DIRECTIONS:  # before the imports: they load Triton
             raise ValueError(f"direction must be one of {_tuning.DIRECTIONS}, got {direction!r}")
         from ._conv import ConvSpec
-        from .ops import conv_gru, fused_step
+        from .ops.fused_step import kernels as fused_step
+        from .ops.fused_step import naive as fused_naive
+        from .ops.sequence import op as conv_gru
 
         self.shape, self.device, self.direction = shape, device, direction
         n, hid, y, x, kk = shape.batch, shape.hidden, shape.height, shape.width, shape.kernel_size
@@ -772,7 +774,7 @@ class StepCase:
         self.spec = ConvSpec(tuple(kk), (1, 1))
         # The references start from the dtype-rounded inputs, in float64.
         rounded = [t.to(torch.float64) for t in (self.gx, self.h, self.w, self.b_ih, self.b_hh)]
-        step = fused_step.reference_step(shape.reset_after, self.spec, *rounded)
+        step = fused_naive.reference_step(shape.reset_after, self.spec, *rounded)
         # Made under the fused_step setting "1": a plan that may fuse (and the
         # operator's fused_step module loaded) whatever the caller's setting says.
         with _fused_setting("1"):
@@ -795,7 +797,7 @@ class StepCase:
         self.grad, self.grad2 = (t.to(d).contiguous(memory_format=fmt) for t in (g64, g2_64))
         self.gates, self.aux = (t.to(d).contiguous(memory_format=fmt) for t in step[1:])
         grad_sum = self.grad.to(torch.float64) + self.grad2.to(torch.float64)
-        d_gx, d_gh, d_h = fused_step.reference_backward_step(shape.reset_after, self.spec, grad_sum, *rounded)
+        d_gx, d_gh, d_h = fused_naive.reference_backward_step(shape.reset_after, self.spec, grad_sum, *rounded)
         self.d_gx = conv_gru._empty_frame(self.h, 3 * hid, cl)
         self.d_h = conv_gru._empty_frame(self.h, hid, cl)
         if shape.reset_after:
@@ -892,7 +894,7 @@ def _spills(compiled: Sequence[Any]) -> Optional[str]:
 
 def _trial(case: StepCase, fused: bool, tile: Optional[_tuning.TileConfig], timer: Timer) -> Trial:
     """Check (into NaN-poisoned buffers), then time, one path of ``case``."""
-    from .ops import fused_step
+    from .ops.fused_step import kernels as fused_step
 
     trial = Trial(tile)  # type: ignore[arg-type]
     try:
@@ -1294,7 +1296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         import triton.testing
 
-        from .ops import conv_gru_cell  # noqa: F401
+        from .ops.gates import kernels  # noqa: F401
     except Exception as exc:
         print(f"convgru_triton.tune: Triton or the fused kernels do not import ({_reason(exc)}); nothing to tune.",
               file=sys.stderr)

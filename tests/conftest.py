@@ -168,7 +168,8 @@ def _one_thread_no_tf32():
 def poison_kernel_outputs(monkeypatch):
     """Fill every buffer the fused kernels and the sequence operator write with
     NaN before they write it, so an element left unwritten fails the comparison."""
-    from convgru_triton.ops import conv_gru, conv_gru_cell
+    from convgru_triton.ops.gates import kernels as conv_gru_cell
+    from convgru_triton.ops.sequence import op as conv_gru
 
     for module, allocator in ((conv_gru_cell, "_empty"), (conv_gru, "_empty_frames"), (conv_gru, "_empty_frame")):
         allocate = getattr(module, allocator)

@@ -4,7 +4,7 @@ the autocast dtype.
 
 The rule under test (docs/what-runs-where.md, "Autocast"): the convolutions
 follow autocast's own rule, and the gate operator's rule is registered at the
-Autocast dispatch keys (ops/conv_gru.py, ``autocast_cast``): floating tensors
+Autocast dispatch keys (ops/sequence/op.py, ``autocast_cast``): floating tensors
 other than float64 are cast to the autocast dtype, the step computes in it and
 returns it, as ``torch.nn.GRUCell`` does. Parameter gradients come back in
 float32, input gradients in each input's own dtype. Outside autocast a dtype
@@ -338,7 +338,7 @@ def test_operator_autocast_rule_is_registered(device):
     """The rule lives in the dispatcher: calling the registered operator itself
     under autocast casts its floating inputs, and its backward runs in the
     forward's dtypes even when called inside an autocast region."""
-    from convgru_triton.ops import conv_gru
+    from convgru_triton.ops.sequence import op as conv_gru
 
     torch.manual_seed(0)
     gx = torch.randn(2, 1, 6, 4, 5, device=device, requires_grad=True)

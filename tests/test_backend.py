@@ -89,7 +89,7 @@ def test_explain_backend_reports_module_choice(package_settings, device):
 def test_backend_setting_switches_module_to_kernels(monkeypatch, device):
     """The backend setting "triton" makes an 'auto' module run the kernels from
     its next call on (the setting's generation is in the plans' keys)."""
-    from convgru_triton.ops import conv_gru_cell as kernels
+    from convgru_triton.ops.gates import kernels as kernels
 
     calls = []
     original = kernels._reset_gate_fwd

@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convgru_triton import ConvGRU2d, ConvGRUCell2d, SepConvGRUCell2d
-from convgru_triton.ops import conv_gru_cell as op
+from convgru_triton.ops.gates import kernels as op
 
 CL = torch.channels_last
 BACKENDS = ["torch", "triton"]
@@ -246,7 +246,7 @@ def test_zero_state_follows_the_input_not_the_convolution(backend, device, monke
     still follow the channels_last input. Convolutions that return contiguous
     outputs stand in for cuDNN here, so that this runs the same on any device."""
     from convgru_triton import _conv, functional
-    from convgru_triton.ops import conv_gru
+    from convgru_triton.ops.sequence import op as conv_gru
 
     for dims, conv in list(_conv._CONV_FUNCTIONS.items()):
         monkeypatch.setitem(_conv._CONV_FUNCTIONS, dims,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from convgru_triton import ConvGRU, ConvGRUCell
-from convgru_triton.ops import conv_gru
+from convgru_triton.ops.sequence import op as conv_gru
 
 BACKENDS = ["torch", "triton"]
 

@@ -207,7 +207,7 @@ def test_onnx_from_exported_program_with_decompositions():
 def test_decomposition_saves_what_the_operator_saves():
     """With save=True the decomposition returns the operator's gates and aux too."""
     from convgru_triton.deploy import _conv_gru_fwd_decomposition
-    from convgru_triton.ops.conv_gru import _conv_gru_fwd
+    from convgru_triton.ops.sequence.op import _conv_gru_fwd
 
     for reset_after in (False, True):
         args = (_x(3, 2, 6, 4, 5), _x(2, 2, 4, 5, seed=1), _x(6, 2, 3, 3, seed=2) * 0.3, _x(6, seed=3), _x(6, seed=4),
@@ -326,7 +326,7 @@ def test_meta_and_fake_forward_backward(case, mode, backend, device, monkeypatch
     the operator's fake implementation runs, not the time loop."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from convgru_triton.ops import conv_gru as conv_gru_module
+    from convgru_triton.ops.sequence import op as conv_gru_module
 
     def no_loop(*args):
         raise AssertionError("the time loop ran on meta or fake tensors")

@@ -2,7 +2,7 @@
 
 After the first launch of a specialization, ``conv_gru_cell._launch`` calls the
 compiled kernel itself instead of going through ``kernel[grid](...)`` (see
-"Replaying compiled kernels" in :mod:`convgru_triton.ops.conv_gru_cell`). These
+"Replaying compiled kernels" in :mod:`convgru_triton.ops.gates.kernels`). These
 tests run the package's launchers with compiled (not interpreted) Triton, in a
 subprocess (the test session runs Triton's interpreter), against a fake CUDA
 target whose "compiled kernels" record how they are called, and check:
@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent(
         return run(self, *args, **kwargs)
     JITFunction.run = counting_run
 
-    from convgru_triton.ops import conv_gru_cell as op
+    from convgru_triton.ops.gates import kernels as op
     op._DIRECT_LAUNCH = sys.argv[1] == "on"
 
     def launch(gx, gh, h, out_gates, rh):
@@ -185,7 +185,7 @@ SCRIPT = textwrap.dedent(
     # as CUDA for the fused step's support rule.
     import convgru_triton
     from convgru_triton import SepConvGRUCell2d
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
     real_supports = fused_step.supports
     fused_step.supports = lambda spec, dtype, device: real_supports(
         spec, dtype, torch.device("cuda") if device.type == "cpu" else device)

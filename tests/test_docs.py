@@ -244,7 +244,7 @@ def test_py_typed_is_shipped():
 def test_errors_doc_lists_deployment_errors():
     """The deployment errors tests/test_deploy.py raises have their rows in docs/errors.md."""
     from convgru_triton import ConvGRU2d
-    from convgru_triton.ops.conv_gru import _ConvGRUFunctorch
+    from convgru_triton.ops.sequence.op import _ConvGRUFunctorch
 
     table = _read("docs/errors.md")
     with pytest.raises(RuntimeError) as script_error:

@@ -433,8 +433,8 @@ def test_expanded_tensors_straight_into_the_kernels(reset_after, device):
     operator all expanded (stride 0 over steps, batch and space) go into the
     kernels as they are; results equal the reference on dense copies."""
     from convgru_triton._conv import ConvSpec
-    from convgru_triton.ops.conv_gru import conv_gru_sequence
-    from convgru_triton.ops.naive import conv_gru_cell_ref
+    from convgru_triton.ops.sequence.op import conv_gru_sequence
+    from convgru_triton.ops.sequence.naive import conv_gru_cell_ref
 
     gen = torch.Generator().manual_seed(3)
 

@@ -28,7 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import convgru_triton as cg
 from convgru_triton import functional
 from convgru_triton._conv import ConvSpec, conv_same
-from convgru_triton.ops import conv_gru, fused_step, naive
+from convgru_triton.ops.fused_step import kernels as fused_step
+from convgru_triton.ops.fused_step import naive as fused_naive
+from convgru_triton.ops.sequence import naive as sequence_naive
+from convgru_triton.ops.sequence import op as conv_gru
 from conftest import compile_for_sm90
 from _tolerance import assert_close_to_reference
 
@@ -101,7 +104,7 @@ def test_kernels_with_input_equal_reference(device, package_settings, dtype, res
     assert fused_step.forward_step(reset_after, spec, None, h, weights, b_ih, b_hh, state, gates, aux, True,
                                    x=x, weight_ih=w_ih)
     d = [None if t is None else t.double() for t in (x, h, w_ih, w_hh, b_ih, b_hh)]
-    ref = fused_step.reference_step(reset_after, spec, conv_same(d[0], d[2], spec), *d[1:2], *d[3:])
+    ref = fused_naive.reference_step(reset_after, spec, conv_same(d[0], d[2], spec), *d[1:2], *d[3:])
     tol = TOLERANCE[dtype]
     for name, got, want in zip(("h'", "gates", "aux"), (state, gates, aux), ref):
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name}: {m}")
@@ -145,7 +148,7 @@ def _reference(module, x, h0, reset_after, spec):
     params = {n: p.detach().double().requires_grad_() for n, p in module.named_parameters()}
     x, h0 = x.detach().double().requires_grad_(), h0.detach().double().requires_grad_()
     gx = conv_same(x, params["weight_ih"], spec)
-    out = naive.conv_gru_cell_ref(gx, h0, params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"), spec,
+    out = sequence_naive.conv_gru_cell_ref(gx, h0, params["weight_hh"], params.get("bias_ih"), params.get("bias_hh"), spec,
                                   reset_after)
     # The gradient _train_step hands over (rounded to the module's dtype), in float64.
     out.backward(_rand(out.device, module.weight_ih.dtype, *out.shape, seed=9).double())
@@ -395,7 +398,8 @@ error = tc.nvidia_backend_error()
 if error:
     print(json.dumps({"skip": error})); sys.exit(0)
 from convgru_triton._conv import ConvSpec
-from convgru_triton.ops import fused_step
+from convgru_triton.ops.fused_step import kernels as fused_step
+from convgru_triton.ops.fused_step import naive as fused_naive
 fused_step.supports = lambda spec, dtype, device: True  # CPU tensors through the launcher; compiled, never launched
 from convgru_triton import _settings
 fused_setting = _settings.override(fused_step="1")  # kept: a collected generator would restore the setting

@@ -25,7 +25,9 @@ import pytest
 import torch
 
 from convgru_triton._conv import ConvSpec
-from convgru_triton.ops import conv_gru, fused_step
+from convgru_triton.ops.fused_step import kernels as fused_step
+from convgru_triton.ops.fused_step import naive as fused_naive
+from convgru_triton.ops.sequence import op as conv_gru
 from conftest import compile_for_sm90
 from _tolerance import assert_close_to_reference, float64_training_step
 
@@ -85,7 +87,7 @@ def _run_fused(device, dtype, reset_after, spec, hidden, size, channels_last, sa
 
 
 def _check(dtype, reset_after, spec, inputs, outputs, save=True):
-    ref = fused_step.reference_step(reset_after, spec, *(None if t is None else t.double() for t in inputs))
+    ref = fused_naive.reference_step(reset_after, spec, *(None if t is None else t.double() for t in inputs))
     tol = TOLERANCE[dtype]
     state, gates, aux = outputs
     torch.testing.assert_close(state.double(), ref[0], **tol, msg=lambda m: f"h': {m}")
@@ -284,7 +286,8 @@ if error:
     print(json.dumps({"skip": error})); sys.exit(0)
 from convgru_triton import _settings, _tuning, tune
 from convgru_triton._conv import ConvSpec
-from convgru_triton.ops import fused_step
+from convgru_triton.ops.fused_step import kernels as fused_step
+from convgru_triton.ops.fused_step import naive as fused_naive
 fused_step.supports = lambda spec, dtype, device: True  # CPU tensors through the launcher; compiled, never launched
 fused_setting = _settings.override(fused_step="1")  # kept: a collected generator would restore the setting
 fused_setting.__enter__()  # for the rest of this process

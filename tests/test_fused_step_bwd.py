@@ -1,4 +1,4 @@
-"""The fused backward step (:func:`convgru_triton.ops.fused_step.backward_step`):
+"""The fused backward step (:func:`convgru_triton.ops.fused_step.kernels.backward_step`):
 the hidden convolutions' data gradient (dgrad) as Triton implicit GEMM with the
 gate backward in its epilogue, against the references and today's path.
 
@@ -13,7 +13,7 @@ gate backward in its epilogue, against the references and today's path.
   without the carried gradient (``grad2``).
 * T > 1 sequences through the operator, forward and reverse: every gradient
   (d_gates_x, d_h0, d_weight_hh, d_bias_ih, d_bias_hh) equals the default path
-  and autograd through :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref`;
+  and autograd through :func:`~convgru_triton.ops.sequence_naive.conv_gru_sequence_ref`;
   the fused backward ran at every step.
 * Through the cell and the bidirectional sequence modules: d_input too.
 * Where it does not apply it declines, having written nothing.
@@ -30,7 +30,10 @@ import pytest
 import torch
 
 from convgru_triton._conv import ConvSpec, conv_same
-from convgru_triton.ops import conv_gru, fused_step, naive
+from convgru_triton.ops.fused_step import kernels as fused_step
+from convgru_triton.ops.fused_step import naive as fused_naive
+from convgru_triton.ops.sequence import naive as sequence_naive
+from convgru_triton.ops.sequence import op as conv_gru
 from conftest import compile_for_sm90
 from _tolerance import assert_close_to_reference, float64_training_step
 
@@ -126,7 +129,7 @@ def _one_step(device, dtype, reset_after, spec, hidden, size, channels_last, gra
     g1 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=fmt)
     g2 = _rand(gen, device, dtype, batch, hidden, *size).contiguous(memory_format=fmt) if grad2 else None
     saved_fmt = _fmt(channels_last if saved_channels_last is None else saved_channels_last)
-    _, gates, aux = fused_step.reference_step(reset_after, spec, gx.double(), h.double(), weight_hh.double(),
+    _, gates, aux = fused_naive.reference_step(reset_after, spec, gx.double(), h.double(), weight_hh.double(),
                                               bias_ih.double(), bias_hh.double())
     gates, aux = (t.to(dtype).contiguous(memory_format=saved_fmt) for t in (gates, aux))
     p = conv_gru.plan(spec, reset_after, False, True)
@@ -151,7 +154,7 @@ def _check_step(dtype, reset_after, spec, inputs, grad, fused, default):
     """The fused backward step and the default one are two algorithms: each is
     measured against the float64 reference step."""
     names = ("d_gates_x", "d_gates_h", "d_h", "d_weight_hh")
-    ref = fused_step.reference_backward_step(reset_after, spec, grad.double(), *(t.double() for t in inputs))
+    ref = fused_naive.reference_backward_step(reset_after, spec, grad.double(), *(t.double() for t in inputs))
     for name, got, want, exact in zip(names, fused, default, ref):
         if want is None:
             assert got is None and exact is None, name
@@ -235,7 +238,7 @@ def _sequence_grads(device, dtype, reset_after, reverse, spec, steps, hidden, si
     out = conv_gru.conv_gru_sequence(*leaves, spec, reset_after, reverse, True)
     got = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [t.detach().double().requires_grad_() for t in (gx, h0, weight_hh, bias_ih, bias_hh)]
-    ref_out = naive.conv_gru_sequence_ref(*ref_leaves, spec, reset_after, reverse)
+    ref_out = sequence_naive.conv_gru_sequence_ref(*ref_leaves, spec, reset_after, reverse)
     ref = torch.autograd.grad(ref_out, ref_leaves, grad.double())
     return got, ref
 
@@ -310,7 +313,7 @@ def test_modules_input_gradient(device, package_settings, dgrad_launches, kind):
                   (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)]
         xr, hr = x.detach().double().requires_grad_(), h0.detach().double().requires_grad_()
         spec = ConvSpec((3, 3), (2, 1))
-        out = naive.conv_gru_cell_ref(conv_same(xr, params[0], spec), hr, *params[1:], spec, reset_after)
+        out = sequence_naive.conv_gru_cell_ref(conv_same(xr, params[0], spec), hr, *params[1:], spec, reset_after)
         ref = torch.autograd.grad(out, [xr, hr] + params, grad.double())
         names = ["d input", "d h0", "d weight_ih", "d weight_hh", "d bias_ih", "d bias_hh"]
         mine = [got[0], got[1]] + [got[2][n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -368,7 +371,8 @@ error = tc.nvidia_backend_error()
 if error:
     print(json.dumps({"skip": error})); sys.exit(0)
 from convgru_triton._conv import ConvSpec
-from convgru_triton.ops import fused_step as fs
+from convgru_triton.ops.fused_step import kernels as fs
+from convgru_triton.ops.fused_step import naive as fused_naive
 records = []
 # RAFT's 1/8 map (N=6, 46x62), hidden 128, the 3x3 ConvGRU; compiled, never launched.
 spec, n, hid, y, x = ConvSpec((3, 3), (1, 1)), 6, 128, 46, 62

@@ -26,7 +26,7 @@ from convgru_triton import ConvGRU2d, ConvGRU3d, ConvGRUCell2d, ConvGRUCell3d, S
 from convgru_triton._conv import ConvSpec, conv_same
 from convgru_triton._layout import LAYOUT_ENV_VAR, internal_memory_format
 from convgru_triton._settings import override
-from convgru_triton.ops.naive import conv_gru_cell_ref, conv_gru_sequence_ref
+from convgru_triton.ops.sequence.naive import conv_gru_cell_ref, conv_gru_sequence_ref
 
 from _tolerance import assert_all_close_to_reference
 

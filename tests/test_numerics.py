@@ -125,8 +125,8 @@ def test_half_gate_math_rounds_once(dtype):
     """The gate kernels alone: from half inputs, every output is the float64
     result rounded once (within 0.51 units in the last place: float32 math inside),
     and at least as close as the same formulas run op by op in half precision."""
-    from convgru_triton.ops import conv_gru_cell as op
-    from convgru_triton.ops import naive
+    from convgru_triton.ops.gates import kernels as op
+    from convgru_triton.ops.gates import naive
 
     gen = torch.Generator().manual_seed(5)
     n, hidden, spatial = 2, 3, (6, 7)
@@ -431,8 +431,8 @@ _UNITS = dict(reset_after_fwd=12, reset_after_bwd=13, reset_gate_fwd=10, update_
 def _check_kernel(kernel: str, arena: _Arena) -> float:
     """Run ``kernel``'s launcher on the arena's tensors; return the largest
     error against its reference, relative to 1 + |reference|."""
-    from convgru_triton.ops import conv_gru_cell as op
-    from convgru_triton.ops import naive
+    from convgru_triton.ops.gates import kernels as op
+    from convgru_triton.ops.gates import naive
 
     H, new, dtype, dev = arena.hidden, arena.new, arena.dtype, arena.device
     b_ih = torch.randn(3 * H, dtype=torch.float64).to(dev, dtype)
@@ -618,8 +618,8 @@ if __name__ == "__main__":
 
 _GX_STRIDE_SCRIPT = r"""
 import json, torch
-from convgru_triton.ops import conv_gru_cell as op
-from convgru_triton.ops import naive
+from convgru_triton.ops.gates import kernels as op
+from convgru_triton.ops.gates import naive
 
 # float16, 8 x 8 maps: rows start on 16-byte boundaries, so ALIGN = 8 and the
 # launcher passes the gx sample stride divided by 8; that quotient fits in 32

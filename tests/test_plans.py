@@ -136,7 +136,7 @@ def test_autocast_check_sees_every_device_type():
     """The plain-eager check asks one C call whether any autocast is on, for CPU
     and CUDA tensors; that call does not cover every device type (not "mps"
     in torch 2.13), so for others autocast is asked about the device itself."""
-    from convgru_triton.ops import conv_gru
+    from convgru_triton.ops.sequence import op as conv_gru
 
     assert conv_gru.autocast_dtype("cpu") is None
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -30,7 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from convgru_triton import ConvGRU1d, ConvGRU2d, ConvGRU3d  # noqa: E402
 from convgru_triton._conv import ConvSpec  # noqa: E402
-from convgru_triton.ops.conv_gru import conv_gru_sequence  # noqa: E402
+from convgru_triton.ops.sequence.op import conv_gru_sequence  # noqa: E402
 
 # bfloat16 is drawn only where the kernels are compiled (the interpreter has
 # none): known at collection, before the ``device`` fixture, from the same rule.

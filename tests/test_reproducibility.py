@@ -128,7 +128,7 @@ def test_gate_kernels_use_no_atomics():
     once: no atomic operation appears in the kernels (so no run-to-run
     variation from the order of atomic adds)."""
     pytest.importorskip("triton")
-    from convgru_triton.ops import conv_gru_cell
+    from convgru_triton.ops.gates import kernels as conv_gru_cell
 
     kernels = [obj for name, obj in vars(conv_gru_cell).items() if name.endswith("_kernel")]
     assert len(kernels) == 6

@@ -192,7 +192,7 @@ def test_tuning_dir_override_is_searched_first(tmp_path):
 
 def test_direct_launch_setting_switches_replay(monkeypatch):
     pytest.importorskip("triton")
-    from convgru_triton.ops import conv_gru_cell as op
+    from convgru_triton.ops.gates import kernels as op
 
     monkeypatch.setattr(op, "_REPLAY_POSSIBLE", True)  # as with compiled kernels (off under the interpreter)
     monkeypatch.setattr(op, "_DIRECT_LAUNCH", True)

@@ -813,7 +813,7 @@ def test_bad_fused_sections_skip_the_file_with_a_warning(registry, bad):
 
 def test_fused_step_mode_values(environment_at_import):
     pytest.importorskip("triton")
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     for raw, want in ((None, "auto"), ("", "auto"), (" AUTO ", "auto"), ("1", "1"), ("0", "0")):
         assert fused_step.mode(raw if raw is not None else "") == want
@@ -829,7 +829,7 @@ def test_fused_step_mode_values(environment_at_import):
 @pytest.mark.triton_kernels
 def test_fused_step_bad_env_value_raises_at_the_first_call(monkeypatch, environment_at_import, device):
     import convgru_triton as cg
-    from convgru_triton.ops import conv_gru
+    from convgru_triton.ops.sequence import op as conv_gru
 
     environment_at_import(CONVGRU_TRITON_FUSED_STEP="true")
     monkeypatch.setattr(conv_gru, "_PLANS", {})
@@ -841,7 +841,7 @@ def test_fused_step_bad_env_value_raises_at_the_first_call(monkeypatch, environm
 @pytest.mark.triton_kernels
 def test_use_fused_follows_mode_and_registry(package_settings, device):
     from convgru_triton._conv import ConvSpec
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     spec = ConvSpec((3, 3), (1, 1))
     h = torch.zeros(2, 4, 5, 6, device=device)
@@ -907,7 +907,7 @@ def test_tune_fused_step_chooses_and_writes(registry, device):
 def test_tune_fused_step_skips_a_wrong_tile(monkeypatch, device):
     """A tile whose result is wrong (a broken launch, as Inductor's 8-warp
     convolution template was) is skipped with the reason and never timed."""
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     bad = _tuning.TileConfig(32, 16, 16, 8, 2)
     launch = fused_step._launch
@@ -977,7 +977,7 @@ def test_tune_fused_step_backward_chooses_and_writes(registry, device):
 def test_tune_fused_step_backward_skips_wrong_and_failing_tiles(monkeypatch, device):
     """A backward tile whose dL/dh is wrong, or whose launch raises, is skipped
     with the reason and never timed; the others are timed."""
-    from convgru_triton.ops import fused_step
+    from convgru_triton.ops.fused_step import kernels as fused_step
 
     wrong, failing = _tuning.TileConfig(32, 16, 16, 8, 2), _tuning.TileConfig(16, 16, 16, 4, 2)
     launch = fused_step._launch_dgrad

@@ -4,8 +4,8 @@ One step of a ConvGRU is two kinds of work: convolutions (left to cuDNN via
 :mod:`torch.nn.functional`) and elementwise gate math (bias add, sigmoid, tanh,
 the reset product and the interpolation of the new state), fused here into one
 Triton kernel per phase. Each kernel's reference is the ``*_ref`` function of the
-same name in :mod:`convgru_triton.ops.naive`; the operator that runs them step
-after step, with autograd, is :mod:`convgru_triton.ops.conv_gru`.
+same name in :mod:`convgru_triton.ops.gates.naive`; the operator that runs them step
+after step, with autograd, is :mod:`convgru_triton.ops.sequence.op`.
 
 Kernels (``_fwd_kernel``/``_bwd_kernel`` pairs) and what each reads and writes,
 per element of the (N, H, *S) state (``gx``/``gh`` are pre-activations, gate order
@@ -61,8 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _settings, _tuning
-from .._layout import check_kernel_sample_size, empty_in_layout, is_channels_last
+from ... import _settings, _tuning
+from ..._layout import check_kernel_sample_size, empty_in_layout, is_channels_last
 
 # ----------------------------------------------------------------------------
 # Triton kernels
@@ -684,7 +684,7 @@ _STEPS: Dict[tuple, Dict[tuple, _BoundKernel]] = {}
 
 
 class _Bound:
-    """The launchers' interface (the methods of ``conv_gru._TritonGateMath``)
+    """The launchers' interface (the methods of ``sequence.op._TritonGateMath``)
     for one call of the sequence operator, bound by :func:`_bind`."""
 
     __slots__ = ("kernels", "has_bias", "bias", "active", "device", "stream")

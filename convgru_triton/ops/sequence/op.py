@@ -24,11 +24,11 @@ dilation, padding_mode, reset_after, reverse, use_triton, save) -> (states, gate
 Saved for backward: h0, weight_hh, the states, gates and aux: 5H values per
 element of the state and step, plus h0.
 
-The gate math runs as the Triton kernels of :mod:`.conv_gru_cell` (``use_triton``)
-or as their references in :mod:`.naive`; both write into the same buffers.
+The gate math runs as the Triton kernels of :mod:`..gates.kernels` (``use_triton``)
+or as their references in :mod:`..gates.naive`; both write into the same buffers.
 Where ``fused_step.use_fused`` says so (``CONVGRU_TRITON_FUSED_STEP``, the
 tuning registry; docs/what-runs-where.md), a step's hidden convolution and gate
-math run instead as the implicit-GEMM kernels of :mod:`.fused_step`, and in the
+math run instead as the implicit-GEMM kernels of :mod:`..fused_step.kernels`, and in the
 backward the hidden convolutions' data gradient with the gate backward; they
 write the same buffers, so the two paths can be mixed step by step. For the
 one-step cell in eager mode, :func:`fused_cell_step` runs the input
@@ -42,9 +42,10 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _settings
-from .._conv import ConvSpec, same_conv
-from .._layout import empty_in_layout, is_channels_last
+from ... import _settings
+from ..._conv import ConvSpec, same_conv
+from ..._layout import empty_in_layout, is_channels_last
+from ..gates import naive as gate_naive
 from . import naive
 
 Tensor = torch.Tensor
@@ -68,27 +69,27 @@ class _TorchGateMath:
     @staticmethod
     def reset_after_fwd(gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
         if gates is None:
-            naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh, out=(h_new, None, None, None))
+            gate_naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh, out=(h_new, None, None, None))
             return
         H = h.shape[1]
-        naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh, out=(h_new, gates[:, : 2 * H], gates[:, 2 * H :], aux))
+        gate_naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh, out=(h_new, gates[:, : 2 * H], gates[:, 2 * H :], aux))
 
     @staticmethod
     def reset_after_bwd(grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
         H = h.shape[1]
         g = grad if grad2 is None else grad + grad2
         r, z, n = gates.split(H, dim=1)
-        naive.gru_reset_after_bwd_ref(g, r, z, n, aux, h, out=(d_gx, d_gh, d_h))
+        gate_naive.gru_reset_after_bwd_ref(g, r, z, n, aux, h, out=(d_gx, d_gh, d_h))
 
     @staticmethod
     def reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
-        naive.gru_reset_gate_fwd_ref(gx, gh_rz, h, bias_ih, bias_hh, out=(gates[:, : 2 * h.shape[1]], rh))
+        gate_naive.gru_reset_gate_fwd_ref(gx, gh_rz, h, bias_ih, bias_hh, out=(gates[:, : 2 * h.shape[1]], rh))
 
     @staticmethod
     def update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
         H = h.shape[1]
         n = gates[:, 2 * H :] if save else None
-        naive.gru_update_fwd_ref(gx, gh_n, gates[:, H : 2 * H], h, bias_ih, bias_hh, out=(h_new, n))
+        gate_naive.gru_update_fwd_ref(gx, gh_n, gates[:, H : 2 * H], h, bias_ih, bias_hh, out=(h_new, n))
 
     @staticmethod
     def update_bwd(grad, grad2, gates, h, d_gates, *, d_h):
@@ -96,23 +97,23 @@ class _TorchGateMath:
         g = grad if grad2 is None else grad + grad2
         _, z, n = gates.split(H, dim=1)
         _, d_az, d_an = d_gates.split(H, dim=1)
-        naive.gru_update_bwd_ref(g, z, n, h, out=(d_az, d_an, d_h))
+        gate_naive.gru_update_bwd_ref(g, z, n, h, out=(d_az, d_an, d_h))
 
     @staticmethod
     def reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
         H = h.shape[1]
-        _, d_h_add = naive.gru_reset_gate_bwd_ref(d_rh, gates[:, :H], h, out=d_gates[:, :H])
+        _, d_h_add = gate_naive.gru_reset_gate_bwd_ref(d_rh, gates[:, :H], h, out=d_gates[:, :H])
         d_h.add_(d_h_add)
 
 
-_launchers = None  # convgru_triton.ops.conv_gru_cell, imported by the first Triton plan
+_launchers = None  # convgru_triton.ops.gates.kernels, imported by the first Triton plan
 
 
 class _TritonGateMath:
-    """The launchers of :mod:`.conv_gru_cell` (imported by the first plan that
+    """The launchers of :mod:`..gates.kernels` (imported by the first plan that
     uses them: the package works without Triton), looked up at call time.
     ``bind`` gives the launches bound to one call's step geometry where they
-    can be (``conv_gru_cell._bind``: compiled kernels, replay on), else these
+    can be (``gates.kernels._bind``: compiled kernels, replay on), else these
     (so a test that wraps a launcher makes ``_bind`` return ``None``)."""
 
     @classmethod
@@ -151,9 +152,9 @@ def _gate_math(use_triton: bool):
     if not use_triton:
         return _TorchGateMath
     if _launchers is None:
-        from . import conv_gru_cell
+        from ..gates import kernels
 
-        _launchers = conv_gru_cell
+        _launchers = kernels
     return _TritonGateMath
 
 
@@ -217,7 +218,7 @@ def fused_step_setting(raw: Optional[str] = None) -> str:
     """``"1"``, ``"0"`` or ``"auto"``: the ``fused_step`` setting
     (``CONVGRU_TRITON_FUSED_STEP`` as read at import, or
     ``override_settings(fused_step=...)``), or ``raw`` checked the same way
-    when given (empty is ``"auto"``). Here rather than in :mod:`.fused_step`
+    when given (empty is ``"auto"``). Here rather than in :mod:`..fused_step.kernels`
     so that it is checked without importing Triton where Triton is absent.
 
     Raises:
@@ -230,7 +231,7 @@ def fused_step_setting(raw: Optional[str] = None) -> str:
 
 
 def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
-    """Whether a plan may run steps as :mod:`.fused_step`'s kernels
+    """Whether a plan may run steps as :mod:`..fused_step.kernels`
     (convolution and gate math in one pass), per the ``fused_step`` setting
     (``CONVGRU_TRITON_FUSED_STEP``) when the plan is made: ``1`` or ``auto`` (also unset or empty) with the
     Triton gate math and a spec those kernels take; ``0`` never. Whether a
@@ -243,7 +244,7 @@ def _fused_step_wanted(spec: ConvSpec, use_triton: bool) -> bool:
     if not use_triton or text == "0" or spec.dims != 2 or spec.padding_mode != "zeros":
         return False
     if _fused is None:
-        from . import fused_step
+        from ..fused_step import kernels as fused_step
 
         _fused = fused_step
     return True
@@ -752,7 +753,7 @@ def _run(p: Plan, gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_ih, bias_
 
 class _FusedCellFunction(torch.autograd.Function):
     """One cell step whose forward runs the input convolution ``W_ih * x``
-    inside :mod:`.fused_step`'s kernels (gx = W_ih * x is never made), and
+    inside :mod:`..fused_step.kernels` (gx = W_ih * x is never made), and
     whose backward is the step backward of the operator (:func:`_backward_step`,
     or ``conv_gru_bwd`` under create_graph, as :class:`_ConvGRUFunction`) for
     d_gx, d_h, d_W_hh and the biases, followed by the input convolution's own
@@ -893,7 +894,7 @@ class _ConvGRUFunctorch(torch.autograd.Function):
     """The operator for torch.func transforms (vmap, grad, vjp, ...), which
     need a separate ``setup_context`` (the operator's registered autograd has
     none). ``generate_vmap_rule``: under vmap, forward and backward run the
-    operators, whose vmap rules are in :mod:`.vmap_rules`."""
+    operators, whose vmap rules are in :mod:`.vmap`."""
 
     generate_vmap_rule = True
 
@@ -1060,13 +1061,13 @@ def conv_gru_sequence(
 
     ``gates_x`` (T, N, 3H, *S) are the input pre-activations ``W_i * x_t`` (no
     bias), ``h0`` (N, H, *S) the initial state, ``weight_hh`` (3H, H, *k) and the
-    biases (3H,) as in :func:`convgru_triton.ops.naive.conv_gru_cell_ref`, which
+    biases (3H,) as in :func:`convgru_triton.ops.sequence.naive.conv_gru_cell_ref`, which
     this equals step by step. Under autocast it runs the operator, whose
     registered autocast rule (:func:`autocast_cast`) casts the floating inputs
     to the autocast dtype and runs with autocast off: the states come back in
     that dtype, as cuDNN's RNNs and torch.nn.GRUCell do.
     Under torch.jit.trace and ONNX export it runs
-    :func:`~convgru_triton.ops.naive.conv_gru_sequence_ref` instead (standard
+    :func:`~convgru_triton.ops.sequence.naive.conv_gru_sequence_ref` instead (standard
     operators only; docs/deploying.md).
     """
     if torch.jit.is_tracing() or (torch.compiler.is_compiling() and _exporting_to_onnx()):
@@ -1124,7 +1125,7 @@ def conv_gru_step(gates_x: Tensor, h: Tensor, weight_hh: Tensor, bias_ih: Option
 def conv_gru_step_compiled(gates_x: Tensor, h: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                            bias_hh: Optional[Tensor], spec: ConvSpec, reset_after: bool) -> Tensor:
     """One step as torch.compile traces it: the reference math
-    (:func:`~convgru_triton.ops.naive.conv_gru_cell_ref`: the hidden
+    (:func:`~convgru_triton.ops.sequence.naive.conv_gru_cell_ref`: the hidden
     convolutions and pointwise ops), which Inductor fuses into kernels of its
     own, forward and backward, in the layouts it chooses, and launches from
     its generated code. The operator would stay an opaque node with a Python

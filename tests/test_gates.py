@@ -13,10 +13,10 @@ import torch
 
 from convgru_triton import _tuning
 from convgru_triton._conv import ConvSpec
-from convgru_triton.ops import conv_gru_cell as op
-from convgru_triton.ops.conv_gru import conv_gru_sequence
-from convgru_triton.ops.naive import (
-    conv_gru_cell_ref,
+from convgru_triton.ops.gates import kernels as op
+from convgru_triton.ops.sequence.op import conv_gru_sequence
+from convgru_triton.ops.sequence.naive import conv_gru_cell_ref
+from convgru_triton.ops.gates.naive import (
     gru_reset_after_bwd_ref,
     gru_reset_after_fwd_ref,
     gru_reset_gate_bwd_ref,

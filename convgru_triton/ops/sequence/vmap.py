@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .conv_gru import conv_gru_bwd, conv_gru_fwd
+from .op import conv_gru_bwd, conv_gru_fwd
 
 Tensor = torch.Tensor
 

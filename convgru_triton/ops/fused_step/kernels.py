@@ -3,16 +3,17 @@ forward and backward (the backward's data gradient; section "Backward").
 
 Kernels, launchers and the selection
 (:func:`use_fused`) live together in this file; the references they are
-checked against are the ``*_ref`` functions of :mod:`.naive`.
+checked against are in :mod:`.naive`, built from the ``*_ref`` functions of
+:mod:`..gates.naive`.
 
 Selection (docs/tuning.md, "The fused step"): the sequence operator
-(:mod:`.conv_gru`) asks :func:`use_fused` per step and direction.
+(:mod:`..sequence.op`) asks :func:`use_fused` per step and direction.
 ``CONVGRU_TRITON_FUSED_STEP=1`` runs these kernels wherever :func:`supports`
 holds and the plan uses the Triton gate math; ``0`` never; unset, empty or
 ``auto`` lets the tuning registry decide per GPU, dtype, formulation,
 direction, kernel size and state size (``step_paths``, written by ``python -m
 convgru_triton.tune --fused-step``), and without an entry the answer is
-cuDNN's convolution followed by the gate kernels of :mod:`.conv_gru_cell`:
+cuDNN's convolution followed by the gate kernels of :mod:`..gates.kernels`:
 no committed GPU figure of the fused step exists yet, and the default is what
 measured faster. Any other value of the variable is a ValueError at the first
 call. Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) come from the
@@ -38,15 +39,15 @@ for the one-step cell, computed in the kernel from x: see HAS_X below):
 neighbouring pixels, which the first must have finished writing):
     * ``_conv_rz_fwd_kernel``: ``acc_r, acc_z = W_hrz * h``; writes r and z into
       ``gates[:, :2H]`` and ``aux = r * h``
-      (= :func:`~.naive.gru_reset_gate_fwd_ref`).
+      (= :func:`~..gates.naive.gru_reset_gate_fwd_ref`).
     * ``_conv_n_fwd_kernel``: ``acc = W_hn * aux``; reads z from ``gates``;
       writes h' and, when saving, n into ``gates[:, 2H:]``
-      (= :func:`~.naive.gru_update_fwd_ref`).
+      (= :func:`~..gates.naive.gru_update_fwd_ref`).
 
 ``reset_after=True``, one launch:
     * ``_conv_reset_after_fwd_kernel``: ``acc_r, acc_z, acc_n = W_h * h`` for
       the same hidden channels; writes h' and, when saving, ``gates = (r, z, n)``
-      and ``aux = acc_n + b_hn`` (= :func:`~.naive.gru_reset_after_fwd_ref`).
+      and ``aux = acc_n + b_hn`` (= :func:`~..gates.naive.gru_reset_after_fwd_ref`).
 
 Implicit GEMM: rows M = N * Y * X output pixels, columns the hidden channels
 of one gate (one accumulator per gate, sharing the loaded state tile),
@@ -106,10 +107,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _settings, _tuning
-from .._conv import ConvSpec, conv_same
-from . import naive
-from .conv_gru_cell import _sigmoid, _tanh
+from ... import _settings, _tuning
+from ..._conv import ConvSpec
+from ..gates.kernels import _sigmoid, _tanh
 
 Tensor = torch.Tensor
 
@@ -666,26 +666,6 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Optional[Tensor], h: Ten
 
 
 # ----------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------
-
-
-def reference_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weight_hh: Tensor,
-                   bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(h_new, gates, aux)`` of one step from the ``*_ref`` functions of
-    :mod:`.naive` and :func:`~convgru_triton._conv.conv_same`: what
-    :func:`forward_step` must write with ``save`` (gates (N, 3H, *S) = (r, z, n);
-    aux = ``W_hn * h + b_hn`` with ``reset_after``, else ``r * h``)."""
-    hidden = h.shape[1]
-    if reset_after:
-        h_new, r, z, n, hn = naive.gru_reset_after_fwd_ref(gx, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)
-        return h_new, torch.cat([r, z, n], 1), hn
-    r, z, rh = naive.gru_reset_gate_fwd_ref(gx, conv_same(h, weight_hh[: 2 * hidden], spec), h, bias_ih, bias_hh)
-    h_new, n = naive.gru_update_fwd_ref(gx, conv_same(rh, weight_hh[2 * hidden:], spec), z, h, bias_ih, bias_hh)
-    return h_new, torch.cat([r, z, n], 1), rh
-
-
-# ----------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------
 #
@@ -756,7 +736,7 @@ def _conv_dgrad_reset_gate_bwd_kernel(
     PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """d_rh = dgrad(d_n, W_hn) (= dL/d(r * h)); d_gx[:, :H] = d_rh h r (1 - r); d_h += d_rh r
-    (= :func:`~.naive.gru_reset_gate_bwd_ref`). ``dy`` is d_n = d_gx[:, 2H:] (C = H
+    (= :func:`~..gates.naive.gru_reset_gate_bwd_ref`). ``dy`` is d_n = d_gx[:, 2H:] (C = H
     channels), ``w`` W_hn (H, H, KH, KW); r is read from ``gates``."""
     n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -884,24 +864,3 @@ def backward_step(reset_after: bool, spec: ConvSpec, math, grad: Tensor, grad2: 
     _launch_dgrad(_conv_dgrad_bwd_kernel, spec, d_h, 2 * hidden, (d_rz, w_rz, d_h),
                   (*_strides(d_rz), *_strides(w_rz), *_strides(d_h)))
     return True
-
-
-def reference_backward_step(reset_after: bool, spec: ConvSpec, grad: Tensor, gx: Tensor, h: Tensor,
-                            weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]
-                            ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """``(d_gx, d_gh, d_h)`` that :func:`backward_step` must write for dL/dh' =
-    ``grad``, by autograd through :func:`~.naive.conv_gru_cell_ref` (the
-    ``*_ref`` functions): d_gx = dL/d gates_x, d_h = dL/dh; with
-    ``reset_after`` d_gh = dL/d(W_h * h) (= d_gx with its n slot times r), else
-    ``None``."""
-    hidden = h.shape[1]
-    gx, h = gx.detach().requires_grad_(), h.detach().requires_grad_()
-    with torch.enable_grad():
-        if not reset_after:
-            out = naive.conv_gru_cell_ref(gx, h, weight_hh, bias_ih, bias_hh, spec, False)
-            d_gx, d_h = torch.autograd.grad(out, (gx, h), grad)
-            return d_gx, None, d_h
-        gh = conv_same(h, weight_hh, spec)
-        out = naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh)[0]
-        d_gx, d_gh, d_h = torch.autograd.grad(out, (gx, gh, h), grad)
-    return d_gx, d_gh, d_h

@@ -1,6 +1,6 @@
-"""Pure-PyTorch reference of the ConvGRU step: the one definition of the math.
+"""Pure-PyTorch reference of the gate math: the one definition of the math.
 
-Every fused Triton kernel in :mod:`convgru_triton.ops.conv_gru_cell` has a
+Every gate kernel in :mod:`convgru_triton.ops.gates.kernels` has a
 ``*_ref`` twin here with the same name (``_gru_update_fwd_kernel`` ↔
 :func:`gru_update_fwd_ref`) computing the same outputs from the same inputs.
 The eager backend (CPU, or wherever Triton is missing) runs these functions,
@@ -37,7 +37,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .._conv import ConvSpec, conv_same
 
 Tensor = torch.Tensor
 
@@ -196,78 +195,3 @@ def gru_reset_gate_bwd_ref(d_rh: Tensor, r: Tensor, h: Tensor, *,
     returns ``(d_ar, d_h)`` with ``d_h = d_rh * r``, to add to dL/dh
     (``out``: the buffer for d_ar)."""
     return torch.mul(d_rh * h * r, 1 - r, out=out), d_rh * r
-
-
-# --- a whole step ----------------------------------------------------------------
-
-
-def conv_gru_cell_ref(
-    gates_x: Tensor,
-    h: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Optional[Tensor],
-    bias_hh: Optional[Tensor],
-    spec: ConvSpec,
-    reset_after: bool,
-) -> Tensor:
-    """One ConvGRU step after the input convolution; differentiable by autograd.
-
-    Args:
-        gates_x: (N, 3H, *S) input pre-activations ``W_i * x`` (no bias).
-        h: (N, H, *S) previous state.
-        weight_hh: (3H, H, *k) hidden weights, gate order (r, z, n).
-        bias_ih, bias_hh: (3H,) or ``None``.
-        spec: the 'same' convolution (kernel size, dilation, padding mode).
-        reset_after: ``False``: ``n = tanh(W_in*x + W_hn*(r*h) + b)``;
-            ``True``: ``n = tanh(W_in*x + b_in + r*(W_hn*h + b_hn))``.
-
-    Returns:
-        (N, H, *S) the new state ``h' = (1 - z) * h + z * n``.
-    """
-    H = h.shape[1]
-    if reset_after:
-        return gru_reset_after_fwd_ref(gates_x, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)[0]
-    _, z, rh = gru_reset_gate_fwd_ref(gates_x, conv_same(h, weight_hh[: 2 * H], spec), h, bias_ih, bias_hh)
-    return gru_update_fwd_ref(gates_x, conv_same(rh, weight_hh[2 * H :], spec), z, h, bias_ih, bias_hh)[0]
-
-
-def step_order(steps: int, reverse: bool) -> range:
-    """The order of time steps a layer runs: 0..T-1, or T-1..0 with ``reverse``."""
-    return range(steps - 1, -1, -1) if reverse else range(steps)
-
-
-def conv_gru_sequence_ref(
-    gates_x: Tensor,
-    h0: Tensor,
-    weight_hh: Tensor,
-    bias_ih: Optional[Tensor],
-    bias_hh: Optional[Tensor],
-    spec: ConvSpec,
-    reset_after: bool,
-    reverse: bool,
-) -> Tensor:
-    """One layer and direction over a sequence with :func:`conv_gru_cell_ref`,
-    step by step: the operator ``convgru_triton::conv_gru_fwd`` in plain
-    PyTorch, differentiable by autograd. This is what ``torch.jit.trace`` and the
-    ONNX exporters record (standard convolutions and pointwise ops, the time
-    loop unrolled: the number of steps is fixed in the recorded graph).
-
-    Args:
-        gates_x: (T, N, 3H, *S) input pre-activations (no bias).
-        h0: (N, H, *S) initial state.
-        weight_hh, bias_ih, bias_hh, spec, reset_after: as in :func:`conv_gru_cell_ref`.
-        reverse: run from the last step to the first.
-
-    Returns:
-        (T, N, H, *S): the state after every step, in time order.
-    """
-    # unbind, not indexing: a traced module then checks at run time that the
-    # sequence has the traced number of steps (instead of reading only those).
-    frames = gates_x.unbind(0)
-    steps = len(frames)
-    states = [h0] * steps
-    h = h0
-    for t in step_order(steps, reverse):
-        h = conv_gru_cell_ref(frames[t], h, weight_hh, bias_ih, bias_hh, spec, reset_after)
-        states[t] = h
-    return torch.stack(states)

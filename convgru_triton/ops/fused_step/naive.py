@@ -1,0 +1,51 @@
+"""Pure-PyTorch reference of the fused step: what its forward and backward
+kernels (:mod:`.kernels`) must write, from the gate math's references
+(:mod:`..gates.naive`) and 'same' convolutions."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..._conv import ConvSpec, conv_same
+from ..gates import naive
+from ..sequence.naive import conv_gru_cell_ref
+
+Tensor = torch.Tensor
+
+
+def reference_step(reset_after: bool, spec: ConvSpec, gx: Tensor, h: Tensor, weight_hh: Tensor,
+                   bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(h_new, gates, aux)`` of one step from the ``*_ref`` functions of
+    :mod:`..gates.naive` and :func:`~convgru_triton._conv.conv_same`: what
+    :func:`~.kernels.forward_step` must write with ``save`` (gates (N, 3H, *S) = (r, z, n);
+    aux = ``W_hn * h + b_hn`` with ``reset_after``, else ``r * h``)."""
+    hidden = h.shape[1]
+    if reset_after:
+        h_new, r, z, n, hn = naive.gru_reset_after_fwd_ref(gx, conv_same(h, weight_hh, spec), h, bias_ih, bias_hh)
+        return h_new, torch.cat([r, z, n], 1), hn
+    r, z, rh = naive.gru_reset_gate_fwd_ref(gx, conv_same(h, weight_hh[: 2 * hidden], spec), h, bias_ih, bias_hh)
+    h_new, n = naive.gru_update_fwd_ref(gx, conv_same(rh, weight_hh[2 * hidden:], spec), z, h, bias_ih, bias_hh)
+    return h_new, torch.cat([r, z, n], 1), rh
+
+
+def reference_backward_step(reset_after: bool, spec: ConvSpec, grad: Tensor, gx: Tensor, h: Tensor,
+                            weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]
+                            ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(d_gx, d_gh, d_h)`` that :func:`~.kernels.backward_step` must write for dL/dh' =
+    ``grad``, by autograd through :func:`~..sequence.naive.conv_gru_cell_ref` (the
+    ``*_ref`` functions): d_gx = dL/d gates_x, d_h = dL/dh; with
+    ``reset_after`` d_gh = dL/d(W_h * h) (= d_gx with its n slot times r), else
+    ``None``."""
+    hidden = h.shape[1]
+    gx, h = gx.detach().requires_grad_(), h.detach().requires_grad_()
+    with torch.enable_grad():
+        if not reset_after:
+            out = conv_gru_cell_ref(gx, h, weight_hh, bias_ih, bias_hh, spec, False)
+            d_gx, d_h = torch.autograd.grad(out, (gx, h), grad)
+            return d_gx, None, d_h
+        gh = conv_same(h, weight_hh, spec)
+        out = naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh)[0]
+        d_gx, d_gh, d_h = torch.autograd.grad(out, (gx, gh, h), grad)
+    return d_gx, d_gh, d_h

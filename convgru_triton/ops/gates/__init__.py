@@ -1,0 +1,2 @@
+"""The gate math of a ConvGRU step: Triton kernels (:mod:`.kernels`) and their
+reference (:mod:`.naive`)."""
