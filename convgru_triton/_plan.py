@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -805,27 +806,26 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return autocast_dtype(device_type)
 
 
+_STRIDE = torch.Tensor.stride
+_DATA_PTR = torch.Tensor.data_ptr
+_FACTS = operator.attrgetter("shape", "dtype", "device")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def _weights_key(params) -> tuple:
-    """The facts of a cell's parameters a plan depends on: the Parameters
-    themselves (a replaced one is another plan; kept alive by the key, so its
-    identity is never reused), the strides of all four (a storage swapped
-    under the same Parameter by ``.data =`` or ``module.to(memory_format=...)``),
-    their 16-byte alignment (the kernels are compiled for it) and which
-    require grad. Shapes and dtypes follow from the checks of a plan's
-    first call and are in the key too, cheaply."""
+    """``(parameters, facts)``: a cell's four parameters, and the facts about
+    them a plan depends on, gathered with C-level iteration (``map``: no
+    Python call per tensor): which biases are None, strides and addresses (a
+    storage swapped under the same Parameter by ``.data =`` or
+    ``module.to(memory_format=...)``; the kernels are compiled for the
+    addresses' alignment), shapes, dtypes, devices and which require grad
+    (last). The parameters themselves are read at every call, so a replaced
+    Parameter with the same facts runs with its own values."""
     w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
-    if b_ih is None or b_hh is None:
-        return (w_ih, w_hh, b_ih, b_hh, w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_ih.requires_grad,
-                w_hh.shape, w_hh.stride(), w_hh.dtype, w_hh.requires_grad, (w_ih.data_ptr() | w_hh.data_ptr()) & 15)
-    return (w_ih, w_hh, b_ih, b_hh, w_ih.shape, w_ih.stride(), w_ih.dtype, w_ih.device, w_ih.requires_grad,
-            w_hh.shape, w_hh.stride(), w_hh.dtype, w_hh.requires_grad, b_ih.shape, b_ih.stride(), b_ih.dtype,
-            b_ih.requires_grad, b_hh.shape, b_hh.stride(), b_hh.dtype, b_hh.requires_grad,
-            (w_ih.data_ptr() | w_hh.data_ptr() | b_ih.data_ptr() | b_hh.data_ptr()) & 15)
-
-
-def _module_key(module) -> tuple:
-    """A cell module's own arguments (attributes a user may change after construction)."""
-    return module.reset_after, module.backend, module.padding_mode, module.dilation
+    tensors = (w_ih, w_hh) if b_ih is None or b_hh is None else (w_ih, w_hh, b_ih, b_hh)
+    return (w_ih, w_hh, b_ih, b_hh), (b_ih is None, b_hh is None, tuple(map(_STRIDE, tensors)),
+                                       tuple(map(_DATA_PTR, tensors)), tuple(map(_FACTS, tensors)),
+                                       tuple(map(_REQUIRES_GRAD, tensors)))
 
 
 def cell_forward(module, x, hx):
@@ -835,14 +835,14 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     params = module._parameters
     try:
-        weights = _weights_key(params)
+        weights, facts = _weights_key(params)
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
-            x.requires_grad or (hx is not None and hx.requires_grad)
-            or any(t is not None and t.requires_grad for t in weights[:4]))
+            x.requires_grad or (hx is not None and hx.requires_grad) or True in facts[-1])
         key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
                None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
-               grad, cast, _settings.generation, _tuning.generation, _module_key(module), weights)
+               grad, cast, _settings.generation, _tuning.generation,
+               module.reset_after, module.backend, module.padding_mode, module.dilation, facts)
     except (AttributeError, TypeError, KeyError):  # not tensors: the general path's checks say what is wrong
         return _general(module, x, hx)
     plans = module.__dict__.get("_cell_plans")
@@ -857,7 +857,7 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     if p.recheck and not _backend._interpreter_enabled():
         select_backend(x.device, module.backend)  # the interpreter was switched off since: raises
-    return run(p, x, hx, *weights[:4])
+    return run(p, x, hx, *weights)
 
 
 def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
@@ -1000,15 +1000,15 @@ def sep_forward(module, x, hx):
     modules = module._modules
     try:
         horizontal, vertical = modules["horizontal"], modules["vertical"]
-        w1, w2 = _weights_key(horizontal._parameters), _weights_key(vertical._parameters)
+        (w1, facts1), (w2, facts2) = _weights_key(horizontal._parameters), _weights_key(vertical._parameters)
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
-            x.requires_grad or (hx is not None and hx.requires_grad)
-            or any(t is not None and t.requires_grad for t in w1[:4] + w2[:4]))
+            x.requires_grad or (hx is not None and hx.requires_grad) or True in facts1[-1] or True in facts2[-1])
         key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
                None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
-               grad, cast, _settings.generation, _tuning.generation, _module_key(horizontal),
-               _module_key(vertical), w1, w2)
+               grad, cast, _settings.generation, _tuning.generation,
+               horizontal.reset_after, horizontal.backend, horizontal.padding_mode, horizontal.dilation,
+               vertical.reset_after, vertical.backend, vertical.padding_mode, vertical.dilation, facts1, facts2)
     except (AttributeError, TypeError, KeyError):
         return _sep_general(module, x, hx)
     plans = module.__dict__.get("_cell_plans")
@@ -1028,7 +1028,6 @@ def sep_forward(module, x, hx):
         x = x.to(**sp.options)
     if sp.cast_h:
         hx = hx.to(**sp.options)
-    w1, w2 = w1[:4], w2[:4]
     if sp.grad:
         # Training: one autograd node per step for both halves.
         if p1.cast_w:
