@@ -270,8 +270,13 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
 
     # Replay where the gate launchers replay (the direct_launch setting, Triton >= 3.4, not the interpreter).
     bindable = bool(gate_kernels._DIRECT_LAUNCH)
+    active = None
     if bindable:
-        active = triton.runtime.driver.active
+        try:
+            active = triton.runtime.driver.active
+        except RuntimeError:  # no GPU driver (CPU tensors, interpreter pretended): nothing to bind
+            bindable = False
+    if active is not None:
         device_index, get_stream = active.get_current_device(), active.get_current_stream
     else:  # the interpreter: no driver, nothing compiled, every launch through the general launchers
         device_index, get_stream = None, _no_stream
