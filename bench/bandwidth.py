@@ -107,8 +107,8 @@ class Case:
         self.gx, self.gh, self.gh_n = state(3 * H), state(3 * H), state(H)
         # W_hrz * h as the operator has it: a convolution output of its own, dense.
         # Not gh[:, :2H]: that view's sample stride is 3H planes, so the launcher
-        # copied it into a dense buffer first, and the copy was timed with the
-        # kernel (the H200 run's 45-58% "of copy" for this kernel at 20a2c17).
+        # would copy it into a dense buffer first, and the copy would be timed with
+        # the kernel (45-58% "of copy" for this kernel on an H200).
         self.gh_rz = state(2 * H)
         self.bias_ih, self.bias_hh = randn(3 * H) * 0.1, randn(3 * H) * 0.1
         self.g = state(H)

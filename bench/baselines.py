@@ -1,4 +1,4 @@
-"""The ConvGRUs users run today, written from their published equations.
+"""The ConvGRUs users run, written from their published equations.
 
 Every baseline is a plain ``nn.Module`` of ``nn.Conv2d`` layers and eager
 elementwise math, and every one can load the weights of this package's

@@ -44,7 +44,7 @@ at full N, see :func:`shrunk_batch`). float16 convolutions run in float32 and
 are cast back (CPU float16 convolution backward takes ~20 s per RAFT step;
 layout and dtype of the result are unchanged).
 
-The fused step (issue 18, :mod:`convgru_triton.ops.fused_step`: implicit-GEMM
+The fused step (:mod:`convgru_triton.ops.fused_step`: implicit-GEMM
 convolution with the gate math in its epilogue) gets cases of its own
 (``op="fused"``, :func:`fused_cases`): at the shapes of :data:`FUSED_WORKLOADS`
 (RAFT's ConvGRU 3x3 and SepConvGRU 1x5 + 5x1: N=6, 46x62, hidden 128), in
@@ -667,8 +667,8 @@ def _case_key(tag: str) -> Tuple[str, str]:
 
 
 def is_fused(summary: Dict) -> bool:
-    """Whether a kernel summary is one of the fused step's kernels (saved reports
-    from before the field existed: by name)."""
+    """Whether a kernel summary is one of the fused step's kernels (a saved report
+    without the ``fused`` field: by name)."""
     return bool(summary.get("fused", summary["kernel"] in FUSED_KERNELS))
 
 

@@ -157,7 +157,7 @@ def _case(item):
 
 
 def target_order(case: Case):
-    """Sort key of ``--bench-order=target``: the issue's target (bfloat16 training
+    """Sort key of ``--bench-order=target``: the benchmark target (bfloat16 training
     step) first; within one dtype and pass the parametrization's order stays."""
     return DTYPE_RANK.get(case.dtype, 9), PASS_RANK.get(case.pass_, 9)
 

@@ -14,13 +14,13 @@ inference:
 * ``reduce-overhead``: ``torch.compile(loop, mode="reduce-overhead")``.
 
 Each cell runs twice: first with the fused step forced
-(``CONVGRU_TRITON_FUSED_STEP=1``, issue 18: convolution and gate math in one
-pass; eager and graph, the rows named "fused step", first so that a time
-limit leaves them measured; ``reduce-overhead`` traces the step's math for
-Inductor, not the fused kernels, so it is not repeated), then today's path
-(``=0``: cuDNN + the gate kernels). A fused row counts the fused step's
-launches in its warm-up and fails when there are none (never today's path
-under its name); under ``--dry-run`` it runs the kernels in the Triton
+(``CONVGRU_TRITON_FUSED_STEP=1``: convolution and gate math in one pass;
+eager and graph, the rows named "fused step", first so that a time limit
+leaves them measured; ``reduce-overhead`` traces the step's math for
+Inductor, not the fused kernels, so it is not repeated), then ``=0``: cuDNN +
+the gate kernels. A fused row counts the fused step's launches in its
+warm-up and fails when there are none (never cuDNN + the gate kernels under
+its name); under ``--dry-run`` it runs the kernels in the Triton
 interpreter (``TRITON_INTERPRET=1``) or says why it is skipped.
 
 Each replay is checked against the eager loop (same kernels, so the same
@@ -33,7 +33,7 @@ step (the loop's time / 12), median of ``--repeats`` runs, CUDA-synchronised.
 Writes ``cuda_graphs-<device>.{json,md}`` into ``--out``; the JSON
 (:func:`result_json`) names each row's workload of ``bench/workloads.py`` and
 the shape, so that ``bench/report.py`` can set a row's replay time against
-that workload's roofline floor (issue 18's target: ≤ 2× the floor).
+that workload's roofline floor (the fused step's target: ≤ 2× the floor).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> Dict:
 def run_cell(name: str, cell: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, repeats: int,
              deadline: float, fused: str = "0") -> Dict:
     """One row: ``fused`` is the ``fused_step`` setting while the row runs
-    (``"1"``: the fused step, checked to launch; ``"0"``: today's path)."""
+    (``"1"``: the fused step, checked to launch; ``"0"``: cuDNN + the gate kernels)."""
     result: Dict = {"cell": name + (" · fused step" if fused == "1" else ""), "fused_step": fused,
                     "workload": CELL_WORKLOADS.get(name)}
     reason = wl.unavailable("ours-fused", x.device, x.dtype) if fused == "1" else None
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     cells, x, h = build(device, dtype, batch, tiny=args.dry_run)
     repeats = 3 if args.dry_run else args.repeats
     rows = []
-    # The fused step first (issue 18's replay target), the same weights (same seed); on
+    # The fused step first (the replay target's), the same weights (same seed); on
     # the CPU under the interpreter its cells are forced to the Triton backend (auto: eager).
     if wl.unavailable("ours-fused", device, dtype):
         fused_cells = cells

@@ -1,5 +1,5 @@
 """The GPU check: one call of at most 9 minutes on a cold CUDA machine with no
-network (issue 17), compilation included.
+network, compilation included.
 
     COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh [OUT_DIR]   # OUT_DIR default: $OUT, else bench/results
     python -m bench.gpu_check --plan                                  # the time plan (any machine)
@@ -101,8 +101,8 @@ class Part:
     optional: bool = False
 
 
-# Measurements quoted below are from the first run on the lent H200 (2026-12-04, torch
-# 2.11, Triton 3.6, 16 cores; /work/shared/gpu-runs/2026-12-04-h200).
+# Measurements quoted below are from the lent H200 (2026-12-04, torch 2.11, Triton 3.6,
+# 16 cores; /work/shared/gpu-runs/2026-12-04-h200).
 PLAN: Sequence[Part] = (
     Part("env", 15, 10, "import torch + CUDA start: 10 s on the H200 at 20a2c17"),
     Part("tests", 170, 60, "134 s measured with 12 xdist workers (load scheduling) for 617 tests, including a "
@@ -133,8 +133,8 @@ PLAN: Sequence[Part] = (
     Part("report", 20, 20, "imports matplotlib, torch and the roofline model: ~5-8 s"),
 )
 
-# Test files left out of the GPU run, with the reason (the issue allows only slow or
-# CPU-only files; CI runs them all on CPU).
+# Test files left out of the GPU run, with the reason (only slow or CPU-only files may
+# be left out; CI runs them all on CPU).
 DESELECTED: Dict[str, str] = {
     "tests/test_codegen.py": "CPU-only by design: compiles every kernel for a fake sm_90/sm_80 target in two "
                              "subprocesses (~95 s of CPU); on the GPU every other test runs the real kernels",
@@ -148,12 +148,12 @@ DESELECTED: Dict[str, str] = {
     "tests/test_bench_host_overhead.py": "CPU-only: host overhead against a fake sm_90 target, CUDA-graph dry run",
     "tests/test_bench_sequence.py": "CPU-only: runs on torch.device('cpu')",
 }
-TEST_TIMEOUT_S = 120  # per test (pytest-timeout): the longest test seen took 95 s (first run)
+TEST_TIMEOUT_S = 120  # per test (pytest-timeout): the longest test took 95 s on the H200
 PREWARM_WORKERS = 4  # of 16 cores: the tests take 12 (134 s measured with 12)
 PREWARM_COMPILE_THREADS = 4  # Inductor's compile workers per prewarm process (default: one per core)
 BENCH_TIMING = ["--benchmark-max-time=0.2", "--benchmark-min-rounds=10"]
 # ours-fused first: --bench-order=target keeps the providers' order within a dtype and pass,
-# and a part stopped at its cap then has the fused rows (issue 18) measured already.
+# and a part stopped at its cap then has the fused rows measured already.
 EAGER_PROVIDERS = "ours-fused,seed,raft,ours"
 COMPILED_PROVIDERS = "compile,ours-compile"
 PROFILE_PROVIDERS = "ours-fused,seed,raft,ours,compile,ours-compile"
@@ -544,7 +544,7 @@ class Check:
         return code
 
     def part_raft_bandwidth(self, limit: float) -> int:
-        # Issue 10: RAFT's odd map (46x62 = 2852 pixels, a multiple of 4 only; hidden 128),
+        # RAFT's odd map (46x62 = 2852 pixels, a multiple of 4 only; hidden 128),
         # contiguous and channels_last, states of 64 and 256 MiB (the 80%-of-copy target's sizes).
         cmd = self.python("-m", "bench.bandwidth", "--out", self.raw, "--name", "raft-bandwidth", "--hidden", "128",
                           "--spatial", "46x62", "--layouts", "nchw,cl", "--sizes-mb", "64,256",
@@ -613,7 +613,7 @@ class Check:
 
     def part_report(self, limit: float) -> int:
         with tempfile.TemporaryDirectory() as tmp:
-            # cuda_graphs-cuda.json: the replay rows of issue 18's targets table (a smoke run's CPU
+            # cuda_graphs-cuda.json: the replay rows of the fused step's targets table (a smoke run's CPU
             # file is not a GPU result and is not passed).
             jsons = self.extract(["eager.json", "compiled.json", "cuda_graphs-cuda.json"], tmp)
             if not jsons:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 17): one call of at most 9 minutes on a cold CUDA machine with
+# The GPU check: one call of at most 9 minutes on a cold CUDA machine with
 # no network, compilation included. Parts, time plan and outputs: bench/gpu_check.py
 # (`bash bench/gpu_check.sh --plan` prints the plan on any machine).
 #

@@ -28,7 +28,7 @@ def profile_provider(workload, provider, dtype, device, backward: bool, steps: i
     from torch.profiler import ProfilerActivity, profile
 
     reason = wl.unavailable(provider, device, dtype)
-    if reason:  # never today's path under the fused step's name
+    if reason:  # never cuDNN + the gate kernels under the fused step's name
         return f"**{provider}**: skipped: {reason}\n"
     torch._dynamo.reset()
     master = wl.make_master(workload, device)

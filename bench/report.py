@@ -4,7 +4,7 @@
 
 writes ``DIR/STEM.md`` and ``DIR/STEM.png`` (STEM defaults to the JSON's file
 name). Among the JSON files may be one of ``bench/cuda_graphs.py``
-(``cuda_graphs-cuda.json``): its graph-replay times go into the issue-18
+(``cuda_graphs-cuda.json``): its graph-replay times go into the fused-step
 targets, against the roofline floor of each RAFT workload's inference step.
 The table has one row per workload and pass, the median time of every
 provider, the speed-up of ``ours`` over each baseline (baseline median / ours
@@ -32,18 +32,18 @@ PROVIDERS = ("seed", "raft", "compile", "ours", "ours-compile", "ours-fused")
 BASELINES = ("seed", "raft", "compile")
 EAGER_BASELINES = ("seed", "raft")
 PASSES = ("fwd", "fwd+bwd")
-# Targets of the benchmark issue (reported, not enforced).
+# The benchmark targets (reported, not enforced).
 GPU_TARGETS = {"raft": 1.5, "compile": 1.2}  # ours fwd+bwd speed-up in bfloat16
-# Issue 18's targets on the benchmark rows (bfloat16, H100/H200, same run): the RAFT
+# The fused step's targets on the benchmark rows (bfloat16, H100/H200, same run): the RAFT
 # workloads' training step (fwd+bwd) and inference (fwd) against RAFT's eager cell and
-# torch.compile of it; sequence workloads: the fused step no slower than today's path.
+# torch.compile of it; sequence workloads: the fused step no slower than cuDNN + the gate kernels.
 ISSUE18_SPEEDUPS = {"raft": 1.5, "compile": 1.2}
 ISSUE18_SEQUENCE = ("nowcast", "mmnist", "dgmr")
-# Issue 18: the CUDA-graph replay of the RAFT inference step at most this many times the
+# The CUDA-graph replay of the RAFT inference step at most this many times the
 # roofline floor of that step (bench/cuda_graphs.py's ms per step over bench/roofline.py's floor).
 ISSUE18_REPLAY = 2.0
 # bench/cuda_graphs.py's cells -> the workload each is one step of (= its CELL_WORKLOADS; not
-# imported: it imports torch), for its JSON from before the rows named their workload.
+# imported: it imports torch), for its JSON whose rows name no workload (the H200 results in bench/results).
 CUDA_GRAPH_CELLS = {"ConvGRUCell2d 3x3": "raft-convgru", "SepConvGRUCell2d 1x5+5x1": "raft-sepconvgru"}
 FUSED_SUFFIX = " · fused step"  # bench/cuda_graphs.py's fused rows: the cell's name and this
 
@@ -401,7 +401,7 @@ def roofline_lines(data: dict, floor=None) -> List[str]:
 
 
 def targets(data: dict) -> List[str]:
-    """The issue's targets, met or missed and by how much."""
+    """The benchmark targets (``GPU_TARGETS``), met or missed and by how much."""
     results, _ = collect(data)
     lines: List[str] = []
     if device_kind(data) == "cpu":
@@ -447,14 +447,14 @@ def targets(data: dict) -> List[str]:
 
 
 def issue18_targets(data: dict) -> List[Tuple[str, str, Optional[float], float, Optional[bool]]]:
-    """Issue 18's targets on the benchmark rows, bfloat16 only: ``(measure,
+    """The fused step's targets on the benchmark rows, bfloat16 only: ``(measure,
     provider, measured, target, met)`` per RAFT workload, pass, our provider
     (``ours-fused`` and ``ours``) and baseline (speed-up = baseline median /
-    ours median, target ``ISSUE18_SPEEDUPS``), and per sequence workload and
-    pass the fused step against today's path (``ours`` median / ``ours-fused``
-    median, target 1.0: no slower). ``measured``/``met`` are ``None`` when a
+    ours median, target 1.5x over ``raft``, 1.2x over ``compile``), and per
+    sequence workload and pass the fused step against cuDNN + the gate kernels
+    (``ours`` median / ``ours-fused`` median, target 1.0: no slower). ``measured``/``met`` are ``None`` when a
     median is missing (not run, or stopped by a cap). The one-step RAFT rows
-    are one update step: the issue's 12-step loop is 12 of them, the same ratio."""
+    are one update step: RAFT's 12-step loop is 12 of them, the same ratio."""
     results, _ = collect(data)
     rows: List[Tuple[str, str, Optional[float], float, Optional[bool]]] = []
 
@@ -478,7 +478,7 @@ def issue18_targets(data: dict) -> List[Tuple[str, str, Optional[float], float, 
 
 
 class ReplayTarget(NamedTuple):
-    """Issue 18's CUDA-graph target for one RAFT workload and path: ``graph_ms``
+    """The fused step's CUDA-graph target for one RAFT workload and path: ``graph_ms``
     (bench/cuda_graphs.py's replay, ms per step) over ``floor_ms`` (the roofline
     floor of the workload's inference step at the measured shape; the fused
     step's own floor for ``ours-fused``), ``ratio`` = their quotient, ``met``
@@ -486,7 +486,7 @@ class ReplayTarget(NamedTuple):
     says what (``""`` when nothing is)."""
 
     workload: str
-    provider: str  # "ours-fused": the row with the fused step forced; "ours": today's path
+    provider: str  # "ours-fused": the row with the fused step forced; "ours": cuDNN + the gate kernels
     graph_ms: Optional[float]
     floor_ms: Optional[float]
     ratio: Optional[float]
@@ -501,7 +501,7 @@ def _dtype_name(text: str) -> str:
 
 def _replay_row(cg: dict, workload: str, fused: bool) -> Optional[dict]:
     """The row of bench/cuda_graphs.py's result for ``workload`` with the fused step
-    forced (``fused``) or not (its JSON from before rows named their workload: by cell name)."""
+    forced (``fused``) or not (a JSON whose rows name no workload: by cell name)."""
     for row in cg.get("rows", []):
         cell = str(row.get("cell", ""))
         name = row.get("workload") or CUDA_GRAPH_CELLS.get(cell[: -len(FUSED_SUFFIX)] if cell.endswith(FUSED_SUFFIX)
@@ -515,8 +515,8 @@ def _replay_row(cg: dict, workload: str, fused: bool) -> Optional[dict]:
 def _replay_floor(data: dict, cg: Optional[dict], workload: str, fused: bool) -> Tuple[Optional[float], str]:
     """``(ms, "")``: the roofline floor of one inference step of ``workload`` on the
     report's GPU, at the CUDA-graph result's batch and shape when there is one
-    (bench/cuda_graphs.py runs the full size on CUDA; its JSON from before it
-    recorded the shape has the full size); ``(None, what is missing)`` else."""
+    (bench/cuda_graphs.py runs the full size on CUDA; a JSON that records no
+    shape is at the full size); ``(None, what is missing)`` else."""
     try:
         from bench import roofline
         from bench.workloads import FULL_WORKLOADS
@@ -543,9 +543,9 @@ def _replay_floor(data: dict, cg: Optional[dict], workload: str, fused: bool) ->
 
 
 def issue18_replay_targets(data: dict) -> List[ReplayTarget]:
-    """Issue 18's "CUDA-graph replay of the inference step ≤ 2× the floor", per
+    """The fused step's "CUDA-graph replay of the inference step ≤ 2× the floor", per
     RAFT workload (``raft-convgru``, ``raft-sepconvgru``) and path (the fused
-    step's row, ``ours-fused``; today's, ``ours``): bench/cuda_graphs.py's graph
+    step's row, ``ours-fused``; cuDNN + the gate kernels', ``ours``): bench/cuda_graphs.py's graph
     ms per step (``data["cuda_graphs"]``, see :func:`load`) over the roofline
     floor of that workload's inference step, ``None`` and a ``missing`` reason
     where either is not known: no CUDA-graph result, no such row, a replay that
@@ -584,7 +584,7 @@ def issue18_replay_targets(data: dict) -> List[ReplayTarget]:
 
 
 def issue18_lines(data: dict) -> List[str]:
-    """:func:`issue18_targets` and :func:`issue18_replay_targets` as a table (GPU results only)."""
+    """The two functions above, the benchmark rows' and the replay's targets, as a table (GPU results only)."""
     if device_kind(data) != "gpu":
         return []
     rows = issue18_targets(data)

@@ -31,7 +31,7 @@ pieces run one after another, so a step's floor is the sum of its pieces'.
   benchmarks' fwd+bwd, whose inputs require grad). Bytes = input + weight +
   output once. float32 convolutions run as TF32 (PyTorch's default
   ``torch.backends.cudnn.allow_tf32 = True``).
-* **The fused step** (``fused=True``; issue 18, ``convgru_triton.ops.fused_step``,
+* **The fused step** (``fused=True``; ``convgru_triton.ops.fused_step``,
   the ``ours-fused`` provider; ``reset_after=False``): the hidden convolution
   and the forward gate kernels become two kernels whose only bytes are the
   unavoidable ones (the gate pre-activations ``W_h * h`` never reach memory):
@@ -45,8 +45,8 @@ pieces run one after another, so a step's floor is the sum of its pieces'.
 
   FLOPs: the hidden convolution's (2H output channels, then H). The input
   convolution and the whole backward stay as above (the fused backward is not
-  in the provider yet): the fused floor differs from the unfused one in the
-  forward's hidden convolution and gate kernels only.
+  modelled): the fused floor differs from the unfused one in the forward's
+  hidden convolution and gate kernels only.
 
 Device numbers (:data:`DEVICES`), each with its source: H200 copy bandwidth and
 bf16 matrix rate measured on the H200 machine type lent to this project

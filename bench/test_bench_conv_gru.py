@@ -1,5 +1,5 @@
 """Benchmarks: ``conv_gru_cell`` (one step) and ``conv_gru`` (a sequence) of this
-package against the ConvGRUs users run today, on the workloads of
+package against the ConvGRUs users run, on the workloads of
 :mod:`bench.workloads`.
 
 ``pytest bench --benchmark-only`` (options in :mod:`bench.conftest`). One
@@ -187,7 +187,7 @@ def run_benchmark(benchmark, case, device):
     backward = case.pass_ == "fwd+bwd"
     benchmark.group = case.group
     reason = wl.unavailable(provider, device, dtype)
-    if reason:  # never today's path under the fused step's name
+    if reason:  # never cuDNN + the gate kernels under the fused step's name
         pytest.skip(reason)
     if provider in wl.COMPILED:
         torch._dynamo.reset()  # a fresh cache per benchmark: no recompile limit, no stale graphs

@@ -17,8 +17,8 @@ from the same master weights (:func:`make_master`):
 * ``ours-fused``: the ``ours`` modules with the fused step forced
   (``CONVGRU_TRITON_FUSED_STEP=1``: :mod:`convgru_triton.ops.fused_step`'s
   convolution + gate math in one pass) during forward and backward; ``ours``
-  and ``ours-compile`` force ``0`` (cuDNN + the gate kernels, today's path)
-  so that their names keep meaning that path whatever the default becomes.
+  and ``ours-compile`` force ``0`` (cuDNN + the gate kernels) so that their
+  names keep meaning that path whatever the default is.
   It needs the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``
   without bfloat16): :func:`unavailable` says why not elsewhere.
 """
@@ -416,7 +416,7 @@ def unavailable(provider: str, device, dtype: torch.dtype) -> Optional[str]:
     """Why ``provider`` cannot run on ``device`` in ``dtype`` (``None``: it can).
     Only ``ours-fused`` has conditions: the fused step is Triton kernels, so it
     needs CUDA, or the CPU under ``TRITON_INTERPRET=1`` (which has no
-    bfloat16); elsewhere it would run today's path under its name."""
+    bfloat16); elsewhere it would run cuDNN + the gate kernels under its name."""
     if provider not in FUSED:
         return None
     from convgru_triton._backend import select_backend

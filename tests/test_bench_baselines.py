@@ -225,10 +225,10 @@ def test_bandwidth_script(tmp_path):
 @pytest.mark.triton_kernels
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_bandwidth_launches_copy_nothing(device, channels_last):
-    """Every launch the bandwidth script times runs on its tensors as given: at
-    20a2c17 gru_reset_gate_fwd was handed gh[:, :2H], a view the launcher copied
-    first, and the H200 run timed that copy with the kernel (45-58% of copy
-    bandwidth). A launch that copies is refused, naming the kernel."""
+    """Every launch the bandwidth script times runs on its tensors as given: a
+    launcher handed a view (gru_reset_gate_fwd given gh[:, :2H]) copies it first,
+    and the copy is then timed with the kernel (45-58% of copy bandwidth on an
+    H200). A launch that copies is refused, naming the kernel."""
     from bench import bandwidth
 
     case = bandwidth.Case(2, torch.float32, device, grad2=True, hidden=8, spatial=(5, 7),
@@ -236,7 +236,7 @@ def test_bandwidth_launches_copy_nothing(device, channels_last):
     case.check()
     for name, _, launch in case.kernels():
         bandwidth._launch_checked(name, launch)  # raises if the launch copied
-    case.gh_rz = case.gh[:, : 2 * case.hidden]  # the old harness's view
+    case.gh_rz = case.gh[:, : 2 * case.hidden]  # sample stride 3H planes: the launcher copies it
     with pytest.raises(AssertionError, match="gru_reset_gate_fwd: the launch copied"):
         bandwidth._launch_checked("gru_reset_gate_fwd", case.reset_gate_fwd)
 

@@ -1,7 +1,7 @@
-"""The ``ours-fused`` benchmark provider (issue 18, item 5): it runs the fused
+"""The ``ours-fused`` benchmark provider: it runs the fused
 step's kernels (forward and backward with the ``fused_step`` setting held at
 1), computes what ``ours`` computes, ``ours`` runs none of them, the setting is
-restored after each call; and the report's issue-18 targets from numbers chosen
+restored after each call; and the report's fused-step targets from numbers chosen
 here: the benchmark rows, and the CUDA-graph replay (bench/cuda_graphs.py's JSON)
 over the roofline floor of the inference step, or what is missing for it."""
 
@@ -135,7 +135,7 @@ def test_gpu_check_runs_the_fused_provider_first_within_budget():
 
 
 # ----------------------------------------------------------------------------
-# Issue 18's CUDA-graph target: bench/cuda_graphs.py's replay over the roofline floor
+# The CUDA-graph target: bench/cuda_graphs.py's replay over the roofline floor
 # ----------------------------------------------------------------------------
 
 H200 = "NVIDIA H200"
@@ -187,9 +187,9 @@ def test_cuda_graphs_json_is_what_the_report_reads():
 
 
 def test_issue18_replay_against_the_floor(tmp_path):
-    """ConvGRU: fused replay 1.5x its floor (met), today's 2.5x its floor
-    (missed); SepConvGRU: the fused replay failed, today's row absent: each row
-    says what is missing, with no number."""
+    """ConvGRU: fused replay 1.5x its floor (met), cuDNN + gate kernels 2.5x
+    its floor (missed); SepConvGRU: the fused replay failed, the cuDNN + gate
+    kernel row absent: each row says what is missing, with no number."""
     conv, sep = "ConvGRUCell2d 3x3", "SepConvGRUCell2d 1x5+5x1"
     fused_floor, floor = _floor("raft-convgru", True), _floor("raft-convgru", False)
     rows = [_graph_row(conv, True, 1.5 * fused_floor), _graph_row(conv, False, 2.5 * floor),
@@ -252,8 +252,9 @@ def test_issue18_replay_says_which_input_is_missing(tmp_path):
 
 
 def test_issue18_replay_reads_the_first_runs_format(tmp_path):
-    """bench/cuda_graphs.py's JSON from before it named each row's workload and
-    the shape: rows found by cell name, the floor at the recorded batch."""
+    """bench/cuda_graphs.py's JSON whose rows name no workload and no shape
+    (the H200 results in bench/results): rows found by cell name, the floor at
+    the recorded batch."""
     old = {"device": H200, "dtype": "torch.bfloat16", "batch": 2, "steps": 12,
            "rows": [{"cell": "SepConvGRUCell2d 1x5+5x1", "fused_step": "0", "graph_ms_per_step": 0.3}]}
     data = dict(_bench_data(), cuda_graphs=old)
@@ -347,8 +348,8 @@ def test_switch_given_back_when_the_forward_raises(caller, before):
 def test_switch_given_back_when_the_backward_raises(caller, before, stages):
     """Held at 1 through the failed backward, the caller's value back after
     it, and the next pass holds and gives back again (the pass that raised
-    must leave nothing behind: it used to keep the switch at 1 for good, and
-    every later pass saw it taken and neither set nor restored it)."""
+    must leave nothing behind: a switch left at 1 would stay at 1 for good,
+    as every later pass would see it taken and neither set nor restore it)."""
     before = caller(before)
     seen = []
     steps = [_FakeStep(seen, backward_raises=i == 0) for i in range(stages)]

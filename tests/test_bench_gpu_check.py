@@ -4,7 +4,7 @@ only its own numbers, every part writes into the output folder and the output
 is at most 8 files, the report is made from what the parts left (also when a
 part left nothing or something else), the benchmark JSON survives a killed
 run, the accuracy check allows for TF32, and the bandwidth script's layouts and
-the registers/spills comparison (issue 10)."""
+the registers/spills comparison."""
 
 import json
 import os
@@ -40,7 +40,7 @@ DEVICE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 def _env():
     # Not xdist's variables either: a benchmark run started from an xdist worker
     # (the GPU check runs the suite with -n) inherits PYTEST_XDIST_WORKER, and
-    # pytest-benchmark then refuses --benchmark-only (the H200 run at 20a2c17).
+    # pytest-benchmark then refuses --benchmark-only (seen on the H200 run of 2026-12-04).
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "OUT") and not k.startswith("PYTEST_XDIST")}
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -266,7 +266,7 @@ def test_smoke_run_every_part_writes_into_the_output(tmp_path):
                        ["cuda_graphs-cpu.json", "cuda_graphs-cpu.md"], ["profile.md"],
                        ["compiled.json", "compiled.log"], ["report.log"]):
         assert set(part_files) <= members, part_files
-    # ours-fused under the interpreter: run, not skipped (never today's path under its name)
+    # ours-fused under the interpreter: run, not skipped (never cuDNN + the gate kernels under its name)
     assert {b["extra_info"]["provider"] for b in eager["benchmarks"]} == {"ours-fused", "seed", "raft", "ours"}
     assert {b["extra_info"]["provider"] for b in compiled["benchmarks"]} == {"ours-compile"}
     assert "data" in eager["benchmarks"][0]["stats"]  # the final write has every round
@@ -345,7 +345,7 @@ def _h200_record(workload, provider, pass_, dtype, ms):
 
 def _h200_data(providers):
     """Benchmark JSON as the GPU check's parts write it, on the H200, with the RAFT
-    step's wall times the first run's profile measured (raft 1.945, compile 2.578,
+    step's wall times the H200's profile measured (raft 1.945, compile 2.578,
     ours 1.987 ms, bfloat16 fwd+bwd)."""
     raft = FULL_WORKLOADS[0]
     ms = {"seed": 2.5, "raft": 1.945, "compile": 2.578, "ours": 1.987, "ours-compile": 2.1}
@@ -356,10 +356,10 @@ def _h200_data(providers):
 
 
 def test_report_from_what_the_parts_left(tmp_path, capsys):
-    """The first run's report failed (exit 2): it was handed every JSON of its temporary
-    folder, the CUDA-graph and bandwidth results among them. Now what is not
-    pytest-benchmark JSON, or is empty (a part killed before pytest-benchmark wrote),
-    is skipped with a warning, and eager + compiled results merge into one report."""
+    """The report part is handed every JSON of its temporary folder, the CUDA-graph
+    and bandwidth results among them: what is not pytest-benchmark JSON, or is empty
+    (a part killed before pytest-benchmark wrote), is skipped with a warning rather
+    than failing the report (exit 2), and eager + compiled results merge into one report."""
     eager, compiled = tmp_path / "eager.json", tmp_path / "compiled.json"
     eager.write_text(json.dumps(_h200_data(["seed", "raft", "ours"])))
     compiled.write_text(json.dumps(_h200_data(["compile", "ours-compile"])))
@@ -387,7 +387,7 @@ def test_report_from_what_the_parts_left(tmp_path, capsys):
 
 
 def test_report_part_hands_the_cuda_graph_result_to_the_report(tmp_path, monkeypatch):
-    """Issue 18's replay target needs bench/cuda_graphs.py's JSON in the report:
+    """The CUDA-graph replay target needs bench/cuda_graphs.py's JSON in the report:
     the part passes the archived cuda_graphs-cuda.json with the benchmark JSON."""
     check = gpu_check.Check(str(tmp_path), echo=lambda *a: None)
     os.makedirs(check.raw, exist_ok=True)
@@ -447,7 +447,7 @@ def test_tf32_rounding_of_one_weight_gradient_is_well_inside_the_slack():
 
 
 def test_allowed_error():
-    assert allowed_error(torch.float32, False, 0.0) == FLOAT32_TOLERANCE  # no TF32: as strict as before
+    assert allowed_error(torch.float32, False, 0.0) == FLOAT32_TOLERANCE  # no TF32: the float32 tolerance alone
     assert allowed_error(torch.float32, True, 0.0) == TF32_SLACK
     assert allowed_error(torch.bfloat16, False, 0.01) == 2 * 0.01 + LOW_PRECISION_SLACK
     assert allowed_error(torch.float32, True, 1e-3) == 2e-3 + TF32_SLACK
@@ -463,9 +463,9 @@ def _perturbed(exact, relative, seed):
 
 
 def test_the_h200_failure_passes_with_tf32_and_a_wrong_gradient_still_fails():
-    """The first run's failure: mmnist fwd+bwd float32, a weight gradient 1.37e-3 from the
-    eager reference. With TF32 (as the baselines are timed) that is rounding; a
-    gradient off by 5% is still caught, and without TF32 the old bound stands."""
+    """The H200's mmnist fwd+bwd float32: a weight gradient 1.37e-3 from the eager
+    reference. With TF32 (as the baselines are timed) that is rounding; a gradient
+    off by 5% is still caught, and without TF32 the float32 tolerance stands."""
     g = torch.Generator().manual_seed(1)
     exact = {"output[0]": torch.randn(4, 128, 16, 16, generator=g),
              "grad layers.0.weight": torch.randn(384, 144, 5, 5, generator=g)}
@@ -503,7 +503,7 @@ def test_uses_tf32_follows_the_device_and_the_settings(monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# Issue 10's parts: bandwidth layouts, registers and spills
+# The kernel parts: bandwidth layouts, registers and spills
 # ----------------------------------------------------------------------------
 
 

@@ -89,7 +89,7 @@ def test_cuda_graphs_dry_run(tmp_path):
 
     assert cuda_graphs.main(["--dry-run", "--out", str(tmp_path), "--time-limit", "30"]) == 0
     rows = json.loads((tmp_path / "cuda_graphs-cpu.json").read_text())["rows"]
-    # The dry run's one fused-step row first (issue 18's replay target), then today's path per cell.
+    # The dry run's one fused-step row first (the replay target's), then cuDNN + the gate kernels per cell.
     assert [r["cell"] for r in rows] == ["ConvGRUCell2d 3x3 · fused step", "ConvGRUCell2d 3x3",
                                          "SepConvGRUCell2d 1x5+5x1"]
     fused, today = rows[0], rows[1:]

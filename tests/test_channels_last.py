@@ -241,7 +241,7 @@ def test_batch_first_keeps_channels_last(backend, device, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_state_follows_the_input_not_the_convolution(backend, device, monkeypatch):
     """cuDNN returns a contiguous convolution of a channels_last input where it
-    has no channels_last kernel (float64; seen on an H200, issue 17). With the
+    has no channels_last kernel (float64; seen on an H200). With the
     state omitted, the zero state, and with it h' and every output frame, must
     still follow the channels_last input. Convolutions that return contiguous
     outputs stand in for cuDNN here, so that this runs the same on any device."""

@@ -16,7 +16,7 @@ forward + backward, both formulations):
   of 16, where a kernel that only vectorizes multiples of 16 shows), float16 and
   float32, both layouts, sm_90.
 
-The rules, from issue 10 (item 3), per compiled gate kernel, at the default launch
+The rules, per compiled gate kernel, at the default launch
 configuration (no tuning file: what a CPU device gets from ``_tuning``):
 
 * no local memory and no stack frame (spills);
@@ -33,12 +33,12 @@ configuration (no tuning file: what a CPU device gets from ``_tuning``):
   would pass vacuously; a kernel moving data otherwise, e.g. by TMA, needs these
   tests extended).
 
-The fused step (issue 18; ``bench.codegen.fused_cases``): RAFT's ConvGRU 3x3
-and SepConvGRU 1x5 + 5x1 (N=6, 46x62, hidden 128), bfloat16, both layouts and
-formulations, its forward kernels (inference and saving) and backward
-kernels at the package's default tiles: each has a row in the report, uses
-wgmma and spills nothing (its registers are not issue 10's: 64 is a gate
-kernel's budget, an implicit GEMM holds accumulators).
+The fused step (``bench.codegen.fused_cases``): RAFT's ConvGRU 3x3 and
+SepConvGRU 1x5 + 5x1 (N=6, 46x62, hidden 128), bfloat16, both layouts and
+formulations, its forward kernels (inference and saving) and backward kernels
+at the package's default tiles: each has a row in the report, uses wgmma and
+spills nothing (its registers are not held to the gate kernels' bound: 64 is a
+gate kernel's budget, an implicit GEMM holds accumulators).
 
 Skipped, with the reason, only when Triton's NVIDIA backend (ptxas, cuobjdump)
 is unavailable. The PTX reading itself is tested on hand-written PTX.
@@ -60,7 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The slow tier: every test compiles kernels for fake sm_90/sm_80 targets (minutes).
 pytestmark = pytest.mark.slow
 
-#: issue 10: "at most 64 registers per thread at the default launch configuration"
+#: The gate kernels' bound: at most 64 registers per thread at the default launch configuration.
 MAX_REGISTERS = 64
 #: The most bias slices a kernel reads is 6 (reset_after forward: b_ih and b_hh
 #: for r, z and n); one load per slice and row, and up to two rows per thread.
@@ -125,7 +125,7 @@ def _cases(result, predicate):
 
 
 def _gate_kernels(result):
-    """The kernels issue 10's rules are about: every one but the fused step's."""
+    """The kernels the gate kernels' rules are about: every one but the fused step's."""
     return [k for k in result["kernels"] if not codegen.is_fused(k)]
 
 
@@ -220,7 +220,7 @@ def test_every_access_traced_and_tensors_moved_by_global_loads_and_stores(codege
 
 
 # ----------------------------------------------------------------------------
-# The fused step (issue 18): a row per kernel, wgmma, no spills
+# The fused step: a row per kernel, wgmma, no spills
 # ----------------------------------------------------------------------------
 
 #: The fused step's kernel sizes per workload compiled (RAFT's ConvGRU and SepConvGRU).

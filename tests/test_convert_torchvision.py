@@ -250,7 +250,7 @@ def test_state_dict_round_trip(which, device):
     for key, value in original.state_dict().items():
         assert state[key].dtype == value.dtype and state[key].device == value.device
         assert torch.equal(state[key], value), key
-    # A few optimizer steps' worth of change, bias_hh included (no longer zero).
+    # A few optimizer steps' worth of change, bias_hh included (nonzero after them).
     with torch.no_grad():
         for p in converted.parameters():
             p.add_(torch.randn_like(p), alpha=0.01)

@@ -1,4 +1,4 @@
-"""Deployment paths (issue 12): ONNX export with both exporters checked against
+"""Deployment paths: ONNX export with both exporters checked against
 ONNX Runtime, torch.jit.trace and script, torch.export and its decomposition,
 meta and fake tensors, torch.func transforms, in-place ops on outputs.
 
@@ -34,7 +34,7 @@ pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscr
 pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
               pytest.mark.slow]
 
-# Relative error bound of the issue: max |ORT - torch| / max |torch| in float32.
+# The exported model's relative error bound: max |ORT - torch| / max |torch| in float32.
 RTOL = 1e-5
 
 
@@ -48,7 +48,7 @@ def _x(*shape, seed=0):
 
 def _cases():
     """(name, module, inputs): every public module, and between them every
-    option the issue lists: layers, bidirectional, batch_first, dropout (eval),
+    option: layers, bidirectional, batch_first, dropout (eval),
     both formulations, every padding mode, no bias, dilation, even kernels,
     given and missing initial states, unbatched input."""
     torch.manual_seed(0)

@@ -259,7 +259,7 @@ def test_errors_doc_lists_deployment_errors():
 
 def test_readme_has_no_unfilled_placeholders():
     """Figures the README quotes are filled in: no ``SOMETHING_TIME``-style
-    placeholder left from writing it (two were, once)."""
+    placeholder left from writing it."""
     import re
 
     left = re.findall(r"\b[A-Z]+_(?:TIME|FIGURE|TODO|TBD)\b", _read("README.md"))

@@ -1,4 +1,4 @@
-"""The one-step cell's input convolution inside the fused step (issue 18):
+"""The one-step cell's input convolution inside the fused step:
 ``fused_step.forward_step(..., x=, weight_ih=)`` and the cell's path through it
 (``conv_gru.fused_cell_step``, from ``functional._replay_cell``).
 
@@ -13,7 +13,7 @@
   block; the input convolution ran inside the kernels (no convolution in the
   forward at all: the hidden one is fused too).
 * SepConvGRUCell2d (two cells) and a 3-step loop feeding h' back.
-* Declines to today's path: autocast with another dtype, torch.compile, vmap.
+* Declines to cuDNN + the gate kernels: autocast with another dtype, torch.compile, vmap.
 * The HAS_X kernels compiled for sm_90 on this machine (a subprocess with a
   fake sm_90 target, as tests/test_fused_step.py does) use wgmma and spill
   nothing at RAFT's bfloat16 shape.
@@ -321,7 +321,7 @@ def test_autocast_with_the_layout_policy_casts_the_biases(device, package_settin
     """As on CUDA in float16/bfloat16: the layout policy casts input, hx and
     weights to the autocast dtype in its copy, the float32 biases get
     autocast's cast here, and the step runs fused with the input convolution;
-    the same result and float32 parameter gradients as today's path."""
+    the same result and float32 parameter gradients as cuDNN + the gate kernels."""
     package_settings(layout="channels_last")  # forces on the CPU what auto does on CUDA
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
@@ -343,7 +343,7 @@ def test_autocast_with_the_layout_policy_casts_the_biases(device, package_settin
 @pytest.mark.triton_kernels
 def test_compile_and_vmap_decline(device, package_settings, launches):
     """torch.compile (the traced step math) and torch.vmap (the operator's
-    vmap rule) keep today's paths: the fused cell step is never asked."""
+    vmap rule) keep their own paths: the fused cell step is never asked."""
     module = cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton").to(device)
     xs, h = _rand(device, torch.float32, 2, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
     _set_mode(package_settings, "1")
@@ -360,7 +360,7 @@ def test_compile_and_vmap_decline(device, package_settings, launches):
 
 @pytest.mark.triton_kernels
 def test_default_auto_does_not_try_the_fused_cell_step(device, package_settings, launches):
-    """Under auto with no tuning file naming the fused path (every GPU today)
+    """Under auto with no tuning file naming the fused path (no shipped file names it)
     the cell's plan decides once for cuDNN + the gate kernels, and no call
     tries the fused step; a path forced to "fused", as a tuned entry would,
     and =1 make plans that run it."""

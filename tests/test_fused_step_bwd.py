@@ -1,6 +1,6 @@
 """The fused backward step (:func:`convgru_triton.ops.fused_step.kernels.backward_step`):
 the hidden convolutions' data gradient (dgrad) as Triton implicit GEMM with the
-gate backward in its epilogue, against the references and today's path.
+gate backward in its epilogue, against the references and cuDNN + the gate kernels.
 
 * One step through ``conv_gru._step_backward`` (the hook), into NaN-poisoned
   buffers from the operator's allocator: d_gates_x, d_gates_h (reset_after),
@@ -60,7 +60,7 @@ SPECS = {
 @pytest.fixture(autouse=True)
 def fused_on(package_settings):
     """The fused_step setting "1" (the plans made under it may fuse; each test
-    that wants today's path sets ``0``)."""
+    that wants cuDNN + the gate kernels sets ``0``)."""
     package_settings(fused_step="1")
 
 

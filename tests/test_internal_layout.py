@@ -1,4 +1,4 @@
-"""The internal layout policy (issue 18, item 1): where the package computes in
+"""The internal layout policy: where the package computes in
 channels_last (``CONVGRU_TRITON_LAYOUT``, ``convgru_triton._layout``), a
 caller's NCHW tensors are converted once per call, every convolution sees
 channels_last operands, results and every gradient equal the policy-off path

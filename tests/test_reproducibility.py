@@ -160,7 +160,7 @@ def test_deterministic_mode_gives_bitwise_equal_gradients(backend, reset_after, 
     """Under deterministic mode, gradients are bitwise equal run after run, in
     float64 (where cuDNN's default weight-gradient algorithm of a small hidden
     convolution is nondeterministic: gradcheck's reentrancy check failed on an
-    H200 without this mode, issue 17): the input, the state, every weight and
+    H200 without this mode): the input, the state, every weight and
     bias, three runs on the same model."""
     model = _model(backend, "zeros", reset_after, device, dtype=torch.float64)
     runs = [_forward_backward(model, torch.float64) for _ in range(3)]

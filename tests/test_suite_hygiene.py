@@ -1,9 +1,10 @@
-"""One suite for every device (issue 17): tests take their device from the
-``device`` fixture of conftest.py, never one of their own.
+"""One suite for every device: tests take their device from the ``device``
+fixture of conftest.py, never one of their own.
 
-The first GPU run failed 33 tests that had only ever run on a CPU: tensors
-built on a hard-coded CPU and handed to the CUDA path, tests that assumed the
-Triton interpreter. Two checks keep that from coming back without a GPU:
+A test written and run only on a CPU can fail on a GPU: a tensor built on a
+hard-coded CPU and handed to the CUDA path, a test that assumes the Triton
+interpreter (33 such tests failed on an H200). Two checks catch these without
+a GPU:
 
 * CI's second pass runs the suite with the interpreter off (``.ci/run``,
   ``TRITON_INTERPRET=0``), where a test that runs the Triton kernels without
@@ -153,7 +154,7 @@ def test_no_test_names_its_own_device():
 
 
 def test_every_allowed_exception_is_still_needed():
-    """An exception whose test no longer names a device (or is gone) is removed
+    """An exception whose test names no device (or does not exist) is removed
     from ALLOWED (a fixed violation from KNOWN_VIOLATIONS), so that the lists
     stay the lists of device-specific tests and of work left."""
     used = {(f.file, f.scope) for f in _scan_suite()}

@@ -724,7 +724,7 @@ def test_tune_skips_sizes_that_do_not_fit(monkeypatch, device):
 
 
 # ----------------------------------------------------------------------------
-# The fused step (issue 18): the path per shape, the fused kernels' tiles, the tuner
+# The fused step: the path per shape, the fused kernels' tiles, the tuner
 # ----------------------------------------------------------------------------
 
 
@@ -746,7 +746,7 @@ def _step_path(dtype=torch.bfloat16, reset_after=False, direction="fwd", kernel_
 
 
 def test_step_path_and_tiles_default_without_files(registry):
-    # No figure of the fused step exists: cuDNN + gate kernels; today's tiles.
+    # No figure of the fused step exists: cuDNN + gate kernels; the fused kernels' default tiles.
     assert _tuning.DEFAULT_STEP_PATH == "cudnn"
     assert _step_path() == "cudnn" and _step_path(direction="bwd") == "cudnn"
     assert _tuning.tile_config("conv_rz_fwd", torch.bfloat16, 2**20, GPU) == _tuning.TileConfig(64, 32, 64, 4, 2)
