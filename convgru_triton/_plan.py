@@ -67,14 +67,6 @@ _autocast_enabled = torch.is_autocast_enabled
 _get_autocast_dtype = torch.get_autocast_dtype
 
 
-def plain_eager() -> bool:
-    """True where a plan may run: not under torch.compile or jit.trace, no
-    functorch transform, no fake-tensor mode. (Meta tensors are caught by the
-    device in the signature.)"""
-    return not (_is_compiling() or _tracing_state() is not None or _functorch_level() is not None
-                or _dispatch_mode(_FAKE) is not None)
-
-
 # ----------------------------------------------------------------------------
 # Bound launches
 # ----------------------------------------------------------------------------
@@ -181,18 +173,27 @@ def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
 
 
 class _WeightCasts:
-    """A cell's four parameters in the plan's dtype and memory format, cast at
-    every call, as autocast casts them for its own operators. Not kept between
-    calls: an update through ``.data`` (``p.data -= lr * p.grad``) moves
-    neither the version nor the storage, so a kept cast could not tell it went
-    stale; and PyTorch gives no signal when an autocast region ends, where
-    autocast's own cache is cleared. The cast is differentiable: each
-    parameter's ``.grad`` comes back in its own dtype and layout."""
+    """A cell's four parameters in the plan's dtype and memory format. The
+    cast is differentiable: each parameter's ``.grad`` comes back in its own
+    dtype and layout.
 
-    __slots__ = ("dtype", "fmt")
+    Under autocast the casts are kept for the rest of the autocast region, as
+    autocast keeps its own casts of leaf tensors that require grad (its weight
+    cache), and made again in the next region or when a weight changes (its
+    ``_version`` moves: an in-place optimizer step) or is replaced. Outside a
+    region PyTorch gives no signal that a kept cast went stale (an update
+    through ``.data`` moves neither the version nor the storage), so there
+    the weights are cast at every call. The region is read from autocast's
+    cache itself (:func:`_autocast_region`): where it gives none (its cache
+    disabled, inference mode) nothing is kept. Measured on RAFT's SepConvGRU
+    step under bfloat16 autocast (bench/host_overhead.py, CPU proxy): eight
+    casts a step cost ~3 us each, the region lookup ~2.4 us a step."""
 
-    def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format]):
-        self.dtype, self.fmt = dtype, fmt
+    __slots__ = ("dtype", "fmt", "device", "kept")
+
+    def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format], device: torch.device):
+        self.dtype, self.fmt, self.device = dtype, fmt, device
+        self.kept = {}  # id(weight_ih) -> (region, parameters, their versions, casts)
 
     def _one(self, w: Tensor) -> Tensor:
         if w.dim() == 1:  # a bias: a dense vector, as the kernels index it (a view may be strided)
@@ -206,11 +207,73 @@ class _WeightCasts:
             return w.contiguous(memory_format=fmt)
         return w
 
-    def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
+    def _all(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> tuple:
         one = self._one
         if b_ih is None:
             return one(w_ih), one(w_hh), None, None
         return one(w_ih), one(w_hh), one(b_ih), one(b_hh)
+
+    def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, region=None) -> tuple:
+        """The four casts; ``region``: the autocast region's token where the
+        weights are leaves that require grad (else ``None``: cast now)."""
+        params = (w_ih, w_hh, b_ih, b_hh)
+        tensors = params[:2] if b_ih is None else params
+        if region is None or not all(map(_IS_LEAF, tensors)):  # autocast keeps casts of leaves only
+            return self._all(w_ih, w_hh, b_ih, b_hh)
+        versions = tuple(map(_VERSION, tensors))
+        kept = self.kept.get(id(w_ih))
+        if (kept is not None and kept[0] is region and kept[2] == versions
+                and all(map(operator.is_, kept[1], params))):
+            return kept[3]
+        casts = self._all(w_ih, w_hh, b_ih, b_hh)
+        # Holding the parameters keeps their ids from being reused while kept.
+        self.kept[id(w_ih)] = (region, params, versions, casts)
+        return casts
+
+
+def _weight_casts(module, dtype: Optional[torch.dtype], fmt, device: torch.device) -> _WeightCasts:
+    """The module's :class:`_WeightCasts` for a dtype, format and device,
+    shared by its plans (the first step of RAFT's loop, whose state is still
+    float32, has a plan of its own), kept on the module as its plans are."""
+    store = module._weight_casts  # a class attribute, None, until the first plan
+    if store is None:
+        store = module.__dict__["_weight_casts"] = {}
+    key = (dtype, fmt, device)
+    casts = store.get(key)
+    if casts is None:
+        casts = store[key] = _WeightCasts(dtype, fmt, device)
+    return casts
+
+
+_VERSION = operator.attrgetter("_version")
+_IS_LEAF = operator.attrgetter("is_leaf")
+_SENTINELS: dict = {}  # device -> two empty float32 leaves that require grad (see _autocast_region)
+
+
+def _autocast_region(device: torch.device):
+    """A token of the autocast region now open on ``device``'s type, the same
+    object for every call within it: the autograd node of autocast's cached
+    cast of an empty leaf (``torch.mm`` of two empty tensors, which launches
+    nothing). Autocast keeps that cast until its outermost region exits
+    (``torch.autocast.__exit__`` clears the cache), so a new region gives a
+    new node. ``None`` where autocast keeps no cast: its cache disabled
+    (``cache_enabled=False`` gives a new node at every call, so nothing is
+    reused either), or inference mode (no autograd node)."""
+    pair = _SENTINELS.get(device)
+    if pair is None:
+        with torch.inference_mode(False):
+            pair = _SENTINELS[device] = (torch.zeros((0, 1), device=device, requires_grad=True),
+                                         torch.zeros((1, 0), device=device, requires_grad=True))
+    enabled = torch.is_grad_enabled()
+    _set_grad_enabled(True)
+    try:
+        node = torch.mm(*pair).grad_fn
+    finally:
+        _set_grad_enabled(enabled)
+    return None if node is None else node.next_functions[0][0]
+
+
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
 # ----------------------------------------------------------------------------
@@ -285,13 +348,16 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     spatial = tuple(x.shape[2:])
     facts = dict(
         spec=spec, reset_after=general.reset_after, hidden=hidden, grad=grad, compute=compute, fmt=fmt,
-        conv=_conv_function(spec), conv_backward=_conv_backward_function(spec), step=general.step,
+        conv=_conv_function(spec), conv_backward=_conv_backward_function(spec, 3 * general.hidden),
+        step=general.step,
         stream=get_stream, device_index=device_index,
         has_bias=b_ih is not None,
         # casts of x / hx at every call (autocast, the layout policy), and of the weights once per change
         cast_x=(x.dtype != compute) or (fmt is not None and not _in_format(x, fmt)),
         cast_h=hx is not None and ((hx.dtype != compute) or (fmt is not None and not _in_format(hx, fmt))),
-        weight_cast=_WeightCasts(compute if cast is not None else None, fmt),
+        weight_cast=_weight_casts(module, compute if cast is not None else None, fmt, x.device),
+        # autocast keeps its casts of weights that require grad for the region: so do the plan's
+        keep_casts=cast is not None and all(t.requires_grad for t in (w_ih, w_hh, b_ih, b_hh) if t is not None),
         caller_channels_last=is_channels_last(x if hx is None else hx),
         state_shape=(n, hidden) + spatial, gates_shape=(n, 3 * hidden) + spatial,
         state_channels_last=None,  # the state's layout: known at the first step (_layout_of_state)
@@ -302,6 +368,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         cast_w=cast is not None or fmt is not None or _strided_biases(b_ih, b_hh),
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
         l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, fused_bwd=False,
+        split=(None, None, None),  # see _split
     )
     fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
     if fused:
@@ -326,24 +393,43 @@ def _conv_function(spec: ConvSpec) -> Callable:
     return functools.partial(_CONV[spec.dims], bias=None, stride=1, padding=padding, dilation=spec.dilation)
 
 
-def _conv_backward_function(spec: ConvSpec) -> Callable:
-    """``(grad_output, x, weight, need_input, need_weight) -> (d_x, d_weight)``
-    of :func:`_conv_function`: ``aten.convolution_backward`` called through
-    its C entry point where the padding is symmetric."""
+def _conv_backward_function(spec: ConvSpec, bias_channels: int) -> Callable:
+    """``(grad_output, x, weight, mask) -> (d_x, d_weight, d_bias)`` of
+    :func:`_conv_function`, ``mask`` a key of :data:`_MASKS` (which of the
+    three to compute; the others are ``None``). ``d_bias`` is the gradient of
+    a bias of ``bias_channels`` added to the convolution's output (its sum
+    over batch and space), which ``aten.convolution_backward`` computes in the
+    same call as the other two: one dispatch fewer than a separate ``sum``.
+    ``aten.convolution_backward`` is called through its C entry point where
+    the padding is symmetric."""
     padding = spec.conv_padding
     if padding is None or spec.padding_mode != "zeros":
-        return same_conv(spec)[1]
+        general = same_conv(spec)[1]
+        dims = (0,) + tuple(range(2, spec.dims + 2))
+
+        def backward_padded(grad_output, x, weight, mask):
+            d_x, d_w = general(grad_output, x, weight, mask[0], mask[1])
+            return d_x, d_w, grad_output.sum(dims) if mask[2] else None
+
+        return backward_padded
     overload = torch.ops.aten.convolution_backward.default
     op = getattr(overload, "_op", overload)
     dims = spec.dims
     args = ([1] * dims, list(padding), list(spec.dilation), False, [0] * dims, 1)
-    masks = {(i, w): [i, w, False] for i in (False, True) for w in (False, True)}
+    bias_sizes = [bias_channels]
 
-    def backward(grad_output, x, weight, need_input, need_weight):
-        d_x, d_w, _ = op(grad_output, x, weight, None, *args, masks[need_input, need_weight])
-        return d_x, d_w
+    def backward(grad_output, x, weight, mask):
+        if mask[2]:
+            return op(grad_output, x, weight, bias_sizes, *args, _MASKS[mask])
+        if mask[0] or mask[1]:
+            return op(grad_output, x, weight, None, *args, _MASKS[mask])
+        return None, None, None
 
     return backward
+
+
+#: ``(need d_x, need d_weight, need d_bias)`` -> aten.convolution_backward's output_mask
+_MASKS = {(i, w, b): [i, w, b] for i in (False, True) for w in (False, True) for b in (False, True)}
 
 
 def _strided_biases(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> bool:
@@ -413,14 +499,13 @@ def _fused_general(p: CellPlan, sites: Tuple[str, ...], tensors: Tuple[tuple, ..
     return bool(ran)
 
 
-def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], gx: Optional[Tensor], w_ih: Tensor) -> None:
+def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor) -> None:
     """What the first step of a plan learns from its tensors: the state's
     layout, hence every buffer's (the general path's rule: the state's own,
-    else the input's or the input convolution's)."""
+    else the input convolution's, which is channels_last where its input or
+    weight is)."""
     if h is not None:
         cl = is_channels_last(h)
-    elif gx is not None:
-        cl = is_channels_last(x) or is_channels_last(gx)
     else:
         cl = is_channels_last(x) or is_channels_last(w_ih)
     if len(p.state_shape) not in (4, 5):
@@ -436,7 +521,19 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], gx: Optional[Tensor
     p.empty3 = functools.partial(_allocate, p.gates_shape, dtype=dtype, device=device, memory_format=fmt)
     p.state_strides = p.empty1().stride()
     p.gates_strides = p.empty3().stride()
-    p.bias_dims = (0,) + tuple(range(2, len(p.state_shape)))
+    p.backward_strides = (p.state_strides, p.state_strides, p.gates_strides, p.state_strides)
+
+
+def _split(p: CellPlan, w_hh: Tensor) -> tuple:
+    """``(w_hh, w_hh[:2H], w_hh[2H:])``, the hidden weight's reset/update rows
+    and candidate rows, kept on the plan while ``w_hh`` is the same tensor
+    (two slicing dispatches a step fewer, ~1.3 us each on the CI machine). The
+    views share ``w_hh``'s storage, so an in-place update shows through; a new
+    storage under the same Parameter (``.data =``) moves its address, which is
+    in the plan's signature."""
+    hidden = p.hidden
+    split = p.split = (w_hh, w_hh[: 2 * hidden], w_hh[2 * hidden:])
+    return split
 
 
 def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh, save: bool):
@@ -457,32 +554,28 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
         L = p.l_ra_fwd
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-        elif L:
-            L(stream, *t)
         else:
-            _gate_general(p, "ra_fwd", h_new, t, 2)
+            _gate_slow(p, "ra_fwd", L, stream, h_new, t, 2)
         return h_new, gates, aux
-    hidden = p.hidden
-    gh = conv(h, w_hh[: 2 * hidden])
+    split = p.split
+    if split[0] is not w_hh:
+        split = _split(p, w_hh)
+    gh = conv(h, split[1])
     gates, rh = p.empty3(), p.empty1()
     t = (gx, gh, h, gates, rh) + bias
     L = p.l_rz_fwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    elif L:
-        L(stream, *t)
     else:
-        _gate_general(p, "rz_fwd", rh, t, 2)
-    gh_n = conv(rh, w_hh[2 * hidden:])
+        _gate_slow(p, "rz_fwd", L, stream, rh, t, 2)
+    gh_n = conv(rh, split[2])
     h_new = p.empty1()
     t = (gx, gh_n, h, gates, h_new) + bias
     L = p.l_up_fwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    elif L:
-        L(stream, *t)
     else:
-        _gate_general(p, "up_fwd", h_new, t, 2)
+        _gate_slow(p, "up_fwd", L, stream, h_new, t, 2)
     return h_new, gates, rh
 
 
@@ -490,7 +583,11 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     """The backward's inputs dense and aligned in the plan's layouts, as the
     bound launches were compiled for: ``out.sum().backward()`` hands over a
     stride-0 gradient, and saved-tensor hooks (``save_on_cpu``) may give the
-    saved tensors back in another layout."""
+    saved tensors back in another layout. One pass over the four when they
+    conform (the common case)."""
+    four = (grad, h, gates, aux)
+    if tuple(map(_STRIDE, four)) == p.backward_strides and not any(map(_LOW_BITS, map(_DATA_PTR, four))):
+        return four
     if grad.stride() != p.state_strides or grad.data_ptr() & 15:
         grad = p.empty1().copy_(grad)
     if h.stride() != p.state_strides or h.data_ptr() & 15:
@@ -502,9 +599,21 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     return grad, h, gates, aux
 
 
+def _gate_slow(p: CellPlan, site: str, L, stream, out: Tensor, tensors: tuple, n_bias: int) -> None:
+    """A gate launch off the fast path: bound with a launch hook registered
+    (a profiler's), else through the general launcher (the first step)."""
+    if L:
+        L(stream, *tensors)
+    else:
+        _gate_general(p, site, out, tensors, n_bias)
+
+
 def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
-                    need_weight: bool):
-    """The step's backward: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
+                    need_weight: bool, need_bias: bool):
+    """The hidden side of a step's backward, the gate kernels and cuDNN's
+    convolution backward: ``(d_gx, d_h, d_weight_hh, d_bias_hh)``.
+    ``d_bias_hh`` with reset_after and ``need_bias`` only: without reset_after
+    both biases' gradient is the input convolution's (:func:`_half_backward`)."""
     stream, quiet = p.stream(p.device_index), _quiet()
     grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
@@ -515,83 +624,32 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         L = p.l_ra_bwd
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-        elif L:
-            L(stream, *t)
         else:
-            _gate_general(p, "ra_bwd", d_h, t, 0)
-        d_h_conv, d_w = conv_backward(d_gh, h, w_hh, True, need_weight)
+            _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
+        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, (True, need_weight, need_bias))
         d_h.add_(d_h_conv)
-        if not p.has_bias:
-            return d_gx, d_h, d_w, None, None
-        return d_gx, d_h, d_w, d_gx.sum(p.bias_dims), d_gh.sum(p.bias_dims)
+        return d_gx, d_h, d_w, d_b
     hidden = p.hidden
     t = (grad, grad, gates, h, d_gx, d_h)
     L = p.l_up_bwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    elif L:
-        L(stream, *t)
     else:
-        _gate_general(p, "up_bwd", d_h, t, 0)
+        _gate_slow(p, "up_bwd", L, stream, d_h, t, 0)
     d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
-    d_rh, d_w_n = conv_backward(d_n, aux, w_hh[2 * hidden:], True, need_weight)
+    split = p.split
+    if split[0] is not w_hh:
+        split = _split(p, w_hh)
+    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], (True, need_weight, False))
     t = (d_rh, gates, h, d_gx, d_h)
     L = p.l_rg_bwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    elif L:
-        L(stream, *t)
     else:
-        _gate_general(p, "rg_bwd", d_h, t, 0)
-    d_h_conv, d_w_rz = conv_backward(d_rz, h, w_hh[: 2 * hidden], True, need_weight)
+        _gate_slow(p, "rg_bwd", L, stream, d_h, t, 0)
+    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], (True, need_weight, False))
     d_h.add_(d_h_conv)
-    d_w = torch.cat((d_w_rz, d_w_n)) if need_weight else None
-    if not p.has_bias:
-        return d_gx, d_h, d_w, None, None
-    d_b = d_gx.sum(p.bias_dims)
-    # One tensor for both bias gradients: autograd's accumulation copies it
-    # where it cannot take it, so the two .grad never share storage.
-    return d_gx, d_h, d_w, d_b, d_b
-
-
-class _GateStep(torch.autograd.Function):
-    """A gates-path step with its gradient: the hidden convolution(s) and the
-    gate kernels forward, the gate kernels and the convolutions' backward
-    backward. The input convolution stays outside (ordinary autograd).
-    (forward takes ctx itself: a separate setup_context makes Function.apply
-    bind its arguments with inspect.signature at every call.)"""
-
-    @staticmethod
-    def forward(ctx, gx, h, w_hh, b_ih, b_hh, p):
-        h_new, gates, aux = _gates_forward(p, gx, h, w_hh, b_ih, b_hh, True)
-        ctx.save_for_backward(h, w_hh, h_new, gates, aux)
-        ctx.p = p
-        return h_new
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w_hh, h_new, gates, aux = ctx.saved_tensors
-        p = ctx.p
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            # create_graph=True: through the registered operator, whose own
-            # backward raises: a second derivative fails loudly.
-            from .ops.sequence.op import conv_gru_bwd
-
-            d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
-                grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
-                *p.step.op_args, p.has_bias)
-            d_gx = d_gx.squeeze(0)
-        else:
-            d_gx, d_h, d_w, d_b_ih, d_b_hh = _gates_backward(p, grad, h, w_hh, gates, aux, need[2])
-        has_bias = p.has_bias
-        return (d_gx if need[0] else None, d_h if need[1] else None, d_w if need[2] else None,
-                d_b_ih if need[3] and has_bias else None, d_b_hh if need[4] and has_bias else None, None)
-
-
-# Function.apply without its Python wrapper (which only unwraps tensors that
-# outlived a torch.func transform): plans run with no transform active.
-_apply_gate_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _GateStep)
+    return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
 
 
 def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Optional[Tensor]:
@@ -633,7 +691,10 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
                 True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, *saved, save, x=x, weight_ih=w_ih))
         return True
     hidden = p.hidden
-    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
+    split = p.split
+    if split[0] is not w_hh:
+        split = _split(p, w_hh)
+    w_rz, w_n = split[1], split[2]
     t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
     t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
     L, L2 = p.l_frz, p.l_fn
@@ -669,10 +730,10 @@ def _dgrad(p: CellPlan, site: str, stream, quiet: bool, kernel_name: str, channe
 
 
 def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
-                    need_weight: bool):
-    """The step's backward with the hidden convolutions' data gradient as the
-    fused dgrad kernels (the gate backward in their epilogue) and their weight
-    gradient on cuDNN: ``(d_gx, d_h, d_weight_hh, d_bias_ih, d_bias_hh)``."""
+                    need_weight: bool, need_bias: bool):
+    """:func:`_gates_backward` with the hidden convolutions' data gradient as
+    the fused dgrad kernels (the gate backward in their epilogue) and their
+    weight gradient on cuDNN."""
     stream, quiet = p.stream(p.device_index), _quiet()
     grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
@@ -684,119 +745,95 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         L = p.l_ra_bwd
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-        elif L:
-            L(stream, *t)
         else:
-            _gate_general(p, "ra_bwd", d_h, t, 0)
+            _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
         _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
-        d_w = conv_backward(d_gh, h, w_hh, False, True)[1] if need_weight else None
-        if not p.has_bias:
-            return d_gx, d_h, d_w, None, None
-        return d_gx, d_h, d_w, d_gx.sum(p.bias_dims), d_gh.sum(p.bias_dims)
+        _, d_w, d_b = conv_backward(d_gh, h, w_hh, (False, need_weight, need_bias))
+        return d_gx, d_h, d_w, d_b
     t = (grad, grad, gates, h, d_gx, d_h)
     L = p.l_up_bwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    elif L:
-        L(stream, *t)
     else:
-        _gate_general(p, "up_bwd", d_h, t, 0)
+        _gate_slow(p, "up_bwd", L, stream, d_h, t, 0)
     d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
-    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden:]
+    split = p.split
+    if split[0] is not w_hh:
+        split = _split(p, w_hh)
+    w_rz, w_n = split[1], split[2]
     _dgrad(p, "fdrg", stream, quiet, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, (d_n, w_n, gates, h, d_gx, d_h))
     # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
     _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
     d_w = None
     if need_weight:
-        d_w = torch.cat((conv_backward(d_rz, h, w_rz, False, True)[1], conv_backward(d_n, aux, w_n, False, True)[1]))
-    if not p.has_bias:
-        return d_gx, d_h, d_w, None, None
-    d_b = d_gx.sum(p.bias_dims)
-    # One tensor for both bias gradients: autograd's accumulation copies it
-    # where it cannot take it, so the two .grad never share storage.
-    return d_gx, d_h, d_w, d_b, d_b
+        wgrad = (False, True, False)
+        d_w = torch.cat((conv_backward(d_rz, h, w_rz, wgrad)[1], conv_backward(d_n, aux, w_n, wgrad)[1]))
+    return d_gx, d_h, d_w, None
 
 
-class _FusedStep(torch.autograd.Function):
-    """A fused-path step with its gradient: the fused kernels forward (the
-    input convolution inside them); backward, the fused dgrad kernels where
-    the plan says so (else the gate kernels and cuDNN's data gradient), the
-    weight gradients and the input convolution's backward on cuDNN. Where the
-    kernels decline at the first step the forward runs the gates path and the
-    plan keeps it."""
+class _CellStep(torch.autograd.Function):
+    """A cell step with its gradient, one autograd node: forward the fused
+    kernels (the input convolution inside them) or the input convolution,
+    the hidden convolution(s) and the gate kernels; backward
+    :func:`_half_backward`. Where the fused kernels decline at the first step
+    the forward runs the gates path and the plan keeps it.
+    (forward takes ctx itself: a separate setup_context makes Function.apply
+    bind its arguments with inspect.signature at every call.)"""
 
     @staticmethod
     def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, p):
-        saved = _fused_forward_saved(p, x, h, w_ih, w_hh, b_ih, b_hh) if p.path == _FUSED else None
-        if saved is None:
-            p.path = _GATES
-            saved = _gates_forward(p, p.conv(x, w_ih), h, w_hh, b_ih, b_hh, True)
-        ctx.fused = p.path == _FUSED
-        h_new, gates, aux = saved
+        h_new, gates, aux, fused = _half_forward(p, x, h, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(x, h, w_ih, w_hh, h_new, gates, aux)
-        ctx.p = p
+        ctx.p, ctx.fused = p, fused
         return h_new
 
     @staticmethod
     def backward(ctx, grad):
         x, h, w_ih, w_hh, h_new, gates, aux = ctx.saved_tensors
-        p = ctx.p
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            from .ops.sequence.op import conv_gru_bwd
-
-            d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
-                grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
-                *p.step.op_args, p.has_bias)
-            d_gx = d_gx.squeeze(0)
-        elif ctx.fused and p.fused_bwd:
-            d_gx, d_h, d_w, d_b_ih, d_b_hh = _fused_backward(p, grad, h, w_hh, gates, aux, need[3])
-        else:
-            d_gx, d_h, d_w, d_b_ih, d_b_hh = _gates_backward(p, grad, h, w_hh, gates, aux, need[3])
-        d_x = d_w_ih = None
-        if need[0] or need[2]:
-            d_x, d_w_ih = p.conv_backward(d_gx, x, w_ih, need[0], need[2])
-        has_bias = p.has_bias
-        return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None,
-                d_b_ih if need[4] and has_bias else None, d_b_hh if need[5] and has_bias else None, None)
+        return _half_backward(ctx.p, ctx.fused, grad, x, h, w_ih, w_hh, h_new, gates, aux,
+                              ctx.needs_input_grad) + (None,)
 
 
-_apply_fused_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _FusedStep)
+# Function.apply without its Python wrapper (which only unwraps tensors that
+# outlived a torch.func transform): plans run with no transform active.
+_apply_cell_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _CellStep)
 
 
-def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Tensor:
-    """Carry out plan ``p`` (not ``"general"``) on one step's tensors."""
+def _direct_backward(function: type) -> None:
+    """The autograd engine runs a custom Function's node by calling its
+    ``apply`` (``BackwardCFunction.apply``: Python frames that pick between
+    ``backward`` and ``vjp`` at every call); the plans' Functions define
+    ``backward`` only, so their nodes call it directly."""
+    function._backward_cls.apply = function.backward
+
+
+_direct_backward(_CellStep)
+
+
+def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, region) -> Tensor:
+    """Carry out plan ``p`` (not ``"general"``) on one step's tensors;
+    ``region``: the autocast region where the weight casts may be kept
+    (:class:`_WeightCasts`), else ``None``."""
     fmt = p.fmt
     if p.cast_x:
         x = x.to(dtype=p.compute, memory_format=fmt or torch.preserve_format)
     if p.cast_h:
         hx = hx.to(dtype=p.compute, memory_format=fmt or torch.preserve_format)
     if p.cast_w:
-        w_ih, w_hh, b_ih, b_hh = p.weight_cast(w_ih, w_hh, b_ih, b_hh)
-    h_new = None
-    if p.path == _FUSED:
-        if p.state_channels_last is None:
-            _first_step(p, x, hx, None, w_ih)
-        h = hx
-        if h is None:
-            h = p.empty1().zero_()
-        if p.grad:
-            h_new = _apply_fused_step(x, h, w_ih, w_hh, b_ih, b_hh, p)
-        else:
+        w_ih, w_hh, b_ih, b_hh = p.weight_cast(w_ih, w_hh, b_ih, b_hh, region)
+    if p.state_channels_last is None:
+        _first_step(p, x, hx, w_ih)
+    h = p.empty1().zero_() if hx is None else hx
+    if p.grad:
+        h_new = _apply_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, p)
+    else:
+        h_new = None
+        if p.path == _FUSED:
             h_new = _fused_forward(p, x, h, w_ih, w_hh, b_ih, b_hh)
-        if h_new is None:  # declined: the gates path from now on
-            p.path = _GATES
-    if h_new is None:
-        gx = p.conv(x, w_ih)
-        if p.state_channels_last is None:
-            _first_step(p, x, hx, gx, w_ih)
-        h = hx
-        if h is None:
-            h = p.empty1().zero_()
-        if p.grad:
-            h_new = _apply_gate_step(gx, h, w_hh, b_ih, b_hh, p)
-        else:
-            h_new = _gates_forward(p, gx, h, w_hh, b_ih, b_hh, False)[0]
+            if h_new is None:  # declined: the gates path from now on
+                p.path = _GATES
+        if h_new is None:
+            h_new = _gates_forward(p, p.conv(x, w_ih), h, w_hh, b_ih, b_hh, False)[0]
     if fmt is not None and not p.caller_channels_last:
         h_new = h_new.contiguous()  # h' in the caller's layout
     return h_new
@@ -815,6 +852,18 @@ _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
 _FACTS = operator.attrgetter("shape", "dtype", "device")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+_LOW_BITS = (15).__and__
+
+
+def _tensors_key(x: Tensor, hx: Optional[Tensor]) -> tuple:
+    """The facts about a call's input and state a plan depends on: shapes,
+    dtypes, devices, strides and the low four bits of the addresses (Triton
+    specializes pointers on 16-byte alignment), gathered with ``map`` (no
+    Python call per tensor); ``hx`` ``None`` is a fact too."""
+    xs = (x,) if hx is None else (x, hx)
+    return tuple(map(_FACTS, xs)), tuple(map(_STRIDE, xs)), bytes(map(_LOW_BITS, map(_DATA_PTR, xs)))
 
 
 def _weights_key(params) -> tuple:
@@ -836,7 +885,10 @@ def _weights_key(params) -> tuple:
 def cell_forward(module, x, hx):
     """``module(x, hx)`` for a ``ConvGRUCell{1,2,3}d``: the plan of this call's
     signature, made at its first call, carried out."""
-    if not plain_eager():
+    if (_is_compiling() or _tracing_state() is not None or _functorch_level() is not None
+            or _dispatch_mode(_FAKE) is not None):
+        # Not plain eager: torch.compile, jit.trace, a functorch transform or a fake-tensor
+        # mode (meta tensors have their own device in the key). The test inline: no frame.
         return _general(module, x, hx)
     params = module._parameters
     try:
@@ -844,13 +896,11 @@ def cell_forward(module, x, hx):
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts[-1])
-        key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-               None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
-               grad, cast, _settings.generation, _tuning.generation,
+        key = (_tensors_key(x, hx), grad, cast, _settings.generation, _tuning.generation,
                module.reset_after, module.backend, module.padding_mode, module.dilation, facts)
     except (AttributeError, TypeError, KeyError):  # not tensors: the general path's checks say what is wrong
         return _general(module, x, hx)
-    plans = module.__dict__.get("_cell_plans")
+    plans = module._cell_plans  # a class attribute, None, until the first call
     if plans is None:
         plans = module.__dict__["_cell_plans"] = {}
     p = plans.get(key)
@@ -862,14 +912,15 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     if p.recheck and not _backend._interpreter_enabled():
         select_backend(x.device, module.backend)  # the interpreter was switched off since: raises
-    return run(p, x, hx, *weights)
+    return run(p, x, hx, *weights, _autocast_region(x.device) if p.keep_casts else None)
 
 
 def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
-    """One half of a separable step with what its backward needs: ``(h',
-    gates, aux, fused)``; ``fused``: the fused kernels ran (else the gates path)."""
+    """One step (or one half of a separable step) with what its backward
+    needs: ``(h', gates, aux, fused)``; ``fused``: the fused kernels ran (else
+    the gates path)."""
     if p.state_channels_last is None:
-        _first_step(p, x, h, None, w_ih)
+        _first_step(p, x, h, w_ih)
     if p.path == _FUSED:
         saved = _fused_forward_saved(p, x, h, w_ih, w_hh, b_ih, b_hh)
         if saved is not None:
@@ -879,24 +930,36 @@ def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
 
 
 def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-                   h_new: Tensor, gates: Tensor, aux: Tensor, need_x: bool, need_w_ih: bool, need_w_hh: bool):
-    """A half's backward, the input convolution's included: ``(d_x, d_h,
-    d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``."""
+                   h_new: Tensor, gates: Tensor, aux: Tensor, need: tuple):
+    """The backward of :func:`_half_forward`, the input convolution's
+    included: ``(d_x, d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``,
+    ``None`` where ``need`` (``needs_input_grad`` over the same six) is
+    false. The bias gradients come out of the convolution backward calls."""
+    has_bias = p.has_bias
+    need_b_ih, need_b_hh = has_bias and need[4], has_bias and need[5]
     if torch.is_grad_enabled():
+        # create_graph=True: through the registered operator, whose own
+        # backward raises: a second derivative fails loudly.
         from .ops.sequence.op import conv_gru_bwd
 
         d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
             grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
-            *p.step.op_args, p.has_bias)
+            *p.step.op_args, has_bias)
         d_gx = d_gx.squeeze(0)
-    elif fused and p.fused_bwd:
-        d_gx, d_h, d_w, d_b_ih, d_b_hh = _fused_backward(p, grad, h, w_hh, gates, aux, need_w_hh)
+        d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, (need[0], need[2], False))
     else:
-        d_gx, d_h, d_w, d_b_ih, d_b_hh = _gates_backward(p, grad, h, w_hh, gates, aux, need_w_hh)
-    d_x = d_w_ih = None
-    if need_x or need_w_ih:
-        d_x, d_w_ih = p.conv_backward(d_gx, x, w_ih, need_x, need_w_ih)
-    return d_x, d_h, d_w_ih, d_w, d_b_ih, d_b_hh
+        reset_after = p.reset_after
+        hidden_bias = need_b_hh and reset_after
+        input_bias = need_b_ih or (need_b_hh and not reset_after)
+        backward = _fused_backward if fused and p.fused_bwd else _gates_backward
+        d_gx, d_h, d_w, d_b_hh = backward(p, grad, h, w_hh, gates, aux, need[3], hidden_bias)
+        d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, (need[0], need[2], input_bias))
+        if not reset_after:
+            # One tensor for both bias gradients: autograd's accumulation copies it
+            # where it cannot take it, so the two .grad never share storage.
+            d_b_hh = d_b_ih
+    return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None,
+            d_b_ih if need_b_ih else None, d_b_hh if need_b_hh else None)
 
 
 class _SepStep(torch.autograd.Function):
@@ -925,18 +988,15 @@ class _SepStep(torch.autograd.Function):
         sp = ctx.sp
         need = ctx.needs_input_grad
         d_x2, d_mid, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2 = _half_backward(
-            sp.second, ctx.fused[1], grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, need[0], need[6], need[7])
+            sp.second, ctx.fused[1], grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, (need[0], True) + need[6:10])
         d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1 = _half_backward(
-            sp.first, ctx.fused[0], d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[0], need[2], need[3])
-        d_x = d_x1 + d_x2 if need[0] else None
-        has_bias = sp.first.has_bias
-        return (d_x, d_h if need[1] else None, d_w_ih1, d_w_hh1 if need[3] else None,
-                d_b_ih1 if need[4] and has_bias else None, d_b_hh1 if need[5] and has_bias else None,
-                d_w_ih2, d_w_hh2 if need[7] else None,
-                d_b_ih2 if need[8] and has_bias else None, d_b_hh2 if need[9] and has_bias else None, None)
+            sp.first, ctx.fused[0], d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[:6])
+        return (d_x1 + d_x2 if need[0] else None, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1,
+                d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2, None)
 
 
 _apply_sep_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SepStep)
+_direct_backward(_SepStep)
 
 
 def _sep_general(module, x, hx):
@@ -992,6 +1052,7 @@ def _build_sep(module, x, hx, grad: bool, cast) -> SepPlan:
     vp = module._modules["vertical"]._parameters
     return SepPlan(False, first=first, second=None, options=options, fmt=fmt, grad=grad, cast=cast,
                    cast_w2=cast is not None or fmt is not None or _strided_biases(vp["bias_ih"], vp["bias_hh"]),
+                   keep_casts=first.keep_casts and all(t.requires_grad for t in vp.values() if t is not None),
                    cast_x=x2 is not x, cast_h=hx2 is not hx and hx is not None,
                    caller_channels_last=is_channels_last(x if hx is None else hx),
                    vertical=module._modules["vertical"])
@@ -1000,7 +1061,10 @@ def _build_sep(module, x, hx, grad: bool, cast) -> SepPlan:
 def sep_forward(module, x, hx):
     """``module(x, hx)`` for a :class:`~convgru_triton.SepConvGRUCell2d`: one
     plan for both halves per call signature."""
-    if not plain_eager():
+    if (_is_compiling() or _tracing_state() is not None or _functorch_level() is not None
+            or _dispatch_mode(_FAKE) is not None):
+        # Not plain eager: torch.compile, jit.trace, a functorch transform or a fake-tensor
+        # mode (meta tensors have their own device in the key). The test inline: no frame.
         return _sep_general(module, x, hx)
     modules = module._modules
     try:
@@ -1009,14 +1073,12 @@ def sep_forward(module, x, hx):
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts1[-1] or True in facts2[-1])
-        key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-               None if hx is None else (hx.shape, hx.stride(), hx.dtype, hx.device, hx.data_ptr() & 15),
-               grad, cast, _settings.generation, _tuning.generation,
+        key = (_tensors_key(x, hx), grad, cast, _settings.generation, _tuning.generation,
                horizontal.reset_after, horizontal.backend, horizontal.padding_mode, horizontal.dilation,
                vertical.reset_after, vertical.backend, vertical.padding_mode, vertical.dilation, facts1, facts2)
     except (AttributeError, TypeError, KeyError):
         return _sep_general(module, x, hx)
-    plans = module.__dict__.get("_cell_plans")
+    plans = module._cell_plans  # a class attribute, None, until the first call
     if plans is None:
         plans = module.__dict__["_cell_plans"] = {}
     sp = plans.get(key)
@@ -1033,23 +1095,24 @@ def sep_forward(module, x, hx):
         x = x.to(**sp.options)
     if sp.cast_h:
         hx = hx.to(**sp.options)
+    region = _autocast_region(x.device) if sp.keep_casts else None
     if sp.grad:
         # Training: one autograd node per step for both halves.
         if p1.cast_w:
-            w1 = p1.weight_cast(*w1)
+            w1 = p1.weight_cast(*w1, region)
         if sp.cast_w2:
-            w2 = p1.weight_cast(*w2)  # both halves: one dtype and format
+            w2 = p1.weight_cast(*w2, region)  # both halves: one dtype and format
         if hx is None:
             if p1.state_channels_last is None:
-                _first_step(p1, x, None, None, w1[0])
+                _first_step(p1, x, None, w1[0])
             hx = p1.empty1().zero_()
         h = _apply_sep_step(x, hx, *w1, *w2, sp)
     else:
-        h = run(p1, x, hx, *w1)
+        h = run(p1, x, hx, *w1, region)
         second = sp.second
         if second is None:
             second = sp.second = _build(vertical, x, h, False, sp.cast)
-        h = _general(vertical, x, h) if second.path == _GENERAL else run(second, x, h, *w2)
+        h = _general(vertical, x, h) if second.path == _GENERAL else run(second, x, h, *w2, region)
     if sp.fmt is not None and not sp.caller_channels_last:
         h = h.contiguous()
     return h

@@ -80,6 +80,8 @@ def _refuse_script(module: nn.Module):
 
 class _ConvGRUBase(nn.Module):
     _dims: int = 2
+    _cell_plans = None  # the eager step's plans (convgru_triton._plan), made at the first call
+    _weight_casts = None  # their kept weight casts (convgru_triton._plan._weight_casts)
 
     def __prepare_scriptable__(self):
         _refuse_script(self)
@@ -89,6 +91,7 @@ class _ConvGRUBase(nn.Module):
         # never copied or pickled; a copy makes its own at its first call.
         state = self.__dict__.copy()
         state.pop("_cell_plans", None)
+        state.pop("_weight_casts", None)
         return state
 
     def _init_common(

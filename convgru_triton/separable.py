@@ -62,6 +62,9 @@ class SepConvGRUCell2d(nn.Module):
             (RAFT's ``convz2``, ``convr2``, ``convq2``).
     """
 
+    _cell_plans = None  # the eager step's plans (convgru_triton._plan), made at the first call
+    _weight_casts = None  # their kept weight casts (convgru_triton._plan._weight_casts)
+
     def __init__(
         self,
         input_channels: int,
@@ -98,6 +101,7 @@ class SepConvGRUCell2d(nn.Module):
         # Plans (convgru_triton._plan) are never copied or pickled.
         state = self.__dict__.copy()
         state.pop("_cell_plans", None)
+        state.pop("_weight_casts", None)
         return state
 
     def reset_parameters(self) -> None:

@@ -205,8 +205,8 @@ def test_plan_under_autocast_equals_general_path(device, path):
 
 
 def test_autocast_weight_casts_follow_updates(device):
-    """Under autocast a plan casts the weights at every call: after optimizer
-    steps and a new Parameter the results are the reference's."""
+    """Under autocast, after optimizer steps and a new Parameter (each between
+    two autocast regions) the results are the reference's."""
     torch.manual_seed(0)
     cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
     ref = cg.ConvGRUCell2d(3, 4, 3, backend="torch", device=device)
@@ -226,6 +226,80 @@ def test_autocast_weight_casts_follow_updates(device):
             optimizer = torch.optim.SGD(cell.parameters(), lr=0.5)
 
 
+@pytest.mark.parametrize("cls", [cg.ConvGRUCell2d, cg.SepConvGRUCell2d], ids=["cell", "sep"])
+def test_autocast_weight_casts_kept_for_the_region(device, cls, monkeypatch):
+    """A plan casts the weights once per autocast region, as autocast's own
+    weight cache does; a new region, an in-place update and a replaced
+    Parameter cast again, and where autocast keeps nothing (its cache off,
+    inference mode, weights that do not require grad) every call casts."""
+    torch.manual_seed(0)
+    kwargs = {"kernel_size": 3} if cls is cg.ConvGRUCell2d else {}
+    module = cls(3, 4, backend="triton", device=device, **kwargs)
+    ref = cls(3, 4, backend="torch", device=device, **kwargs)
+    halves = 1 if cls is cg.ConvGRUCell2d else 2
+    x, h0 = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    # float16 against float32 weights: a stale cast (the weights halved) is off by far more
+    casts = []
+    cast_all = _plan._WeightCasts._all
+    monkeypatch.setattr(_plan._WeightCasts, "_all", lambda self, *w: casts.append(1) or cast_all(self, *w))
+
+    def check(**autocast):
+        ref.load_state_dict(module.state_dict())
+        with torch.autocast(device.type, dtype=torch.float16, **autocast):
+            out, want = _loop(module, x, h0), _loop(ref, x, h0)
+        torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+
+    def cast_count(run):  # casts per half
+        del casts[:]
+        run()
+        return len(casts) / halves
+
+    assert cast_count(check) == 1  # three steps, one region
+    assert cast_count(check) == 1  # a new region: cast again
+    assert cast_count(lambda: check(cache_enabled=False)) == 3
+
+    def in_place_update():
+        with torch.autocast(device.type, dtype=torch.float16):
+            module(x, h0)
+            with torch.no_grad():
+                for param in module.parameters():
+                    param.mul_(0.5)  # moves the version
+            ref.load_state_dict(module.state_dict())
+            torch.testing.assert_close(module(x, h0), ref(x, h0), rtol=1e-2, atol=1e-2)
+
+    assert cast_count(in_place_update) == 2
+
+    def replaced_parameter():
+        with torch.autocast(device.type, dtype=torch.float16):
+            module(x, h0)
+            cell = module if cls is cg.ConvGRUCell2d else module.vertical
+            cell.weight_hh = torch.nn.Parameter(torch.randn_like(cell.weight_hh))
+            ref.load_state_dict(module.state_dict())
+            torch.testing.assert_close(module(x, h0), ref(x, h0), rtol=1e-2, atol=1e-2)
+
+    assert cast_count(replaced_parameter) == (halves + 1) / halves  # the replaced one's half again
+    with torch.inference_mode():
+        assert cast_count(check) == 3
+    module.requires_grad_(False)
+    assert cast_count(check) == 3
+
+
+def test_autocast_kept_casts_across_backward_in_one_region(device):
+    """Two training iterations inside one autocast region reuse the kept
+    casts after the first backward freed its graph: both iterations'
+    parameter gradients accumulate as the reference's do."""
+    torch.manual_seed(0)
+    cell, ref = (cg.ConvGRUCell2d(3, 4, 3, backend=b, device=device) for b in ("triton", "torch"))
+    ref.load_state_dict(cell.state_dict())
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    for module in (cell, ref):
+        with torch.autocast(device.type, dtype=torch.float16):
+            for _ in range(2):
+                _loop(module, x, h).float().sum().backward()
+    for a, b in zip(cell.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=5e-3, atol=5e-3)
+
+
 # --- what a plan must notice (each found by review) ----------------------------
 
 
@@ -243,9 +317,9 @@ def test_a_trainable_bias_alone_gets_its_gradient(device):
 
 @pytest.mark.parametrize("cls", [cg.ConvGRUCell2d, cg.SepConvGRUCell2d], ids=["cell", "sep"])
 def test_autocast_sees_unfrozen_weights_and_data_updates(device, cls):
-    """Under autocast the weights are cast at every call: unfreezing them, an
-    update through ``.data`` (which moves neither version nor storage) and a
-    replaced Parameter are all seen at the next call."""
+    """Unfreezing the weights and an update through ``.data`` (which moves
+    neither version nor storage) between two autocast regions are seen at the
+    next call."""
     torch.manual_seed(0)
     kwargs = {"kernel_size": 3} if cls is cg.ConvGRUCell2d else {}
     module = cls(3, 4, backend="triton", device=device, **kwargs)
