@@ -13,12 +13,12 @@ alone, on any machine without a GPU:
   in a no-op that counts it, per kernel name. The convolutions run for real on
   the tiny tensors (as they do for the baselines), so they cost their dispatch
   overhead only.
-* ``ours (above launchers)``: the sequence with the gate math
-  (``_TritonGateMath``, the launchers' interface) replaced by no-ops: the host
-  time the operator spends *outside* the launchers; ``ours`` minus this is the
-  time inside them. Sequence rows only: a cell step's plan calls its compiled
-  kernels directly and never goes through that interface, so there the row
-  would time ``ours`` again.
+* ``ours (above launchers)``: the sequence with the gate math (the six gate
+  launches of ``GateLaunches`` in :mod:`convgru_triton.ops.gates.kernels`)
+  replaced by no-ops: the host time the operator spends *outside* the
+  launchers; ``ours`` minus this is the time inside them. Sequence rows
+  only: a cell step's plan calls its compiled kernels directly and never goes
+  through that interface, so there the row would time ``ours`` again.
 * ``ours (torch backend)``: the eager fallback (CPU) on the same tensors.
 * ``ours (compiled)``: ``torch.compile(fullgraph=True)`` of ``ours``'s call,
   with the same fake target. A cell step compiles to Inductor's own kernels
@@ -231,12 +231,13 @@ def fused_kernel_names() -> frozenset:
 
 @contextlib.contextmanager
 def gate_math_disabled():
-    """Replace every method of the launchers' interface (``_TritonGateMath``) by a
-    no-op, and its ``bind`` (the launches bound to one call) by the class: what
-    remains is the host time above the launchers."""
-    from convgru_triton.ops.sequence import op as conv_gru
+    """Replace every gate launch of ``GateLaunches`` (the sequence operator's
+    Triton gate math) by a no-op, and its ``bind`` (the launches bound to one
+    call) by one returning the class: what remains is the host time above the
+    launchers."""
+    from convgru_triton.ops.gates import kernels
 
-    cls = conv_gru._TritonGateMath
+    cls = kernels.GateLaunches
     names = [n for n in ("bind", "reset_after_fwd", "reset_after_bwd", "reset_gate_fwd", "update_fwd", "update_bwd",
                          "reset_gate_bwd") if n in vars(cls)]
     saved = {n: vars(cls)[n] for n in names}

@@ -92,10 +92,16 @@ def test_backend_setting_switches_module_to_kernels(monkeypatch, device):
     from convgru_triton.ops.gates import kernels as kernels
 
     calls = []
-    original = kernels._reset_gate_fwd
-    monkeypatch.setattr(kernels, "_reset_gate_fwd", lambda *a, **k: calls.append(1) or original(*a, **k))
-    # Compiled kernels on a GPU launch through the operator's bound launches,
-    # not the launcher functions: off here, so that every launch is counted.
+    original = kernels._launch
+
+    def counting(kernel, name, *args):
+        if name == "gru_reset_gate_fwd":
+            calls.append(1)
+        return original(kernel, name, *args)
+
+    monkeypatch.setattr(kernels, "_launch", counting)
+    # Compiled kernels on a GPU replay through the operator's bound launches,
+    # not through _launch: off here, so that every launch is counted.
     monkeypatch.setattr(kernels, "_bind", lambda *args: None)
     model = ConvGRU(2, 3, 3, device=device)
     x = torch.randn(2, 1, 2, 4, 4, device=device)

@@ -646,6 +646,104 @@ def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
 
 
 # ----------------------------------------------------------------------------
+# The gate launches: each kernel's launch written once
+#
+# :class:`GateLaunches` has one method per launch, with the signatures of the
+# references in ``sequence.op._TorchGateMath``: the kernel, its registry name,
+# its tensors in the kernel's argument order with their channel slots (units of
+# H), how many are inputs, its flags and whether the first tensor is gx are
+# stated there and nowhere else. A method hands them to ``self._go``: the
+# general instance (:data:`_GENERAL`) launches through :func:`_launch` with the
+# call's own biases; the instances :meth:`GateLaunches.bind` makes for one call
+# of the sequence operator (:class:`_Bound`) replay the kernels compiled for
+# that call's step geometry. The launcher functions at the end of this module
+# allocate the outputs a caller leaves out, then call the general instance.
+# ----------------------------------------------------------------------------
+
+
+def _biases(bias_ih, bias_hh, fallback) -> tuple:
+    """The bias pointers of a launch: the kernels index a bias as a dense (3H,)
+    vector, so a sliced or expanded one is made dense (a no-op for ordinary
+    parameters); without biases, ``fallback`` stands in for both pointers."""
+    if bias_ih is None:
+        return fallback, fallback
+    return bias_ih.contiguous(), bias_hh.contiguous()
+
+
+class GateLaunches:
+    """The six gate launches. Outputs are the keyword-only buffers the kernels
+    write; each method returns what :func:`_launch` returns (the compiled
+    kernel's replay entry, or ``None``). The general instance (:data:`_GENERAL`)
+    launches every call through :func:`_launch`; :meth:`bind` gives the
+    launches bound to one call where they can be."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def bind(out: torch.Tensor, bias_ih, bias_hh, others) -> "GateLaunches":
+        """The launches of one call of the sequence operator, whose outputs and
+        carried states are laid out like ``out``; ``others`` are the call's
+        other tensors (checked for dtype). Bound ones (:func:`_bind`) where
+        they can be, else the general instance."""
+        return _bind(out, bias_ih, bias_hh, others) or _GENERAL
+
+    def _go(self, kernel, name: str, out, tensors, slots, n_inputs: int, flags, bias, with_gx: bool):
+        """One launch through :func:`_launch`, none for an empty state;
+        ``bias`` is ``(bias_ih, bias_hh)`` for a kernel that reads biases,
+        else ``()``."""
+        if out.numel() == 0:
+            return None
+        if bias:
+            bias = _biases(bias[0], bias[1], out)
+        return _launch(kernel, name, out, tensors, slots, n_inputs, flags, bias, with_gx)
+
+    def reset_after_fwd(self, gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
+        """h' into ``h_new``; with ``gates`` (not ``None``) also (r, z, n) and
+        ``aux`` = ``gh_n + b_hn`` for the backward."""
+        if gates is None:  # nothing saved: h_new stands in for the pointers of gates and aux
+            gates = aux = h_new
+            save, slots = False, (3, 3, 1, 1, 1, 1)
+        else:
+            save, slots = True, (3, 3, 1, 1, 3, 1)
+        return self._go(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gx, gh, h, h_new, gates, aux),
+                        slots, 3, (("HAS_BIAS", bias_ih is not None), ("SAVE", save)), (bias_ih, bias_hh), True)
+
+    def reset_after_bwd(self, grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
+        """d gx, d gh and the direct part of d h from ``grad + grad2`` (``grad2``
+        may be ``None``)."""
+        return self._go(_gru_reset_after_bwd_kernel, "gru_reset_after_bwd", d_h,
+                        (grad, grad if grad2 is None else grad2, gates, aux, h, d_gx, d_gh, d_h),
+                        (1, 1, 3, 1, 1, 3, 3, 1), 5, (("HAS_GRAD2", grad2 is not None),), (), False)
+
+    def reset_gate_fwd(self, gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
+        """r and z into the first two slots of ``gates``, ``r * h`` into ``rh``."""
+        return self._go(_gru_reset_gate_fwd_kernel, "gru_reset_gate_fwd", rh, (gx, gh_rz, h, gates, rh),
+                        (3, 2, 1, 3, 1), 3, (("HAS_BIAS", bias_ih is not None),), (bias_ih, bias_hh), True)
+
+    def update_fwd(self, gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
+        """h' into ``h_new`` from z (slot 1 of ``gates``); with ``save`` n into slot 2."""
+        return self._go(_gru_update_fwd_kernel, "gru_update_fwd", h_new, (gx, gh_n, h, gates, h_new),
+                        (3, 1, 1, 3, 1), 3, (("HAS_BIAS", bias_ih is not None), ("SAVE", save)), (bias_ih, bias_hh),
+                        True)
+
+    def update_bwd(self, grad, grad2, gates, h, d_gates, *, d_h):
+        """d a_z and d a_n into slots 1 and 2 of ``d_gates``, the direct part of
+        d h into ``d_h``, from ``grad + grad2``."""
+        return self._go(_gru_update_bwd_kernel, "gru_update_bwd", d_h,
+                        (grad, grad if grad2 is None else grad2, gates, h, d_gates, d_h), (1, 1, 3, 1, 3, 1), 4,
+                        (("HAS_GRAD2", grad2 is not None),), (), False)
+
+    def reset_gate_bwd(self, d_rh, gates, h, d_gates, d_h):
+        """d a_r into slot 0 of ``d_gates``; adds ``d_rh * r`` to ``d_h`` in place."""
+        return self._go(_gru_reset_gate_bwd_kernel, "gru_reset_gate_bwd", d_h, (d_rh, gates, h, d_gates, d_h),
+                        (1, 3, 1, 3, 1), 3, (), (), False)
+
+
+#: The general launches: every call through :func:`_launch`.
+_GENERAL = GateLaunches()
+
+
+# ----------------------------------------------------------------------------
 # Launches bound to one step geometry (the sequence operator's fast path)
 #
 # The sequence operator (and the cell, one step of it) allocates every output
@@ -655,12 +753,11 @@ def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
 # tensors that come from outside (its inputs: pre-activations, convolution
 # outputs, the initial state, incoming gradients) against the strides the
 # kernel reads, takes the low bits of every address, and replays the kernel
-# compiled for them. Anything else falls back to the launcher functions below
-# (and the first launch of a specialization goes through them, keeping what it
-# compiled). Measured with the kernels stubbed (bench/host_overhead.py, the
-# "inside" column): a no-grad ConvGRUCell2d step spent 73 us in its two
-# launches with the general launchers alone, 37 us with the bound launches,
-# the bind included.
+# compiled for them. Anything else goes through :func:`_launch` (and so does
+# the first launch of a specialization, keeping what it compiled). Measured
+# with the kernels stubbed (bench/host_overhead.py, the "inside" column): a
+# no-grad ConvGRUCell2d step spent 73 us in its two launches with the general
+# launches alone, 37 us with the bound launches, the bind included.
 # ----------------------------------------------------------------------------
 
 
@@ -683,13 +780,16 @@ class _BoundKernel:
 _STEPS: Dict[tuple, Dict[tuple, _BoundKernel]] = {}
 
 
-class _Bound:
-    """The launchers' interface (the methods of ``sequence.op._TritonGateMath``)
-    for one call of the sequence operator, bound by :func:`_bind`."""
+class _Bound(GateLaunches):
+    """:class:`GateLaunches` for one call of the sequence operator, bound by
+    :func:`_bind`: the call's biases (dense, checked once) and the kernels of
+    its step geometry, replayed where a launch's tensors fit."""
 
-    __slots__ = ("kernels", "has_bias", "bias", "active", "device", "stream")
+    __slots__ = ("kernels", "bias", "active", "device", "stream")
 
-    def _go(self, kernel, name: str, out, tensors, slots, n_inputs: int, flags, bias, with_gx: bool) -> None:
+    def _go(self, kernel, name: str, out, tensors, slots, n_inputs: int, flags, bias, with_gx: bool):
+        if bias:
+            bias = self.bias
         bound = self.kernels.get((name, flags))
         key = None
         if bound is not None:
@@ -706,49 +806,20 @@ class _Bound:
                 entry = bound.replays.get(key)
                 if entry is not None:
                     _replay(entry, bound.grid, self.stream, pointers)
-                    return
+                    return entry
         entry = _launch(kernel, name, out, tensors, slots, n_inputs, flags, bias, with_gx)
         if bound is None:
             geo = _geometry(name, out)
-            bound = self.kernels[name, flags] = _BoundKernel(geo, slots, n_inputs, with_gx)
+            self.kernels[name, flags] = _BoundKernel(geo, slots, n_inputs, with_gx)
         elif key is not None and entry is not None:
             bound.replays[key] = entry
-
-    def reset_after_fwd(self, gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
-        if gates is None:  # nothing saved: h_new stands in for the pointers of gates and aux
-            self._go(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gx, gh, h, h_new, h_new, h_new),
-                     (3, 3, 1, 1, 1, 1), 3, (("HAS_BIAS", self.has_bias), ("SAVE", False)), self.bias, True)
-        else:
-            self._go(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gx, gh, h, h_new, gates, aux),
-                     (3, 3, 1, 1, 3, 1), 3, (("HAS_BIAS", self.has_bias), ("SAVE", True)), self.bias, True)
-
-    def reset_after_bwd(self, grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
-        self._go(_gru_reset_after_bwd_kernel, "gru_reset_after_bwd", d_h,
-                 (grad, grad if grad2 is None else grad2, gates, aux, h, d_gx, d_gh, d_h),
-                 (1, 1, 3, 1, 1, 3, 3, 1), 5, (("HAS_GRAD2", grad2 is not None),), (), False)
-
-    def reset_gate_fwd(self, gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
-        self._go(_gru_reset_gate_fwd_kernel, "gru_reset_gate_fwd", rh, (gx, gh_rz, h, gates, rh), (3, 2, 1, 3, 1), 3,
-                 (("HAS_BIAS", self.has_bias),), self.bias, True)
-
-    def update_fwd(self, gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
-        self._go(_gru_update_fwd_kernel, "gru_update_fwd", h_new, (gx, gh_n, h, gates, h_new), (3, 1, 1, 3, 1), 3,
-                 (("HAS_BIAS", self.has_bias), ("SAVE", save)), self.bias, True)
-
-    def update_bwd(self, grad, grad2, gates, h, d_gates, *, d_h):
-        self._go(_gru_update_bwd_kernel, "gru_update_bwd", d_h,
-                 (grad, grad if grad2 is None else grad2, gates, h, d_gates, d_h), (1, 1, 3, 1, 3, 1), 4,
-                 (("HAS_GRAD2", grad2 is not None),), (), False)
-
-    def reset_gate_bwd(self, d_rh, gates, h, d_gates, d_h):
-        self._go(_gru_reset_gate_bwd_kernel, "gru_reset_gate_bwd", d_h, (d_rh, gates, h, d_gates, d_h),
-                 (1, 3, 1, 3, 1), 3, (), (), False)
+        return entry
 
 
 def _bind(out: torch.Tensor, bias_ih, bias_hh, others) -> Optional[_Bound]:
     """The gate launches of one call of the sequence operator, whose every
     output and carried state is laid out like ``out`` (a state frame it
-    allocated), or ``None`` where the launcher functions must run (replay off,
+    allocated), or ``None`` where the general launches must run (replay off,
     an empty state, tensors of another dtype among ``others`` and the biases,
     biases that are not dense vectors)."""
     if not _DIRECT_LAUNCH or out.numel() == 0:
@@ -770,24 +841,21 @@ def _bind(out: torch.Tensor, bias_ih, bias_hh, others) -> Optional[_Bound]:
             _STEPS.clear()
         kernels = _STEPS[key] = {}
     bound = _Bound()
-    bound.kernels, bound.has_bias, bound.bias = kernels, has_bias, bias
+    bound.kernels, bound.bias = kernels, bias
     active = bound.active = triton.runtime.driver.active
     device = bound.device = active.get_current_device()
     bound.stream = active.get_current_stream(device)
     return bound
 
 
-def _biases(bias_ih, bias_hh, fallback):
-    """``(has_bias, (bias_ih, bias_hh))`` for a launch: the kernels index a bias as
-    a dense (3H,) vector, so a sliced or expanded one is made dense (a no-op for
-    ordinary parameters); without biases, ``fallback`` stands in as the pointer."""
-    if bias_ih is None:
-        return False, (fallback, fallback)
-    return True, (bias_ih.contiguous(), bias_hh.contiguous())
+# ----------------------------------------------------------------------------
+# Launcher functions: the general launches, with the outputs a caller leaves
+# out allocated (the tuner, the tests)
+# ----------------------------------------------------------------------------
 
 
 def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool, *, h_new=None, gates=None, aux=None):
-    """Launch ``_gru_reset_after_fwd_kernel``. Returns ``(h_new, saved)``: with
+    """:meth:`GateLaunches.reset_after_fwd`. Returns ``(h_new, saved)``: with
     ``save``, ``saved = (gates, aux)``, gates (N, 3H, *S) = (r, z, n) and aux
     (N, H, *S) = ``gh_n + b_hn``, what the backward needs; else ``None``."""
     h_new = _empty(h.shape, h) if h_new is None else h_new
@@ -795,18 +863,13 @@ def _reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, save: bool, *, h_new
         gates = _empty(_gates_shape(h, 3), h) if gates is None else gates
         aux = _empty(h.shape, h) if aux is None else aux
     saved = (gates, aux) if save else None
-    if h.numel() == 0:
-        return h_new, saved
-    has_bias, bias = _biases(bias_ih, bias_hh, h)
-    # Without save the kernel stores no gates: h_new stands in for their pointers.
-    outs, out_slots = ((h_new, gates, aux), (1, 3, 1)) if save else ((h_new, h_new, h_new), (1, 1, 1))
-    _launch(_gru_reset_after_fwd_kernel, "gru_reset_after_fwd", h_new, (gates_x, gates_h, h) + outs,
-            (3, 3, 1) + out_slots, 3, (("HAS_BIAS", has_bias), ("SAVE", save)), bias, with_gx=True)
+    _GENERAL.reset_after_fwd(gates_x, gates_h, h, bias_ih, bias_hh, h_new=h_new, gates=gates if save else None,
+                             aux=aux)
     return h_new, saved
 
 
 def _reset_after_bwd(grad, grad2, saved, h, channels_last: bool, *, d_gx=None, d_gh=None, d_h=None):
-    """Launch ``_gru_reset_after_bwd_kernel``: returns ``(d_gates_x, d_gates_h,
+    """:meth:`GateLaunches.reset_after_bwd`: returns ``(d_gates_x, d_gates_h,
     d_h_direct)`` from the incoming gradient ``grad + grad2`` (``grad2`` may be
     ``None``) and the ``saved`` pair of :func:`_reset_after_fwd`. Gate gradients
     it allocates are channels_last when ``channels_last``."""
@@ -814,56 +877,37 @@ def _reset_after_bwd(grad, grad2, saved, h, channels_last: bool, *, d_gx=None, d
     d_gx = _empty(_gates_shape(h, 3), h, channels_last) if d_gx is None else d_gx
     d_gh = _empty(_gates_shape(h, 3), h, channels_last) if d_gh is None else d_gh
     d_h = _empty(h.shape, h) if d_h is None else d_h
-    if h.numel() == 0:
-        return d_gx, d_gh, d_h
-    _launch(_gru_reset_after_bwd_kernel, "gru_reset_after_bwd", d_h,
-            (grad, grad if grad2 is None else grad2, gates, aux, h, d_gx, d_gh, d_h),
-            (1, 1, 3, 1, 1, 3, 3, 1), 5, (("HAS_GRAD2", grad2 is not None),))
+    _GENERAL.reset_after_bwd(grad, grad2, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
     return d_gx, d_gh, d_h
 
 
 def _reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh, *, gates=None, rh=None):
-    """Launch ``_gru_reset_gate_fwd_kernel``: returns ``(gates, rh)`` where
+    """:meth:`GateLaunches.reset_gate_fwd`: returns ``(gates, rh)`` where
     ``gates`` (N, 3H, *S) holds r and z in its first two slots (n is written
     by the update kernel) and ``rh = r * h``."""
     gates = _empty(_gates_shape(h, 3), h) if gates is None else gates
     rh = _empty(h.shape, h) if rh is None else rh
-    if h.numel() == 0:
-        return gates, rh
-    has_bias, bias = _biases(bias_ih, bias_hh, h)
-    _launch(_gru_reset_gate_fwd_kernel, "gru_reset_gate_fwd", rh, (gates_x, gates_h_rz, h, gates, rh),
-            (3, 2, 1, 3, 1), 3, (("HAS_BIAS", has_bias),), bias, with_gx=True)
+    _GENERAL.reset_gate_fwd(gates_x, gates_h_rz, h, bias_ih, bias_hh, gates=gates, rh=rh)
     return gates, rh
 
 
 def _update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save: bool, *, h_new=None):
-    """Launch ``_gru_update_fwd_kernel``: returns ``h_new``; with ``save`` also
+    """:meth:`GateLaunches.update_fwd`: returns ``h_new``; with ``save`` also
     writes n into the third slot of ``gates`` (whose slot z it reads)."""
     h_new = _empty(h.shape, h) if h_new is None else h_new
-    if h.numel() == 0:
-        return h_new
-    has_bias, bias = _biases(bias_ih, bias_hh, h)
-    _launch(_gru_update_fwd_kernel, "gru_update_fwd", h_new, (gates_x, gates_h_n, h, gates, h_new),
-            (3, 1, 1, 3, 1), 3, (("HAS_BIAS", has_bias), ("SAVE", save)), bias, with_gx=True)
+    _GENERAL.update_fwd(gates_x, gates_h_n, gates, h, bias_ih, bias_hh, save, h_new=h_new)
     return h_new
 
 
 def _update_bwd(grad, grad2, gates, h, d_gates, *, d_h=None):
-    """Launch ``_gru_update_bwd_kernel``: writes d a_z and d a_n into slots 1 and 2
+    """:meth:`GateLaunches.update_bwd`: writes d a_z and d a_n into slots 1 and 2
     of ``d_gates`` and returns the direct part of d h, from ``grad + grad2``."""
     d_h = _empty(h.shape, h) if d_h is None else d_h
-    if h.numel() == 0:
-        return d_h
-    _launch(_gru_update_bwd_kernel, "gru_update_bwd", d_h,
-            (grad, grad if grad2 is None else grad2, gates, h, d_gates, d_h),
-            (1, 1, 3, 1, 3, 1), 4, (("HAS_GRAD2", grad2 is not None),))
+    _GENERAL.update_bwd(grad, grad2, gates, h, d_gates, d_h=d_h)
     return d_h
 
 
-def _reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
-    """Launch ``_gru_reset_gate_bwd_kernel``: writes d a_r into slot 0 of
+def _reset_gate_bwd(d_rh, gates, h, d_gates, d_h) -> None:
+    """:meth:`GateLaunches.reset_gate_bwd`: writes d a_r into slot 0 of
     ``d_gates`` and adds ``d_rh * r`` to ``d_h`` in place."""
-    if h.numel() == 0:
-        return
-    _launch(_gru_reset_gate_bwd_kernel, "gru_reset_gate_bwd", d_h, (d_rh, gates, h, d_gates, d_h),
-            (1, 3, 1, 3, 1), 3, ())
+    _GENERAL.reset_gate_bwd(d_rh, gates, h, d_gates, d_h)

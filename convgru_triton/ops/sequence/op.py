@@ -52,15 +52,15 @@ Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------
-# Gate math: the Triton launchers, or the references writing into the same buffers
+# Gate math: the Triton launches, or the references writing into the same buffers
 # ----------------------------------------------------------------------------
 
 
 class _TorchGateMath:
-    """The launchers' interface, implemented with the ``*_ref`` functions, which
-    write their results straight into the operator's buffers (``out=``): no
-    result is computed into a temporary and then copied (the copies took 17%
-    of a CPU training step)."""
+    """The gate launches of ``gates.kernels.GateLaunches`` (the same methods),
+    implemented with the ``*_ref`` functions, which write their results
+    straight into the operator's buffers (``out=``): no result is computed into
+    a temporary and then copied (the copies took 17% of a CPU training step)."""
 
     @classmethod
     def bind(cls, out, bias_ih, bias_hh, others):
@@ -106,56 +106,16 @@ class _TorchGateMath:
         d_h.add_(d_h_add)
 
 
-_launchers = None  # convgru_triton.ops.gates.kernels, imported by the first Triton plan
-
-
-class _TritonGateMath:
-    """The launchers of :mod:`..gates.kernels` (imported by the first plan that
-    uses them: the package works without Triton), looked up at call time.
-    ``bind`` gives the launches bound to one call's step geometry where they
-    can be (``gates.kernels._bind``: compiled kernels, replay on), else these
-    (so a test that wraps a launcher makes ``_bind`` return ``None``)."""
-
-    @classmethod
-    def bind(cls, out, bias_ih, bias_hh, others):
-        """The gate math for one call whose outputs and states are laid out like
-        ``out``; ``others`` are the call's other tensors (checked for dtype)."""
-        return _launchers._bind(out, bias_ih, bias_hh, others) or cls
-
-    @staticmethod
-    def reset_after_fwd(gx, gh, h, bias_ih, bias_hh, *, h_new, gates, aux):
-        _launchers._reset_after_fwd(gx, gh, h, bias_ih, bias_hh, gates is not None, h_new=h_new, gates=gates, aux=aux)
-
-    @staticmethod
-    def reset_after_bwd(grad, grad2, gates, aux, h, *, d_gx, d_gh, d_h):
-        _launchers._reset_after_bwd(grad, grad2, (gates, aux), h, False, d_gx=d_gx, d_gh=d_gh, d_h=d_h)
-
-    @staticmethod
-    def reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, *, gates, rh):
-        _launchers._reset_gate_fwd(gx, gh_rz, h, bias_ih, bias_hh, gates=gates, rh=rh)
-
-    @staticmethod
-    def update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, *, h_new):
-        _launchers._update_fwd(gx, gh_n, gates, h, bias_ih, bias_hh, save, h_new=h_new)
-
-    @staticmethod
-    def update_bwd(grad, grad2, gates, h, d_gates, *, d_h):
-        _launchers._update_bwd(grad, grad2, gates, h, d_gates, d_h=d_h)
-
-    @staticmethod
-    def reset_gate_bwd(d_rh, gates, h, d_gates, d_h):
-        _launchers._reset_gate_bwd(d_rh, gates, h, d_gates, d_h)
-
-
 def _gate_math(use_triton: bool):
-    global _launchers
+    """The gate math of a plan: the general ``GateLaunches`` of
+    :mod:`..gates.kernels` (imported by the first plan that uses them: the
+    package works without Triton), or the references. Either runs a launch
+    as it is, and its ``bind`` gives the gate math of one call."""
     if not use_triton:
         return _TorchGateMath
-    if _launchers is None:
-        from ..gates import kernels
+    from ..gates import kernels
 
-        _launchers = kernels
-    return _TritonGateMath
+    return kernels._GENERAL
 
 
 # ----------------------------------------------------------------------------
@@ -174,7 +134,7 @@ class Plan(NamedTuple):
     reset_after: bool
     reverse: bool
     use_triton: bool
-    math: type  # _TritonGateMath or _TorchGateMath
+    math: object  # _gate_math's: gates.kernels.GateLaunches or _TorchGateMath; math.bind(...) gives one call's
     conv: Callable  # (x, weight) -> weight * x, 'same' padded
     conv_backward: Callable  # (grad, x, weight, need_input, need_weight) -> (d_x, d_weight)
     op_args: tuple  # (kernel_size, dilation, padding_mode, reset_after, reverse, use_triton)
