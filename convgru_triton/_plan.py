@@ -184,16 +184,40 @@ class _WeightCasts:
     region PyTorch gives no signal that a kept cast went stale (an update
     through ``.data`` moves neither the version nor the storage), so there
     the weights are cast at every call. The region is read from autocast's
-    cache itself (:func:`_autocast_region`): where it gives none (its cache
-    disabled, inference mode) nothing is kept. Measured on RAFT's SepConvGRU
-    step under bfloat16 autocast (bench/host_overhead.py, CPU proxy): eight
-    casts a step cost ~3 us each, the region lookup ~2.4 us a step."""
+    cache itself (:meth:`region`): where it gives none (its cache disabled,
+    inference mode) nothing is kept. Measured on RAFT's SepConvGRU step under
+    bfloat16 autocast (bench/host_overhead.py, CPU proxy): eight casts a step
+    cost ~3 us each, the region ~2.4 us a step."""
 
-    __slots__ = ("dtype", "fmt", "device", "kept")
+    __slots__ = ("dtype", "fmt", "sentinels", "kept")
 
     def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format], device: torch.device):
-        self.dtype, self.fmt, self.device = dtype, fmt, device
-        self.kept = {}  # id(weight_ih) -> (region, parameters, their versions, casts)
+        self.dtype, self.fmt = dtype, fmt
+        self.sentinels = None  # two empty float32 leaves that require grad on device (see region)
+        if dtype is not None:
+            with torch.inference_mode(False):
+                self.sentinels = (torch.zeros((0, 1), device=device, requires_grad=True),
+                                  torch.zeros((1, 0), device=device, requires_grad=True))
+        self.kept = None  # (region, ids of the parameters, their versions, casts, the parameters)
+
+    def region(self):
+        """A token of the autocast region now open, the same object for every
+        call within it: the autograd node of autocast's cached cast of an empty
+        leaf (``torch.mm`` of two empty tensors, which launches nothing).
+        Autocast keeps that cast until its outermost region exits
+        (``torch.autocast.__exit__`` clears its cache), so a new region gives a
+        new node. ``None`` where autocast keeps no cast: its cache disabled (a
+        new node at every call, so nothing is reused either) or inference mode
+        (no autograd node)."""
+        if _grad_enabled():
+            node = _mm(*self.sentinels).grad_fn
+        else:
+            _set_grad_enabled(True)
+            try:
+                node = _mm(*self.sentinels).grad_fn
+            finally:
+                _set_grad_enabled(False)
+        return None if node is None else node.next_functions[0][0]
 
     def _one(self, w: Tensor) -> Tensor:
         if w.dim() == 1:  # a bias: a dense vector, as the kernels index it (a view may be strided)
@@ -215,19 +239,18 @@ class _WeightCasts:
 
     def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, region=None) -> tuple:
         """The four casts; ``region``: the autocast region's token where the
-        weights are leaves that require grad (else ``None``: cast now)."""
-        params = (w_ih, w_hh, b_ih, b_hh)
-        tensors = params[:2] if b_ih is None else params
-        if region is None or not all(map(_IS_LEAF, tensors)):  # autocast keeps casts of leaves only
+        weights require grad (else ``None``: cast now)."""
+        if region is None:
             return self._all(w_ih, w_hh, b_ih, b_hh)
-        versions = tuple(map(_VERSION, tensors))
-        kept = self.kept.get(id(w_ih))
-        if (kept is not None and kept[0] is region and kept[2] == versions
-                and all(map(operator.is_, kept[1], params))):
+        params = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
+        ids, versions = tuple(map(id, params)), tuple(map(_VERSION, params))
+        kept = self.kept
+        if kept is not None and kept[0] is region and kept[1] == ids and kept[2] == versions:
             return kept[3]
         casts = self._all(w_ih, w_hh, b_ih, b_hh)
-        # Holding the parameters keeps their ids from being reused while kept.
-        self.kept[id(w_ih)] = (region, params, versions, casts)
+        if all(map(_IS_LEAF, params)):  # autocast keeps casts of leaves only
+            # Holding the parameters keeps their ids from being reused while kept.
+            self.kept = (region, ids, versions, casts, params)
         return casts
 
 
@@ -247,33 +270,9 @@ def _weight_casts(module, dtype: Optional[torch.dtype], fmt, device: torch.devic
 
 _VERSION = operator.attrgetter("_version")
 _IS_LEAF = operator.attrgetter("is_leaf")
-_SENTINELS: dict = {}  # device -> two empty float32 leaves that require grad (see _autocast_region)
-
-
-def _autocast_region(device: torch.device):
-    """A token of the autocast region now open on ``device``'s type, the same
-    object for every call within it: the autograd node of autocast's cached
-    cast of an empty leaf (``torch.mm`` of two empty tensors, which launches
-    nothing). Autocast keeps that cast until its outermost region exits
-    (``torch.autocast.__exit__`` clears the cache), so a new region gives a
-    new node. ``None`` where autocast keeps no cast: its cache disabled
-    (``cache_enabled=False`` gives a new node at every call, so nothing is
-    reused either), or inference mode (no autograd node)."""
-    pair = _SENTINELS.get(device)
-    if pair is None:
-        with torch.inference_mode(False):
-            pair = _SENTINELS[device] = (torch.zeros((0, 1), device=device, requires_grad=True),
-                                         torch.zeros((1, 0), device=device, requires_grad=True))
-    enabled = torch.is_grad_enabled()
-    _set_grad_enabled(True)
-    try:
-        node = torch.mm(*pair).grad_fn
-    finally:
-        _set_grad_enabled(enabled)
-    return None if node is None else node.next_functions[0][0]
-
-
+_grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
+_mm = torch.mm
 
 
 # ----------------------------------------------------------------------------
@@ -394,38 +393,29 @@ def _conv_function(spec: ConvSpec) -> Callable:
 
 
 def _conv_backward_function(spec: ConvSpec, bias_channels: int) -> Callable:
-    """``(grad_output, x, weight, mask) -> (d_x, d_weight, d_bias)`` of
-    :func:`_conv_function`, ``mask`` a key of :data:`_MASKS` (which of the
-    three to compute; the others are ``None``). ``d_bias`` is the gradient of
-    a bias of ``bias_channels`` added to the convolution's output (its sum
-    over batch and space), which ``aten.convolution_backward`` computes in the
-    same call as the other two: one dispatch fewer than a separate ``sum``.
-    ``aten.convolution_backward`` is called through its C entry point where
-    the padding is symmetric."""
+    """``(grad_output, x, weight, *, output_mask) -> (d_x, d_weight, d_bias)``
+    of :func:`_conv_function`, ``output_mask`` a value of :data:`_MASKS`
+    (which of the three to compute; the others are ``None``). ``d_bias`` is
+    the gradient of a bias of ``bias_channels`` added to the convolution's
+    output (its sum over batch and space), which ``aten.convolution_backward``
+    computes in the same call as the other two: one dispatch fewer than a
+    separate ``sum``. Where the padding is symmetric this is a partial of
+    ``aten.convolution_backward``'s C entry point: no Python frame a call."""
     padding = spec.conv_padding
     if padding is None or spec.padding_mode != "zeros":
         general = same_conv(spec)[1]
         dims = (0,) + tuple(range(2, spec.dims + 2))
 
-        def backward_padded(grad_output, x, weight, mask):
-            d_x, d_w = general(grad_output, x, weight, mask[0], mask[1])
-            return d_x, d_w, grad_output.sum(dims) if mask[2] else None
+        def backward_padded(grad_output, x, weight, *, output_mask):
+            d_x, d_w = general(grad_output, x, weight, output_mask[0], output_mask[1])
+            return d_x, d_w, grad_output.sum(dims) if output_mask[2] else None
 
         return backward_padded
     overload = torch.ops.aten.convolution_backward.default
-    op = getattr(overload, "_op", overload)
     dims = spec.dims
-    args = ([1] * dims, list(padding), list(spec.dilation), False, [0] * dims, 1)
-    bias_sizes = [bias_channels]
-
-    def backward(grad_output, x, weight, mask):
-        if mask[2]:
-            return op(grad_output, x, weight, bias_sizes, *args, _MASKS[mask])
-        if mask[0] or mask[1]:
-            return op(grad_output, x, weight, None, *args, _MASKS[mask])
-        return None, None, None
-
-    return backward
+    return functools.partial(getattr(overload, "_op", overload), bias_sizes=[bias_channels], stride=[1] * dims,
+                             padding=list(padding), dilation=list(spec.dilation), transposed=False,
+                             output_padding=[0] * dims, groups=1)
 
 
 #: ``(need d_x, need d_weight, need d_bias)`` -> aten.convolution_backward's output_mask
@@ -626,7 +616,7 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
             _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
-        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, (True, need_weight, need_bias))
+        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, output_mask=_MASKS[True, need_weight, need_bias])
         d_h.add_(d_h_conv)
         return d_gx, d_h, d_w, d_b
     hidden = p.hidden
@@ -640,14 +630,14 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     split = p.split
     if split[0] is not w_hh:
         split = _split(p, w_hh)
-    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], (True, need_weight, False))
+    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], output_mask=_MASKS[True, need_weight, False])
     t = (d_rh, gates, h, d_gx, d_h)
     L = p.l_rg_bwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
         _gate_slow(p, "rg_bwd", L, stream, d_h, t, 0)
-    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], (True, need_weight, False))
+    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], output_mask=_MASKS[True, need_weight, False])
     d_h.add_(d_h_conv)
     return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
 
@@ -748,7 +738,9 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         else:
             _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
         _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
-        _, d_w, d_b = conv_backward(d_gh, h, w_hh, (False, need_weight, need_bias))
+        d_w = d_b = None
+        if need_weight or need_bias:
+            _, d_w, d_b = conv_backward(d_gh, h, w_hh, output_mask=_MASKS[False, need_weight, need_bias])
         return d_gx, d_h, d_w, d_b
     t = (grad, grad, gates, h, d_gx, d_h)
     L = p.l_up_bwd
@@ -766,8 +758,9 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
     d_w = None
     if need_weight:
-        wgrad = (False, True, False)
-        d_w = torch.cat((conv_backward(d_rz, h, w_rz, wgrad)[1], conv_backward(d_n, aux, w_n, wgrad)[1]))
+        wgrad = _MASKS[False, True, False]
+        d_w = torch.cat((conv_backward(d_rz, h, w_rz, output_mask=wgrad)[1],
+                         conv_backward(d_n, aux, w_n, output_mask=wgrad)[1]))
     return d_gx, d_h, d_w, None
 
 
@@ -857,29 +850,24 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _LOW_BITS = (15).__and__
 
 
-def _tensors_key(x: Tensor, hx: Optional[Tensor]) -> tuple:
-    """The facts about a call's input and state a plan depends on: shapes,
-    dtypes, devices, strides and the low four bits of the addresses (Triton
-    specializes pointers on 16-byte alignment), gathered with ``map`` (no
-    Python call per tensor); ``hx`` ``None`` is a fact too."""
-    xs = (x,) if hx is None else (x, hx)
-    return tuple(map(_FACTS, xs)), tuple(map(_STRIDE, xs)), bytes(map(_LOW_BITS, map(_DATA_PTR, xs)))
-
-
-def _weights_key(params) -> tuple:
+def _weights_key(params, xs: tuple = ()) -> tuple:
     """``(parameters, facts)``: a cell's four parameters, and the facts about
-    them a plan depends on, gathered with C-level iteration (``map``: no
-    Python call per tensor): which biases are None, strides and addresses (a
-    storage swapped under the same Parameter by ``.data =`` or
-    ``module.to(memory_format=...)``; the kernels are compiled for the
-    addresses' alignment), shapes, dtypes, devices and which require grad
-    (last). The parameters themselves are read at every call, so a replaced
-    Parameter with the same facts runs with its own values."""
+    them and about the call's input and state ``xs`` that a plan depends on,
+    gathered with C-level iteration (``map``: no Python call per tensor):
+    which biases are None; shapes, dtypes, devices and strides of all; the
+    parameters' addresses (a storage swapped under the same Parameter by
+    ``.data =`` or ``module.to(memory_format=...)``); the low four bits of
+    the input's and state's (Triton specializes pointers on 16-byte
+    alignment); which parameters require grad (last). The parameters
+    themselves are read at every call, so a replaced Parameter with the same
+    facts runs with its own values."""
     w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
-    tensors = (w_ih, w_hh) if b_ih is None or b_hh is None else (w_ih, w_hh, b_ih, b_hh)
-    return (w_ih, w_hh, b_ih, b_hh), (b_ih is None, b_hh is None, tuple(map(_STRIDE, tensors)),
-                                       tuple(map(_DATA_PTR, tensors)), tuple(map(_FACTS, tensors)),
-                                       tuple(map(_REQUIRES_GRAD, tensors)))
+    weights = (w_ih, w_hh) if b_ih is None or b_hh is None else (w_ih, w_hh, b_ih, b_hh)
+    tensors = weights + xs
+    return (w_ih, w_hh, b_ih, b_hh), (b_ih is None, b_hh is None, tuple(map(_FACTS, tensors)),
+                                       tuple(map(_STRIDE, tensors)), tuple(map(_DATA_PTR, weights)),
+                                       bytes(map(_LOW_BITS, map(_DATA_PTR, xs))),
+                                       tuple(map(_REQUIRES_GRAD, weights)))
 
 
 def cell_forward(module, x, hx):
@@ -892,11 +880,11 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     params = module._parameters
     try:
-        weights, facts = _weights_key(params)
+        weights, facts = _weights_key(params, (x,) if hx is None else (x, hx))
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts[-1])
-        key = (_tensors_key(x, hx), grad, cast, _settings.generation, _tuning.generation,
+        key = (grad, cast, _settings.generation, _tuning.generation,
                module.reset_after, module.backend, module.padding_mode, module.dilation, facts)
     except (AttributeError, TypeError, KeyError):  # not tensors: the general path's checks say what is wrong
         return _general(module, x, hx)
@@ -912,7 +900,7 @@ def cell_forward(module, x, hx):
         return _general(module, x, hx)
     if p.recheck and not _backend._interpreter_enabled():
         select_backend(x.device, module.backend)  # the interpreter was switched off since: raises
-    return run(p, x, hx, *weights, _autocast_region(x.device) if p.keep_casts else None)
+    return run(p, x, hx, *weights, p.weight_cast.region() if p.keep_casts else None)
 
 
 def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
@@ -946,14 +934,18 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
             grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
             *p.step.op_args, has_bias)
         d_gx = d_gx.squeeze(0)
-        d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, (need[0], need[2], False))
+        d_x = d_w_ih = None
+        if need[0] or need[2]:
+            d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, output_mask=_MASKS[need[0], need[2], False])
     else:
         reset_after = p.reset_after
         hidden_bias = need_b_hh and reset_after
         input_bias = need_b_ih or (need_b_hh and not reset_after)
         backward = _fused_backward if fused and p.fused_bwd else _gates_backward
         d_gx, d_h, d_w, d_b_hh = backward(p, grad, h, w_hh, gates, aux, need[3], hidden_bias)
-        d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, (need[0], need[2], input_bias))
+        d_x = d_w_ih = d_b_ih = None
+        if need[0] or need[2] or input_bias:
+            d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, output_mask=_MASKS[need[0], need[2], input_bias])
         if not reset_after:
             # One tensor for both bias gradients: autograd's accumulation copies it
             # where it cannot take it, so the two .grad never share storage.
@@ -1053,6 +1045,7 @@ def _build_sep(module, x, hx, grad: bool, cast) -> SepPlan:
     return SepPlan(False, first=first, second=None, options=options, fmt=fmt, grad=grad, cast=cast,
                    cast_w2=cast is not None or fmt is not None or _strided_biases(vp["bias_ih"], vp["bias_hh"]),
                    keep_casts=first.keep_casts and all(t.requires_grad for t in vp.values() if t is not None),
+                   weight_cast2=_weight_casts(module._modules["vertical"], first.weight_cast.dtype, fmt, x.device),
                    cast_x=x2 is not x, cast_h=hx2 is not hx and hx is not None,
                    caller_channels_last=is_channels_last(x if hx is None else hx),
                    vertical=module._modules["vertical"])
@@ -1069,11 +1062,12 @@ def sep_forward(module, x, hx):
     modules = module._modules
     try:
         horizontal, vertical = modules["horizontal"], modules["vertical"]
-        (w1, facts1), (w2, facts2) = _weights_key(horizontal._parameters), _weights_key(vertical._parameters)
+        (w1, facts1) = _weights_key(horizontal._parameters, (x,) if hx is None else (x, hx))
+        (w2, facts2) = _weights_key(vertical._parameters)
         cast = _autocast_dtype(x.device.type) if _any_autocast() else None
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts1[-1] or True in facts2[-1])
-        key = (_tensors_key(x, hx), grad, cast, _settings.generation, _tuning.generation,
+        key = (grad, cast, _settings.generation, _tuning.generation,
                horizontal.reset_after, horizontal.backend, horizontal.padding_mode, horizontal.dilation,
                vertical.reset_after, vertical.backend, vertical.padding_mode, vertical.dilation, facts1, facts2)
     except (AttributeError, TypeError, KeyError):
@@ -1095,13 +1089,13 @@ def sep_forward(module, x, hx):
         x = x.to(**sp.options)
     if sp.cast_h:
         hx = hx.to(**sp.options)
-    region = _autocast_region(x.device) if sp.keep_casts else None
+    region = p1.weight_cast.region() if sp.keep_casts else None
     if sp.grad:
         # Training: one autograd node per step for both halves.
         if p1.cast_w:
             w1 = p1.weight_cast(*w1, region)
         if sp.cast_w2:
-            w2 = p1.weight_cast(*w2, region)  # both halves: one dtype and format
+            w2 = sp.weight_cast2(*w2, region)
         if hx is None:
             if p1.state_channels_last is None:
                 _first_step(p1, x, None, w1[0])
