@@ -26,9 +26,14 @@ settings' generation (:data:`convgru_triton._settings.generation`). A
 different fact is a different plan; nothing below the plan asks again.
 
 Plans live on the module (``module._cell_plans``), so a plan never outlives
-the parameters it was made for. Casts of the weights (autocast, the layout
-policy) are kept per plan and made again when a weight changes (its
-``_version`` moves: an optimizer step) or is replaced.
+the parameters it was made for. Under autocast the weights' casts are kept
+for the autocast region, as autocast keeps its own (:class:`_WeightCasts`);
+outside it they are made at every call.
+
+Training runs one autograd node per step (:class:`_CellStep`, and
+:class:`_SepStep` for both halves of a separable step), whose backward calls
+``aten.convolution_backward`` once per convolution, the bias gradients
+included.
 """
 
 from __future__ import annotations
@@ -393,29 +398,35 @@ def _conv_function(spec: ConvSpec) -> Callable:
 
 
 def _conv_backward_function(spec: ConvSpec, bias_channels: int) -> Callable:
-    """``(grad_output, x, weight, *, output_mask) -> (d_x, d_weight, d_bias)``
-    of :func:`_conv_function`, ``output_mask`` a value of :data:`_MASKS`
-    (which of the three to compute; the others are ``None``). ``d_bias`` is
-    the gradient of a bias of ``bias_channels`` added to the convolution's
-    output (its sum over batch and space), which ``aten.convolution_backward``
-    computes in the same call as the other two: one dispatch fewer than a
-    separate ``sum``. Where the padding is symmetric this is a partial of
-    ``aten.convolution_backward``'s C entry point: no Python frame a call."""
+    """``(grad_output, x, weight, output_mask) -> (d_x, d_weight, d_bias)`` of
+    :func:`_conv_function`, ``output_mask`` a value of :data:`_MASKS` (which
+    of the three to compute; the others are ``None``). ``d_bias`` is the
+    gradient of a bias of ``bias_channels`` added to the convolution's output
+    (its sum over batch and space), computed by the same
+    ``aten.convolution_backward`` call as the other two: one dispatch fewer
+    than a separate ``sum``. Where the padding is symmetric the call goes to
+    the op's C entry point with positional arguments (keywords cost ~2 us a
+    call more on the CI machine, torch 2.13)."""
     padding = spec.conv_padding
     if padding is None or spec.padding_mode != "zeros":
         general = same_conv(spec)[1]
         dims = (0,) + tuple(range(2, spec.dims + 2))
 
-        def backward_padded(grad_output, x, weight, *, output_mask):
+        def backward_padded(grad_output, x, weight, output_mask):
             d_x, d_w = general(grad_output, x, weight, output_mask[0], output_mask[1])
             return d_x, d_w, grad_output.sum(dims) if output_mask[2] else None
 
         return backward_padded
     overload = torch.ops.aten.convolution_backward.default
+    op = getattr(overload, "_op", overload)
     dims = spec.dims
-    return functools.partial(getattr(overload, "_op", overload), bias_sizes=[bias_channels], stride=[1] * dims,
-                             padding=list(padding), dilation=list(spec.dilation), transposed=False,
-                             output_padding=[0] * dims, groups=1)
+    bias_sizes = [bias_channels]
+    args = ([1] * dims, list(padding), list(spec.dilation), False, [0] * dims, 1)
+
+    def backward(grad_output, x, weight, output_mask):
+        return op(grad_output, x, weight, bias_sizes, *args, output_mask)
+
+    return backward
 
 
 #: ``(need d_x, need d_weight, need d_bias)`` -> aten.convolution_backward's output_mask
@@ -616,7 +627,7 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
             _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
-        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, output_mask=_MASKS[True, need_weight, need_bias])
+        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, _MASKS[True, need_weight, need_bias])
         d_h.add_(d_h_conv)
         return d_gx, d_h, d_w, d_b
     hidden = p.hidden
@@ -630,14 +641,14 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     split = p.split
     if split[0] is not w_hh:
         split = _split(p, w_hh)
-    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], output_mask=_MASKS[True, need_weight, False])
+    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], _MASKS[True, need_weight, False])
     t = (d_rh, gates, h, d_gx, d_h)
     L = p.l_rg_bwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
         _gate_slow(p, "rg_bwd", L, stream, d_h, t, 0)
-    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], output_mask=_MASKS[True, need_weight, False])
+    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], _MASKS[True, need_weight, False])
     d_h.add_(d_h_conv)
     return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
 
@@ -740,7 +751,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
         d_w = d_b = None
         if need_weight or need_bias:
-            _, d_w, d_b = conv_backward(d_gh, h, w_hh, output_mask=_MASKS[False, need_weight, need_bias])
+            _, d_w, d_b = conv_backward(d_gh, h, w_hh, _MASKS[False, need_weight, need_bias])
         return d_gx, d_h, d_w, d_b
     t = (grad, grad, gates, h, d_gx, d_h)
     L = p.l_up_bwd
@@ -759,8 +770,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     d_w = None
     if need_weight:
         wgrad = _MASKS[False, True, False]
-        d_w = torch.cat((conv_backward(d_rz, h, w_rz, output_mask=wgrad)[1],
-                         conv_backward(d_n, aux, w_n, output_mask=wgrad)[1]))
+        d_w = torch.cat((conv_backward(d_rz, h, w_rz, wgrad)[1], conv_backward(d_n, aux, w_n, wgrad)[1]))
     return d_gx, d_h, d_w, None
 
 
@@ -936,7 +946,7 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         d_gx = d_gx.squeeze(0)
         d_x = d_w_ih = None
         if need[0] or need[2]:
-            d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, output_mask=_MASKS[need[0], need[2], False])
+            d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, _MASKS[need[0], need[2], False])
     else:
         reset_after = p.reset_after
         hidden_bias = need_b_hh and reset_after
@@ -945,7 +955,7 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         d_gx, d_h, d_w, d_b_hh = backward(p, grad, h, w_hh, gates, aux, need[3], hidden_bias)
         d_x = d_w_ih = d_b_ih = None
         if need[0] or need[2] or input_bias:
-            d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, output_mask=_MASKS[need[0], need[2], input_bias])
+            d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, _MASKS[need[0], need[2], input_bias])
         if not reset_after:
             # One tensor for both bias gradients: autograd's accumulation copies it
             # where it cannot take it, so the two .grad never share storage.
