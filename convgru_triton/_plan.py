@@ -278,6 +278,7 @@ _IS_LEAF = operator.attrgetter("is_leaf")
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 _mm = torch.mm
+_split_with_sizes = torch.split_with_sizes  # one dispatch for two views: ~1.6 us against ~3 for two slices
 
 
 # ----------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     spatial = tuple(x.shape[2:])
     facts = dict(
         spec=spec, reset_after=general.reset_after, hidden=hidden, grad=grad, compute=compute, fmt=fmt,
-        conv=_conv_function(spec), conv_backward=_conv_backward_function(spec, 3 * general.hidden),
+        conv=_conv_function(spec), conv_backward=None, conv_args=(),
         step=general.step,
         stream=get_stream, device_index=device_index,
         has_bias=b_ih is not None,
@@ -373,6 +374,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
         l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, fused_bwd=False,
         split=(None, None, None),  # see _split
+        rz_n=[2 * hidden, hidden],  # the reset/update and candidate channels of a gates tensor
     )
     fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
     if fused:
@@ -381,6 +383,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         probe = torch.empty(facts["state_shape"], dtype=compute, device=x.device)
         fused = fused_step.use_fused("fwd", general.reset_after, spec, probe)
         facts["fused_bwd"] = fused and fused_step.use_fused("bwd", general.reset_after, spec, probe)
+    facts["conv_backward"], facts["conv_args"] = _conv_backward_function(spec, 3 * hidden)
     return CellPlan(_FUSED if fused else _GATES, **facts)
 
 
@@ -397,36 +400,33 @@ def _conv_function(spec: ConvSpec) -> Callable:
     return functools.partial(_CONV[spec.dims], bias=None, stride=1, padding=padding, dilation=spec.dilation)
 
 
-def _conv_backward_function(spec: ConvSpec, bias_channels: int) -> Callable:
-    """``(grad_output, x, weight, output_mask) -> (d_x, d_weight, d_bias)`` of
-    :func:`_conv_function`, ``output_mask`` a value of :data:`_MASKS` (which
-    of the three to compute; the others are ``None``). ``d_bias`` is the
-    gradient of a bias of ``bias_channels`` added to the convolution's output
-    (its sum over batch and space), computed by the same
-    ``aten.convolution_backward`` call as the other two: one dispatch fewer
-    than a separate ``sum``. Where the padding is symmetric the call goes to
-    the op's C entry point with positional arguments (keywords cost ~2 us a
-    call more on the CI machine, torch 2.13)."""
+def _conv_backward_function(spec: ConvSpec, bias_channels: int) -> Tuple[Callable, tuple]:
+    """``(backward, args)``: ``backward(grad_output, x, weight, *args,
+    output_mask) -> (d_x, d_weight, d_bias)`` of :func:`_conv_function`,
+    ``output_mask`` a value of :data:`_MASKS` (which of the three to compute;
+    the others are ``None``). ``d_bias`` is the gradient of a bias of
+    ``bias_channels`` added to the convolution's output (its sum over batch
+    and space), computed by the same ``aten.convolution_backward`` call as the
+    other two: one dispatch fewer than a separate ``sum``. Where the padding
+    is symmetric ``backward`` is the op's C entry point and ``args`` its
+    arguments between the tensors and the mask, so a call makes no Python
+    frame (positional: keywords cost ~2 us a call more on the CI machine,
+    torch 2.13); else a function of the same signature that pads first."""
     padding = spec.conv_padding
+    bias_sizes = [bias_channels]
     if padding is None or spec.padding_mode != "zeros":
         general = same_conv(spec)[1]
         dims = (0,) + tuple(range(2, spec.dims + 2))
 
-        def backward_padded(grad_output, x, weight, output_mask):
+        def backward_padded(grad_output, x, weight, bias_sizes, output_mask):
             d_x, d_w = general(grad_output, x, weight, output_mask[0], output_mask[1])
             return d_x, d_w, grad_output.sum(dims) if output_mask[2] else None
 
-        return backward_padded
+        return backward_padded, (bias_sizes,)
     overload = torch.ops.aten.convolution_backward.default
-    op = getattr(overload, "_op", overload)
     dims = spec.dims
-    bias_sizes = [bias_channels]
-    args = ([1] * dims, list(padding), list(spec.dilation), False, [0] * dims, 1)
-
-    def backward(grad_output, x, weight, output_mask):
-        return op(grad_output, x, weight, bias_sizes, *args, output_mask)
-
-    return backward
+    return getattr(overload, "_op", overload), (bias_sizes, [1] * dims, list(padding), list(spec.dilation), False,
+                                                [0] * dims, 1)
 
 
 #: ``(need d_x, need d_weight, need d_bias)`` -> aten.convolution_backward's output_mask
@@ -618,7 +618,7 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     stream, quiet = p.stream(p.device_index), _quiet()
     grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
-    conv_backward = p.conv_backward
+    conv_backward, args = p.conv_backward, p.conv_args
     if p.reset_after:
         d_gh = p.empty3()
         t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
@@ -627,7 +627,7 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
             _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
-        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, _MASKS[True, need_weight, need_bias])
+        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
         d_h.add_(d_h_conv)
         return d_gx, d_h, d_w, d_b
     hidden = p.hidden
@@ -637,18 +637,18 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
         _gate_slow(p, "up_bwd", L, stream, d_h, t, 0)
-    d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
+    d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
     split = p.split
     if split[0] is not w_hh:
         split = _split(p, w_hh)
-    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], _MASKS[True, need_weight, False])
+    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], *args, _MASKS[True, need_weight, False])
     t = (d_rh, gates, h, d_gx, d_h)
     L = p.l_rg_bwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
         _gate_slow(p, "rg_bwd", L, stream, d_h, t, 0)
-    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], _MASKS[True, need_weight, False])
+    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], *args, _MASKS[True, need_weight, False])
     d_h.add_(d_h_conv)
     return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
 
@@ -738,7 +738,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     stream, quiet = p.stream(p.device_index), _quiet()
     grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
-    conv_backward = p.conv_backward
+    conv_backward, args = p.conv_backward, p.conv_args
     hidden = p.hidden
     if p.reset_after:
         d_gh = p.empty3()
@@ -751,7 +751,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
         d_w = d_b = None
         if need_weight or need_bias:
-            _, d_w, d_b = conv_backward(d_gh, h, w_hh, _MASKS[False, need_weight, need_bias])
+            _, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, need_weight, need_bias])
         return d_gx, d_h, d_w, d_b
     t = (grad, grad, gates, h, d_gx, d_h)
     L = p.l_up_bwd
@@ -759,7 +759,7 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
         _gate_slow(p, "up_bwd", L, stream, d_h, t, 0)
-    d_rz, d_n = d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden:]
+    d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
     split = p.split
     if split[0] is not w_hh:
         split = _split(p, w_hh)
@@ -770,7 +770,8 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     d_w = None
     if need_weight:
         wgrad = _MASKS[False, True, False]
-        d_w = torch.cat((conv_backward(d_rz, h, w_rz, wgrad)[1], conv_backward(d_n, aux, w_n, wgrad)[1]))
+        d_w = torch.cat((conv_backward(d_rz, h, w_rz, *args, wgrad)[1],
+                         conv_backward(d_n, aux, w_n, *args, wgrad)[1]))
     return d_gx, d_h, d_w, None
 
 
@@ -946,7 +947,7 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         d_gx = d_gx.squeeze(0)
         d_x = d_w_ih = None
         if need[0] or need[2]:
-            d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, _MASKS[need[0], need[2], False])
+            d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[need[0], need[2], False])
     else:
         reset_after = p.reset_after
         hidden_bias = need_b_hh and reset_after
@@ -955,7 +956,8 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         d_gx, d_h, d_w, d_b_hh = backward(p, grad, h, w_hh, gates, aux, need[3], hidden_bias)
         d_x = d_w_ih = d_b_ih = None
         if need[0] or need[2] or input_bias:
-            d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, _MASKS[need[0], need[2], input_bias])
+            d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, *p.conv_args,
+                                                  _MASKS[need[0], need[2], input_bias])
         if not reset_after:
             # One tensor for both bias gradients: autograd's accumulation copies it
             # where it cannot take it, so the two .grad never share storage.

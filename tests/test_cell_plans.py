@@ -95,6 +95,22 @@ def test_plan_equals_reference(device, poisoned, path, reset_after, cls, hx):
         assert kinds == {path}, f"the {path} path did not run: {kinds}"
 
 
+@pytest.mark.parametrize("reset_after", [False, True], ids=["reset_before", "reset_after"])
+def test_plan_with_an_even_kernel_equals_reference(device, poisoned, reset_after):
+    """An even kernel pads asymmetrically ('same' output size): the plan's
+    convolutions and their backward, bias gradients included, go through the
+    padded functions, and still equal the reference in a loop."""
+    ours, ref = _pair(cg.ConvGRUCell2d, device, torch.float32, reset_after, kernel_size=(2, 3))
+    x, h = torch.randn(2, 3, 5, 6, device=device), torch.randn(2, 4, 5, 6, device=device)
+    out, grads = _grads(ours, x, h, True)
+    out_ref, grads_ref = _grads(ref, x.double(), h.double(), True)
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-4)
+    (plan,) = ours.__dict__["_cell_plans"].values()
+    assert plan.path == "gates" and plan.conv_backward.__name__ == "backward_padded"
+
+
 def test_plan_channels_last_state(device, poisoned):
     """A channels_last state stays channels_last, and its plan's buffers follow it."""
     torch.manual_seed(0)
