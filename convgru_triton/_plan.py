@@ -156,13 +156,13 @@ def _bind_record(record, tensors: tuple) -> Optional[Launch]:
     return Launch(compiled, grid, tuple(bound.arguments.values())[n:])
 
 
-def _bind_gate(entry, grid: tuple, tensors: tuple) -> Optional[Launch]:
-    """A :class:`Launch` from the gate launcher's replay entry (see
-    ``gates.kernels._launch``): it holds the compiled kernel's handles and the
-    arguments after the pointers."""
+def _bind_gate(entry, tensors: tuple) -> Optional[Launch]:
+    """A :class:`Launch` from a gate launch's replay entry (see
+    ``gates.kernels._launch``): the compiled kernel's handles, the arguments
+    after the pointers and the grid."""
     if entry is None:
         return None
-    run, function, packed, launch_metadata, tail, _ = entry
+    run, function, packed, launch_metadata, tail, _, grid = entry
 
     class _Compiled:
         pass
@@ -336,6 +336,8 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     triton = _triton()
     from .ops.gates import kernels as gate_kernels
 
+    global _GATES_GENERAL
+    _GATES_GENERAL = gate_kernels._GENERAL
     # Replay where the gate launchers replay (the direct_launch setting, Triton >= 3.4, not the interpreter).
     bindable = bool(gate_kernels._DIRECT_LAUNCH)
     active = None
@@ -368,7 +370,6 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         state_channels_last=None,  # the state's layout: known at the first step (_layout_of_state)
         launches={},
         recheck=general.recheck_backend,
-        sites=_gate_sites(b_ih is not None, grad),
         bindable=bindable,
         cast_w=cast is not None or fmt is not None or _strided_biases(b_ih, b_hh),
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
@@ -447,32 +448,22 @@ def _in_format(t: Tensor, fmt) -> bool:
     return t.is_contiguous(memory_format=fmt)
 
 
-# --- the gate kernels' launch sites: (kernel attribute, registry name, slots, inputs, flags, with gx) -----------
-def _gate_sites(has_bias: bool, save: bool) -> dict:
-    bias = ("HAS_BIAS", has_bias)
-    return {
-        "ra_fwd": ("_gru_reset_after_fwd_kernel", "gru_reset_after_fwd",
-                   (3, 3, 1, 1, 3, 1) if save else (3, 3, 1, 1, 1, 1), 3, (bias, ("SAVE", save)), True),
-        "rz_fwd": ("_gru_reset_gate_fwd_kernel", "gru_reset_gate_fwd", (3, 2, 1, 3, 1), 3, (bias,), True),
-        "up_fwd": ("_gru_update_fwd_kernel", "gru_update_fwd", (3, 1, 1, 3, 1), 3, (bias, ("SAVE", save)), True),
-        "ra_bwd": ("_gru_reset_after_bwd_kernel", "gru_reset_after_bwd", (1, 1, 3, 1, 1, 3, 3, 1), 5,
-                   (("HAS_GRAD2", False),), False),
-        "up_bwd": ("_gru_update_bwd_kernel", "gru_update_bwd", (1, 1, 3, 1, 3, 1), 4, (("HAS_GRAD2", False),), False),
-        "rg_bwd": ("_gru_reset_gate_bwd_kernel", "gru_reset_gate_bwd", (1, 3, 1, 3, 1), 3, (), False),
-    }
+_GATES_GENERAL = None  # gates.kernels._GENERAL, the general gate launches: set by the first _build (lazy import)
 
 
-def _gate_general(p: CellPlan, site: str, out: Tensor, tensors: tuple, n_bias: int) -> None:
-    """A gate launch through the general launcher (``gates.kernels._launch``);
-    the first one of a site binds it (or marks it unbindable)."""
-    from .ops.gates import kernels as gates
-
-    kernel_name, name, slots, n_inputs, flags, with_gx = p.sites[site]
-    kernel = getattr(gates, kernel_name)
-    main, bias = (tensors[:-n_bias], tensors[-n_bias:]) if n_bias else (tensors, ())
-    entry = gates._launch(kernel, name, out, main, slots, n_inputs, flags, bias, with_gx)
+def _gate_slow(p: CellPlan, site: str, L, stream, tensors: tuple, general: Callable) -> None:
+    """A gate launch off the fast path: bound with a launch hook registered (a
+    profiler's), else ``general()``, the launch through
+    ``gates.kernels.GateLaunches`` (the first step of a plan), which binds the
+    site to the compiled kernel it returns (or marks it unbindable).
+    ``tensors`` are the launch's pointers in the kernel's order, as the bound
+    launch passes them."""
+    if L:
+        L(stream, *tensors)
+        return
+    entry = general()
     if site not in p.launches:
-        bound = _bind_gate(entry, gates._geometry(name, out).grid, tensors) if p.bindable else None
+        bound = _bind_gate(entry, tensors) if p.bindable else None
         p.launches[site] = bound
         setattr(p, "l_" + site, bound or False)
 
@@ -539,44 +530,50 @@ def _split(p: CellPlan, w_hh: Tensor) -> tuple:
 
 def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh, save: bool):
     """One step of cuDNN hidden convolution(s) + the gate kernels; returns
-    ``(h', gates, aux)`` (gates and aux ``None`` without ``save`` and reset_after)."""
+    ``(h', gates, aux)`` (gates and aux ``None`` without ``save`` and reset_after).
+    Each launch's pointers are in its kernel's order; without biases the
+    launch's output stands in for their pointers (never read), as
+    ``GateLaunches`` passes it."""
     stream, quiet = p.stream(p.device_index), _quiet()
-    bias = (b_ih, b_hh) if p.has_bias else (h, h)
+    has_bias = p.has_bias
     conv = p.conv
     if p.reset_after:
         gh = conv(h, w_hh)
         h_new = p.empty1()
         if save:
             gates, aux = p.empty3(), p.empty1()
-            t = (gx, gh, h, h_new, gates, aux) + bias
         else:
             gates = aux = None
-            t = (gx, gh, h, h_new, h_new, h_new) + bias
+        t = ((gx, gh, h, h_new, gates, aux) if save else (gx, gh, h, h_new, h_new, h_new)) + (
+            (b_ih, b_hh) if has_bias else (h_new, h_new))
         L = p.l_ra_fwd
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _gate_slow(p, "ra_fwd", L, stream, h_new, t, 2)
+            _gate_slow(p, "ra_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_fwd(
+                gx, gh, h, b_ih, b_hh, h_new=h_new, gates=gates, aux=aux))
         return h_new, gates, aux
     split = p.split
     if split[0] is not w_hh:
         split = _split(p, w_hh)
     gh = conv(h, split[1])
     gates, rh = p.empty3(), p.empty1()
-    t = (gx, gh, h, gates, rh) + bias
+    t = (gx, gh, h, gates, rh) + ((b_ih, b_hh) if has_bias else (rh, rh))
     L = p.l_rz_fwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "rz_fwd", L, stream, rh, t, 2)
+        _gate_slow(p, "rz_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_gate_fwd(
+            gx, gh, h, b_ih, b_hh, gates=gates, rh=rh))
     gh_n = conv(rh, split[2])
     h_new = p.empty1()
-    t = (gx, gh_n, h, gates, h_new) + bias
+    t = (gx, gh_n, h, gates, h_new) + ((b_ih, b_hh) if has_bias else (h_new, h_new))
     L = p.l_up_fwd
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "up_fwd", L, stream, h_new, t, 2)
+        _gate_slow(p, "up_fwd", L, stream, t, lambda: _GATES_GENERAL.update_fwd(
+            gx, gh_n, gates, h, b_ih, b_hh, save, h_new=h_new))
     return h_new, gates, rh
 
 
@@ -600,15 +597,6 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     return grad, h, gates, aux
 
 
-def _gate_slow(p: CellPlan, site: str, L, stream, out: Tensor, tensors: tuple, n_bias: int) -> None:
-    """A gate launch off the fast path: bound with a launch hook registered
-    (a profiler's), else through the general launcher (the first step)."""
-    if L:
-        L(stream, *tensors)
-    else:
-        _gate_general(p, site, out, tensors, n_bias)
-
-
 def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
                     need_weight: bool, need_bias: bool):
     """The hidden side of a step's backward, the gate kernels and cuDNN's
@@ -626,7 +614,8 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
+            _gate_slow(p, "ra_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_bwd(
+                grad, None, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h))
         d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
         d_h.add_(d_h_conv)
         return d_gx, d_h, d_w, d_b
@@ -636,7 +625,8 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "up_bwd", L, stream, d_h, t, 0)
+        _gate_slow(p, "up_bwd", L, stream, t, lambda: _GATES_GENERAL.update_bwd(
+            grad, None, gates, h, d_gx, d_h=d_h))
     d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
     split = p.split
     if split[0] is not w_hh:
@@ -647,7 +637,8 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "rg_bwd", L, stream, d_h, t, 0)
+        _gate_slow(p, "rg_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_gate_bwd(
+            d_rh, gates, h, d_gx, d_h))
     d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], *args, _MASKS[True, need_weight, False])
     d_h.add_(d_h_conv)
     return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
@@ -747,7 +738,8 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _gate_slow(p, "ra_bwd", L, stream, d_h, t, 0)
+            _gate_slow(p, "ra_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_bwd(
+                grad, None, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h))
         _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
         d_w = d_b = None
         if need_weight or need_bias:
@@ -758,7 +750,8 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "up_bwd", L, stream, d_h, t, 0)
+        _gate_slow(p, "up_bwd", L, stream, t, lambda: _GATES_GENERAL.update_bwd(
+            grad, None, gates, h, d_gx, d_h=d_h))
     d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
     split = p.split
     if split[0] is not w_hh:

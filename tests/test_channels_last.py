@@ -305,7 +305,7 @@ def test_probe_sees_replayed_launches(device, monkeypatch, channels_last):
     tail = tuple(channels_last if name == "CHANNELS_LAST" else 1 for name in names[len(pointers):])
     launched = []
     entry = (lambda *args: launched.append(args), "function", "metadata", lambda grid, stream, *args: None,
-             tail, kernel)
+             tail, kernel, (1,))
     op._replay(entry, (1,), None, pointers)
     assert len(launched) == 1
     passed = launched[0][-len(names):]

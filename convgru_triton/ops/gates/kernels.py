@@ -579,7 +579,8 @@ def _launch_slow(kernel, geo: _Geometry, tensors, slots, n_inputs: int, flags, b
                 names = [p for p in inspect.signature(fn).parameters if p in kwargs]
                 # The kernel is kept with its entry: its id in the key is never reused.
                 entry = geo.replays[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                                            compiled.launch_metadata, sizes + tuple(kwargs[p] for p in names), kernel)
+                                            compiled.launch_metadata, sizes + tuple(kwargs[p] for p in names), kernel,
+                                            geo.grid)
     for target, scratch in copy_back:
         target.copy_(scratch)
     return None if copy_back or not conforming else entry
@@ -637,8 +638,9 @@ def _direct_launch_changed(old: "_settings.Settings", new: "_settings.Settings")
 
 def _replay(entry: tuple, grid: tuple, stream, pointers: tuple) -> None:
     """Launch a kept compiled kernel: ``entry`` is (run, function, packed
-    metadata, launch_metadata, the integer and constexpr arguments, the kernel)."""
-    run, function, packed_metadata, launch_metadata, tail, _ = entry
+    metadata, launch_metadata, the integer and constexpr arguments, the kernel,
+    the grid)."""
+    run, function, packed_metadata, launch_metadata, tail, _, _ = entry
     every = pointers + tail
     runtime = triton.knobs.runtime
     run(grid[0], 1, 1, stream, function, packed_metadata, launch_metadata(grid, stream, *every),
