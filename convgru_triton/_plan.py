@@ -581,11 +581,8 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     """The backward's inputs dense and aligned in the plan's layouts, as the
     bound launches were compiled for: ``out.sum().backward()`` hands over a
     stride-0 gradient, and saved-tensor hooks (``save_on_cpu``) may give the
-    saved tensors back in another layout. One pass over the four when they
-    conform (the common case)."""
-    four = (grad, h, gates, aux)
-    if tuple(map(_STRIDE, four)) == p.backward_strides and not any(map(_LOW_BITS, map(_DATA_PTR, four))):
-        return four
+    saved tensors back in another layout. Called where the backward's one
+    pass over the four found one that does not conform (see _gates_backward)."""
     if grad.stride() != p.state_strides or grad.data_ptr() & 15:
         grad = p.empty1().copy_(grad)
     if h.stride() != p.state_strides or h.data_ptr() & 15:
@@ -604,7 +601,9 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     ``d_bias_hh`` with reset_after and ``need_bias`` only: without reset_after
     both biases' gradient is the input convolution's (:func:`_half_backward`)."""
     stream, quiet = p.stream(p.device_index), _quiet()
-    grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
+    four = (grad, h, gates, aux)
+    if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
+        grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward, args = p.conv_backward, p.conv_args
     if p.reset_after:
@@ -727,7 +726,9 @@ def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     the fused dgrad kernels (the gate backward in their epilogue) and their
     weight gradient on cuDNN."""
     stream, quiet = p.stream(p.device_index), _quiet()
-    grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
+    four = (grad, h, gates, aux)
+    if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
+        grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward, args = p.conv_backward, p.conv_args
     hidden = p.hidden
