@@ -729,7 +729,7 @@ def fused_lines(kernels: Sequence[Dict], arch: int) -> List[str]:
     :func:`fused_cases` for what ran)."""
     spills = sum(k["local"] + k["stack"] for k in kernels)
     no_wgmma = sum(1 for k in kernels if not k.get("wgmma"))
-    lines = [f"### sm_{arch}: the fused step (issue 18)", "",
+    lines = [f"### sm_{arch}: the fused step", "",
              f"{len(kernels)} compiled kernels (`convgru_triton/ops/fused_step/kernels.py`: implicit-GEMM convolution, the "
              "gate math in the epilogue; forward without and with saving, backward = the data gradient); most "
              f"registers {max(k['regs'] for k in kernels)}; "

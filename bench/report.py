@@ -37,11 +37,11 @@ GPU_TARGETS = {"raft": 1.5, "compile": 1.2}  # ours fwd+bwd speed-up in bfloat16
 # The fused step's targets on the benchmark rows (bfloat16, H100/H200, same run): the RAFT
 # workloads' training step (fwd+bwd) and inference (fwd) against RAFT's eager cell and
 # torch.compile of it; sequence workloads: the fused step no slower than cuDNN + the gate kernels.
-ISSUE18_SPEEDUPS = {"raft": 1.5, "compile": 1.2}
-ISSUE18_SEQUENCE = ("nowcast", "mmnist", "dgmr")
+FUSED_STEP_SPEEDUPS = {"raft": 1.5, "compile": 1.2}
+FUSED_STEP_SEQUENCES = ("nowcast", "mmnist", "dgmr")
 # The CUDA-graph replay of the RAFT inference step at most this many times the
 # roofline floor of that step (bench/cuda_graphs.py's ms per step over bench/roofline.py's floor).
-ISSUE18_REPLAY = 2.0
+REPLAY_FLOOR_RATIO = 2.0
 # bench/cuda_graphs.py's cells -> the workload each is one step of (= its CELL_WORKLOADS; not
 # imported: it imports torch), for its JSON whose rows name no workload (the H200 results in bench/results).
 CUDA_GRAPH_CELLS = {"ConvGRUCell2d 3x3": "raft-convgru", "SepConvGRUCell2d 1x5+5x1": "raft-sepconvgru"}
@@ -357,7 +357,7 @@ def markdown(data: dict, title: Optional[str] = "ConvGRU benchmarks") -> str:
         lines += ["Workloads: " + "; ".join(f"`{w}` {s}" for w, s in shapes.items()) + ".", ""]
     lines += roofline_lines(data, floor)
     lines += targets(data)
-    lines += issue18_lines(data)
+    lines += fused_step_target_lines(data)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -375,7 +375,7 @@ def roofline_lines(data: dict, floor=None) -> List[str]:
              "`python -m bench.roofline`). `ours-fused` is measured against the fused step's own floor "
              "(the column `fused floor ms`): the forward's hidden convolution and gate kernels replaced by "
              "the fused kernels' FLOPs and unavoidable bytes (h, gx, weights in; gates, r*h, h' out: the "
-             "pre-activations W_h*h never reach memory); the input convolution and the backward as today's.", ""]
+             "pre-activations W_h*h never reach memory); the input convolution and the backward as on the default path.", ""]
     for dtype in _dtype_order(OrderedDict.fromkeys(k[2] for k in results)):
         fused_col = "ours-fused" in present
         head = (["workload", "pass", "floor ms (gates + convs)"] + (["fused floor ms"] if fused_col else [])
@@ -446,7 +446,7 @@ def targets(data: dict) -> List[str]:
     return lines + [""] if lines else []
 
 
-def issue18_targets(data: dict) -> List[Tuple[str, str, Optional[float], float, Optional[bool]]]:
+def fused_step_targets(data: dict) -> List[Tuple[str, str, Optional[float], float, Optional[bool]]]:
     """The fused step's targets on the benchmark rows, bfloat16 only: ``(measure,
     provider, measured, target, met)`` per RAFT workload, pass, our provider
     (``ours-fused`` and ``ours``) and baseline (speed-up = baseline median /
@@ -467,12 +467,12 @@ def issue18_targets(data: dict) -> List[Tuple[str, str, Optional[float], float, 
         what = "training (fwd+bwd)" if pass_ == "fwd+bwd" else "inference (fwd)"
         if workload.startswith("raft-"):
             for ours in ("ours-fused", "ours"):
-                for base, goal in ISSUE18_SPEEDUPS.items():
+                for base, goal in FUSED_STEP_SPEEDUPS.items():
                     r = ratio(_median(recs.get(base)), _median(recs.get(ours)))
                     rows.append((f"`{workload}` {what} vs {base}", ours, r, goal, None if r is None else r >= goal))
-        elif workload in ISSUE18_SEQUENCE:
+        elif workload in FUSED_STEP_SEQUENCES:
             r = ratio(_median(recs.get("ours")), _median(recs.get("ours-fused")))
-            rows.append((f"`{workload}` {what}: no slower than today's path (ours / fused)", "ours-fused", r, 1.0,
+            rows.append((f"`{workload}` {what}: no slower than the default path (ours / fused)", "ours-fused", r, 1.0,
                          None if r is None else r >= 1.0))
     return rows
 
@@ -542,7 +542,7 @@ def _replay_floor(data: dict, cg: Optional[dict], workload: str, fused: bool) ->
         return None, f"roofline floor ({type(exc).__name__}: {exc})"
 
 
-def issue18_replay_targets(data: dict) -> List[ReplayTarget]:
+def replay_targets(data: dict) -> List[ReplayTarget]:
     """The fused step's "CUDA-graph replay of the inference step ≤ 2× the floor", per
     RAFT workload (``raft-convgru``, ``raft-sepconvgru``) and path (the fused
     step's row, ``ours-fused``; cuDNN + the gate kernels', ``ours``): bench/cuda_graphs.py's graph
@@ -578,20 +578,20 @@ def issue18_replay_targets(data: dict) -> List[ReplayTarget]:
             if why_floor:
                 missing.append(why_floor)
             ratio = graph / floor if graph is not None and floor else None
-            met = None if ratio is None else ratio <= ISSUE18_REPLAY
-            out.append(ReplayTarget(workload, provider, graph, floor, ratio, ISSUE18_REPLAY, met, "; ".join(missing)))
+            met = None if ratio is None else ratio <= REPLAY_FLOOR_RATIO
+            out.append(ReplayTarget(workload, provider, graph, floor, ratio, REPLAY_FLOOR_RATIO, met, "; ".join(missing)))
     return out
 
 
-def issue18_lines(data: dict) -> List[str]:
+def fused_step_target_lines(data: dict) -> List[str]:
     """The two functions above, the benchmark rows' and the replay's targets, as a table (GPU results only)."""
     if device_kind(data) != "gpu":
         return []
-    rows = issue18_targets(data)
-    replay = issue18_replay_targets(data)
+    rows = fused_step_targets(data)
+    replay = replay_targets(data)
     if not rows and not replay:
         return []
-    lines = ["**Issue 18 targets** (bfloat16, this run; speed-up = baseline median / provider median; "
+    lines = ["**Fused-step targets** (bfloat16, this run; speed-up = baseline median / provider median; "
              "replay / floor = bench/cuda_graphs.py's CUDA-graph replay, ms per step of the 12-step loop, over "
              "the roofline floor of one inference step at its shape, the fused step's own floor for "
              "`ours-fused`). Not from these rows: the gate kernels (≥ 80% of copy bandwidth: the bandwidth "

@@ -96,7 +96,7 @@ def _record(workload, provider, pass_, ms):
             "stats": {"median": ms / 1e3, "min": ms / 1e3, "max": ms / 1e3, "rounds": 3}}
 
 
-def test_issue18_targets_from_chosen_numbers():
+def test_fused_step_targets_from_chosen_numbers():
     # raft-convgru fwd+bwd: raft 3.0, compile 2.5, ours 2.2, fused 1.5 ms:
     #   fused 2.0x raft (met), 1.67x compile (met); ours 1.36x raft (missed), 1.14x compile (missed).
     # raft-convgru fwd: fused not run: its rows are "not measured".
@@ -107,7 +107,7 @@ def test_issue18_targets_from_chosen_numbers():
              ("mmnist", "fwd"): {"ours": 2.0, "ours-fused": 1.0}}
     data = {"machine_info": {"convgru": {"device": "cuda", "gpu": "NVIDIA H200"}},
             "benchmarks": [_record(w, p, pass_, ms) for (w, pass_), row in times.items() for p, ms in row.items()]}
-    rows = {(m, p): (measured, goal, met) for m, p, measured, goal, met in report.issue18_targets(data)}
+    rows = {(m, p): (measured, goal, met) for m, p, measured, goal, met in report.fused_step_targets(data)}
     train = "`raft-convgru` training (fwd+bwd)"
     assert rows[(f"{train} vs raft", "ours-fused")][2] is True
     assert rows[(f"{train} vs raft", "ours-fused")][0] == pytest.approx(2.0)
@@ -117,11 +117,11 @@ def test_issue18_targets_from_chosen_numbers():
     assert rows[(f"{train} vs compile", "ours")][2] is False
     assert rows[("`raft-convgru` inference (fwd) vs raft", "ours-fused")][2] is None
     assert rows[("`raft-convgru` inference (fwd) vs raft", "ours")][2] is True  # 2.0x
-    dgmr = rows[("`dgmr` training (fwd+bwd): no slower than today's path (ours / fused)", "ours-fused")]
+    dgmr = rows[("`dgmr` training (fwd+bwd): no slower than the default path (ours / fused)", "ours-fused")]
     assert dgmr[0] == pytest.approx(0.8) and dgmr[2] is False
-    assert rows[("`mmnist` inference (fwd): no slower than today's path (ours / fused)", "ours-fused")][2] is True
+    assert rows[("`mmnist` inference (fwd): no slower than the default path (ours / fused)", "ours-fused")][2] is True
     text = report.markdown(data)
-    assert "**Issue 18 targets**" in text
+    assert "**Fused-step targets**" in text
     assert "| `raft-convgru` training (fwd+bwd) vs raft | ours-fused | 2.00× | ≥ 1.5× | met |" in text
     assert "| `raft-convgru` training (fwd+bwd) vs compile | ours | 1.14× | ≥ 1.2× | missed |" in text
     assert "| `raft-convgru` inference (fwd) vs raft | ours-fused | — | ≥ 1.5× | not measured |" in text
@@ -186,7 +186,7 @@ def test_cuda_graphs_json_is_what_the_report_reads():
     assert cuda_graphs.CELL_WORKLOADS == report.CUDA_GRAPH_CELLS
 
 
-def test_issue18_replay_against_the_floor(tmp_path):
+def test_fused_step_replay_against_the_floor(tmp_path):
     """ConvGRU: fused replay 1.5x its floor (met), cuDNN + gate kernels 2.5x
     its floor (missed); SepConvGRU: the fused replay failed, the cuDNN + gate
     kernel row absent: each row says what is missing, with no number."""
@@ -198,7 +198,7 @@ def test_issue18_replay_against_the_floor(tmp_path):
     bench.write_text(json.dumps(_bench_data()))
     graphs.write_text(json.dumps(_graph_json(rows)))
     data = report.load([str(graphs), str(bench)])
-    got = {(r.workload, r.provider): r for r in report.issue18_replay_targets(data)}
+    got = {(r.workload, r.provider): r for r in report.replay_targets(data)}
     assert len(got) == 4
     r = got[("raft-convgru", "ours-fused")]
     assert r.ratio == pytest.approx(1.5) and r.met is True and r.missing == ""
@@ -224,12 +224,12 @@ def test_issue18_replay_against_the_floor(tmp_path):
     assert "| — (— / " in line and "| missing: CUDA-graph replay (graph: failed: RuntimeError" in line
 
 
-def test_issue18_replay_says_which_input_is_missing(tmp_path):
+def test_fused_step_replay_says_which_input_is_missing(tmp_path):
     """No CUDA-graph result: every replay row says so, with the floor it would be
     held to; a GPU the roofline has no numbers for: the floor is what is
     missing; neither: both are named."""
     data = _bench_data()
-    rows = report.issue18_replay_targets(data)
+    rows = report.replay_targets(data)
     assert len(rows) == 4 and all(r.met is None and r.ratio is None for r in rows)
     assert all(r.missing.startswith("CUDA-graph result (give bench/cuda_graphs.py") for r in rows)
     assert all(r.floor_ms and "floor" not in r.missing for r in rows)
@@ -237,28 +237,28 @@ def test_issue18_replay_says_which_input_is_missing(tmp_path):
 
     a100 = "NVIDIA A100-SXM4-80GB"
     data = dict(_bench_data(a100), cuda_graphs=_graph_json([_graph_row("ConvGRUCell2d 3x3", True, 0.1)], gpu=a100))
-    r = next(r for r in report.issue18_replay_targets(data) if (r.workload, r.provider) == ("raft-convgru",
+    r = next(r for r in report.replay_targets(data) if (r.workload, r.provider) == ("raft-convgru",
                                                                                               "ours-fused"))
     assert r.graph_ms == 0.1 and r.floor_ms is None and r.met is None
     assert r.missing == f"roofline floor (bench/roofline.py has no numbers for {a100})"
-    r = report.issue18_replay_targets(_bench_data(a100))[0]
+    r = report.replay_targets(_bench_data(a100))[0]
     assert "CUDA-graph result" in r.missing and "roofline floor" in r.missing
 
     data = dict(_bench_data(), cuda_graphs=_graph_json([_graph_row("ConvGRUCell2d 3x3", True, 0.1)],
                                                        dtype="torch.float32"))
-    r = report.issue18_replay_targets(data)[0]
+    r = report.replay_targets(data)[0]
     assert r.met is None and r.missing.startswith("CUDA-graph result in bfloat16 (it ran float32)")
-    assert report.issue18_replay_targets({"benchmarks": [], "machine_info": {"convgru": {"device": "cpu"}}}) == []
+    assert report.replay_targets({"benchmarks": [], "machine_info": {"convgru": {"device": "cpu"}}}) == []
 
 
-def test_issue18_replay_reads_the_first_runs_format(tmp_path):
+def test_fused_step_replay_reads_the_first_runs_format(tmp_path):
     """bench/cuda_graphs.py's JSON whose rows name no workload and no shape
     (the H200 results in bench/results): rows found by cell name, the floor at
     the recorded batch."""
     old = {"device": H200, "dtype": "torch.bfloat16", "batch": 2, "steps": 12,
            "rows": [{"cell": "SepConvGRUCell2d 1x5+5x1", "fused_step": "0", "graph_ms_per_step": 0.3}]}
     data = dict(_bench_data(), cuda_graphs=old)
-    r = next(r for r in report.issue18_replay_targets(data) if (r.workload, r.provider) == ("raft-sepconvgru",
+    r = next(r for r in report.replay_targets(data) if (r.workload, r.provider) == ("raft-sepconvgru",
                                                                                               "ours"))
     floor = _floor("raft-sepconvgru", False, batch=2)
     assert r.floor_ms == pytest.approx(floor) and r.ratio == pytest.approx(0.3 / floor)

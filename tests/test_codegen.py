@@ -295,7 +295,7 @@ def test_fused_step_rows_in_the_report(codegen_result):
     """The markdown report a user reads: a fused-step table for sm_90 whose rows
     give registers, spills and wgmma, and a summary line per fused kernel."""
     text = codegen.markdown(codegen_result)
-    section = text[text.index("### sm_90: the fused step (issue 18)"):]
+    section = text[text.index("### sm_90: the fused step"):]
     rows = [line for line in section.splitlines() if line.startswith("| conv_")]
     assert len(rows) == len(_fused_rows(codegen_result))
     header = next(line for line in section.splitlines() if line.startswith("| kernel |"))
