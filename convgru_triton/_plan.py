@@ -582,7 +582,7 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     bound launches were compiled for: ``out.sum().backward()`` hands over a
     stride-0 gradient, and saved-tensor hooks (``save_on_cpu``) may give the
     saved tensors back in another layout. Called where the backward's one
-    pass over the four found one that does not conform (see _gates_backward)."""
+    pass over the four found one that does not conform (see _hidden_backward)."""
     if grad.stride() != p.state_strides or grad.data_ptr() & 15:
         grad = p.empty1().copy_(grad)
     if h.stride() != p.state_strides or h.data_ptr() & 15:
@@ -594,18 +594,22 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     return grad, h, gates, aux
 
 
-def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
-                    need_weight: bool, need_bias: bool):
-    """The hidden side of a step's backward, the gate kernels and cuDNN's
-    convolution backward: ``(d_gx, d_h, d_weight_hh, d_bias_hh)``.
-    ``d_bias_hh`` with reset_after and ``need_bias`` only: without reset_after
-    both biases' gradient is the input convolution's (:func:`_half_backward`)."""
+def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
+                     need_weight: bool, need_bias: bool):
+    """The hidden side of a step's backward: ``(d_gx, d_h, d_weight_hh,
+    d_bias_hh)``. The gate kernels' backward, then the hidden convolutions'
+    gradients: with ``fused``, their data gradient as the fused dgrad kernels
+    (the gate backward in their epilogue) and their weight gradient on cuDNN;
+    else both from cuDNN's convolution backward. ``d_bias_hh`` with
+    reset_after and ``need_bias`` only: without reset_after both biases'
+    gradient is the input convolution's (:func:`_half_backward`)."""
     stream, quiet = p.stream(p.device_index), _quiet()
     four = (grad, h, gates, aux)
     if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
         grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward, args = p.conv_backward, p.conv_args
+    hidden = p.hidden
     if p.reset_after:
         d_gh = p.empty3()
         t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
@@ -615,10 +619,15 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
         else:
             _gate_slow(p, "ra_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_bwd(
                 grad, None, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h))
-        d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
-        d_h.add_(d_h_conv)
+        if not fused:
+            d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
+            d_h.add_(d_h_conv)
+            return d_gx, d_h, d_w, d_b
+        _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
+        d_w = d_b = None
+        if need_weight or need_bias:
+            _, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, need_weight, need_bias])
         return d_gx, d_h, d_w, d_b
-    hidden = p.hidden
     t = (grad, grad, gates, h, d_gx, d_h)
     L = p.l_up_bwd
     if L and quiet:
@@ -630,7 +639,18 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     split = p.split
     if split[0] is not w_hh:
         split = _split(p, w_hh)
-    d_rh, d_w_n, _ = conv_backward(d_n, aux, split[2], *args, _MASKS[True, need_weight, False])
+    w_rz, w_n = split[1], split[2]
+    if fused:
+        _dgrad(p, "fdrg", stream, quiet, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h,
+               (d_n, w_n, gates, h, d_gx, d_h))
+        # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
+        _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
+        if not need_weight:
+            return d_gx, d_h, None, None
+        wgrad = _MASKS[False, True, False]
+        return d_gx, d_h, torch.cat((conv_backward(d_rz, h, w_rz, *args, wgrad)[1],
+                                     conv_backward(d_n, aux, w_n, *args, wgrad)[1])), None
+    d_rh, d_w_n, _ = conv_backward(d_n, aux, w_n, *args, _MASKS[True, need_weight, False])
     t = (d_rh, gates, h, d_gx, d_h)
     L = p.l_rg_bwd
     if L and quiet:
@@ -638,7 +658,7 @@ def _gates_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: T
     else:
         _gate_slow(p, "rg_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_gate_bwd(
             d_rh, gates, h, d_gx, d_h))
-    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, split[1], *args, _MASKS[True, need_weight, False])
+    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, w_rz, *args, _MASKS[True, need_weight, False])
     d_h.add_(d_h_conv)
     return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
 
@@ -718,55 +738,6 @@ def _dgrad(p: CellPlan, site: str, stream, quiet: bool, kernel_name: str, channe
     strides = tuple(s for t in tensors for s in fused_step._strides(t))
     _fused_general(p, (site,), (tensors,), lambda: fused_step._launch_dgrad(
         getattr(fused_step, kernel_name), p.spec, d_h, channels, tensors, strides) or True)
-
-
-def _fused_backward(p: CellPlan, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
-                    need_weight: bool, need_bias: bool):
-    """:func:`_gates_backward` with the hidden convolutions' data gradient as
-    the fused dgrad kernels (the gate backward in their epilogue) and their
-    weight gradient on cuDNN."""
-    stream, quiet = p.stream(p.device_index), _quiet()
-    four = (grad, h, gates, aux)
-    if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
-        grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
-    d_gx, d_h = p.empty3(), p.empty1()
-    conv_backward, args = p.conv_backward, p.conv_args
-    hidden = p.hidden
-    if p.reset_after:
-        d_gh = p.empty3()
-        t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
-        L = p.l_ra_bwd
-        if L and quiet:
-            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-        else:
-            _gate_slow(p, "ra_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_bwd(
-                grad, None, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h))
-        _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
-        d_w = d_b = None
-        if need_weight or need_bias:
-            _, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, need_weight, need_bias])
-        return d_gx, d_h, d_w, d_b
-    t = (grad, grad, gates, h, d_gx, d_h)
-    L = p.l_up_bwd
-    if L and quiet:
-        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    else:
-        _gate_slow(p, "up_bwd", L, stream, t, lambda: _GATES_GENERAL.update_bwd(
-            grad, None, gates, h, d_gx, d_h=d_h))
-    d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
-    split = p.split
-    if split[0] is not w_hh:
-        split = _split(p, w_hh)
-    w_rz, w_n = split[1], split[2]
-    _dgrad(p, "fdrg", stream, quiet, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, (d_n, w_n, gates, h, d_gx, d_h))
-    # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
-    _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
-    d_w = None
-    if need_weight:
-        wgrad = _MASKS[False, True, False]
-        d_w = torch.cat((conv_backward(d_rz, h, w_rz, *args, wgrad)[1],
-                         conv_backward(d_n, aux, w_n, *args, wgrad)[1]))
-    return d_gx, d_h, d_w, None
 
 
 class _CellStep(torch.autograd.Function):
@@ -946,8 +917,8 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         reset_after = p.reset_after
         hidden_bias = need_b_hh and reset_after
         input_bias = need_b_ih or (need_b_hh and not reset_after)
-        backward = _fused_backward if fused and p.fused_bwd else _gates_backward
-        d_gx, d_h, d_w, d_b_hh = backward(p, grad, h, w_hh, gates, aux, need[3], hidden_bias)
+        d_gx, d_h, d_w, d_b_hh = _hidden_backward(p, fused and p.fused_bwd, grad, h, w_hh, gates, aux, need[3],
+                                                  hidden_bias)
         d_x = d_w_ih = d_b_ih = None
         if need[0] or need[2] or input_bias:
             d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, *p.conv_args,
