@@ -623,7 +623,12 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
             d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
             d_h.add_(d_h_conv)
             return d_gx, d_h, d_w, d_b
-        _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, (d_gh, w_hh, d_h))
+        t = (d_gh, w_hh, d_h)
+        L = p.l_fdg
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        else:
+            _dgrad_slow(p, "fdg", L, stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, t)
         d_w = d_b = None
         if need_weight or need_bias:
             _, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, need_weight, need_bias])
@@ -641,10 +646,19 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
         split = _split(p, w_hh)
     w_rz, w_n = split[1], split[2]
     if fused:
-        _dgrad(p, "fdrg", stream, quiet, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h,
-               (d_n, w_n, gates, h, d_gx, d_h))
+        t = (d_n, w_n, gates, h, d_gx, d_h)
+        L = p.l_fdrg
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        else:
+            _dgrad_slow(p, "fdrg", L, stream, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, t)
         # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
-        _dgrad(p, "fdg", stream, quiet, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, (d_rz, w_rz, d_h))
+        t = (d_rz, w_rz, d_h)
+        L = p.l_fdg
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        else:
+            _dgrad_slow(p, "fdg", L, stream, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, t)
         if not need_weight:
             return d_gx, d_h, None, None
         wgrad = _MASKS[False, True, False]
@@ -671,13 +685,6 @@ def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor
         return state if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, state, state, False) else None
     gates, aux = p.empty3(), p.empty1()
     return state if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, False) else None
-
-
-def _fused_forward_saved(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
-    """:func:`_fused_forward` keeping what the backward needs: ``(h', gates,
-    aux)``, or ``None`` where the kernels decline (the first step only)."""
-    state, gates, aux = p.empty1(), p.empty3(), p.empty1()
-    return (state, gates, aux) if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, True) else None
 
 
 def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, save: bool) -> bool:
@@ -723,13 +730,11 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
     return True
 
 
-def _dgrad(p: CellPlan, site: str, stream, quiet: bool, kernel_name: str, channels: int, d_h: Tensor,
-           tensors: tuple) -> None:
-    """A fused data-gradient launch (``fused_step._launch_dgrad``), bound at its first."""
-    L = getattr(p, "l_" + site)
-    if L and quiet:
-        L.go(stream, L.function, L.metadata, None, None, None, *tensors, *L.tail)
-        return
+def _dgrad_slow(p: CellPlan, site: str, L, stream, kernel_name: str, channels: int, d_h: Tensor,
+                tensors: tuple) -> None:
+    """A fused data-gradient launch off the fast path: bound with a launch
+    hook registered, else through ``fused_step._launch_dgrad`` (the first
+    step), which binds the site."""
     if L:
         L(stream, *tensors)
         return
@@ -886,10 +891,10 @@ def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
     if p.state_channels_last is None:
         _first_step(p, x, h, w_ih)
     if p.path == _FUSED:
-        saved = _fused_forward_saved(p, x, h, w_ih, w_hh, b_ih, b_hh)
-        if saved is not None:
-            return saved + (True,)
-        p.path = _GATES
+        state, gates, aux = p.empty1(), p.empty3(), p.empty1()
+        if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, True):
+            return state, gates, aux, True
+        p.path = _GATES  # declined (the first step only: nothing was written)
     return _gates_forward(p, p.conv(x, w_ih), h, w_hh, b_ih, b_hh, True) + (False,)
 
 
