@@ -203,7 +203,7 @@ class _WeightCasts:
             with torch.inference_mode(False):
                 self.sentinels = (torch.zeros((0, 1), device=device, requires_grad=True),
                                   torch.zeros((1, 0), device=device, requires_grad=True))
-        self.kept = None  # (region, ids of the parameters, their versions, casts, the parameters)
+        self.kept = None  # (region, ids of the parameters, their versions, casts, grad mode, the parameters)
 
     def region(self):
         """A token of the autocast region now open, the same object for every
@@ -242,20 +242,24 @@ class _WeightCasts:
             return one(w_ih), one(w_hh), None, None
         return one(w_ih), one(w_hh), one(b_ih), one(b_hh)
 
-    def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, region=None) -> tuple:
+    def __call__(self, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, region=None, grad: bool = False) -> tuple:
         """The four casts; ``region``: the autocast region's token where the
-        weights require grad (else ``None``: cast now)."""
+        weights require grad (else ``None``: cast now); ``grad``: grad mode
+        is on. Casts made without grad mode carry no autograd history, so
+        they are not reused by a call with grad mode on (that would drop the
+        weights' gradients, which autocast's own cache does in that case)."""
         if region is None:
             return self._all(w_ih, w_hh, b_ih, b_hh)
         params = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
         ids, versions = tuple(map(id, params)), tuple(map(_VERSION, params))
         kept = self.kept
-        if kept is not None and kept[0] is region and kept[1] == ids and kept[2] == versions:
+        if (kept is not None and kept[0] is region and kept[1] == ids and kept[2] == versions
+                and (kept[4] or not grad)):
             return kept[3]
         casts = self._all(w_ih, w_hh, b_ih, b_hh)
         if all(map(_IS_LEAF, params)):  # autocast keeps casts of leaves only
             # Holding the parameters keeps their ids from being reused while kept.
-            self.kept = (region, ids, versions, casts, params)
+            self.kept = (region, ids, versions, casts, grad, params)
         return casts
 
 
@@ -794,7 +798,7 @@ def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
     if p.cast_h:
         hx = hx.to(dtype=p.compute, memory_format=fmt or torch.preserve_format)
     if p.cast_w:
-        w_ih, w_hh, b_ih, b_hh = p.weight_cast(w_ih, w_hh, b_ih, b_hh, region)
+        w_ih, w_hh, b_ih, b_hh = p.weight_cast(w_ih, w_hh, b_ih, b_hh, region, p.grad)
     if p.state_channels_last is None:
         _first_step(p, x, hx, w_ih)
     h = p.empty1().zero_() if hx is None else hx
@@ -1075,9 +1079,9 @@ def sep_forward(module, x, hx):
     if sp.grad:
         # Training: one autograd node per step for both halves.
         if p1.cast_w:
-            w1 = p1.weight_cast(*w1, region)
+            w1 = p1.weight_cast(*w1, region, True)
         if sp.cast_w2:
-            w2 = sp.weight_cast2(*w2, region)
+            w2 = sp.weight_cast2(*w2, region, True)
         if hx is None:
             if p1.state_channels_last is None:
                 _first_step(p1, x, None, w1[0])

@@ -316,6 +316,27 @@ def test_autocast_kept_casts_across_backward_in_one_region(device):
         torch.testing.assert_close(a.grad, b.grad, rtol=5e-3, atol=5e-3)
 
 
+@pytest.mark.parametrize("cls", [cg.ConvGRUCell2d, cg.SepConvGRUCell2d], ids=["cell", "sep"])
+def test_autocast_no_grad_casts_not_reused_with_grad(device, cls):
+    """A no_grad call and then a training call in one autocast region: the
+    training call does not reuse the casts made without autograd history (the
+    weights would get no gradient), so every parameter gets the reference's."""
+    torch.manual_seed(0)
+    kwargs = {"kernel_size": 3} if cls is cg.ConvGRUCell2d else {}
+    ours = cls(3, 4, backend="triton", device=device, **kwargs)
+    ref = cls(3, 4, backend="torch", device=device, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    for module in (ours, ref):
+        with torch.autocast(device.type, dtype=torch.float16):
+            with torch.no_grad():
+                module(x, h)
+            module(x, h).float().sum().backward()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert a.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2)
+
+
 # --- what a plan must notice (each found by review) ----------------------------
 
 
