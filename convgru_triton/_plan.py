@@ -194,7 +194,7 @@ class _WeightCasts:
     bfloat16 autocast (bench/host_overhead.py, CPU proxy): eight casts a step
     cost ~3 us each, the region ~2.4 us a step."""
 
-    __slots__ = ("dtype", "fmt", "sentinels", "kept")
+    __slots__ = ("dtype", "fmt", "sentinels", "kept", "split")
 
     def __init__(self, dtype: Optional[torch.dtype], fmt: Optional[torch.memory_format], device: torch.device):
         self.dtype, self.fmt = dtype, fmt
@@ -203,7 +203,8 @@ class _WeightCasts:
             with torch.inference_mode(False):
                 self.sentinels = (torch.zeros((0, 1), device=device, requires_grad=True),
                                   torch.zeros((1, 0), device=device, requires_grad=True))
-        self.kept = None  # (region, ids of the parameters, their versions, casts, grad mode, the parameters)
+        self.kept = None  # (region, the parameters' ids, addresses and versions, casts, grad mode, parameters)
+        self.split = (None, None, None, None)  # see _split
 
     def region(self):
         """A token of the autocast region now open, the same object for every
@@ -251,15 +252,15 @@ class _WeightCasts:
         if region is None:
             return self._all(w_ih, w_hh, b_ih, b_hh)
         params = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
-        ids, versions = tuple(map(id, params)), tuple(map(_VERSION, params))
+        # The parameters' ids, their addresses (a storage swapped by ``.data =``) and versions.
+        ids = (tuple(map(id, params)), tuple(map(_DATA_PTR, params)), tuple(map(_VERSION, params)))
         kept = self.kept
-        if (kept is not None and kept[0] is region and kept[1] == ids and kept[2] == versions
-                and (kept[4] or not grad)):
-            return kept[3]
+        if kept is not None and kept[0] is region and kept[1] == ids and (kept[3] or not grad):
+            return kept[2]
         casts = self._all(w_ih, w_hh, b_ih, b_hh)
         if all(map(_IS_LEAF, params)):  # autocast keeps casts of leaves only
             # Holding the parameters keeps their ids from being reused while kept.
-            self.kept = (region, ids, versions, casts, grad, params)
+            self.kept = (region, ids, casts, grad, params)
         return casts
 
 
@@ -378,7 +379,6 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         cast_w=cast is not None or fmt is not None or _strided_biases(b_ih, b_hh),
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
         l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, fused_bwd=False,
-        split=(None, None, None),  # see _split
         rz_n=[2 * hidden, hidden],  # the reset/update and candidate channels of a gates tensor
     )
     fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
@@ -521,15 +521,21 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor) -> No
 
 
 def _split(p: CellPlan, w_hh: Tensor) -> tuple:
-    """``(w_hh, w_hh[:2H], w_hh[2H:])``, the hidden weight's reset/update rows
-    and candidate rows, kept on the plan while ``w_hh`` is the same tensor
-    (two slicing dispatches a step fewer, ~1.3 us each on the CI machine). The
-    views share ``w_hh``'s storage, so an in-place update shows through; a new
-    storage under the same Parameter (``.data =``) moves its address, which is
-    in the plan's signature."""
+    """``w_hh[:2H], w_hh[2H:]``: the hidden weight's reset/update rows and
+    candidate rows, kept with the module's weight casts (one pair per module,
+    dtype and layout, so an old storage is not held by an unused plan) while
+    ``w_hh`` is the same tensor at the same address: two slicing dispatches a
+    step fewer (~1.3 us each on the CI machine). The views share ``w_hh``'s
+    storage, so an in-place update shows through; a new storage under the same
+    Parameter (``.data =``) moves the address and makes them again."""
+    casts = p.weight_cast
+    split = casts.split
+    address = w_hh.data_ptr()
+    if split[0] is w_hh and split[1] == address:
+        return split[2], split[3]
     hidden = p.hidden
-    split = p.split = (w_hh, w_hh[: 2 * hidden], w_hh[2 * hidden:])
-    return split
+    casts.split = (w_hh, address, w_hh[: 2 * hidden], w_hh[2 * hidden:])
+    return casts.split[2], casts.split[3]
 
 
 def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh, save: bool):
@@ -557,10 +563,8 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
             _gate_slow(p, "ra_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_fwd(
                 gx, gh, h, b_ih, b_hh, h_new=h_new, gates=gates, aux=aux))
         return h_new, gates, aux
-    split = p.split
-    if split[0] is not w_hh:
-        split = _split(p, w_hh)
-    gh = conv(h, split[1])
+    w_rz, w_n = _split(p, w_hh)
+    gh = conv(h, w_rz)
     gates, rh = p.empty3(), p.empty1()
     t = (gx, gh, h, gates, rh) + ((b_ih, b_hh) if has_bias else (rh, rh))
     L = p.l_rz_fwd
@@ -569,7 +573,7 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
     else:
         _gate_slow(p, "rz_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_gate_fwd(
             gx, gh, h, b_ih, b_hh, gates=gates, rh=rh))
-    gh_n = conv(rh, split[2])
+    gh_n = conv(rh, w_n)
     h_new = p.empty1()
     t = (gx, gh_n, h, gates, h_new) + ((b_ih, b_hh) if has_bias else (h_new, h_new))
     L = p.l_up_fwd
@@ -645,10 +649,7 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
         _gate_slow(p, "up_bwd", L, stream, t, lambda: _GATES_GENERAL.update_bwd(
             grad, None, gates, h, d_gx, d_h=d_h))
     d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
-    split = p.split
-    if split[0] is not w_hh:
-        split = _split(p, w_hh)
-    w_rz, w_n = split[1], split[2]
+    w_rz, w_n = _split(p, w_hh)
     if fused:
         t = (d_n, w_n, gates, h, d_gx, d_h)
         L = p.l_fdrg
@@ -713,10 +714,7 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
                 True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, *saved, save, x=x, weight_ih=w_ih))
         return True
     hidden = p.hidden
-    split = p.split
-    if split[0] is not w_hh:
-        split = _split(p, w_hh)
-    w_rz, w_n = split[1], split[2]
+    w_rz, w_n = _split(p, w_hh)
     t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
     t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
     L, L2 = p.l_frz, p.l_fn

@@ -337,6 +337,27 @@ def test_autocast_no_grad_casts_not_reused_with_grad(device, cls):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_data_swap_seen_and_old_storage_released(device):
+    """A new storage under the same Parameter (``.data =``) inside one autocast
+    region is seen at the next call, and nothing the module keeps (plans,
+    kept casts, the hidden weight's row views) holds the old storage after it."""
+    torch.manual_seed(0)
+    x, h = torch.randn(1, 3, 4, 6, device=device), torch.randn(1, 4, 4, 6, device=device)
+    for autocast in (False, True):
+        cell = cg.ConvGRUCell2d(3, 4, 3, backend="triton", device=device)
+        ref = cg.ConvGRUCell2d(3, 4, 3, backend="torch", device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+            cell(x, h).float().sum().backward()
+            old = cell.weight_hh.untyped_storage().data_ptr()
+            cell.weight_hh.data = cell.weight_hh.data * 0.5
+            ref.load_state_dict(cell.state_dict())
+            torch.testing.assert_close(cell(x, h).float(), ref(x, h).float(), rtol=1e-2, atol=1e-2)
+        held = [*(v for casts in cell._weight_casts.values() for v in (casts.kept or ()) + casts.split),
+                *(v for plan in cell._cell_plans.values() for v in vars(plan).values())]
+        tensors = [t for v in held for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+        assert tensors and all(t.untyped_storage().data_ptr() != old for t in tensors)
+
+
 # --- what a plan must notice (each found by review) ----------------------------
 
 
