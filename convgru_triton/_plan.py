@@ -18,12 +18,14 @@ decided once, when a call signature is first seen, and kept in a
   (compiled kernel, grid, arguments); every later step calls the compiled
   kernels with those pre-packed arguments, passing only the tensors.
 
-The call signature (:func:`_signature`) holds every fact the plan depends on:
-shapes, strides, dtypes and device of input and state, the weights' strides,
-the low address bits of the state (Triton specializes on 16-byte alignment),
-grad mode and which tensors require grad, the autocast dtype, and the
-settings' generation (:data:`convgru_triton._settings.generation`). A
-different fact is a different plan; nothing below the plan asks again.
+The call signature (the key :func:`cell_forward` and :func:`sep_forward`
+build, with :func:`_weights_key`) holds every fact the plan depends on:
+shapes, strides, dtypes and device of input, state and weights, the weights'
+addresses, the low address bits of input and state (Triton specializes on
+16-byte alignment), grad mode and which tensors require grad, the autocast
+dtype, the module's arguments and the settings' and tuning registry's
+generations (:data:`convgru_triton._settings.generation`). A different fact
+is a different plan; nothing below the plan asks again.
 
 Plans live on the module (``module._cell_plans``), so a plan never outlives
 the parameters it was made for. Under autocast the weights' casts are kept
@@ -182,17 +184,19 @@ class _WeightCasts:
     cast is differentiable: each parameter's ``.grad`` comes back in its own
     dtype and layout.
 
-    Under autocast the casts are kept for the rest of the autocast region, as
-    autocast keeps its own casts of leaf tensors that require grad (its weight
-    cache), and made again in the next region or when a weight changes (its
-    ``_version`` moves: an in-place optimizer step) or is replaced. Outside a
-    region PyTorch gives no signal that a kept cast went stale (an update
-    through ``.data`` moves neither the version nor the storage), so there
-    the weights are cast at every call. The region is read from autocast's
-    cache itself (:meth:`region`): where it gives none (its cache disabled,
-    inference mode) nothing is kept. Measured on RAFT's SepConvGRU step under
-    bfloat16 autocast (bench/host_overhead.py, CPU proxy): eight casts a step
-    cost ~3 us each, the region ~2.4 us a step."""
+    Under autocast the casts are reused within one autocast region, as
+    autocast reuses its own casts of leaf tensors that require grad (its
+    weight cache), and made again in another region, when a weight is
+    replaced or gets a new storage (``.data =``), when its ``_version`` moves
+    (an in-place update; a fused optimizer's step does not move it), and for
+    a call with grad mode on where the kept casts were made without. An
+    in-place update through ``.data`` inside one region is not seen, as
+    autocast's cache does not see it. Outside autocast PyTorch gives no
+    signal that a cast went stale, so the weights are cast at every call. The
+    region is read from autocast's cache itself (:meth:`region`). The last
+    casts stay referenced until a call sees another region. Measured on the
+    CI machine (CPU, torch 2.13): a weight's cast ~3 us, the region ~2.4 us,
+    so RAFT's separable step saves ~20 us a step from its eight casts."""
 
     __slots__ = ("dtype", "fmt", "sentinels", "kept", "split")
 
@@ -212,9 +216,8 @@ class _WeightCasts:
         leaf (``torch.mm`` of two empty tensors, which launches nothing).
         Autocast keeps that cast until its outermost region exits
         (``torch.autocast.__exit__`` clears its cache), so a new region gives a
-        new node. ``None`` where autocast keeps no cast: its cache disabled (a
-        new node at every call, so nothing is reused either) or inference mode
-        (no autograd node)."""
+        new node. With autocast's cache disabled every call gives a new node
+        (nothing is reused); in inference mode there is no node: ``None``."""
         if _grad_enabled():
             node = _mm(*self.sentinels).grad_fn
         else:
@@ -364,7 +367,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         step=general.step,
         stream=get_stream, device_index=device_index,
         has_bias=b_ih is not None,
-        # casts of x / hx at every call (autocast, the layout policy), and of the weights once per change
+        # casts of x / hx at every call (autocast, the layout policy); the weights' see _WeightCasts
         cast_x=(x.dtype != compute) or (fmt is not None and not _in_format(x, fmt)),
         cast_h=hx is not None and ((hx.dtype != compute) or (fmt is not None and not _in_format(hx, fmt))),
         weight_cast=_weight_casts(module, compute if cast is not None else None, fmt, x.device),
