@@ -524,21 +524,17 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor) -> No
 
 
 def _split(p: CellPlan, w_hh: Tensor) -> tuple:
-    """``w_hh[:2H], w_hh[2H:]``: the hidden weight's reset/update rows and
-    candidate rows, kept with the module's weight casts (one pair per module,
+    """``(w_hh, its address, w_hh[:2H], w_hh[2H:])``: the hidden weight's
+    reset/update rows and candidate rows, kept with the module's weight casts (one pair per module,
     dtype and layout, so an old storage is not held by an unused plan) while
     ``w_hh`` is the same tensor at the same address: two slicing dispatches a
     step fewer (~1.3 us each on the CI machine). The views share ``w_hh``'s
     storage, so an in-place update shows through; a new storage under the same
-    Parameter (``.data =``) moves the address and makes them again."""
-    casts = p.weight_cast
-    split = casts.split
-    address = w_hh.data_ptr()
-    if split[0] is w_hh and split[1] == address:
-        return split[2], split[3]
+    Parameter (``.data =``) moves the address and makes them again (the check
+    is inline where they are used: no frame a step)."""
     hidden = p.hidden
-    casts.split = (w_hh, address, w_hh[: 2 * hidden], w_hh[2 * hidden:])
-    return casts.split[2], casts.split[3]
+    split = p.weight_cast.split = (w_hh, w_hh.data_ptr(), w_hh[: 2 * hidden], w_hh[2 * hidden:])
+    return split
 
 
 def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh, save: bool):
@@ -566,7 +562,10 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
             _gate_slow(p, "ra_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_fwd(
                 gx, gh, h, b_ih, b_hh, h_new=h_new, gates=gates, aux=aux))
         return h_new, gates, aux
-    w_rz, w_n = _split(p, w_hh)
+    split = p.weight_cast.split
+    if split[0] is not w_hh or split[1] != w_hh.data_ptr():
+        split = _split(p, w_hh)
+    w_rz, w_n = split[2], split[3]
     gh = conv(h, w_rz)
     gates, rh = p.empty3(), p.empty1()
     t = (gx, gh, h, gates, rh) + ((b_ih, b_hh) if has_bias else (rh, rh))
@@ -652,7 +651,10 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
         _gate_slow(p, "up_bwd", L, stream, t, lambda: _GATES_GENERAL.update_bwd(
             grad, None, gates, h, d_gx, d_h=d_h))
     d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
-    w_rz, w_n = _split(p, w_hh)
+    split = p.weight_cast.split
+    if split[0] is not w_hh or split[1] != w_hh.data_ptr():
+        split = _split(p, w_hh)
+    w_rz, w_n = split[2], split[3]
     if fused:
         t = (d_n, w_n, gates, h, d_gx, d_h)
         L = p.l_fdrg
@@ -717,7 +719,10 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
                 True, p.spec, None, h, (w_hh,), b_ih, b_hh, state, *saved, save, x=x, weight_ih=w_ih))
         return True
     hidden = p.hidden
-    w_rz, w_n = _split(p, w_hh)
+    split = p.weight_cast.split
+    if split[0] is not w_hh or split[1] != w_hh.data_ptr():
+        split = _split(p, w_hh)
+    w_rz, w_n = split[2], split[3]
     t1 = (h, w_rz, None, h, gates, aux) + bias + (x, w_ih)
     t2 = (aux, w_n, None, h, gates, state) + bias + (x, w_ih)
     L, L2 = p.l_frz, p.l_fn
