@@ -89,32 +89,24 @@ class Launch:
 
     __slots__ = ("run", "go", "grid", "function", "metadata", "launch_metadata", "tail")
 
-    def __init__(self, compiled, grid: tuple, tail: tuple):
-        self.run = compiled.run
+    def __init__(self, run, function, metadata, launch_metadata, grid: tuple, tail: tuple):
+        self.run = run
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         # The launch without hooks as a partial of the compiled kernel's own
         # launcher: a step calls it without a Python frame of ours
         # (``go(stream, function, metadata, None, None, None, *tensors, *tail)``).
-        self.go = functools.partial(self.run, *self.grid)
-        self.function = compiled.function
-        self.metadata = compiled.packed_metadata
-        self.launch_metadata = compiled.launch_metadata
+        self.go = functools.partial(run, *self.grid)
+        self.function, self.metadata, self.launch_metadata = function, metadata, launch_metadata
         self.tail = tail
 
     def __call__(self, stream, *tensors) -> None:
-        runtime = _runtime
-        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-        g0, g1, g2 = self.grid
+        """The launch with a launch hook registered (where :func:`_quiet` is
+        false; else a step calls :attr:`go`): a profiler's hooks see what
+        Triton's own launch gives them."""
         args = tensors + self.tail
-        if (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
-                leave is None or (leave.__class__ is _HookChain and not leave.calls)):
-            # No launch hook registered (Triton >= 3.5 keeps an empty chain):
-            # no metadata to build and no hook to call, as if there were none.
-            self.run(g0, g1, g2, stream, self.function, self.metadata, None, None, None, *args)
-            return
-        # A profiler's launch hooks see what Triton's own launch gives them.
         meta = self.launch_metadata(self.grid, stream, *args)
-        self.run(g0, g1, g2, stream, self.function, self.metadata, meta, enter, leave, *args)
+        self.run(*self.grid, stream, self.function, self.metadata, meta, _runtime.launch_enter_hook,
+                 _runtime.launch_exit_hook, *args)
 
 
 _runtime = None  # triton.knobs.runtime, set by _triton()
@@ -155,7 +147,8 @@ def _bind_record(record, tensors: tuple) -> Optional[Launch]:
     call = {k: v for k, v in keywords.items() if k not in _OPTIONS}
     bound = inspect.signature(fn).bind(*positional, **call)
     bound.apply_defaults()
-    return Launch(compiled, grid, tuple(bound.arguments.values())[n:])
+    return Launch(compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata, grid,
+                  tuple(bound.arguments.values())[n:])
 
 
 def _bind_gate(entry, tensors: tuple) -> Optional[Launch]:
@@ -165,13 +158,7 @@ def _bind_gate(entry, tensors: tuple) -> Optional[Launch]:
     if entry is None:
         return None
     run, function, packed, launch_metadata, tail, _, grid = entry
-
-    class _Compiled:
-        pass
-
-    c = _Compiled()
-    c.run, c.function, c.packed_metadata, c.launch_metadata = run, function, packed, launch_metadata
-    return Launch(c, grid, tuple(tail))
+    return Launch(run, function, packed, launch_metadata, grid, tuple(tail))
 
 
 # ----------------------------------------------------------------------------
@@ -344,8 +331,6 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     triton = _triton()
     from .ops.gates import kernels as gate_kernels
 
-    global _GATES_GENERAL
-    _GATES_GENERAL = gate_kernels._GENERAL
     # Replay where the gate launchers replay (the direct_launch setting, Triton >= 3.4, not the interpreter).
     bindable = bool(gate_kernels._DIRECT_LAUNCH)
     active = None
@@ -359,11 +344,12 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
     else:  # the interpreter: no driver, nothing compiled, every launch through the general launchers
         device_index, get_stream = None, _no_stream
     hidden = general.hidden
+    conv_backward, conv_args = _conv_backward_function(spec, 3 * hidden)
     n = x.shape[0]
     spatial = tuple(x.shape[2:])
     facts = dict(
         spec=spec, reset_after=general.reset_after, hidden=hidden, grad=grad, compute=compute, fmt=fmt,
-        conv=_conv_function(spec), conv_backward=None, conv_args=(),
+        conv=_conv_function(spec), conv_backward=conv_backward, conv_args=conv_args,
         step=general.step,
         stream=get_stream, device_index=device_index,
         has_bias=b_ih is not None,
@@ -391,7 +377,6 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         probe = torch.empty(facts["state_shape"], dtype=compute, device=x.device)
         fused = fused_step.use_fused("fwd", general.reset_after, spec, probe)
         facts["fused_bwd"] = fused and fused_step.use_fused("bwd", general.reset_after, spec, probe)
-    facts["conv_backward"], facts["conv_args"] = _conv_backward_function(spec, 3 * hidden)
     return CellPlan(_FUSED if fused else _GATES, **facts)
 
 
@@ -455,20 +440,18 @@ def _in_format(t: Tensor, fmt) -> bool:
     return t.is_contiguous(memory_format=fmt)
 
 
-_GATES_GENERAL = None  # gates.kernels._GENERAL, the general gate launches: set by the first _build (lazy import)
-
-
 def _gate_slow(p: CellPlan, site: str, L, stream, tensors: tuple, general: Callable) -> None:
     """A gate launch off the fast path: bound with a launch hook registered (a
-    profiler's), else ``general()``, the launch through
-    ``gates.kernels.GateLaunches`` (the first step of a plan), which binds the
-    site to the compiled kernel it returns (or marks it unbindable).
-    ``tensors`` are the launch's pointers in the kernel's order, as the bound
-    launch passes them."""
+    profiler's), else ``general(launches)`` with ``gates.kernels``' general
+    ``GateLaunches`` (the first step of a plan), which binds the site to the
+    compiled kernel it returns (or marks it unbindable). ``tensors`` are the
+    launch's pointers in the kernel's order, as the bound launch passes them."""
     if L:
         L(stream, *tensors)
         return
-    entry = general()
+    from .ops.gates import kernels as gate_kernels
+
+    entry = general(gate_kernels._GENERAL)
     if site not in p.launches:
         bound = _bind_gate(entry, tensors) if p.bindable else None
         p.launches[site] = bound
@@ -559,7 +542,7 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _gate_slow(p, "ra_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_fwd(
+            _gate_slow(p, "ra_fwd", L, stream, t, lambda g: g.reset_after_fwd(
                 gx, gh, h, b_ih, b_hh, h_new=h_new, gates=gates, aux=aux))
         return h_new, gates, aux
     split = p.weight_cast.split
@@ -573,7 +556,7 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "rz_fwd", L, stream, t, lambda: _GATES_GENERAL.reset_gate_fwd(
+        _gate_slow(p, "rz_fwd", L, stream, t, lambda g: g.reset_gate_fwd(
             gx, gh, h, b_ih, b_hh, gates=gates, rh=rh))
     gh_n = conv(rh, w_n)
     h_new = p.empty1()
@@ -582,7 +565,7 @@ def _gates_forward(p: CellPlan, gx: Tensor, h: Tensor, w_hh: Tensor, b_ih, b_hh,
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "up_fwd", L, stream, t, lambda: _GATES_GENERAL.update_fwd(
+        _gate_slow(p, "up_fwd", L, stream, t, lambda g: g.update_fwd(
             gx, gh_n, gates, h, b_ih, b_hh, save, h_new=h_new))
     return h_new, gates, rh
 
@@ -627,7 +610,7 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _gate_slow(p, "ra_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_after_bwd(
+            _gate_slow(p, "ra_bwd", L, stream, t, lambda g: g.reset_after_bwd(
                 grad, None, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h))
         if not fused:
             d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
@@ -648,7 +631,7 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "up_bwd", L, stream, t, lambda: _GATES_GENERAL.update_bwd(
+        _gate_slow(p, "up_bwd", L, stream, t, lambda g: g.update_bwd(
             grad, None, gates, h, d_gx, d_h=d_h))
     d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
     split = p.weight_cast.split
@@ -680,7 +663,7 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
     if L and quiet:
         L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
     else:
-        _gate_slow(p, "rg_bwd", L, stream, t, lambda: _GATES_GENERAL.reset_gate_bwd(
+        _gate_slow(p, "rg_bwd", L, stream, t, lambda g: g.reset_gate_bwd(
             d_rh, gates, h, d_gx, d_h))
     d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, w_rz, *args, _MASKS[True, need_weight, False])
     d_h.add_(d_h_conv)
