@@ -294,6 +294,8 @@ class CellPlan:
 
     #: Triton forced on CPU tensors: valid only while the interpreter is on (see cell_forward)
     recheck = False
+    #: the fused backward's gradient buffers, made at its first step (_wgrad_buffers)
+    empty_x = None
 
     def __init__(self, path: str, **facts):
         self.path = path
@@ -367,7 +369,8 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         bindable=bindable,
         cast_w=cast is not None or fmt is not None or _strided_biases(b_ih, b_hh),
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
-        l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, fused_bwd=False,
+        l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, l_fwh=None, l_fwi=None, l_fdx=None,
+        fused_bwd=False,
         rz_n=[2 * hidden, hidden],  # the reset/update and candidate channels of a gates tensor
     )
     fused = (general.fused_cell and len(spatial) == 2 and x.device.type != "meta")
@@ -575,7 +578,7 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     bound launches were compiled for: ``out.sum().backward()`` hands over a
     stride-0 gradient, and saved-tensor hooks (``save_on_cpu``) may give the
     saved tensors back in another layout. Called where the backward's one
-    pass over the four found one that does not conform (see _hidden_backward)."""
+    pass over the four found one that does not conform (see _step_backward)."""
     if grad.stride() != p.state_strides or grad.data_ptr() & 15:
         grad = p.empty1().copy_(grad)
     if h.stride() != p.state_strides or h.data_ptr() & 15:
@@ -587,15 +590,18 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
     return grad, h, gates, aux
 
 
-def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Tensor, gates: Tensor, aux: Tensor,
-                     need_weight: bool, need_bias: bool):
-    """The hidden side of a step's backward: ``(d_gx, d_h, d_weight_hh,
-    d_bias_hh)``. The gate kernels' backward, then the hidden convolutions'
-    gradients: with ``fused``, their data gradient as the fused dgrad kernels
-    (the gate backward in their epilogue) and their weight gradient on cuDNN;
-    else both from cuDNN's convolution backward. ``d_bias_hh`` with
-    reset_after and ``need_bias`` only: without reset_after both biases'
-    gradient is the input convolution's (:func:`_half_backward`)."""
+def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+                   gates: Tensor, aux: Tensor, need: tuple, input_bias: bool, hidden_bias: bool):
+    """A step's backward (without create_graph): ``(d_x, d_h, d_weight_ih,
+    d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where ``need`` (over the
+    first four) is false; ``d_bias_ih`` with ``input_bias``, ``d_bias_hh``
+    with ``hidden_bias`` (reset_after only: without it both biases' gradient
+    is ``d_bias_ih``). The gate kernels' backward, then the convolutions'
+    gradients: with ``fused`` all of them as Triton kernels (the hidden
+    convolutions' dgrad with the gate backward in their epilogue, the input's
+    dgrad, every weight and bias gradient: no cuDNN call, each launch bound);
+    else cuDNN's convolution backward, one call per convolution, the bias
+    gradients out of the same calls."""
     stream, quiet = p.stream(p.device_index), _quiet()
     four = (grad, h, gates, aux)
     if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
@@ -603,6 +609,10 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward, args = p.conv_backward, p.conv_args
     hidden = p.hidden
+    need_weight = need[3]
+    if fused and p.empty_x is None:
+        _wgrad_buffers(p, x, w_ih, w_hh)
+    d_w = d_b = None
     if p.reset_after:
         d_gh = p.empty3()
         t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
@@ -613,61 +623,117 @@ def _hidden_backward(p: CellPlan, fused: bool, grad: Tensor, h: Tensor, w_hh: Te
             _gate_slow(p, "ra_bwd", L, stream, t, lambda g: g.reset_after_bwd(
                 grad, None, gates, aux, h, d_gx=d_gx, d_gh=d_gh, d_h=d_h))
         if not fused:
-            d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, need_bias])
+            d_h_conv, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[True, need_weight, hidden_bias])
             d_h.add_(d_h_conv)
-            return d_gx, d_h, d_w, d_b
-        t = (d_gh, w_hh, d_h)
-        L = p.l_fdg
-        if L and quiet:
-            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _dgrad_slow(p, "fdg", L, stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, t)
-        d_w = d_b = None
-        if need_weight or need_bias:
-            _, d_w, d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, need_weight, need_bias])
-        return d_gx, d_h, d_w, d_b
-    t = (grad, grad, gates, h, d_gx, d_h)
-    L = p.l_up_bwd
-    if L and quiet:
-        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            t = (d_gh, w_hh, d_h)
+            L = p.l_fdg
+            if L and quiet:
+                L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            else:
+                _dgrad_slow(p, "fdg", L, stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_h, t)
+            if need_weight:
+                d_w, d_b = p.empty_whh(), p.empty_bias() if hidden_bias else None
+                t = (d_gh, h, h, d_w, d_w if d_b is None else d_b)
+                L = p.l_fwh
+                if L and quiet:
+                    L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+                else:
+                    _wgrad_slow(p, "fwh", L, stream, t, None)
+            elif hidden_bias:
+                d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, False, True])[2]
     else:
-        _gate_slow(p, "up_bwd", L, stream, t, lambda g: g.update_bwd(
-            grad, None, gates, h, d_gx, d_h=d_h))
-    d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
-    split = p.weight_cast.split
-    if split[0] is not w_hh or split[1] != w_hh.data_ptr():
-        split = _split(p, w_hh)
-    w_rz, w_n = split[2], split[3]
-    if fused:
-        t = (d_n, w_n, gates, h, d_gx, d_h)
-        L = p.l_fdrg
+        t = (grad, grad, gates, h, d_gx, d_h)
+        L = p.l_up_bwd
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _dgrad_slow(p, "fdrg", L, stream, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, t)
-        # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
-        t = (d_rz, w_rz, d_h)
-        L = p.l_fdg
+            _gate_slow(p, "up_bwd", L, stream, t, lambda g: g.update_bwd(
+                grad, None, gates, h, d_gx, d_h=d_h))
+        d_rz, d_n = _split_with_sizes(d_gx, p.rz_n, 1)
+        split = p.weight_cast.split
+        if split[0] is not w_hh or split[1] != w_hh.data_ptr():
+            split = _split(p, w_hh)
+        w_rz, w_n = split[2], split[3]
+        if fused:
+            t = (d_n, w_n, gates, h, d_gx, d_h)
+            L = p.l_fdrg
+            if L and quiet:
+                L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            else:
+                _dgrad_slow(p, "fdrg", L, stream, "_conv_dgrad_reset_gate_bwd_kernel", hidden, d_h, t)
+            # After the first: it reads d_ar, which the first wrote, at neighbouring pixels.
+            t = (d_rz, w_rz, d_h)
+            L = p.l_fdg
+            if L and quiet:
+                L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            else:
+                _dgrad_slow(p, "fdg", L, stream, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, t)
+            if need_weight:  # W_hrz from h and W_hn from r * h (aux), in one launch
+                d_w = p.empty_whh()
+                t = (d_gx, h, aux, d_w, d_w)
+                L = p.l_fwh
+                if L and quiet:
+                    L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+                else:
+                    _wgrad_slow(p, "fwh", L, stream, t, 2 * hidden)
+        else:
+            d_rh, d_w_n, _ = conv_backward(d_n, aux, w_n, *args, _MASKS[True, need_weight, False])
+            t = (d_rh, gates, h, d_gx, d_h)
+            L = p.l_rg_bwd
+            if L and quiet:
+                L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            else:
+                _gate_slow(p, "rg_bwd", L, stream, t, lambda g: g.reset_gate_bwd(
+                    d_rh, gates, h, d_gx, d_h))
+            d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, w_rz, *args, _MASKS[True, need_weight, False])
+            d_h.add_(d_h_conv)
+            if need_weight:
+                d_w = torch.cat((d_w_rz, d_w_n))
+    # The input convolution.
+    d_x = d_w_ih = d_b_ih = None
+    if not fused:
+        if need[0] or need[2] or input_bias:
+            d_x, d_w_ih, d_b_ih = conv_backward(d_gx, x, w_ih, *args, _MASKS[need[0], need[2], input_bias])
+        return d_x, d_h, d_w_ih, d_w, d_b_ih, d_b
+    if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
+        # As the bound launches were compiled for (saved-tensor hooks may hand x back in another layout).
+        x = torch.empty_strided(x.shape, p.x_strides, dtype=x.dtype, device=x.device).copy_(x)
+    if need[2]:
+        d_w_ih, d_b_ih = p.empty_wih(), p.empty_bias() if input_bias else None
+        t = (d_gx, x, x, d_w_ih, d_w_ih if d_b_ih is None else d_b_ih)
+        L = p.l_fwi
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _dgrad_slow(p, "fdg", L, stream, "_conv_dgrad_bwd_kernel", 2 * hidden, d_h, t)
-        if not need_weight:
-            return d_gx, d_h, None, None
-        wgrad = _MASKS[False, True, False]
-        return d_gx, d_h, torch.cat((conv_backward(d_rz, h, w_rz, *args, wgrad)[1],
-                                     conv_backward(d_n, aux, w_n, *args, wgrad)[1])), None
-    d_rh, d_w_n, _ = conv_backward(d_n, aux, w_n, *args, _MASKS[True, need_weight, False])
-    t = (d_rh, gates, h, d_gx, d_h)
-    L = p.l_rg_bwd
-    if L and quiet:
-        L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-    else:
-        _gate_slow(p, "rg_bwd", L, stream, t, lambda g: g.reset_gate_bwd(
-            d_rh, gates, h, d_gx, d_h))
-    d_h_conv, d_w_rz, _ = conv_backward(d_rz, h, w_rz, *args, _MASKS[True, need_weight, False])
-    d_h.add_(d_h_conv)
-    return d_gx, d_h, torch.cat((d_w_rz, d_w_n)) if need_weight else None, None
+            _wgrad_slow(p, "fwi", L, stream, t, None)
+    elif input_bias:
+        d_b_ih = conv_backward(d_gx, x, w_ih, *args, _MASKS[False, False, True])[2]
+    if need[0]:
+        d_x = p.empty_x()
+        t = (d_gx, w_ih, d_x)
+        L = p.l_fdx
+        if L and quiet:
+            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+        else:
+            _dgrad_slow(p, "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_x, t, ACCUMULATE=False)
+    return d_x, d_h, d_w_ih, d_w, d_b_ih, d_b
+
+
+def _wgrad_buffers(p: CellPlan, x: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
+    """The fused backward's gradient buffers (allocated per step, each in the
+    layout of its tensor: the bound launches were compiled for their strides)
+    and the input's strides the launches take (:func:`_step_backward`)."""
+    dtype, device = p.compute, x.device
+
+    def empty(t: Tensor):
+        fmt = torch.channels_last if t.dim() == 4 and is_channels_last(t) else torch.contiguous_format
+        return functools.partial(_allocate, tuple(t.shape), dtype=dtype, device=device, memory_format=fmt)
+
+    p.x_strides, p.x_aligned = x.stride(), not x.data_ptr() & 15
+    p.empty_wih, p.empty_whh, p.empty_bias = empty(w_ih), empty(w_hh), functools.partial(
+        _allocate, (3 * p.hidden,), dtype=dtype, device=device)
+    p.empty_x = empty(x)
 
 
 def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Optional[Tensor]:
@@ -724,10 +790,10 @@ def _fused_launches(p: CellPlan, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux
 
 
 def _dgrad_slow(p: CellPlan, site: str, L, stream, kernel_name: str, channels: int, d_h: Tensor,
-                tensors: tuple) -> None:
+                tensors: tuple, **extra) -> None:
     """A fused data-gradient launch off the fast path: bound with a launch
     hook registered, else through ``fused_step._launch_dgrad`` (the first
-    step), which binds the site."""
+    step), which binds the site; ``extra``: the kernel's other constexprs."""
     if L:
         L(stream, *tensors)
         return
@@ -735,7 +801,22 @@ def _dgrad_slow(p: CellPlan, site: str, L, stream, kernel_name: str, channels: i
 
     strides = tuple(s for t in tensors for s in fused_step._strides(t))
     _fused_general(p, (site,), (tensors,), lambda: fused_step._launch_dgrad(
-        getattr(fused_step, kernel_name), p.spec, d_h, channels, tensors, strides) or True)
+        getattr(fused_step, kernel_name), p.spec, d_h, channels, tensors, strides, **extra) or True)
+
+
+def _wgrad_slow(p: CellPlan, site: str, L, stream, tensors: tuple, split: Optional[int]) -> None:
+    """A fused weight-gradient launch off the fast path (as :func:`_dgrad_slow`):
+    ``tensors`` = (dy, src, src2, d_w, d_b) as the kernel takes them, ``src2``
+    read for rows ``split:`` where ``split`` is given, ``d_b`` the bias
+    gradient unless it is ``d_w`` (no bias)."""
+    if L:
+        L(stream, *tensors)
+        return
+    from .ops.fused_step import kernels as fused_step
+
+    dy, src, src2, d_w, d_b = tensors
+    _fused_general(p, (site,), (tensors,), lambda: fused_step._launch_wgrad(
+        p.spec, dy, src, d_w, None if d_b is d_w else d_b, src2 if split is not None else None, split) or True)
 
 
 class _CellStep(torch.autograd.Function):
@@ -913,14 +994,9 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
             d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[need[0], need[2], False])
     else:
         reset_after = p.reset_after
-        hidden_bias = need_b_hh and reset_after
-        input_bias = need_b_ih or (need_b_hh and not reset_after)
-        d_gx, d_h, d_w, d_b_hh = _hidden_backward(p, fused and p.fused_bwd, grad, h, w_hh, gates, aux, need[3],
-                                                  hidden_bias)
-        d_x = d_w_ih = d_b_ih = None
-        if need[0] or need[2] or input_bias:
-            d_x, d_w_ih, d_b_ih = p.conv_backward(d_gx, x, w_ih, *p.conv_args,
-                                                  _MASKS[need[0], need[2], input_bias])
+        d_x, d_h, d_w_ih, d_w, d_b_ih, d_b_hh = _step_backward(
+            p, fused and p.fused_bwd, grad, x, h, w_ih, w_hh, gates, aux, need,
+            need_b_ih or (need_b_hh and not reset_after), need_b_hh and reset_after)
         if not reset_after:
             # One tensor for both bias gradients: autograd's accumulation copies it
             # where it cannot take it, so the two .grad never share storage.

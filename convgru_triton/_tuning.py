@@ -530,8 +530,11 @@ DEFAULT_STEP_PATH = "cudnn"
 DIRECTIONS = ("fwd", "bwd")
 #: The fused kernels whose tiles the registry holds (names as in ops/fused_step/kernels.py,
 #: without the leading underscore and the _kernel suffix): forward, then the
-#: backward's dgrad kernels (ops/fused_step/kernels.py, its backward section).
-FUSED_KERNELS = ("conv_rz_fwd", "conv_n_fwd", "conv_reset_after_fwd", "conv_dgrad_reset_gate_bwd", "conv_dgrad_bwd")
+#: backward's dgrad kernels and the one-step cell's wgrad kernel
+#: (ops/fused_step/kernels.py, its backward section; conv_wgrad's BLOCK_M are
+#: output channels, BLOCK_N input channels, BLOCK_K pixels).
+FUSED_KERNELS = ("conv_rz_fwd", "conv_n_fwd", "conv_reset_after_fwd", "conv_dgrad_reset_gate_bwd", "conv_dgrad_bwd",
+                 "conv_wgrad")
 TILE_BLOCK_M = (16, 32, 64, 128, 256)
 TILE_BLOCK_NK = (16, 32, 64, 128)
 

@@ -577,6 +577,12 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple,
         kw.update(HAS_X=True, C_IN=x.shape[1], BLOCK_KI=_blocks(hidden, x.shape[1], tile)[1])
     positional = (*args[:8], *x_args, m, height * width, height, width, hidden, *args[8:], *x_strides)
     kw.update(extra)
+    _run(kernel, grid, positional, kw)
+
+
+def _run(kernel, grid: tuple, positional: tuple, kw: dict) -> None:
+    """``kernel[grid](*positional, **kw)``, the compiled kernel handed to
+    :data:`_COMPILED` and the launch to :data:`_RECORD` where they are set."""
     compiled = kernel[grid](*positional, **kw)
     if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
         _COMPILED.append(compiled)
@@ -764,10 +770,12 @@ def _conv_dgrad_bwd_kernel(
     C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
     PAD_Y: tl.constexpr, PAD_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr = True,
 ):
     """d_h += dgrad(dy, W) over the C channels of ``dy``: d_rz = d_gx[:, :2H] with
-    W_hrz (2H, H, KH, KW), or d_gh (3H) with W_h (3H, H, KH, KW) (reset_after)."""
+    W_hrz (2H, H, KH, KW), or d_gh (3H) with W_h (3H, H, KH, KW) (reset_after);
+    for the one-step cell's input, d_x (+)= dgrad(d_gx, W_ih) (H = C_in here).
+    ``ACCUMULATE=False`` writes the result without reading the output first."""
     n64, y, x, m_mask = _pixels(M, HW, Y, X, BLOCK_M, BLOCK_X)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_mask = co < H
@@ -776,20 +784,91 @@ def _conv_dgrad_bwd_kernel(
                      PRECISION, COMPUTE)
     mask = m_mask[:, None] & co_mask[None, :]
     dh = _at(d_h_ptr, n64, y, x, co, dh_sn, dh_sc, dh_sy, dh_sx)
-    d_h = tl.load(dh, mask=mask).to(COMPUTE)
-    tl.store(dh, (d_h + acc).to(d_h_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(dh, mask=mask).to(COMPUTE)
+    tl.store(dh, acc.to(d_h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    dy_ptr, src_ptr, src2_ptr, dw_ptr, db_ptr,
+    P, HW, X, Y, O, SPLIT,
+    dy_sn, dy_sc, dy_sy, dy_sx,
+    s_sn, s_sc, s_sy, s_sx,
+    s2_sn, s2_sc, s2_sy, s2_sx,
+    dw_so, dw_si, dw_sy, dw_sx,
+    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
+    PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr, TWO_SOURCES: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """The weight gradient (wgrad) of a stride-1 'same' convolution ``y = W * s``:
+    ``dW[o, c, ky, kx] = sum_{n, y, x} dy[n, o, y, x] * s[n, c, y + ky d - PAD_Y, x + kx d - PAD_X]``
+    (zero outside the map), and with ``HAS_BIAS`` ``db[o] = sum_{n, y, x} dy[n, o, y, x]``.
+    A GEMM per tap: rows the O output channels, columns the C input channels,
+    reduction the P = N * Y * X pixels, walked BLOCK_P at a time by every
+    program, whole: no split over pixels, so no atomics and the same sums in
+    the same order at every run. ``TWO_SOURCES``: rows ``o >= SPLIT`` read
+    ``src2`` instead (the candidate rows W_hn, whose input is r * h, beside
+    W_hrz's h: one launch for the whole W_hh); row tiles do not straddle
+    SPLIT. Grid: (row tiles x taps, C / BLOCK_C)."""
+    pid = tl.program_id(0)
+    tap = pid % (KH * KW)
+    tile = pid // (KH * KW)
+    ky = tap // KW
+    kx = tap - ky * KW
+    first_tiles = tl.cdiv(SPLIT, BLOCK_O)
+    o_start = tile * BLOCK_O
+    o_end = SPLIT
+    src, sn, sc, sy, sx = src_ptr, s_sn, s_sc, s_sy, s_sx
+    if TWO_SOURCES:
+        if tile >= first_tiles:
+            o_start = SPLIT + (tile - first_tiles) * BLOCK_O
+            o_end = O
+            src, sn, sc, sy, sx = src2_ptr, s2_sn, s2_sc, s2_sy, s2_sx
+    o = o_start + tl.arange(0, BLOCK_O)
+    o_mask = o < o_end
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=COMPUTE)
+    bias = tl.zeros((BLOCK_O,), dtype=COMPUTE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < P
+        n = p // HW
+        rest = p - n * HW
+        y = rest // X
+        x = rest - y * X
+        n64 = n.to(tl.int64)
+        a = tl.load(dy_ptr + (n64 * dy_sn + (y * dy_sy + x * dy_sx))[None, :] + (o * dy_sc)[:, None],
+                    mask=o_mask[:, None] & p_mask[None, :], other=0.0)
+        iy = y + (ky * DIL_Y - PAD_Y)
+        ix = x + (kx * DIL_X - PAD_X)
+        valid = p_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
+        b = tl.load(src + (n64 * sn + (iy * sy + ix * sx))[:, None] + (c * sc)[None, :],
+                    mask=valid[:, None] & c_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
+        if HAS_BIAS:
+            bias += tl.sum(a.to(COMPUTE), axis=1)
+    tl.store(dw_ptr + (ky * dw_sy + kx * dw_sx) + (o * dw_so)[:, None] + (c * dw_si)[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & c_mask[None, :])
+    if HAS_BIAS:
+        if (tap == 0) & (tl.program_id(1) == 0):  # one program per row tile writes the bias rows
+            tl.store(db_ptr + o, bias.to(db_ptr.dtype.element_ty), mask=o_mask)
 
 
 #: Each backward kernel's name in the tuning registry (``fused_tiles``).
 _BWD_REGISTRY_NAMES = {"_conv_dgrad_reset_gate_bwd_kernel": "conv_dgrad_reset_gate_bwd",
-                       "_conv_dgrad_bwd_kernel": "conv_dgrad_bwd"}
+                       "_conv_dgrad_bwd_kernel": "conv_dgrad_bwd", "_conv_wgrad_kernel": "conv_wgrad"}
 
 
-def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: tuple, strides: tuple) -> None:
+def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: tuple, strides: tuple,
+                  **extra) -> None:
     """Launch one dgrad kernel over the pixels and channels of ``d_h`` (N, H, Y,
     X), reducing over ``channels`` (C) channels of the output gradient and the
     kernel's taps, with the mirrored 'same' pads; ``pointers`` and ``strides``
-    are the kernel's tensor and stride arguments, in its order."""
+    are the kernel's tensor and stride arguments, in its order; ``extra``: more
+    of its constexprs (``ACCUMULATE``)."""
     batch, hidden, height, width = d_h.shape
     dtype = d_h.dtype
     # The registry's tile (``_tuning.tile_config``; one float32 accumulator: 4 warps by default).
@@ -811,12 +890,44 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
         # IEEE float32 products (not TF32), as the forward: results match the reference.
         PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **extra)
+    _run(kernel, grid, positional, kw)
+
+
+def _launch_wgrad(spec: ConvSpec, dy: Tensor, src: Tensor, d_w: Tensor, d_b: Optional[Tensor],
+                  src2: Optional[Tensor] = None, split: Optional[int] = None) -> None:
+    """Launch :func:`_conv_wgrad_kernel`: ``d_w`` (O, C, kh, kw) = the weight
+    gradient of the 'same' convolution of ``src`` (N, C, Y, X) whose output
+    gradient is ``dy`` (N, O, Y, X), and ``d_b`` (O,) = ``dy`` summed over
+    batch and space (``None``: no bias). With ``src2``, rows ``split:`` of
+    ``d_w`` come from ``src2`` (N, C, Y, X) instead. Tiles from the registry
+    (``conv_wgrad``): rows BLOCK_M, columns BLOCK_N, pixels per reduction step
+    BLOCK_K."""
+    batch, rows, height, width = dy.shape
+    channels = src.shape[1]
+    dtype = dy.dtype
+    tile = _tuning.tile_config("conv_wgrad", dtype, dy.numel(), dy.device)
+    block_o = max(16, min(tile.block_m, triton.next_power_of_2(rows)))
+    block_c, _ = _blocks(channels, channels, tile)
+    block_p = max(16, min(tile.block_k, triton.next_power_of_2(batch * height * width)))
+    two = src2 is not None
+    split = rows if split is None else split
+    row_tiles = triton.cdiv(split, block_o) + (triton.cdiv(rows - split, block_o) if two else 0)
+    kh, kw_ = spec.kernel_size
+    grid = (row_tiles * kh * kw_, triton.cdiv(channels, block_c))
+    (pad_y, _), (pad_x, _) = spec.pad_per_dim
+    # Without a bias or a second source any tensor stands in for their pointers (never read).
+    positional = (dy, src, src2 if two else src, d_w, d_w if d_b is None else d_b,
+                  batch * height * width, height * width, width, height, rows, split,
+                  *_strides(dy), *_strides(src), *_strides(src2 if two else src), *_strides(d_w))
+    kw = dict(
+        C=channels, KH=kh, KW=kw_, DIL_Y=spec.dilation[0], DIL_X=spec.dilation[1], PAD_Y=pad_y, PAD_X=pad_x,
+        HAS_BIAS=d_b is not None, TWO_SOURCES=two, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_P=block_p,
+        # IEEE float32 products (not TF32), as the other kernels: results match the reference.
+        PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
-    compiled = kernel[grid](*positional, **kw)
-    if _COMPILED is not None:  # the tuner reads n_regs/n_spills of what ran
-        _COMPILED.append(compiled)
-    if _RECORD is not None:
-        _RECORD.append((kernel, grid, positional, kw, compiled))
+    _run(_conv_wgrad_kernel, grid, positional, kw)
 
 
 def backward_step(reset_after: bool, spec: ConvSpec, math, grad: Tensor, grad2: Optional[Tensor], h: Tensor,
