@@ -591,17 +591,20 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
 
 
 def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-                   gates: Tensor, aux: Tensor, need: tuple, input_bias: bool, hidden_bias: bool):
-    """A step's backward (without create_graph): ``(d_x, d_h, d_weight_ih,
-    d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where ``need`` (over the
-    first four) is false; ``d_bias_ih`` with ``input_bias``, ``d_bias_hh``
-    with ``hidden_bias`` (reset_after only: without it both biases' gradient
-    is ``d_bias_ih``). The gate kernels' backward, then the convolutions'
-    gradients: with ``fused`` all of them as Triton kernels (the hidden
-    convolutions' dgrad with the gate backward in their epilogue, the input's
-    dgrad, every weight and bias gradient: no cuDNN call, each launch bound);
-    else cuDNN's convolution backward, one call per convolution, the bias
-    gradients out of the same calls."""
+                   gates: Tensor, aux: Tensor, need: tuple):
+    """The backward of :func:`_half_forward` without create_graph: ``(d_x,
+    d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where
+    ``need`` (``needs_input_grad`` over the same six) is false. The gate
+    kernels' backward, then the convolutions' gradients: with ``fused`` (the
+    fused kernels ran forward and the plan's backward is fused) all of them
+    as Triton kernels (the hidden convolutions' dgrad with the gate backward
+    in their epilogue, the input's dgrad, every weight and bias gradient: no
+    cuDNN call, each launch bound); else cuDNN's convolution backward, one
+    call per convolution, the bias gradients out of the same calls."""
+    has_bias, reset_after = p.has_bias, p.reset_after
+    need_b_ih, need_b_hh = has_bias and need[4], has_bias and need[5]
+    # Without reset_after both biases' gradient is the input convolution's.
+    input_bias, hidden_bias = need_b_ih or (need_b_hh and not reset_after), need_b_hh and reset_after
     stream, quiet = p.stream(p.device_index), _quiet()
     four = (grad, h, gates, aux)
     if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
@@ -613,7 +616,7 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     if fused and p.empty_x is None:
         _wgrad_buffers(p, x, w_ih, w_hh)
     d_w = d_b = None
-    if p.reset_after:
+    if reset_after:
         d_gh = p.empty3()
         t = (grad, grad, gates, aux, h, d_gx, d_gh, d_h)
         L = p.l_ra_bwd
@@ -695,7 +698,19 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     if not fused:
         if need[0] or need[2] or input_bias:
             d_x, d_w_ih, d_b_ih = conv_backward(d_gx, x, w_ih, *args, _MASKS[need[0], need[2], input_bias])
-        return d_x, d_h, d_w_ih, d_w, d_b_ih, d_b
+    else:
+        d_x, d_w_ih, d_b_ih = _fused_input_backward(p, stream, quiet, d_gx, x, w_ih, need, input_bias)
+    # One tensor for both bias gradients without reset_after: autograd's
+    # accumulation copies it where it cannot take it, so the two .grad never share storage.
+    return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None, d_b_ih if need_b_ih else None,
+            (d_b if reset_after else d_b_ih) if need_b_hh else None)
+
+
+def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Tensor, w_ih: Tensor, need: tuple,
+                          input_bias: bool):
+    """The input convolution's ``(d_x, d_weight_ih, d_bias_ih)`` on the fused
+    path: the wgrad kernel (the bias with it) and the dgrad kernel."""
+    d_x = d_w_ih = d_b_ih = None
     if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
         # As the bound launches were compiled for (saved-tensor hooks may hand x back in another layout).
         x = torch.empty_strided(x.shape, p.x_strides, dtype=x.dtype, device=x.device).copy_(x)
@@ -708,7 +723,7 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         else:
             _wgrad_slow(p, "fwi", L, stream, t, None)
     elif input_bias:
-        d_b_ih = conv_backward(d_gx, x, w_ih, *args, _MASKS[False, False, True])[2]
+        d_b_ih = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[False, False, True])[2]
     if need[0]:
         d_x = p.empty_x()
         t = (d_gx, w_ih, d_x)
@@ -716,8 +731,8 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _dgrad_slow(p, "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_x, t, ACCUMULATE=False)
-    return d_x, d_h, d_w_ih, d_w, d_b_ih, d_b
+            _dgrad_slow(p, "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * p.hidden, d_x, t, ACCUMULATE=False)
+    return d_x, d_w_ih, d_b_ih
 
 
 def _wgrad_buffers(p: CellPlan, x: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
@@ -831,15 +846,17 @@ class _CellStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, p):
         h_new, gates, aux, fused = _half_forward(p, x, h, w_ih, w_hh, b_ih, b_hh)
-        ctx.save_for_backward(x, h, w_ih, w_hh, h_new, gates, aux)
-        ctx.p, ctx.fused = p, fused
+        ctx.to_save = (x, h, w_ih, w_hh, h_new, gates, aux)  # save_for_backward's body: no frame
+        ctx.p, ctx.fused = p, fused and p.fused_bwd
         return h_new
 
     @staticmethod
     def backward(ctx, grad):
         x, h, w_ih, w_hh, h_new, gates, aux = ctx.saved_tensors
-        return _half_backward(ctx.p, ctx.fused, grad, x, h, w_ih, w_hh, h_new, gates, aux,
-                              ctx.needs_input_grad) + (None,)
+        if _grad_enabled():
+            return _half_backward(ctx.p, ctx.fused, grad, x, h, w_ih, w_hh, h_new, gates, aux,
+                                  ctx.needs_input_grad) + (None,)
+        return _step_backward(ctx.p, ctx.fused, grad, x, h, w_ih, w_hh, gates, aux, ctx.needs_input_grad) + (None,)
 
 
 # Function.apply without its Python wrapper (which only unwraps tensors that
@@ -887,9 +904,12 @@ def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
     return h_new
 
 
+_CPU_CUDA = frozenset(("cpu", "cuda"))
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype on ``device_type``, or ``None`` (autocast off)."""
-    if device_type == "cuda" or device_type == "cpu":  # two C calls, no Python frame of the general rule's
+    if device_type in _CPU_CUDA:  # two C calls, no Python frame of the general rule's
         return _get_autocast_dtype(device_type) if _autocast_enabled(device_type) else None
     from .ops.sequence.op import autocast_dtype
 
@@ -936,7 +956,13 @@ def cell_forward(module, x, hx):
     params = module._parameters
     try:
         weights, facts = _weights_key(params, (x,) if hx is None else (x, hx))
-        cast = _autocast_dtype(x.device.type) if _any_autocast() else None
+        cast = None
+        if _any_autocast():  # _autocast_dtype inline for CPU and CUDA: no frame
+            device_type = x.device.type
+            if device_type in _CPU_CUDA:
+                cast = _get_autocast_dtype(device_type) if _autocast_enabled(device_type) else None
+            else:
+                cast = _autocast_dtype(device_type)
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts[-1])
         key = (grad, cast, _settings.generation, _tuning.generation,
@@ -977,30 +1003,22 @@ def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     """The backward of :func:`_half_forward`, the input convolution's
     included: ``(d_x, d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``,
     ``None`` where ``need`` (``needs_input_grad`` over the same six) is
-    false. The bias gradients come out of the convolution backward calls."""
+    false; ``fused``: as :func:`_step_backward`'s. With grad mode on
+    (create_graph=True) through the registered operator, whose own backward
+    raises: a second derivative fails loudly."""
+    if not _grad_enabled():
+        return _step_backward(p, fused, grad, x, h, w_ih, w_hh, gates, aux, need)
+    from .ops.sequence.op import conv_gru_bwd
+
     has_bias = p.has_bias
     need_b_ih, need_b_hh = has_bias and need[4], has_bias and need[5]
-    if torch.is_grad_enabled():
-        # create_graph=True: through the registered operator, whose own
-        # backward raises: a second derivative fails loudly.
-        from .ops.sequence.op import conv_gru_bwd
-
-        d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
-            grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
-            *p.step.op_args, has_bias)
-        d_gx = d_gx.squeeze(0)
-        d_x = d_w_ih = None
-        if need[0] or need[2]:
-            d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[need[0], need[2], False])
-    else:
-        reset_after = p.reset_after
-        d_x, d_h, d_w_ih, d_w, d_b_ih, d_b_hh = _step_backward(
-            p, fused and p.fused_bwd, grad, x, h, w_ih, w_hh, gates, aux, need,
-            need_b_ih or (need_b_hh and not reset_after), need_b_hh and reset_after)
-        if not reset_after:
-            # One tensor for both bias gradients: autograd's accumulation copies it
-            # where it cannot take it, so the two .grad never share storage.
-            d_b_hh = d_b_ih
+    d_gx, d_h, d_w, d_b_ih, d_b_hh = conv_gru_bwd(
+        grad.unsqueeze(0), h, w_hh, h_new.unsqueeze(0), gates.unsqueeze(0), aux.unsqueeze(0),
+        *p.step.op_args, has_bias)
+    d_gx = d_gx.squeeze(0)
+    d_x = d_w_ih = None
+    if need[0] or need[2]:
+        d_x, d_w_ih, _ = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[need[0], need[2], False])
     return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None,
             d_b_ih if need_b_ih else None, d_b_hh if need_b_hh else None)
 
@@ -1021,8 +1039,8 @@ class _SepStep(torch.autograd.Function):
                 raise RuntimeError("the separable cell's second half has no plan where its first has one: "
                                    "report this with the output of python -m convgru_triton")
         h_out, gates2, aux2, fused2 = _half_forward(p2, x, h_mid, w_ih2, w_hh2, b_ih2, b_hh2)
-        ctx.save_for_backward(x, h, h_mid, h_out, w_ih1, w_hh1, gates1, aux1, w_ih2, w_hh2, gates2, aux2)
-        ctx.sp, ctx.fused = sp, (fused1, fused2)
+        ctx.to_save = (x, h, h_mid, h_out, w_ih1, w_hh1, gates1, aux1, w_ih2, w_hh2, gates2, aux2)
+        ctx.sp, ctx.fused = sp, (fused1 and p1.fused_bwd, fused2 and p2.fused_bwd)
         return h_out
 
     @staticmethod
