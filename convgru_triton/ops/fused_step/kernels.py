@@ -792,14 +792,14 @@ def _conv_dgrad_bwd_kernel(
 @triton.jit
 def _conv_wgrad_kernel(
     dy_ptr, src_ptr, src2_ptr, dw_ptr, db_ptr,
-    P, HW, X, Y, O, SPLIT,
+    N, P, HW, X, Y, O, SPLIT,
     dy_sn, dy_sc, dy_sy, dy_sx,
     s_sn, s_sc, s_sy, s_sx,
     s2_sn, s2_sc, s2_sy, s2_sx,
     dw_so, dw_si, dw_sy, dw_sx,
     C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL_Y: tl.constexpr, DIL_X: tl.constexpr,
     PAD_Y: tl.constexpr, PAD_X: tl.constexpr, HAS_BIAS: tl.constexpr, TWO_SOURCES: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
     PRECISION: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """The weight gradient (wgrad) of a stride-1 'same' convolution ``y = W * s``:
@@ -811,7 +811,12 @@ def _conv_wgrad_kernel(
     the same order at every run. ``TWO_SOURCES``: rows ``o >= SPLIT`` read
     ``src2`` instead (the candidate rows W_hn, whose input is r * h, beside
     W_hrz's h: one launch for the whole W_hh); row tiles do not straddle
-    SPLIT. Grid: (row tiles x taps, C / BLOCK_C)."""
+    SPLIT. Grid: (row tiles x taps, C / BLOCK_C). The pixels are walked as
+    :func:`_pixels` tiles them: ``BLOCK_X == 0`` BLOCK_P consecutive pixels of
+    the flattened (N, Y, X) grid (channels_last), else (BLOCK_P / BLOCK_X) x
+    BLOCK_X patches of one sample, whose columns are visibly contiguous to the
+    compiler (NCHW: at sm_90, bfloat16, RAFT's x, 232 registers per thread
+    with flat pixels, 142 with patches; Triton 3.9)."""
     pid = tl.program_id(0)
     tap = pid % (KH * KW)
     tile = pid // (KH * KW)
@@ -830,15 +835,34 @@ def _conv_wgrad_kernel(
     o_mask = o < o_end
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    # With HAS_BIAS, column C is a channel of ones at every pixel (not shifted
+    # by the tap): the product sums dy over the pixels into it, the bias
+    # gradient on the tensor cores instead of a reduction per step.
+    ones = (c == C)[None, :] if HAS_BIAS else None
     acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=COMPUTE)
-    bias = tl.zeros((BLOCK_O,), dtype=COMPUTE)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < P
-        n = p // HW
-        rest = p - n * HW
-        y = rest // X
-        x = rest - y * X
+    i = tl.arange(0, BLOCK_P)
+    if BLOCK_X == 0:
+        steps = tl.cdiv(P, BLOCK_P)
+    else:
+        BLOCK_Y: tl.constexpr = BLOCK_P // BLOCK_X
+        tiles_x = tl.cdiv(X, BLOCK_X)
+        per_sample = tl.cdiv(Y, BLOCK_Y) * tiles_x
+        steps = N * per_sample
+    for kk in range(steps):
+        if BLOCK_X == 0:
+            p = kk * BLOCK_P + i
+            p_mask = p < P
+            n = p // HW
+            rest = p - n * HW
+            y = rest // X
+            x = rest - y * X
+        else:
+            n = kk // per_sample
+            rest = kk - n * per_sample
+            tile_y = rest // tiles_x
+            y = tile_y * BLOCK_Y + i // BLOCK_X
+            x = (rest - tile_y * tiles_x) * BLOCK_X + i % BLOCK_X
+            p_mask = (y < Y) & (x < X)
         n64 = n.to(tl.int64)
         a = tl.load(dy_ptr + (n64 * dy_sn + (y * dy_sy + x * dy_sx))[None, :] + (o * dy_sc)[:, None],
                     mask=o_mask[:, None] & p_mask[None, :], other=0.0)
@@ -847,14 +871,15 @@ def _conv_wgrad_kernel(
         valid = p_mask & (iy >= 0) & (iy < Y) & (ix >= 0) & (ix < X)
         b = tl.load(src + (n64 * sn + (iy * sy + ix * sx))[:, None] + (c * sc)[None, :],
                     mask=valid[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
         if HAS_BIAS:
-            bias += tl.sum(a.to(COMPUTE), axis=1)
+            b = tl.where(ones, p_mask[:, None].to(b.dtype), b)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=COMPUTE)
     tl.store(dw_ptr + (ky * dw_sy + kx * dw_sx) + (o * dw_so)[:, None] + (c * dw_si)[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & c_mask[None, :])
     if HAS_BIAS:
-        if (tap == 0) & (tl.program_id(1) == 0):  # one program per row tile writes the bias rows
-            tl.store(db_ptr + o, bias.to(db_ptr.dtype.element_ty), mask=o_mask)
+        if tap == 0:  # column C of the first tap's programs (every tap's holds the same sum)
+            tl.store(db_ptr + o[:, None] + 0 * c[None, :], acc.to(db_ptr.dtype.element_ty),
+                     mask=o_mask[:, None] & ones)
 
 
 #: Each backward kernel's name in the tuning registry (``fused_tiles``).
@@ -914,15 +939,21 @@ def _launch_wgrad(spec: ConvSpec, dy: Tensor, src: Tensor, d_w: Tensor, d_b: Opt
     split = rows if split is None else split
     row_tiles = triton.cdiv(split, block_o) + (triton.cdiv(rows - split, block_o) if two else 0)
     kh, kw_ = spec.kernel_size
-    grid = (row_tiles * kh * kw_, triton.cdiv(channels, block_c))
+    if dy.stride(1) == 1 and rows > 1:  # channels_last: flat pixel blocks
+        block_x = 0
+    else:  # columns contiguous: patches of whole column runs (as _pixels)
+        block_x = max(8, min(block_p, triton.next_power_of_2(width)))
+    # With a bias, one column more: the channel of ones (see the kernel).
+    grid = (row_tiles * kh * kw_, triton.cdiv(channels + (d_b is not None), block_c))
     (pad_y, _), (pad_x, _) = spec.pad_per_dim
     # Without a bias or a second source any tensor stands in for their pointers (never read).
     positional = (dy, src, src2 if two else src, d_w, d_w if d_b is None else d_b,
-                  batch * height * width, height * width, width, height, rows, split,
+                  batch, batch * height * width, height * width, width, height, rows, split,
                   *_strides(dy), *_strides(src), *_strides(src2 if two else src), *_strides(d_w))
     kw = dict(
         C=channels, KH=kh, KW=kw_, DIL_Y=spec.dilation[0], DIL_X=spec.dilation[1], PAD_Y=pad_y, PAD_X=pad_x,
         HAS_BIAS=d_b is not None, TWO_SOURCES=two, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_P=block_p,
+        BLOCK_X=block_x,
         # IEEE float32 products (not TF32), as the other kernels: results match the reference.
         PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
         COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
