@@ -369,7 +369,7 @@ def _build(module, x, hx, grad: bool, cast: Optional[torch.dtype]) -> CellPlan:
         bindable=bindable,
         cast_w=cast is not None or fmt is not None or _strided_biases(b_ih, b_hh),
         l_ra_fwd=None, l_rz_fwd=None, l_up_fwd=None, l_ra_bwd=None, l_up_bwd=None, l_rg_bwd=None,
-        l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, l_fwh=None, l_fwi=None, l_fdx=None,
+        l_fra=None, l_frz=None, l_fn=None, l_fdg=None, l_fdrg=None, l_fwh=None, l_fwi=None, l_fdx=None, l_fdxa=None,
         fused_bwd=False,
         rz_n=[2 * hidden, hidden],  # the reset/update and candidate channels of a gates tensor
     )
@@ -591,7 +591,7 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
 
 
 def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-                   gates: Tensor, aux: Tensor, need: tuple):
+                   gates: Tensor, aux: Tensor, need: tuple, d_x_into: Optional[Tensor] = None):
     """The backward of :func:`_half_forward` without create_graph: ``(d_x,
     d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where
     ``need`` (``needs_input_grad`` over the same six) is false. The gate
@@ -600,7 +600,9 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     as Triton kernels (the hidden convolutions' dgrad with the gate backward
     in their epilogue, the input's dgrad, every weight and bias gradient: no
     cuDNN call, each launch bound); else cuDNN's convolution backward, one
-    call per convolution, the bias gradients out of the same calls."""
+    call per convolution, the bias gradients out of the same calls.
+    ``d_x_into``: with ``fused``, a tensor the input's gradient is added to
+    (the other half's of a separable step), returned as ``d_x``."""
     has_bias, reset_after = p.has_bias, p.reset_after
     need_b_ih, need_b_hh = has_bias and need[4], has_bias and need[5]
     # Without reset_after both biases' gradient is the input convolution's.
@@ -699,7 +701,7 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         if need[0] or need[2] or input_bias:
             d_x, d_w_ih, d_b_ih = conv_backward(d_gx, x, w_ih, *args, _MASKS[need[0], need[2], input_bias])
     else:
-        d_x, d_w_ih, d_b_ih = _fused_input_backward(p, stream, quiet, d_gx, x, w_ih, need, input_bias)
+        d_x, d_w_ih, d_b_ih = _fused_input_backward(p, stream, quiet, d_gx, x, w_ih, need, input_bias, d_x_into)
     # One tensor for both bias gradients without reset_after: autograd's
     # accumulation copies it where it cannot take it, so the two .grad never share storage.
     return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None, d_b_ih if need_b_ih else None,
@@ -707,9 +709,10 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
 
 
 def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Tensor, w_ih: Tensor, need: tuple,
-                          input_bias: bool):
+                          input_bias: bool, d_x_into: Optional[Tensor]):
     """The input convolution's ``(d_x, d_weight_ih, d_bias_ih)`` on the fused
-    path: the wgrad kernel (the bias with it) and the dgrad kernel."""
+    path: the wgrad kernel (the bias with it) and the dgrad kernel, which
+    writes ``d_x`` or adds to ``d_x_into``."""
     d_x = d_w_ih = d_b_ih = None
     if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
         # As the bound launches were compiled for (saved-tensor hooks may hand x back in another layout).
@@ -725,13 +728,15 @@ def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Ten
     elif input_bias:
         d_b_ih = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[False, False, True])[2]
     if need[0]:
-        d_x = p.empty_x()
+        add = d_x_into is not None
+        d_x = d_x_into if add else p.empty_x()
         t = (d_gx, w_ih, d_x)
-        L = p.l_fdx
+        L = p.l_fdxa if add else p.l_fdx
         if L and quiet:
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
-            _dgrad_slow(p, "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * p.hidden, d_x, t, ACCUMULATE=False)
+            _dgrad_slow(p, "fdxa" if add else "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * p.hidden, d_x, t,
+                        ACCUMULATE=add)
     return d_x, d_w_ih, d_b_ih
 
 
@@ -999,15 +1004,16 @@ def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
 
 
 def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-                   h_new: Tensor, gates: Tensor, aux: Tensor, need: tuple):
+                   h_new: Tensor, gates: Tensor, aux: Tensor, need: tuple, d_x_into: Optional[Tensor] = None):
     """The backward of :func:`_half_forward`, the input convolution's
     included: ``(d_x, d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``,
     ``None`` where ``need`` (``needs_input_grad`` over the same six) is
-    false; ``fused``: as :func:`_step_backward`'s. With grad mode on
-    (create_graph=True) through the registered operator, whose own backward
-    raises: a second derivative fails loudly."""
+    false; ``fused`` and ``d_x_into``: as :func:`_step_backward`'s. With grad
+    mode on (create_graph=True) through the registered operator, whose own
+    backward raises: a second derivative fails loudly (``d_x_into`` is then
+    not used)."""
     if not _grad_enabled():
-        return _step_backward(p, fused, grad, x, h, w_ih, w_hh, gates, aux, need)
+        return _step_backward(p, fused, grad, x, h, w_ih, w_hh, gates, aux, need, d_x_into)
     from .ops.sequence.op import conv_gru_bwd
 
     has_bias = p.has_bias
@@ -1048,12 +1054,16 @@ class _SepStep(torch.autograd.Function):
         x, h, h_mid, h_out, w_ih1, w_hh1, gates1, aux1, w_ih2, w_hh2, gates2, aux2 = ctx.saved_tensors
         sp = ctx.sp
         need = ctx.needs_input_grad
+        fused1, fused2 = ctx.fused
         d_x2, d_mid, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2 = _half_backward(
-            sp.second, ctx.fused[1], grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, (need[0], True) + need[6:10])
+            sp.second, fused2, grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, (need[0], True) + need[6:10])
+        # Both halves fused: the first half's dgrad kernel adds its d_x to the second's (no add).
+        into = d_x2 if fused1 and fused2 and need[0] and not _grad_enabled() else None
         d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1 = _half_backward(
-            sp.first, ctx.fused[0], d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[:6])
-        return (d_x1 + d_x2 if need[0] else None, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1,
-                d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2, None)
+            sp.first, fused1, d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[:6], into)
+        if into is None and need[0]:
+            d_x1 = d_x1 + d_x2
+        return (d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2, None)
 
 
 _apply_sep_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _SepStep)
