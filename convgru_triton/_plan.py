@@ -33,9 +33,10 @@ for the autocast region, as autocast keeps its own (:class:`_WeightCasts`);
 outside it they are made at every call.
 
 Training runs one autograd node per step (:class:`_CellStep`, and
-:class:`_SepStep` for both halves of a separable step), whose backward calls
-``aten.convolution_backward`` once per convolution, the bias gradients
-included.
+:class:`_SepStep` for both halves of a separable step), whose backward
+(:func:`_step_backward`) calls ``aten.convolution_backward`` once per
+convolution, the bias gradients included; on the fused path it calls none:
+every data and weight gradient is a bound Triton launch.
 """
 
 from __future__ import annotations

@@ -90,13 +90,19 @@ bfloat16 shape (x 256 channels, hidden 128, 46x62, N=6) the HAS_X kernels
 compile for sm_90 to 80-143 registers, with wgmma and no spills
 (tests/test_fused_cell_input.py). The cell's backward is the step backward
 (``conv_gru._backward_step``) followed by cuDNN's convolution backward for
-d_x and d_W_ih.
+d_x and d_W_ih; the cell plans' backward (``convgru_triton._plan``) runs it
+without cuDNN: the dgrad kernels above, ``_conv_dgrad_bwd_kernel`` for d_x
+(over W_ih, ``ACCUMULATE=False``, or adding into the other half's d_x of a
+separable step) and ``_conv_wgrad_kernel`` for the weight gradients (W_hh in
+one launch: its r/z rows from h, its candidate rows from r * h; W_ih with the
+bias gradient), each launch bound to the plan.
 
-Not built: wgrad as a Triton kernel, the input convolution inside
-the sequence operator (it stays one batched cuDNN call over all steps), a
-tuned or persistent grid, pre-packed weights (the weight tile is gathered with
-the weight's own strides), and any GPU measurement (of the cell's input
-fusion too: its tiles are the hidden-only kernels' defaults).
+Not built: the wgrad kernel in the sequence operator (its weight gradient
+stays one batched cuDNN call over all steps), the input convolution inside
+the sequence operator (likewise), a tuned or persistent grid, pre-packed
+weights (the weight tile is gathered with the weight's own strides), and any
+GPU measurement (of the cell's input fusion and the wgrad kernel too: their
+tiles are chosen for registers).
 """
 
 from __future__ import annotations
@@ -700,8 +706,17 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Optional[Tensor], h: Ten
 # 5 P instead of 7 P in 1 launch instead of 2. RAFT's shape (N=6, 46x62, H=128,
 # bfloat16: P = 4.38 MB): 17.5 MB and 2 launches less per ConvGRU step, twice
 # that per SepConvGRU step.
-# The weight gradients (wgrad) stay on cuDNN (one batched call over all T in
-# conv_gru._backward; per step for the one-step cell, in the hook).
+# The sequence operator's weight gradients (wgrad) stay on cuDNN (one batched
+# call over all T in conv_gru._backward). A cell stepped by its plan pays a
+# host call per convolution backward at every step (three per cell update,
+# ~15 us each on the CI machine's host proxy: bench/host_overhead), so its
+# fused backward takes them from _conv_wgrad_kernel, launched bound like the
+# others. Counted, not measured: at RAFT-large's half step (N=6, 46x62,
+# W_ih 384x256 and W_hh 384x128, 1x5, bfloat16) the wgrad is 25.2 GFLOP, a
+# floor of 36 us at ~700 TFLOP/s, against 31 MB of compulsory reads (7 us at
+# 4.2 TB/s); the kernel re-reads dy once per tap and input-channel block
+# (through L2) and is not split over pixels: its programs are row tiles x taps x
+# channel blocks (240 for W_ih there), each walking all 17,112 pixels.
 
 
 @triton.jit
