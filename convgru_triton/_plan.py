@@ -715,10 +715,10 @@ def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Ten
     path: the wgrad kernel (the bias with it) and the dgrad kernel, which
     writes ``d_x`` or adds to ``d_x_into``."""
     d_x = d_w_ih = d_b_ih = None
-    if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
-        # As the bound launches were compiled for (saved-tensor hooks may hand x back in another layout).
-        x = torch.empty_strided(x.shape, p.x_strides, dtype=x.dtype, device=x.device).copy_(x)
     if need[2]:
+        if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
+            # As the bound launch was compiled for (saved-tensor hooks may hand x back in another layout).
+            x = torch.empty_strided(x.shape, p.x_strides, dtype=x.dtype, device=x.device).copy_(x)
         d_w_ih, d_b_ih = p.empty_wih(), p.empty_bias() if input_bias else None
         t = (d_gx, x, x, d_w_ih, d_w_ih if d_b_ih is None else d_b_ih)
         L = p.l_fwi
