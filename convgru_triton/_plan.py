@@ -508,6 +508,8 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor) -> No
     p.state_strides = p.empty1().stride()
     p.gates_strides = p.empty3().stride()
     p.backward_strides = (p.state_strides, p.state_strides, p.gates_strides, p.state_strides)
+    # The input as the forward saw it (the fused backward's launches read it so; see _fused_input_backward).
+    p.x_strides, p.x_aligned, p.x_format = x.stride(), not x.data_ptr() & 15, _format_of(x)
 
 
 def _split(p: CellPlan, w_hh: Tensor) -> tuple:
@@ -741,20 +743,22 @@ def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Ten
     return d_x, d_w_ih, d_b_ih
 
 
+def _format_of(t: Tensor):
+    return torch.channels_last if t.dim() == 4 and is_channels_last(t) else torch.contiguous_format
+
+
 def _wgrad_buffers(p: CellPlan, x: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
-    """The fused backward's gradient buffers (allocated per step, each in the
-    layout of its tensor: the bound launches were compiled for their strides)
-    and the input's strides the launches take (:func:`_step_backward`)."""
+    """The fused backward's gradient allocators (a buffer per step, each dense
+    in its tensor's layout, the input's as the forward saw it: the bound
+    launches were compiled for their strides; :func:`_step_backward`)."""
     dtype, device = p.compute, x.device
 
-    def empty(t: Tensor):
-        fmt = torch.channels_last if t.dim() == 4 and is_channels_last(t) else torch.contiguous_format
-        return functools.partial(_allocate, tuple(t.shape), dtype=dtype, device=device, memory_format=fmt)
+    def empty(shape, fmt):
+        return functools.partial(_allocate, tuple(shape), dtype=dtype, device=device, memory_format=fmt)
 
-    p.x_strides, p.x_aligned = x.stride(), not x.data_ptr() & 15
-    p.empty_wih, p.empty_whh, p.empty_bias = empty(w_ih), empty(w_hh), functools.partial(
-        _allocate, (3 * p.hidden,), dtype=dtype, device=device)
-    p.empty_x = empty(x)
+    p.empty_wih, p.empty_whh = empty(w_ih.shape, _format_of(w_ih)), empty(w_hh.shape, _format_of(w_hh))
+    p.empty_bias = empty((3 * p.hidden,), torch.contiguous_format)
+    p.empty_x = empty(x.shape, p.x_format)
 
 
 def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Optional[Tensor]:
