@@ -14,12 +14,22 @@
   forward at all: the hidden one is fused too).
 * SepConvGRUCell2d (two cells) and a 3-step loop feeding h' back.
 * Declines to cuDNN + the gate kernels: autocast with another dtype, torch.compile, vmap.
+* The backward on the fused path (plan buffers NaN-poisoned): the training
+  backward of ConvGRUCell2d and SepConvGRUCell2d (both formulations) calls no
+  convolution (no aten.convolution_backward), launches the Triton dgrad and
+  wgrad kernels it should, and gives the default path's gradients. The
+  default path's gradients too with frozen weights and trainable biases, with
+  a saved-tensor hook that hands x (or every 4-D saved tensor) back in the
+  other layout after the plan's first step, and with x without gradient (hx
+  given or None).
 * The HAS_X kernels compiled for sm_90 on this machine (a subprocess with a
   fake sm_90 target, as tests/test_fused_step.py does) use wgmma and spill
   nothing at RAFT's bfloat16 shape.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -382,6 +392,236 @@ def test_default_auto_does_not_try_the_fused_cell_step(device, package_settings,
     _set_mode(package_settings, "1")
     module(x, h)
     assert launches == [(True, True)] * 2 and paths() == ["fused", "fused", "gates"]
+
+
+# ----------------------------------------------------------------------------
+# The cell's backward on the fused path: Triton only, and what it is handed
+# ----------------------------------------------------------------------------
+
+
+class _Ops(TorchDispatchMode):
+    """Records every aten overload called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _convolutions(funcs):
+    """The convolution calls (forward or backward, any backend's) among ``funcs``."""
+    return [f for f in funcs if "convolution" in f.name()]
+
+
+@pytest.fixture
+def poisoned_plans(monkeypatch):
+    """Every buffer a cell plan allocates (the backward's d_x, d_h, gate and
+    weight gradients included) starts as NaN."""
+    from convgru_triton import _plan
+
+    def allocate(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(_plan, "_allocate", allocate)
+
+
+@pytest.fixture
+def bwd_launches(monkeypatch):
+    """The fused backward's Triton launches, in order: ``("wgrad", rows,
+    source channels, two sources, bias)`` and ``("dgrad", kernel, accumulate)``."""
+    calls = []
+    wgrad, dgrad = fused_step._launch_wgrad, fused_step._launch_dgrad
+
+    def counted_wgrad(spec, dy, src, d_w, d_b, src2=None, split=None):
+        calls.append(("wgrad", dy.shape[1], src.shape[1], src2 is not None, d_b is not None))
+        return wgrad(spec, dy, src, d_w, d_b, src2, split)
+
+    def counted_dgrad(kernel, *args, **kwargs):
+        calls.append(("dgrad", kernel.__name__, kwargs.get("ACCUMULATE", True)))
+        return dgrad(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fused_step, "_launch_wgrad", counted_wgrad)
+    monkeypatch.setattr(fused_step, "_launch_dgrad", counted_dgrad)
+    return calls
+
+
+def _step_recorded(fn, inputs, module, requires_grad, hooks=None):
+    """One training step of ``fn(*inputs)``, ``inputs[i]`` requiring grad as
+    ``requires_grad[i]``; the backward inside :class:`_Ops` (and ``hooks``, a
+    ``saved_tensors_hooks`` (pack, unpack) pair, around the whole step).
+    Returns ([output, the inputs' gradients, the parameters' gradients by
+    name], the backward's aten calls)."""
+    for p in module.parameters():
+        p.grad = None
+    inputs = [t.detach().clone().requires_grad_(r) for t, r in zip(inputs, requires_grad)]
+    with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext():
+        out = fn(*inputs)
+        with _Ops() as ops:
+            out.backward(_rand(out.device, out.dtype, *out.shape, seed=9))
+    return [out.detach()] + [t.grad for t in inputs] + [p.grad for _, p in sorted(module.named_parameters())], ops.funcs
+
+
+def _check_same(got, expected, names):
+    assert len(got) == len(expected) == len(names)
+    for name, g, e in zip(names, got, expected):
+        if e is None:
+            assert g is None, f"{name}: a gradient where the default path has none"
+        else:
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _names(module, inputs):
+    params = [f"d {n}" for n, _ in sorted(module.named_parameters())]
+    return ["h'"] + [f"d input {i}" for i in range(len(inputs))] + params
+
+
+def _backward_ops(package_settings, fn, inputs, module, requires_grad=None):
+    """The step at fused_step=0 then =1: every result of =1 equals =0's.
+    Returns the backward's aten calls of both: (default, fused)."""
+    requires_grad = requires_grad or [True] * len(inputs)
+    _set_mode(package_settings, "0")
+    expected, default_ops = _step_recorded(fn, inputs, module, requires_grad)
+    _set_mode(package_settings, "1")
+    got, fused_ops = _step_recorded(fn, inputs, module, requires_grad)
+    _check_same(got, expected, _names(module, inputs))
+    return default_ops, fused_ops
+
+
+def _per_half(reset_after, hidden, c_in, x_grad=True, weights=True, x_into=False):
+    """The fused backward launches of one cell step (one half of a separable
+    one; ``x_into``: the first half's, whose input dgrad adds to the second's d_x)."""
+    if reset_after:
+        calls = [("dgrad", "_conv_dgrad_bwd_kernel", True)]
+        calls += [("wgrad", 3 * hidden, hidden, False, True)] if weights else []  # W_hh, b_hh
+    else:
+        calls = [("dgrad", "_conv_dgrad_reset_gate_bwd_kernel", True), ("dgrad", "_conv_dgrad_bwd_kernel", True)]
+        calls += [("wgrad", 3 * hidden, hidden, True, False)] if weights else []  # W_hrz from h, W_hn from r * h
+    calls += [("wgrad", 3 * hidden, c_in, False, True)] if weights else []  # W_ih, b_ih (both biases: reset_before)
+    return calls + ([("dgrad", "_conv_dgrad_bwd_kernel", x_into)] if x_grad else [])  # d_x, written (or added)
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("kind, reset_after", [
+    pytest.param("cell", False, id="cell-reset_before"), pytest.param("cell", True, id="cell-reset_after"),
+    pytest.param("sep", False, id="sep-reset_before", marks=pytest.mark.slow),  # 2.5 s under the interpreter
+    pytest.param("sep", True, id="sep-reset_after")])
+def test_fused_backward_runs_no_convolution(device, poisoned_plans, package_settings, launches, bwd_launches, kind,
+                                            reset_after):
+    """With =1 the training backward of ConvGRUCell2d and SepConvGRUCell2d calls
+    no convolution (no aten.convolution_backward: no cuDNN): dgrad and wgrad,
+    biases included, are the Triton kernels (the separable step's first half
+    adds its d_x into the second's: ACCUMULATE); every gradient equals =0's,
+    whose backward the recorder sees calling aten.convolution_backward."""
+    torch.manual_seed(0)
+    if kind == "cell":
+        module = cg.ConvGRUCell2d(3, 5, (3, 3), reset_after=reset_after, dilation=(2, 1), backend="triton")
+    else:
+        module = cg.SepConvGRUCell2d(3, 5, kernel_size=5, reset_after=reset_after, backend="triton")
+    module = module.to(device)
+    halves = 1 if kind == "cell" else 2
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    default_ops, fused_ops = _backward_ops(package_settings, module, (x, h), module)
+    assert torch.ops.aten.convolution_backward.default in default_ops  # the recorder sees the backward
+    assert _convolutions(fused_ops) == []
+    assert launches == [(True, True)] * halves
+    # The separable step backward: the second half, then the first, adding its d_x to the second's.
+    want = _per_half(reset_after, 5, 3) + (_per_half(reset_after, 5, 3, x_into=True) if kind == "sep" else [])
+    assert bwd_launches == want
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("case", [pytest.param("both-reset_before", marks=pytest.mark.slow), "both-reset_after",
+                                  "weight_hh-reset_after", "weight_ih-reset_before"])
+def test_frozen_weights_trainable_biases(device, poisoned_plans, package_settings, launches, bwd_launches, case):
+    """Weights not requiring grad, biases trainable, on the fused path: the
+    bias gradients (and those of the trainable weight, input and hx) equal the
+    default path's; no weight gradient is launched for a frozen weight."""
+    frozen, form = case.split("-")
+    reset_after = form == "reset_after"
+    torch.manual_seed(0)
+    module = cg.ConvGRUCell2d(3, 5, (1, 5), reset_after=reset_after, backend="triton").to(device)
+    for name in ("weight_ih", "weight_hh") if frozen == "both" else (frozen,):
+        getattr(module, name).requires_grad_(False)
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    _set_mode(package_settings, "0")
+    expected, _ = _step_recorded(module, (x, h), module, [True, True])
+    _set_mode(package_settings, "1")
+    got, _ = _step_recorded(module, (x, h), module, [True, True])
+    names = _names(module, (x, h))
+    _check_same(got, expected, names)
+    grads = dict(zip(names, got))
+    assert grads["d bias_ih"] is not None and grads["d bias_hh"] is not None
+    for name in ("weight_ih", "weight_hh"):
+        assert (grads[f"d {name}"] is None) == (frozen in ("both", name)), name
+    assert launches == [(True, True)]
+    wgrads = [c for c in bwd_launches if c[0] == "wgrad"]
+    want = [c for c, w in ((("wgrad", 15, 5, not reset_after, reset_after), "weight_hh"),
+                           (("wgrad", 15, 3, False, True), "weight_ih")) if frozen not in ("both", w)]
+    assert wgrads == want
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("case", ["x-to_cl-reset_before", pytest.param("x-to_nchw-reset_after", marks=pytest.mark.slow),
+                                  "all-to_cl-reset_after",
+                                  pytest.param("all-to_nchw-reset_before", marks=pytest.mark.slow)])
+def test_saved_tensor_hooks_change_the_layout(device, poisoned_plans, package_settings, launches, case):
+    """A saved-tensor hook that hands tensors back in the other layout (unpack:
+    ``t.contiguous(memory_format=...)``): x alone, or every 4-D saved tensor
+    (x, hx, the weights, gates, aux). The plan's first fused step runs without
+    the hook (on a GPU it binds its launches to the layouts it saw), the second
+    with it: both give the default path's gradients."""
+    which, to, form = case.split("-")
+    reset_after = form == "reset_after"
+    given, back = ((torch.contiguous_format, torch.channels_last) if to == "to_cl"
+                   else (torch.channels_last, torch.contiguous_format))
+    torch.manual_seed(0)
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), reset_after=reset_after, backend="triton").to(device)
+    x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1).contiguous(memory_format=given)
+    h = _rand(device, torch.float32, 2, 5, 5, 7, seed=2).contiguous(memory_format=given)
+    changed = []
+
+    def unpack(t):
+        if t.dim() == 4 and (which == "all" or t.shape == x.shape):
+            changed.append(tuple(t.shape))
+            return t.contiguous(memory_format=back)
+        return t
+
+    _set_mode(package_settings, "0")
+    expected, _ = _step_recorded(module, (x, h), module, [True, True])
+    _set_mode(package_settings, "1")
+    names = _names(module, (x, h))
+    for hooks in (None, (lambda t: t, unpack)):
+        got, ops = _step_recorded(module, (x, h), module, [True, True], hooks)
+        _check_same(got, expected, names)
+        assert _convolutions(ops) == []
+    assert launches == [(True, True)] * 2
+    assert tuple(x.shape) in changed and (which == "x" or (15, 5, 3, 3) in changed)
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("reset_after, hx", [
+    pytest.param(False, "none", id="reset_before-none", marks=pytest.mark.slow),
+    pytest.param(False, "given", id="reset_before-given"), pytest.param(True, "none", id="reset_after-none"),
+    pytest.param(True, "given", id="reset_after-given", marks=pytest.mark.slow)])
+def test_input_without_gradient(device, poisoned_plans, package_settings, launches, bwd_launches, reset_after, hx):
+    """x not requiring grad (gradients for hx, when given, and the weights
+    only), and hx None (zeros made by the plan): the default path's gradients;
+    no input dgrad is launched (d_x is not wanted)."""
+    torch.manual_seed(0)
+    module = cg.ConvGRUCell2d(3, 5, (3, 3), reset_after=reset_after, backend="triton").to(device)
+    x, h = _rand(device, torch.float32, 2, 3, 5, 7, seed=1), _rand(device, torch.float32, 2, 5, 5, 7, seed=2)
+    if hx == "none":
+        fn, inputs, needs = (lambda x: module(x)), (x,), [False]
+    else:
+        fn, inputs, needs = module, (x, h), [False, True]
+    default_ops, fused_ops = _backward_ops(package_settings, fn, inputs, module, needs)
+    assert _convolutions(fused_ops) == [] and torch.ops.aten.convolution_backward.default in default_ops
+    assert launches == [(True, True)]
+    assert bwd_launches == _per_half(reset_after, 5, 3, x_grad=False)
 
 
 # ----------------------------------------------------------------------------

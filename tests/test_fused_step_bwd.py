@@ -17,8 +17,21 @@ gate backward in its epilogue, against the references and cuDNN + the gate kerne
   the fused backward ran at every step.
 * Through the cell and the bidirectional sequence modules: d_input too.
 * Where it does not apply it declines, having written nothing.
+* The weight-gradient kernel alone (``_launch_wgrad``, the one-step cell's
+  wgrad) into NaN-poisoned d_w and d_b equals :func:`fused_step.naive.wgrad_ref`
+  (autograd through ``conv_same`` in float64): float64/float32/float16 (and
+  bfloat16 on a GPU), the five kernels above, NCHW, channels_last and mixes of
+  dy's and the sources' layouts, with and without bias, one source and two
+  (split 10 of 15 rows and 2H = 40 of 60: not row-tile multiples), several
+  channel and pixel blocks, the bias column in a channel block of its own, and
+  forced 16-wide tiles (several row tiles on both sides of the split).
+* ``_conv_dgrad_bwd_kernel`` with ``ACCUMULATE=False`` (the cell's d_x) into a
+  NaN-poisoned output equals autograd's d_x of ``conv_same``; with the default
+  it adds.
 * The float16/bfloat16 kernels compiled for sm_90 on this machine (no GPU:
-  ``bench/_triton_compat``, as ``bench/codegen.py``) use wgmma and spill nothing.
+  ``bench/_triton_compat``, as ``bench/codegen.py``) use wgmma and spill nothing;
+  the weight-gradient kernel at RAFT's bfloat16 shapes (slow tier) too, with 32
+  registers of headroom.
 
 On CPU the kernels run under the Triton interpreter (no bfloat16 there); on a
 GPU compiled.
@@ -35,7 +48,7 @@ from convgru_triton.ops.fused_step import naive as fused_naive
 from convgru_triton.ops.sequence import naive as sequence_naive
 from convgru_triton.ops.sequence import op as conv_gru
 from conftest import compile_for_sm90
-from _tolerance import assert_close_to_reference, float64_training_step
+from _tolerance import RTOL, TINY, assert_close_to_reference, float64_training_step, reference_error
 
 
 TOLERANCE = {
@@ -298,6 +311,8 @@ def test_modules_input_gradient(device, package_settings, dgrad_launches, kind):
     grad, *got = _module_grads(module, x, h0, True, package_settings)
     per_step = ["_conv_dgrad_bwd_kernel"] if reset_after else ["_conv_dgrad_reset_gate_bwd_kernel",
                                                                "_conv_dgrad_bwd_kernel"]
+    if what == "cell":  # the cell's plan: d_input through the dgrad kernel too (ACCUMULATE=False)
+        per_step = per_step + ["_conv_dgrad_bwd_kernel"]
     assert dgrad_launches == per_step * steps, "the fused backward did not run at every step"
     _, *default = _module_grads(module, x, h0, False, package_settings)
     assert set(got[2]) == set(default[2]) and got[2]
@@ -319,6 +334,128 @@ def test_modules_input_gradient(device, package_settings, dgrad_launches, kind):
         mine = [got[0], got[1]] + [got[2][n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         for name, g, r in zip(names, mine, ref):
             torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=3e-5, msg=lambda m: f"{name} vs reference: {m}")
+
+
+# ----------------------------------------------------------------------------
+# The weight-gradient kernel and the input's dgrad (ACCUMULATE=False), launched alone
+# ----------------------------------------------------------------------------
+
+
+def _near_reference(got, ref, dtype, what):
+    """``got`` (in ``dtype``) within ``RTOL[dtype]`` of the float64 reference's
+    largest magnitude; an unwritten (NaN) element fails."""
+    assert got.dtype == dtype and got.shape == ref.shape, (what, got.dtype, got.shape, ref.shape)
+    scale = ref.abs().max().item()
+    err = reference_error(got, ref)
+    assert err <= RTOL[dtype] * scale + TINY, f"{what}: {err:.3g} from the float64 reference (scale {scale:.3g})"
+
+
+def _skip_dtype(device, dtype):
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        pytest.skip("bfloat16 kernels need a GPU (the Triton interpreter has no bfloat16)")
+    if dtype == torch.float64 and device.type == "cuda":
+        pytest.skip("float64 tl.dot is exercised under the interpreter only (not a production dtype)")
+
+
+_DTYPES = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_FMT = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+
+#: (dtype, spec, O rows, C channels, map, layouts of dy/src[/src2], bias, split).
+#: N = 2 and 5x9 or 7x9 maps: 90 or 126 pixels, 3-4 float32 pixel blocks (BLOCK_P
+#: 32; float16 64: 2); C = 40: two channel blocks (BLOCK_C 32); C = 16 (BLOCK_C
+#: 16) and 32 (float16, BLOCK_C 32) with a bias: the bias's column of ones (column
+#: C) in a channel block of its own, as at RAFT's C = 128 and 256; O = 15 or 60 in
+#: one row tile of 16 or 64 (more than one: the forced-tile case). split 10 of 15
+#: and 40 = 2H of 60 (H = 20, W_hh of a GRU): not multiples of the row tile.
+WGRAD_CASES = {
+    "f32-3x3-nchw-bias": ("f32", "3x3", 15, 7, (7, 9), "nchw/nchw", True, None),
+    "f32-1x5-cl-c40": ("f32", "1x5", 15, 40, (5, 9), "cl/cl", False, None),
+    "f32-5x1-dycl-srcnchw-bias-o60-c16": ("f32", "5x1", 60, 16, (7, 9), "cl/nchw", True, None),
+    "f32-3x3dil2-dynchw-srccl-bias-split10": ("f32", "3x3-dil2", 15, 7, (7, 9), "nchw/cl/nchw", True, 10),
+    "f32-2x4dil1x3-h20-split40": ("f32", "2x4-dil1x3", 60, 20, (5, 9), "cl/nchw/cl", False, 40),
+    "f64-2x4dil1x3-bias-split10": ("f64", "2x4-dil1x3", 15, 7, (7, 9), "nchw/cl/cl", True, 10),
+    "f16-3x3-cl-bias-c32": ("f16", "3x3", 15, 32, (5, 9), "cl/cl", True, None),
+    "f16-1x5-nchw-split10": ("f16", "1x5", 15, 7, (7, 9), "nchw/nchw/cl", True, 10),
+    "bf16-3x3dil2-cl-h20-split40-bias": ("bf16", "3x3-dil2", 60, 20, (7, 9), "cl/cl/nchw", True, 40),
+}
+
+
+def _wgrad_case(device, dtype, spec, rows, channels, size, layouts, bias, split, seed=0):
+    """Launch ``_launch_wgrad`` into NaN-poisoned d_w and d_b; returns (got, reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    fmts = [_FMT[f] for f in layouts.split("/")]
+    dy = _rand(gen, device, dtype, 2, rows, *size).contiguous(memory_format=fmts[0])
+    src = _rand(gen, device, dtype, 2, channels, *size).contiguous(memory_format=fmts[1])
+    src2 = None if split is None else _rand(gen, device, dtype, 2, channels, *size).contiguous(memory_format=fmts[2])
+    d_w = torch.full((rows, channels, *spec.kernel_size), float("nan"), device=device, dtype=dtype)
+    d_b = torch.full((rows,), float("nan"), device=device, dtype=dtype) if bias else None
+    fused_step._launch_wgrad(spec, dy, src, d_w, d_b, src2, split)
+    ref = fused_naive.wgrad_ref(spec, dy.double(), src.double(), None if src2 is None else src2.double(), split, bias)
+    return (d_w, d_b), ref
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("case", list(WGRAD_CASES))
+def test_wgrad_kernel_equals_reference(device, case):
+    dtype_id, spec_id, rows, channels, size, layouts, bias, split = WGRAD_CASES[case]
+    dtype, spec = _DTYPES[dtype_id], SPECS[spec_id]
+    _skip_dtype(device, dtype)
+    (d_w, d_b), (ref_w, ref_b) = _wgrad_case(device, dtype, spec, rows, channels, size, layouts, bias, split)
+    _near_reference(d_w, ref_w, dtype, "d_w")
+    if bias:
+        _near_reference(d_b, ref_b, dtype, "d_b")
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("split", [pytest.param(None, marks=pytest.mark.slow), 40], ids=["one_source", "split40"])
+def test_wgrad_kernel_several_row_tiles(device, split):
+    """Forced 16-wide tiles: rows 60 in 4 row tiles (split 40: 3 over rows 0-39,
+    the last partial, ending at the split; 2 over rows 40-59, the last partial),
+    2 channel blocks of C = 20, 4 pixel blocks of 54 pixels; the bias of every
+    row tile written once."""
+    from convgru_triton import _tuning
+
+    with _tuning.forced_tile(_tuning.TileConfig(16, 16, 16, 4, 2)):
+        (d_w, d_b), (ref_w, ref_b) = _wgrad_case(device, torch.float32, SPECS["1x5"], 60, 20, (3, 9),
+                                                 "nchw/cl/nchw", True, split, seed=1)
+    _near_reference(d_w, ref_w, torch.float32, "d_w")
+    _near_reference(d_b, ref_b, torch.float32, "d_b")
+
+
+#: (dtype, spec, C = d_x's channels, O = dy's channels, map, layouts of dy/d_x).
+DGRAD_CASES = {
+    "f32-3x3-nchw": ("f32", "3x3", 7, 15, (7, 9), "nchw/nchw"),
+    "f32-2x4dil1x3-dynchw-dxcl-c40-o60": ("f32", "2x4-dil1x3", 40, 60, (5, 9), "nchw/cl"),
+    "f64-1x5-dycl-dxnchw": ("f64", "1x5", 7, 15, (7, 9), "cl/nchw"),
+    "f16-5x1-cl": ("f16", "5x1", 7, 15, (7, 9), "cl/cl"),
+    "bf16-3x3dil2-nchw": ("bf16", "3x3-dil2", 7, 60, (7, 9), "nchw/nchw"),
+}
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("case", list(DGRAD_CASES))
+def test_dgrad_kernel_without_accumulation(device, case):
+    """``_conv_dgrad_bwd_kernel`` with ``ACCUMULATE=False`` (the one-step cell's
+    d_x = dgrad(d_gx, W_ih)) into a NaN-poisoned d_x: the data gradient of
+    ``conv_same(x, W)`` for the output gradient dy, by autograd in float64;
+    then with ``ACCUMULATE`` (the default) the same again added to it."""
+    dtype_id, spec_id, channels, rows, size, layouts = DGRAD_CASES[case]
+    dtype, spec = _DTYPES[dtype_id], SPECS[spec_id]
+    _skip_dtype(device, dtype)
+    gen = torch.Generator().manual_seed(2)
+    fmt_dy, fmt_dx = (_FMT[f] for f in layouts.split("/"))
+    dy = _rand(gen, device, dtype, 2, rows, *size).contiguous(memory_format=fmt_dy)
+    w = _rand(gen, device, dtype, rows, channels, *spec.kernel_size, scale=0.3)
+    d_x = torch.full((2, channels, *size), float("nan"), device=device, dtype=dtype).contiguous(memory_format=fmt_dx)
+    S = fused_step._strides
+    launch = (fused_step._conv_dgrad_bwd_kernel, spec, d_x, rows, (dy, w, d_x), (*S(dy), *S(w), *S(d_x)))
+    fused_step._launch_dgrad(*launch, ACCUMULATE=False)
+    x = torch.zeros(2, channels, *size, dtype=torch.float64, device=device, requires_grad=True)
+    (ref,) = torch.autograd.grad(conv_same(x, w.double(), spec), x, dy.double())
+    _near_reference(d_x, ref, dtype, "d_x")
+    if dtype == torch.float32:
+        fused_step._launch_dgrad(*launch)
+        _near_reference(d_x, 2 * ref, dtype, "d_x accumulated")
 
 
 # ----------------------------------------------------------------------------
@@ -426,3 +563,88 @@ def test_sm90_no_spills(sm90_kernels):
     bad = [f"{k['name']} {k['dtype']} C={k['C']}: {k['regs']} registers, stack {k['stack']} B, local {k['local']} B"
            for k in sm90_kernels if k["stack"] or k["local"]]
     assert not bad, "spills to local memory:\n" + "\n".join(bad)
+
+
+# The weight-gradient kernel at RAFT's bfloat16 shapes, as the cell's plan
+# launches it: W_ih (dy = d_gx, 384 rows, from x, 256 channels, with b_ih),
+# W_hh reset_before (from h and, rows 256-383, r * h: 128 channels each, no bias)
+# and W_hh reset_after (from h, with b_hh); kernels (1, 5) and (3, 3), NCHW and
+# channels_last. Compiled, never launched.
+_WGRAD_CODEGEN = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+sys.path.insert(0, sys.argv[1])
+from bench import _triton_compat as tc
+error = tc.nvidia_backend_error()
+if error:
+    print(json.dumps({"skip": error})); sys.exit(0)
+from convgru_triton._conv import ConvSpec
+from convgru_triton.ops.fused_step import kernels as fs
+records, tags = [], []
+n, c_in, hid, y, x = 6, 256, 128, 46, 62
+dtype = torch.bfloat16
+with tc.compile_without_launch(90, records):
+    for cl in (False, True):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        for kernel in ((1, 5), (3, 3)):
+            spec = ConvSpec(kernel, (1, 1))
+            d_gx = torch.zeros(n, 3 * hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+            inp = torch.zeros(n, c_in, y, x, dtype=dtype).contiguous(memory_format=fmt)
+            h = torch.zeros(n, hid, y, x, dtype=dtype).contiguous(memory_format=fmt)
+            aux, b = torch.zeros_like(h), torch.zeros(3 * hid, dtype=dtype)
+            for source, args in (("x", (inp, torch.empty(3 * hid, c_in, *kernel, dtype=dtype), b)),
+                                 ("h+rh", (h, torch.empty(3 * hid, hid, *kernel, dtype=dtype), None, aux, 2 * hid)),
+                                 ("h", (h, torch.empty(3 * hid, hid, *kernel, dtype=dtype), b))):
+                before = len(records)
+                fs._launch_wgrad(spec, d_gx, *args)
+                tags.extend([("cl" if cl else "nchw", "x".join(map(str, kernel)), source)] * (len(records) - before))
+out = []
+for rec, (layout, kernel, source) in zip(records, tags):
+    res = tc.resource_usage(rec.kernel)
+    c = rec.constexprs
+    out.append(dict(name=rec.name, layout=layout, kernel=kernel, source=source, C=c.get("C"),
+                    two=bool(c.get("TWO_SOURCES")), bias=bool(c.get("HAS_BIAS")), regs=res["regs"],
+                    stack=res["stack"], local=res["local"], wgmma=tc.ptx(rec.kernel).count("wgmma.mma_async"),
+                    warps=rec.num_warps))
+print(json.dumps({"kernels": out}))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_wgrad_kernels():
+    return compile_for_sm90(_WGRAD_CODEGEN, "the weight-gradient kernel")
+
+
+#: As tests/test_fused_step.py: the defaults keep 32 of a thread's 255 registers free.
+REGISTER_HEADROOM = 32
+
+
+def _wgrad_row(k):
+    return (f"{k['layout']} {k['kernel']} from {k['source']} (C={k['C']}, two sources {k['two']}, bias {k['bias']}): "
+            f"{k['regs']} registers, stack {k['stack']} B, local {k['local']} B, {k['wgmma']} wgmma, "
+            f"{k['warps']} warps")
+
+
+@pytest.mark.slow
+def test_sm90_wgrad_every_variant_compiles(sm90_wgrad_kernels):
+    got = sorted((k["name"], k["layout"], k["kernel"], k["source"], k["C"], k["two"], k["bias"])
+                 for k in sm90_wgrad_kernels)
+    want = sorted(("_conv_wgrad_kernel", layout, kernel, source, c, two, bias)
+                  for layout in ("nchw", "cl") for kernel in ("1x5", "3x3")
+                  for source, c, two, bias in (("x", 256, False, True), ("h+rh", 128, True, False),
+                                               ("h", 128, False, True)))
+    assert got == want
+
+
+@pytest.mark.slow
+def test_sm90_wgrad_no_spills_registers(sm90_wgrad_kernels):
+    bad = [_wgrad_row(k) for k in sm90_wgrad_kernels
+           if k["stack"] or k["local"] or k["regs"] > 255 - REGISTER_HEADROOM]
+    assert not bad, f"spills, or fewer than {REGISTER_HEADROOM} registers free:\n" + "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_sm90_wgrad_uses_wgmma(sm90_wgrad_kernels):
+    bad = [_wgrad_row(k) for k in sm90_wgrad_kernels if k["wgmma"] == 0]
+    assert not bad, "no wgmma.mma_async in the PTX (no Hopper tensor cores):\n" + "\n".join(bad)

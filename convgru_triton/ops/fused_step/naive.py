@@ -1,6 +1,9 @@
 """Pure-PyTorch reference of the fused step: what its forward and backward
 kernels (:mod:`.kernels`) must write, from the gate math's references
-(:mod:`..gates.naive`) and 'same' convolutions."""
+(:mod:`..gates.naive`) and 'same' convolutions: one step forward
+(:func:`reference_step`), its data gradients (:func:`reference_backward_step`)
+and the weight gradient of one 'same' convolution that ``_launch_wgrad``
+writes (:func:`wgrad_ref`)."""
 
 from __future__ import annotations
 
@@ -49,3 +52,24 @@ def reference_backward_step(reset_after: bool, spec: ConvSpec, grad: Tensor, gx:
         out = naive.gru_reset_after_fwd_ref(gx, gh, h, bias_ih, bias_hh)[0]
         d_gx, d_gh, d_h = torch.autograd.grad(out, (gx, gh, h), grad)
     return d_gx, d_gh, d_h
+
+
+def wgrad_ref(spec: ConvSpec, dy: Tensor, src: Tensor, src2: Optional[Tensor] = None, split: Optional[int] = None,
+              bias: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(d_w, d_b)`` that :func:`~.kernels._launch_wgrad` must write, by autograd
+    through :func:`~convgru_triton._conv.conv_same` in ``dy``'s dtype (float64
+    for a reference): d_w (O, C, kh, kw) the gradient of the weight of
+    ``conv_same(src, W)`` (src (N, C, Y, X)) whose output (N, O, Y, X) has
+    gradient ``dy``; with ``src2`` (N, C, Y, X), rows ``split:`` convolve
+    ``src2`` instead (W_hh of a GRU: W_hrz from h, W_hn from r * h). d_b (O,)
+    = ``dy`` summed over batch and space with ``bias``, else ``None``."""
+    weight = torch.zeros(dy.shape[1], src.shape[1], *spec.kernel_size, dtype=dy.dtype, device=dy.device,
+                         requires_grad=True)
+    with torch.enable_grad():
+        if src2 is None:
+            out = conv_same(src.to(dy.dtype), weight, spec)
+        else:
+            out = torch.cat([conv_same(src.to(dy.dtype), weight[:split], spec),
+                             conv_same(src2.to(dy.dtype), weight[split:], spec)], 1)
+        (d_w,) = torch.autograd.grad(out, weight, dy)
+    return d_w, dy.sum((0, 2, 3)) if bias else None
