@@ -485,7 +485,7 @@ def _fused_general(p: CellPlan, sites: Tuple[str, ...], tensors: Tuple[tuple, ..
     return bool(ran)
 
 
-def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor) -> None:
+def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor) -> None:
     """What the first step of a plan learns from its tensors: the state's
     layout, hence every buffer's (the general path's rule: the state's own,
     else the input convolution's, which is channels_last where its input or
@@ -508,8 +508,10 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor) -> No
     p.state_strides = p.empty1().stride()
     p.gates_strides = p.empty3().stride()
     p.backward_strides = (p.state_strides, p.state_strides, p.gates_strides, p.state_strides)
-    # The input as the forward saw it (the fused backward's launches read it so; see _fused_input_backward).
+    # The input and weights as the forward saw them: the fused backward's bound
+    # launches read them so (saved-tensor hooks may hand them back otherwise).
     p.x_strides, p.x_aligned, p.x_format = x.stride(), not x.data_ptr() & 15, _format_of(x)
+    p.w_strides = (w_ih.stride(), w_hh.stride())
 
 
 def _split(p: CellPlan, w_hh: Tensor) -> tuple:
@@ -602,7 +604,8 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     fused kernels ran forward and the plan's backward is fused) all of them
     as Triton kernels (the hidden convolutions' dgrad with the gate backward
     in their epilogue, the input's dgrad, every weight and bias gradient: no
-    cuDNN call, each launch bound); else cuDNN's convolution backward, one
+    cuDNN call, each launch bound; a trainable bias of a frozen weight is an
+    aten sum); else cuDNN's convolution backward, one
     call per convolution, the bias gradients out of the same calls.
     ``d_x_into``: with ``fused``, a tensor the input's gradient is added to
     (the other half's of a separable step), returned as ``d_x``."""
@@ -618,8 +621,11 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     conv_backward, args = p.conv_backward, p.conv_args
     hidden = p.hidden
     need_weight = need[3]
-    if fused and p.empty_x is None:
-        _wgrad_buffers(p, x, w_ih, w_hh)
+    if fused:
+        if p.empty_x is None:
+            _wgrad_buffers(p, x, w_ih, w_hh)
+        if (w_ih.stride(), w_hh.stride()) != p.w_strides:
+            w_ih, w_hh = (_strided_copy(w, strides) for w, strides in zip((w_ih, w_hh), p.w_strides))
     d_w = d_b = None
     if reset_after:
         d_gh = p.empty3()
@@ -648,8 +654,8 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
                     L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
                 else:
                     _wgrad_slow(p, "fwh", L, stream, t, None)
-            elif hidden_bias:
-                d_b = conv_backward(d_gh, h, w_hh, *args, _MASKS[False, False, True])[2]
+            elif hidden_bias:  # a frozen weight's trainable bias
+                d_b = d_gh.sum(_BIAS_DIMS)
     else:
         t = (grad, grad, gates, h, d_gx, d_h)
         L = p.l_up_bwd
@@ -719,8 +725,7 @@ def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Ten
     d_x = d_w_ih = d_b_ih = None
     if need[2]:
         if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
-            # As the bound launch was compiled for (saved-tensor hooks may hand x back in another layout).
-            x = torch.empty_strided(x.shape, p.x_strides, dtype=x.dtype, device=x.device).copy_(x)
+            x = _strided_copy(x, p.x_strides)  # as the bound launch was compiled for
         d_w_ih, d_b_ih = p.empty_wih(), p.empty_bias() if input_bias else None
         t = (d_gx, x, x, d_w_ih, d_w_ih if d_b_ih is None else d_b_ih)
         L = p.l_fwi
@@ -728,8 +733,8 @@ def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Ten
             L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
         else:
             _wgrad_slow(p, "fwi", L, stream, t, None)
-    elif input_bias:
-        d_b_ih = p.conv_backward(d_gx, x, w_ih, *p.conv_args, _MASKS[False, False, True])[2]
+    elif input_bias:  # a frozen weight's trainable bias
+        d_b_ih = d_gx.sum(_BIAS_DIMS)
     if need[0]:
         add = d_x_into is not None
         d_x = d_x_into if add else p.empty_x()
@@ -741,6 +746,13 @@ def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Ten
             _dgrad_slow(p, "fdxa" if add else "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * p.hidden, d_x, t,
                         ACCUMULATE=add)
     return d_x, d_w_ih, d_b_ih
+
+
+_BIAS_DIMS = (0, 2, 3)  # batch and space of the fused path's (N, C, Y, X) tensors
+
+
+def _strided_copy(t: Tensor, strides: tuple) -> Tensor:
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _format_of(t: Tensor):
@@ -897,7 +909,7 @@ def run(p: CellPlan, x: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
     if p.cast_w:
         w_ih, w_hh, b_ih, b_hh = p.weight_cast(w_ih, w_hh, b_ih, b_hh, region, p.grad)
     if p.state_channels_last is None:
-        _first_step(p, x, hx, w_ih)
+        _first_step(p, x, hx, w_ih, w_hh)
     h = p.empty1().zero_() if hx is None else hx
     if p.grad:
         h_new = _apply_cell_step(x, h, w_ih, w_hh, b_ih, b_hh, p)
@@ -999,7 +1011,7 @@ def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
     needs: ``(h', gates, aux, fused)``; ``fused``: the fused kernels ran (else
     the gates path)."""
     if p.state_channels_last is None:
-        _first_step(p, x, h, w_ih)
+        _first_step(p, x, h, w_ih, w_hh)
     if p.path == _FUSED:
         state, gates, aux = p.empty1(), p.empty3(), p.empty1()
         if _fused_launches(p, x, h, w_ih, w_hh, b_ih, b_hh, state, gates, aux, True):
@@ -1182,7 +1194,7 @@ def sep_forward(module, x, hx):
             w2 = sp.weight_cast2(*w2, region, True)
         if hx is None:
             if p1.state_channels_last is None:
-                _first_step(p1, x, None, w1[0])
+                _first_step(p1, x, None, w1[0], w1[1])
             hx = p1.empty1().zero_()
         h = _apply_sep_step(x, hx, *w1, *w2, sp)
     else:

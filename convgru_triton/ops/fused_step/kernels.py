@@ -863,6 +863,9 @@ def _conv_wgrad_kernel(
         tiles_x = tl.cdiv(X, BLOCK_X)
         per_sample = tl.cdiv(Y, BLOCK_Y) * tiles_x
         steps = N * per_sample
+    if HAS_BIAS:
+        if (tl.program_id(1) * BLOCK_C >= C) & (tap != 0):
+            steps = 0  # a block of the ones column alone: only the first tap's is stored
     for kk in range(steps):
         if BLOCK_X == 0:
             p = kk * BLOCK_P + i
@@ -951,7 +954,9 @@ def _launch_wgrad(spec: ConvSpec, dy: Tensor, src: Tensor, d_w: Tensor, d_b: Opt
     block_c, _ = _blocks(channels, channels, tile)
     block_p = max(16, min(tile.block_k, triton.next_power_of_2(batch * height * width)))
     two = src2 is not None
-    split = rows if split is None else split
+    if two != (split is not None):
+        raise ValueError(f"src2 and split come together: got src2 {'a tensor' if two else None}, split {split!r}")
+    split = split if two else rows
     row_tiles = triton.cdiv(split, block_o) + (triton.cdiv(rows - split, block_o) if two else 0)
     kh, kw_ = spec.kernel_size
     if dy.stride(1) == 1 and rows > 1:  # channels_last: flat pixel blocks
