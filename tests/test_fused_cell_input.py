@@ -539,7 +539,8 @@ def test_fused_backward_runs_no_convolution(device, poisoned_plans, package_sett
 def test_frozen_weights_trainable_biases(device, poisoned_plans, package_settings, launches, bwd_launches, case):
     """Weights not requiring grad, biases trainable, on the fused path: the
     bias gradients (and those of the trainable weight, input and hx) equal the
-    default path's; no weight gradient is launched for a frozen weight."""
+    default path's; no weight gradient is launched for a frozen weight, and
+    its bias's gradient is a sum, not a convolution call."""
     frozen, form = case.split("-")
     reset_after = form == "reset_after"
     torch.manual_seed(0)
@@ -550,7 +551,8 @@ def test_frozen_weights_trainable_biases(device, poisoned_plans, package_setting
     _set_mode(package_settings, "0")
     expected, _ = _step_recorded(module, (x, h), module, [True, True])
     _set_mode(package_settings, "1")
-    got, _ = _step_recorded(module, (x, h), module, [True, True])
+    got, fused_ops = _step_recorded(module, (x, h), module, [True, True])
+    assert _convolutions(fused_ops) == []
     names = _names(module, (x, h))
     _check_same(got, expected, names)
     grads = dict(zip(names, got))
