@@ -70,7 +70,10 @@ _tracing_state = torch._C._get_tracing_state
 _functorch_level = torch._C._functorch.maybe_current_level
 _dispatch_mode = torch._C._get_dispatch_mode
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
-_is_compiling = torch.compiler.is_compiling
+# Dynamo folds it to True while tracing (torch.compile, strict export); non-strict
+# export runs the module under a fake-tensor mode, which the same test catches.
+# One frame, where torch.compiler.is_compiling makes two.
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _autocast_enabled = torch.is_autocast_enabled
 _get_autocast_dtype = torch.get_autocast_dtype
 
@@ -510,8 +513,8 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh:
     p.backward_strides = (p.state_strides, p.state_strides, p.gates_strides, p.state_strides)
     # The input and weights as the forward saw them: the fused backward's bound
     # launches read them so (saved-tensor hooks may hand them back otherwise).
-    p.x_strides, p.x_aligned, p.x_format = x.stride(), not x.data_ptr() & 15, _format_of(x)
-    p.w_strides = (w_ih.stride(), w_hh.stride())
+    p.x_aligned, p.x_format = not x.data_ptr() & 15, _format_of(x)
+    p.fused_strides = (x.stride(), w_ih.stride(), w_hh.stride())
 
 
 def _split(p: CellPlan, w_hh: Tensor) -> tuple:
@@ -597,7 +600,8 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
 
 def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
                    gates: Tensor, aux: Tensor, need: tuple, d_x_into: Optional[Tensor] = None):
-    """The backward of :func:`_half_forward` without create_graph: ``(d_x,
+    """The backward of :func:`_half_forward` (with grad mode off; else
+    :func:`_graph_backward`): ``(d_x,
     d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where
     ``need`` (``needs_input_grad`` over the same six) is false. The gate
     kernels' backward, then the convolutions' gradients: with ``fused`` (the
@@ -624,8 +628,10 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     if fused:
         if p.empty_x is None:
             _wgrad_buffers(p, x, w_ih, w_hh)
-        if (w_ih.stride(), w_hh.stride()) != p.w_strides:
-            w_ih, w_hh = (_strided_copy(w, strides) for w, strides in zip((w_ih, w_hh), p.w_strides))
+        # Input and weights as the bound launches were compiled for (saved-tensor
+        # hooks may hand them back in another layout); map: no Python call per tensor.
+        if tuple(map(_STRIDE, (x, w_ih, w_hh))) != p.fused_strides or (p.x_aligned and x.data_ptr() & 15):
+            x, w_ih, w_hh = map(_strided_copy, (x, w_ih, w_hh), p.fused_strides)
     d_w = d_b = None
     if reset_after:
         d_gh = p.empty3()
@@ -709,43 +715,31 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     if not fused:
         if need[0] or need[2] or input_bias:
             d_x, d_w_ih, d_b_ih = conv_backward(d_gx, x, w_ih, *args, _MASKS[need[0], need[2], input_bias])
-    else:
-        d_x, d_w_ih, d_b_ih = _fused_input_backward(p, stream, quiet, d_gx, x, w_ih, need, input_bias, d_x_into)
+    else:  # the wgrad kernel (the bias with it) and the dgrad kernel, which writes d_x or adds to d_x_into
+        if need[2]:
+            d_w_ih, d_b_ih = p.empty_wih(), p.empty_bias() if input_bias else None
+            t = (d_gx, x, x, d_w_ih, d_w_ih if d_b_ih is None else d_b_ih)
+            L = p.l_fwi
+            if L and quiet:
+                L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            else:
+                _wgrad_slow(p, "fwi", L, stream, t, None)
+        elif input_bias:  # a frozen weight's trainable bias
+            d_b_ih = d_gx.sum(_BIAS_DIMS)
+        if need[0]:
+            add = d_x_into is not None
+            d_x = d_x_into if add else p.empty_x()
+            t = (d_gx, w_ih, d_x)
+            L = p.l_fdxa if add else p.l_fdx
+            if L and quiet:
+                L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
+            else:
+                _dgrad_slow(p, "fdxa" if add else "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * hidden, d_x, t,
+                            ACCUMULATE=add)
     # One tensor for both bias gradients without reset_after: autograd's
     # accumulation copies it where it cannot take it, so the two .grad never share storage.
     return (d_x, d_h if need[1] else None, d_w_ih, d_w if need[3] else None, d_b_ih if need_b_ih else None,
             (d_b if reset_after else d_b_ih) if need_b_hh else None)
-
-
-def _fused_input_backward(p: CellPlan, stream, quiet: bool, d_gx: Tensor, x: Tensor, w_ih: Tensor, need: tuple,
-                          input_bias: bool, d_x_into: Optional[Tensor]):
-    """The input convolution's ``(d_x, d_weight_ih, d_bias_ih)`` on the fused
-    path: the wgrad kernel (the bias with it) and the dgrad kernel, which
-    writes ``d_x`` or adds to ``d_x_into``."""
-    d_x = d_w_ih = d_b_ih = None
-    if need[2]:
-        if x.stride() != p.x_strides or (x.data_ptr() & 15 and p.x_aligned):
-            x = _strided_copy(x, p.x_strides)  # as the bound launch was compiled for
-        d_w_ih, d_b_ih = p.empty_wih(), p.empty_bias() if input_bias else None
-        t = (d_gx, x, x, d_w_ih, d_w_ih if d_b_ih is None else d_b_ih)
-        L = p.l_fwi
-        if L and quiet:
-            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-        else:
-            _wgrad_slow(p, "fwi", L, stream, t, None)
-    elif input_bias:  # a frozen weight's trainable bias
-        d_b_ih = d_gx.sum(_BIAS_DIMS)
-    if need[0]:
-        add = d_x_into is not None
-        d_x = d_x_into if add else p.empty_x()
-        t = (d_gx, w_ih, d_x)
-        L = p.l_fdxa if add else p.l_fdx
-        if L and quiet:
-            L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
-        else:
-            _dgrad_slow(p, "fdxa" if add else "fdx", L, stream, "_conv_dgrad_bwd_kernel", 3 * p.hidden, d_x, t,
-                        ACCUMULATE=add)
-    return d_x, d_w_ih, d_b_ih
 
 
 _BIAS_DIMS = (0, 2, 3)  # batch and space of the fused path's (N, C, Y, X) tensors
@@ -860,7 +854,7 @@ class _CellStep(torch.autograd.Function):
     """A cell step with its gradient, one autograd node: forward the fused
     kernels (the input convolution inside them) or the input convolution,
     the hidden convolution(s) and the gate kernels; backward
-    :func:`_half_backward`. Where the fused kernels decline at the first step
+    :func:`_step_backward`. Where the fused kernels decline at the first step
     the forward runs the gates path and the plan keeps it.
     (forward takes ctx itself: a separate setup_context makes Function.apply
     bind its arguments with inspect.signature at every call.)"""
@@ -876,8 +870,7 @@ class _CellStep(torch.autograd.Function):
     def backward(ctx, grad):
         x, h, w_ih, w_hh, h_new, gates, aux = ctx.saved_tensors
         if _grad_enabled():
-            return _half_backward(ctx.p, ctx.fused, grad, x, h, w_ih, w_hh, h_new, gates, aux,
-                                  ctx.needs_input_grad) + (None,)
+            return _graph_backward(ctx.p, grad, x, h, w_ih, w_hh, h_new, gates, aux, ctx.needs_input_grad) + (None,)
         return _step_backward(ctx.p, ctx.fused, grad, x, h, w_ih, w_hh, gates, aux, ctx.needs_input_grad) + (None,)
 
 
@@ -980,11 +973,8 @@ def cell_forward(module, x, hx):
         weights, facts = _weights_key(params, (x,) if hx is None else (x, hx))
         cast = None
         if _any_autocast():  # _autocast_dtype inline for CPU and CUDA: no frame
-            device_type = x.device.type
-            if device_type in _CPU_CUDA:
-                cast = _get_autocast_dtype(device_type) if _autocast_enabled(device_type) else None
-            else:
-                cast = _autocast_dtype(device_type)
+            dt = x.device.type
+            cast = (_get_autocast_dtype(dt) if _autocast_enabled(dt) else None) if dt in _CPU_CUDA else _autocast_dtype(dt)
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts[-1])
         key = (grad, cast, _settings.generation, _tuning.generation,
@@ -1020,17 +1010,11 @@ def _half_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
     return _gates_forward(p, p.conv(x, w_ih), h, w_hh, b_ih, b_hh, True) + (False,)
 
 
-def _half_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-                   h_new: Tensor, gates: Tensor, aux: Tensor, need: tuple, d_x_into: Optional[Tensor] = None):
-    """The backward of :func:`_half_forward`, the input convolution's
-    included: ``(d_x, d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``,
-    ``None`` where ``need`` (``needs_input_grad`` over the same six) is
-    false; ``fused`` and ``d_x_into``: as :func:`_step_backward`'s. With grad
-    mode on (create_graph=True) through the registered operator, whose own
-    backward raises: a second derivative fails loudly (``d_x_into`` is then
-    not used)."""
-    if not _grad_enabled():
-        return _step_backward(p, fused, grad, x, h, w_ih, w_hh, gates, aux, need, d_x_into)
+def _graph_backward(p: CellPlan, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, h_new: Tensor,
+                    gates: Tensor, aux: Tensor, need: tuple):
+    """:func:`_step_backward` with grad mode on (``create_graph=True``):
+    through the registered operator, whose own backward raises, so that a
+    second derivative fails loudly."""
     from .ops.sequence.op import conv_gru_bwd
 
     has_bias = p.has_bias
@@ -1072,12 +1056,20 @@ class _SepStep(torch.autograd.Function):
         sp = ctx.sp
         need = ctx.needs_input_grad
         fused1, fused2 = ctx.fused
-        d_x2, d_mid, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2 = _half_backward(
-            sp.second, fused2, grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, (need[0], True) + need[6:10])
-        # Both halves fused: the first half's dgrad kernel adds its d_x to the second's (no add).
-        into = d_x2 if fused1 and fused2 and need[0] and not _grad_enabled() else None
-        d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1 = _half_backward(
-            sp.first, fused1, d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[:6], into)
+        need2 = (need[0], True) + need[6:10]
+        into = None
+        if _grad_enabled():  # create_graph=True
+            d_x2, d_mid, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2 = _graph_backward(
+                sp.second, grad, x, h_mid, w_ih2, w_hh2, h_out, gates2, aux2, need2)
+            d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1 = _graph_backward(
+                sp.first, d_mid, x, h, w_ih1, w_hh1, h_mid, gates1, aux1, need[:6])
+        else:
+            d_x2, d_mid, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2 = _step_backward(
+                sp.second, fused2, grad, x, h_mid, w_ih2, w_hh2, gates2, aux2, need2)
+            # Both halves fused: the first half's dgrad kernel adds its d_x to the second's (no add).
+            into = d_x2 if fused1 and fused2 and need[0] else None
+            d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1 = _step_backward(
+                sp.first, fused1, d_mid, x, h, w_ih1, w_hh1, gates1, aux1, need[:6], into)
         if into is None and need[0]:
             d_x1 = d_x1 + d_x2
         return (d_x1, d_h, d_w_ih1, d_w_hh1, d_b_ih1, d_b_hh1, d_w_ih2, d_w_hh2, d_b_ih2, d_b_hh2, None)
@@ -1160,7 +1152,10 @@ def sep_forward(module, x, hx):
         horizontal, vertical = modules["horizontal"], modules["vertical"]
         (w1, facts1) = _weights_key(horizontal._parameters, (x,) if hx is None else (x, hx))
         (w2, facts2) = _weights_key(vertical._parameters)
-        cast = _autocast_dtype(x.device.type) if _any_autocast() else None
+        cast = None
+        if _any_autocast():  # _autocast_dtype inline for CPU and CUDA: no frame
+            dt = x.device.type
+            cast = (_get_autocast_dtype(dt) if _autocast_enabled(dt) else None) if dt in _CPU_CUDA else _autocast_dtype(dt)
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts1[-1] or True in facts2[-1])
         key = (grad, cast, _settings.generation, _tuning.generation,
