@@ -51,15 +51,24 @@ convolution with the gate math in its epilogue) gets cases of its own
 :data:`FUSED_DTYPES`, both layouts and formulations, its launchers
 ``fused_step.forward_step`` (inference, then saving for backward) and
 ``fused_step.backward_step`` (the data gradient) run with
-``CONVGRU_TRITON_FUSED_STEP=1`` on uninitialised frames, each kernel compiled at
+``CONVGRU_TRITON_FUSED_STEP=1`` on uninitialised frames, then the rest of the
+one-step cell's fused backward as its plans launch it
+(``convgru_triton._plan._step_backward``): the weight-gradient kernel
+``_conv_wgrad_kernel`` for W_hh (two sources without reset_after, one with the
+bias with it) and for W_ih with its bias, from an input x of the workload's own
+C_in (256: the kernel's C is a constexpr, so :data:`INPUT_CHANNELS` does not
+apply here), and the input's data gradient d_x through ``_conv_dgrad_bwd_kernel``
+(``ACCUMULATE=False``; a separable step's first half adds into the second's
+d_x, ``ACCUMULATE=True``), each kernel compiled at
 the tile the package gives a CPU device (``_tuning.default_tile``). Their
 report adds the tile, the pipelining stages and the tensor-core instructions
 in the PTX (``wgmma.mma_async``: Hopper's warpgroup MMA; ``mma.sync``: the
 Ampere path); their global accesses are counted as the gate kernels' (static
 instructions: these kernels loop over taps and channel blocks, so the loop's
 are executed once per iteration; operand tiles that reach shared memory by
-``cp.async`` are not counted). The gate cases
-run with the variable at ``0``, so the two sets never mix.
+``cp.async`` are not among them: those static ``cp.async`` instructions are
+counted apart, and the channels_last wgrad kernel loads its tensors only so).
+The gate cases run with the variable at ``0``, so the two sets never mix.
 """
 
 from __future__ import annotations
@@ -99,7 +108,7 @@ FUSED_WORKLOADS = ("raft-convgru", "raft-sepconvgru")
 FUSED_DTYPES = ("bfloat16",)
 #: Triton names of the fused step's kernels (``_tuning.FUSED_KERNELS`` are their registry names).
 FUSED_KERNELS = ("_conv_rz_fwd_kernel", "_conv_n_fwd_kernel", "_conv_reset_after_fwd_kernel",
-                 "_conv_dgrad_reset_gate_bwd_kernel", "_conv_dgrad_bwd_kernel")
+                 "_conv_dgrad_reset_gate_bwd_kernel", "_conv_dgrad_bwd_kernel", "_conv_wgrad_kernel")
 #: the widest global access a thread can make (ld.global.v4.b32 / v2.b64), bytes
 WIDEST_ACCESS = 16
 
@@ -329,8 +338,10 @@ def run_fused_case(case: Case) -> None:
     ``forward_step`` without saving (inference), then saving (training), then
     ``backward_step`` (the update/reset-after gate kernel and the data-gradient
     kernels), on uninitialised (N, C, Y, X) frames in the case's layout and a
-    contiguous weight (the modules' ``weight_hh``). Raises RuntimeError when a
-    launcher declines (the kernels would silently not be in the report)."""
+    contiguous weight (the modules' ``weight_hh``); then the one-step cell's
+    other backward launches (:func:`_cell_backward_launches`). Raises
+    RuntimeError when a launcher declines (the kernels would silently not be
+    in the report)."""
     from convgru_triton._conv import ConvSpec
     from convgru_triton.ops.fused_step import kernels as fused_step
     from convgru_triton.ops.sequence import op as conv_gru
@@ -360,6 +371,40 @@ def run_fused_case(case: Case) -> None:
         if not all(ran):
             raise RuntimeError(f"{case}: the fused step declined {kernel} (forward, forward saving, backward: "
                                f"{ran}); see fused_step.use_fused")
+        # A separable step's backward runs its halves in reverse: the second, (k, 1), writes d_x, the first adds.
+        accumulate = case.separable and kernel == (1, k)
+        _cell_backward_launches(spec, ra, frame, h, aux, d_gx, d_gh, case.input_channels, accumulate)
+
+
+def _cell_backward_launches(spec, reset_after: bool, frame, h, aux, d_gx, d_gh, input_channels: int,
+                            accumulate: bool) -> None:
+    """The one-step cell's fused backward launches beyond ``backward_step``'s,
+    as ``convgru_triton._plan._step_backward`` and ``_fused_input_backward``
+    make them with every gradient needed and the biases on: W_hh's gradient
+    (without ``reset_after`` its r/z rows from ``h`` and its candidate rows
+    from ``aux`` = r * h, in one launch, no bias: both biases' gradient is the
+    input convolution's; with it from ``h``, ``d_b_hh`` with it), W_ih's from x
+    (``input_channels`` channels) with ``d_b_ih``, and d_x = dgrad(d_gx, W_ih),
+    written (``accumulate`` false) or added to. Gradient buffers as the plan
+    allocates them: the weights' in the weights' (contiguous) layout, d_x in
+    x's."""
+    from convgru_triton.ops.fused_step import kernels as fused_step
+
+    hidden = h.shape[1]
+    dtype = h.dtype
+    x = frame(input_channels)
+    w_ih = torch.empty(3 * hidden, input_channels, *spec.kernel_size, dtype=dtype)
+    d_w_hh = torch.empty(3 * hidden, hidden, *spec.kernel_size, dtype=dtype)
+    d_w_ih, d_b = torch.empty_like(w_ih), torch.empty(3 * hidden, dtype=dtype)
+    if reset_after:
+        fused_step._launch_wgrad(spec, d_gh, h, d_w_hh, d_b)
+    else:
+        fused_step._launch_wgrad(spec, d_gx, h, d_w_hh, None, aux, 2 * hidden)
+    fused_step._launch_wgrad(spec, d_gx, x, d_w_ih, d_b)
+    d_x = frame(input_channels)
+    tensors = (d_gx, w_ih, d_x)
+    fused_step._launch_dgrad(fused_step._conv_dgrad_bwd_kernel, spec, d_x, 3 * hidden, tensors,
+                             tuple(s for t in tensors for s in fused_step._strides(t)), ACCUMULATE=accumulate)
 
 
 def _run_modules(case: Case, seed: int) -> None:
@@ -401,6 +446,7 @@ def _run_modules(case: Case, seed: int) -> None:
 
 _REG = re.compile(r"%[a-z]+\d+")
 _PARAM = re.compile(r"\[\s*(\w+?)_param_(\d+)\s*\]")
+_PARAM_SYMBOL = re.compile(r"\b\w+?_param_(\d+)\b")
 
 
 @dataclass(frozen=True)
@@ -470,9 +516,18 @@ def _width(op: str) -> Optional[int]:
 def global_accesses(ptx: str, param_names: Sequence[Optional[str]]) -> List[Access]:
     """Every ``ld.global``/``st.global`` of ``ptx``, with its width and the
     pointer arguments (names from ``param_names``, by PTX parameter index; a
-    ``None`` name is not a pointer of interest) its address is computed from."""
+    ``None`` name is not a pointer of interest) its address is computed from.
+    A parameter may also be loaded through a register holding its address
+    (``mov.b32 %r1, k_param_2; selp.b32 %r3, %r1, %r2, %p1; ld.param.b64 %rd1,
+    [%r3]``: a pointer chosen at run time, as the wgrad kernel's second
+    source): the load then derives from every parameter that register may hold."""
     instrs = _instructions(ptx)
     taint: Dict[str, frozenset] = {}
+    # register -> names of the pointer parameters whose address (not value) it may hold
+    param_addr: Dict[str, frozenset] = {}
+
+    def name_of(idx: int) -> Optional[str]:
+        return param_names[idx] if idx < len(param_names) else None
 
     def regs(text: str) -> List[str]:
         return _REG.findall(text)
@@ -491,15 +546,21 @@ def global_accesses(ptx: str, param_names: Sequence[Optional[str]]) -> List[Acce
                 continue
             if op.startswith("ld.param"):
                 m = _PARAM.search(ops[-1])
-                if m is None:
-                    continue
-                idx = int(m.group(2))
-                name = param_names[idx] if idx < len(param_names) else None
-                new = frozenset([name]) if name else frozenset()
+                if m is None:  # through a register holding parameter addresses
+                    new = frozenset(n for r in regs(ops[-1]) for n in param_addr.get(r, ()))
+                else:
+                    name = name_of(int(m.group(2)))
+                    new = frozenset([name]) if name else frozenset()
             elif op.startswith(("ld.", "atom.")):
                 continue  # loaded data is not an address of interest
             else:
                 new = sources(ops[1:])
+                addr = frozenset(n for o in ops[1:] for i in _PARAM_SYMBOL.findall(o) if (n := name_of(int(i))))
+                addr |= frozenset(n for o in ops[1:] for r in regs(o) for n in param_addr.get(r, ()))
+                for r in regs(ops[0]):
+                    if not addr <= param_addr.get(r, frozenset()):
+                        param_addr[r] = param_addr.get(r, frozenset()) | addr
+                        changed = True
             for r in regs(ops[0]):
                 if not new <= taint.get(r, frozenset()):
                     taint[r] = taint.get(r, frozenset()) | new
@@ -567,8 +628,11 @@ def summarize(rec: "tc.Compiled", arch: int) -> Dict:
                 by[f"{op}_{kind}"] = {str(w): n for w, n in sorted(c.items())}
     ptrs = {n for n in pointer_param_names(rec.signature) if n}
     dtype = next((t[1:] for t in rec.signature.values() if isinstance(t, str) and t.startswith("*")), "?")
-    ops = Counter(op.split(".", 2)[0] + "." + op.split(".", 2)[1] for op, _ in _instructions(tc.ptx(rec.kernel))
+    instrs = _instructions(tc.ptx(rec.kernel))
+    ops = Counter(op.split(".", 2)[0] + "." + op.split(".", 2)[1] for op, _ in instrs
                   if op.startswith(("wgmma.mma_async", "mma.sync")))
+    # Asynchronous copies global -> shared (the fused kernels' operand tiles): not in ``accesses``.
+    cp_async = sum(1 for op, _ in instrs if op.startswith("cp.async") and ".shared.global" in op)
     return dict(
         arch=arch, kernel=rec.name, dtype=dtype, variant=_variant(rec.constexprs),
         constexprs={k: str(v) for k, v in rec.constexprs.items()}, divisible_by_16=_spec_summary(rec),
@@ -576,7 +640,7 @@ def summarize(rec: "tc.Compiled", arch: int) -> Dict:
         shared=max(res["shared"], tc.shared_bytes(rec.kernel)), accesses=by, pointers=sorted(ptrs),
         launches=rec.launches, cases=[], fused=rec.name in FUSED_KERNELS,
         # Static tensor-core instructions: Hopper's asynchronous warpgroup MMA, the Ampere-style MMA.
-        wgmma=ops["wgmma.mma_async"], mma_sync=ops["mma.sync"],
+        wgmma=ops["wgmma.mma_async"], mma_sync=ops["mma.sync"], cp_async=cp_async,
         # Optional: the compiled kernel's metadata (None where a Triton version lacks the field).
         num_stages=getattr(getattr(rec.kernel, "metadata", None), "num_stages", None),
     )
@@ -731,37 +795,60 @@ def fused_lines(kernels: Sequence[Dict], arch: int) -> List[str]:
     no_wgmma = sum(1 for k in kernels if not k.get("wgmma"))
     lines = [f"### sm_{arch}: the fused step", "",
              f"{len(kernels)} compiled kernels (`convgru_triton/ops/fused_step/kernels.py`: implicit-GEMM convolution, the "
-             "gate math in the epilogue; forward without and with saving, backward = the data gradient); most "
+             "gate math in the epilogue; forward without and with saving, backward = the data gradients (dgrad, "
+             "d_x included) and the one-step cell's weight gradients (wgrad)); most "
              f"registers {max(k['regs'] for k in kernels)}; "
              + ("no spills" if not spills else f"{spills} bytes of stack/local memory (spills) in total") + "; "
              + (f"wgmma in {len(kernels) - no_wgmma} of {len(kernels)}" if arch >= 90 else
                 f"mma.sync in {sum(1 for k in kernels if k.get('mma_sync'))} of {len(kernels)}")
              + ". Tile: the package's default for the kernel (`_tuning.default_tile`); C = the channels the "
-             "reduction runs over; wgmma / mma.sync: static tensor-core instructions in the PTX; accesses: static "
-             "instructions (the reduction loop's run once per tap and channel block).", "",
-             "| kernel | kernel size | layout | formulation | C | SAVE | tile M×N×K (BLOCK_X) | warps | stages | "
-             "regs | spills | shared | wgmma | mma.sync | tensor ld | tensor st | bias ld | workloads |",
-             "|---|---|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|---|---|"]
+             "reduction runs over (wgrad: the weight's input channels, its reduction runs over the pixels); "
+             "variant: the constexprs that select code (SAVE: the forward saves for backward; ACCUMULATE: the "
+             "dgrad adds to its output; TWO_SOURCES: wgrad's candidate rows from a second source; HAS_BIAS: wgrad "
+             "sums the bias gradient too); tile M×N×K: pixels × output channels × reduction channels, wgrad's "
+             "output channels × input channels × pixels; wgmma / mma.sync: static tensor-core instructions in the "
+             "PTX; accesses: static instructions (the reduction loop's run once per tap and channel block, "
+             "wgrad's once per pixel block); cp.async: static global-to-shared copies (operand tiles), not in "
+             "the ld columns.", "",
+             "| kernel | kernel size | layout | formulation | C | variant | tile M×N×K (BLOCK_X) | warps | stages | "
+             "regs | spills | shared | wgmma | mma.sync | cp.async | tensor ld | tensor st | bias ld | workloads |",
+             "|---|---|---|---|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|---|"]
 
     def key(k):
         c = k["constexprs"]
         return (_short(k["kernel"]), c.get("KH", ""), c.get("KW", ""), c.get("BLOCK_X", "") == "0",
-                c.get("C", ""), c.get("SAVE", ""))
+                c.get("C", ""), _fused_variant(k))
 
     for k in sorted(kernels, key=key):
         c = k["constexprs"]
         layouts = sorted({t.split()[4] for t in k["cases"]})
         forms = sorted({"reset_after" if t.split()[5] == "reset_after=True" else "reset_before" for t in k["cases"]})
         workloads = sorted({t.split()[0].replace(":fused", "") for t in k["cases"]})
-        tile = f"{c.get('BLOCK_M', '?')}×{c.get('BLOCK_N', '?')}×{c.get('BLOCK_K', '?')} ({c.get('BLOCK_X', '?')})"
-        save = {"True": "1", "False": "0"}.get(c.get("SAVE", ""), "—")
+        m, n, kk = (("BLOCK_O", "BLOCK_C", "BLOCK_P") if "BLOCK_O" in c else ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        tile = f"{c.get(m, '?')}×{c.get(n, '?')}×{c.get(kk, '?')} ({c.get('BLOCK_X', '?')})"
         lines.append("| " + " | ".join([
             _short(k["kernel"]), f"{c.get('KH', '?')}×{c.get('KW', '?')}", "/".join(layouts), "/".join(forms),
-            c.get("C", "?"), save, tile, str(k["num_warps"]), str(k.get("num_stages") or "—"), str(k["regs"]),
+            c.get("C", "?"), _fused_variant(k) or "—", tile, str(k["num_warps"]), str(k.get("num_stages") or "—"),
+            str(k["regs"]),
             str(k["local"] + k["stack"]), str(k["shared"]), str(k.get("wgmma", "—")), str(k.get("mma_sync", "—")),
-            _widths(k["accesses"].get("ld_tensor")), _widths(k["accesses"].get("st_tensor")),
-            _widths(k["accesses"].get("ld_bias")), ", ".join(workloads)]) + " |")
+            str(k.get("cp_async", "—")), _widths(k["accesses"].get("ld_tensor")),
+            _widths(k["accesses"].get("st_tensor")), _widths(k["accesses"].get("ld_bias")),
+            ", ".join(workloads)]) + " |")
     return lines + [""]
+
+
+#: The fused kernels' constexprs that select code beside the shape and tile (the report's "variant").
+FUSED_VARIANT_FLAGS = ("SAVE", "ACCUMULATE", "TWO_SOURCES", "HAS_BIAS")
+
+
+def _fused_variant(summary: Dict) -> str:
+    """``"SAVE=1"``, ``"ACCUMULATE=0"``, ``"TWO_SOURCES=1 HAS_BIAS=0"``: the
+    :data:`FUSED_VARIANT_FLAGS` a fused kernel has (HAS_BIAS of the wgrad
+    kernel only: the forward kernels' is on in every case run)."""
+    c = summary["constexprs"]
+    wgrad = summary["kernel"] == "_conv_wgrad_kernel"
+    flags = [f for f in FUSED_VARIANT_FLAGS if f in c and (f != "HAS_BIAS" or wgrad)]
+    return " ".join(f"{f}={int(c[f] == 'True')}" for f in flags)
 
 
 def summary_table(result: Dict, arch: int = 90) -> str:

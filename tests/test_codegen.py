@@ -4,8 +4,9 @@ Once per session, ``python -m bench.codegen`` runs in three subprocesses side
 by side (the test session itself runs Triton's interpreter, which has no
 compiler): the gate kernels for a fake sm_90 (H100/H200) and a fake sm_80
 (A100) target, and the fused step's kernels for sm_90, each compiled
-through the package's ordinary launch path. Wall time about 45 s on this
-project's 2-core CPU machines (about 30 s each without the third). The gate
+through the package's ordinary launch path. Wall time on this project's
+2-core CPU machines about 100 s with an empty Triton cache, about 30 s with a
+warm one. The gate
 kernels' cases (a 2-step ConvGRU2d, N=2, forward without autograd and
 forward + backward, both formulations):
 
@@ -36,9 +37,11 @@ configuration (no tuning file: what a CPU device gets from ``_tuning``):
 The fused step (``bench.codegen.fused_cases``): RAFT's ConvGRU 3x3 and
 SepConvGRU 1x5 + 5x1 (N=6, 46x62, hidden 128), bfloat16, both layouts and
 formulations, its forward kernels (inference and saving) and backward kernels
-at the package's default tiles: each has a row in the report, uses wgmma and
-spills nothing (its registers are not held to the gate kernels' bound: 64 is a
-gate kernel's budget, an implicit GEMM holds accumulators).
+(the dgrad kernels; the one-step cell's wgrad kernel for W_hh and for W_ih
+from x of 256 channels with its bias, and the dgrad kernel for d_x) at the
+package's default tiles: each has a row in the report, uses wgmma and spills
+nothing (its registers are not held to the gate kernels' bound: 64 is a gate
+kernel's budget, an implicit GEMM holds accumulators).
 
 Skipped, with the reason, only when Triton's NVIDIA backend (ptxas, cuobjdump)
 is unavailable. The PTX reading itself is tested on hand-written PTX.
@@ -213,9 +216,14 @@ def test_bias_accesses_are_few(codegen_result):
 
 
 def test_every_access_traced_and_tensors_moved_by_global_loads_and_stores(codegen_result):
+    """A fused kernel may load its tensors by ``cp.async`` only (the
+    channels_last wgrad kernel: its operand tiles go straight to shared
+    memory, and it reads nothing in its epilogue); the width rules are the gate
+    kernels'."""
     for k in codegen_result["kernels"]:
         assert codegen.count(k, "unknown") == 0, f"{_name(k)}: global accesses not traced to an argument"
-        assert k["accesses"].get("ld_tensor") and k["accesses"].get("st_tensor"), (
+        loads = k["accesses"].get("ld_tensor") or (codegen.is_fused(k) and k.get("cp_async"))
+        assert loads and k["accesses"].get("st_tensor"), (
             f"{_name(k)}: no ld.global/st.global of a tensor: the width rules would pass vacuously")
 
 
@@ -231,31 +239,64 @@ def _fused_rows(result, arch=90):
     return [k for k in result["kernels"] if k["arch"] == arch and codegen.is_fused(k)]
 
 
+#: RAFT's input channels (x of the one-step cell: W_ih's wgrad and d_x).
+INPUT_CHANNELS = 256
+
+
 def _fused_key(k):
-    """(kernel, (KH, KW), layout, formulation, C, SAVE) of one compiled fused kernel."""
+    """(kernel, (KH, KW), layout, formulations, C, flags) of one compiled fused
+    kernel: formulations the sorted ``reset_after=..`` of the cases that
+    launched it (both where one build serves both), flags the sorted
+    ``(name, value)`` of its SAVE, ACCUMULATE, TWO_SOURCES (and the wgrad
+    kernel's HAS_BIAS) constexprs."""
     c = k["constexprs"]
     (layout,) = {t.split()[4] for t in k["cases"]}
-    (form,) = {t.split()[5] for t in k["cases"]}
-    return k["kernel"], (int(c["KH"]), int(c["KW"])), layout, form, int(c["C"]), c.get("SAVE")
+    forms = tuple(sorted({t.split()[5] for t in k["cases"]}))
+    names = ("SAVE", "ACCUMULATE", "TWO_SOURCES") + (("HAS_BIAS",) if k["kernel"] == "_conv_wgrad_kernel" else ())
+    flags = tuple(sorted((n, c[n]) for n in names if n in c))
+    return k["kernel"], (int(c["KH"]), int(c["KW"])), layout, forms, int(c["C"]), flags
 
 
 def test_fused_step_has_a_row_per_kernel(codegen_result):
     """Forward (the inference and the saving variant) and backward, both
     formulations and layouts, each kernel size of RAFT's two cells, at N=6,
     46x62, hidden 128, bfloat16: one compiled kernel each, launched by its
-    workload's case, none failed."""
+    workload's case, none failed. The backward as the cell plans launch it:
+    the dgrad kernels into d_h; wgrad for W_hh (reset_before: two sources, r/z
+    rows from h and candidate rows from r * h, no bias; reset_after: one source
+    and the bias) and for W_ih from x with the bias (one build for both
+    formulations); d_x = dgrad(d_gx, W_ih) over 3H channels, written
+    (ACCUMULATE=False: one build for both formulations) or, by a separable
+    step's first half (1x5), added to the second's: that build is the one of
+    reset_after's d_h dgrad over 3H (same constexprs and specialization)."""
     rows = _fused_rows(codegen_result)
     hidden = 128
+    before, after = ("reset_after=False",), ("reset_after=True",)
+    both = before + after
+    first_halves = {sizes[0] for sizes in FUSED_KERNEL_SIZES.values() if len(sizes) == 2}
+
+    def acc(value):
+        return (("ACCUMULATE", value),)
+
+    def wgrad(two, bias):
+        return (("HAS_BIAS", bias), ("TWO_SOURCES", two))
+
     want = set()
     for sizes in FUSED_KERNEL_SIZES.values():
         for ks in sizes:
             for layout in codegen.LAYOUTS:
-                before, after = "reset_after=False", "reset_after=True"
-                want |= {("_conv_rz_fwd_kernel", ks, layout, before, hidden, None),
-                         ("_conv_dgrad_reset_gate_bwd_kernel", ks, layout, before, hidden, None),
-                         ("_conv_dgrad_bwd_kernel", ks, layout, before, 2 * hidden, None),
-                         ("_conv_dgrad_bwd_kernel", ks, layout, after, 3 * hidden, None)}
-                want |= {(name, ks, layout, form, hidden, save) for save in ("False", "True")
+                want |= {("_conv_rz_fwd_kernel", ks, layout, before, hidden, ()),
+                         ("_conv_dgrad_reset_gate_bwd_kernel", ks, layout, before, hidden, ()),
+                         ("_conv_dgrad_bwd_kernel", ks, layout, before, 2 * hidden, acc("True")),
+                         ("_conv_wgrad_kernel", ks, layout, before, hidden, wgrad("True", "False")),
+                         ("_conv_wgrad_kernel", ks, layout, after, hidden, wgrad("False", "True")),
+                         ("_conv_wgrad_kernel", ks, layout, both, INPUT_CHANNELS, wgrad("False", "True"))}
+                if ks in first_halves:
+                    want.add(("_conv_dgrad_bwd_kernel", ks, layout, both, 3 * hidden, acc("True")))
+                else:
+                    want |= {("_conv_dgrad_bwd_kernel", ks, layout, after, 3 * hidden, acc("True")),
+                             ("_conv_dgrad_bwd_kernel", ks, layout, both, 3 * hidden, acc("False"))}
+                want |= {(name, ks, layout, form, hidden, (("SAVE", save),)) for save in ("False", "True")
                          for name, form in (("_conv_n_fwd_kernel", before), ("_conv_reset_after_fwd_kernel", after))}
     got = [_fused_key(k) for k in rows]
     assert sorted(got) == sorted(want)  # each once: no kernel compiled twice, none missing
@@ -276,8 +317,11 @@ def test_fused_step_compiles_at_the_default_tiles(codegen_result):
     for k in _fused_rows(codegen_result):
         tile = _tuning.default_tile(k["kernel"].strip("_")[: -len("_kernel")], torch.bfloat16)
         c = k["constexprs"]
-        got = (int(c["BLOCK_M"]), int(c["BLOCK_N"]), int(c["BLOCK_K"]), k["num_warps"], k["num_stages"])
-        # BLOCK_N and BLOCK_K are the tile's capped at the channels (128 here: no cap).
+        # The wgrad kernel's tile: BLOCK_O output channels, BLOCK_C input channels, BLOCK_P pixels.
+        blocks = (("BLOCK_O", "BLOCK_C", "BLOCK_P") if k["kernel"] == "_conv_wgrad_kernel"
+                  else ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        got = (*(int(c[b]) for b in blocks), k["num_warps"], k["num_stages"])
+        # The tile's blocks capped at the channels or pixels (128 channels or more here: no cap).
         assert got == (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages), _name(k)
 
 
@@ -350,6 +394,34 @@ def test_ptx_reader_widths_and_pointers():
         ("st", 8, ("out_ptr",), "tensor"),
         ("ld", 2, ("x_ptr",), "tensor"),
     ]
+
+
+# A pointer chosen at run time between two arguments: the compiler selects the
+# parameter's address and loads the pointer through it (the wgrad kernel's src/src2).
+PTX_SELECTED = """
+.visible .entry k(
+	.param .u64 .ptr .global .align 1 k_param_0,
+	.param .u64 .ptr .global .align 1 k_param_1,
+	.param .u32 k_param_2
+)
+{
+	ld.param.b32 	%r1, [k_param_2];
+	setp.gt.s32 	%p1, %r1, 0;
+	mov.b32 	%r2, k_param_0;
+	mov.b32 	%r3, k_param_1;
+	selp.b32 	%r4, %r3, %r2, %p1;
+	ld.param.b64 	%rd1, [%r4];
+	mul.wide.s32 	%rd2, %r1, 2;
+	add.s64 	%rd3, %rd1, %rd2;
+	@%p1 ld.global.b16 { %rs1 }, [ %rd3 + 0 ];
+	ret;
+}
+"""
+
+
+def test_ptx_reader_pointer_selected_through_its_parameter_address():
+    (acc,) = codegen.global_accesses(PTX_SELECTED, ["src_ptr", "src2_ptr", None])
+    assert (acc.op, acc.width, acc.pointers, acc.kind) == ("ld", 2, ("src2_ptr", "src_ptr"), "tensor")
 
 
 def test_pointer_param_names_skip_constexprs():
