@@ -36,7 +36,9 @@ Training runs one autograd node per step (:class:`_CellStep`, and
 :class:`_SepStep` for both halves of a separable step), whose backward
 (:func:`_step_backward`) calls ``aten.convolution_backward`` once per
 convolution, the bias gradients included; on the fused path it calls none:
-every data and weight gradient is a bound Triton launch.
+every data and weight gradient is a Triton launch, bound after the first step
+(a trainable bias of a frozen weight is an aten sum; ``create_graph=True``
+runs the registered operator).
 """
 
 from __future__ import annotations
@@ -511,10 +513,9 @@ def _first_step(p: CellPlan, x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh:
     p.state_strides = p.empty1().stride()
     p.gates_strides = p.empty3().stride()
     p.backward_strides = (p.state_strides, p.state_strides, p.gates_strides, p.state_strides)
-    # The input and weights as the forward saw them: the fused backward's bound
-    # launches read them so (saved-tensor hooks may hand them back otherwise).
-    p.x_aligned, p.x_format = not x.data_ptr() & 15, _format_of(x)
-    p.fused_strides = (x.stride(), w_ih.stride(), w_hh.stride())
+    # The layouts of the input and weights as the forward saw them, which the
+    # fused backward's gradients take (saved-tensor hooks may hand them back in another).
+    p.x_format, p.w_formats = _format_of(x), (_format_of(w_ih), _format_of(w_hh))
 
 
 def _split(p: CellPlan, w_hh: Tensor) -> tuple:
@@ -601,8 +602,8 @@ def _conforming(p: CellPlan, grad: Tensor, h: Tensor, gates: Tensor, aux: Tensor
 def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
                    gates: Tensor, aux: Tensor, need: tuple, d_x_into: Optional[Tensor] = None):
     """The backward of :func:`_half_forward` (with grad mode off; else
-    :func:`_graph_backward`): ``(d_x,
-    d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where
+    :func:`_graph_backward`):
+    ``(d_x, d_h, d_weight_ih, d_weight_hh, d_bias_ih, d_bias_hh)``, ``None`` where
     ``need`` (``needs_input_grad`` over the same six) is false. The gate
     kernels' backward, then the convolutions' gradients: with ``fused`` (the
     fused kernels ran forward and the plan's backward is fused) all of them
@@ -626,12 +627,19 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     hidden = p.hidden
     need_weight = need[3]
     if fused:
+        # The bound launches were compiled for the strides and alignment of the
+        # first fused backward's input and weights (_wgrad_buffers); saved-tensor
+        # hooks may hand them back otherwise. Weights are copied back to those;
+        # an input the wgrad launch was not compiled for (it may be anything, an
+        # expanded one included) goes through the general launcher. The offsets
+        # fit 32 bits: the fused forward checked x, h, gates and aux, and the
+        # gradients share their strides. (map: no Python call per tensor.)
         if p.empty_x is None:
             _wgrad_buffers(p, x, w_ih, w_hh)
-        # Input and weights as the bound launches were compiled for (saved-tensor
-        # hooks may hand them back in another layout); map: no Python call per tensor.
-        if tuple(map(_STRIDE, (x, w_ih, w_hh))) != p.fused_strides or (p.x_aligned and x.data_ptr() & 15):
-            x, w_ih, w_hh = map(_strided_copy, (x, w_ih, w_hh), p.fused_strides)
+        strides = tuple(map(_STRIDE, (x, w_ih, w_hh)))
+        if strides[1:] != p.bound_strides[1:] or any(map(_LOW_BITS, map(_DATA_PTR, (w_ih, w_hh)))):
+            w_ih, w_hh = map(_strided_copy, (w_ih, w_hh), p.bound_strides[1:])
+        x_bound = strides[0] == p.bound_strides[0] and not (p.x_aligned and x.data_ptr() & 15)
     d_w = d_b = None
     if reset_after:
         d_gh = p.empty3()
@@ -720,10 +728,10 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
             d_w_ih, d_b_ih = p.empty_wih(), p.empty_bias() if input_bias else None
             t = (d_gx, x, x, d_w_ih, d_w_ih if d_b_ih is None else d_b_ih)
             L = p.l_fwi
-            if L and quiet:
+            if L and quiet and x_bound:
                 L.go(stream, L.function, L.metadata, None, None, None, *t, *L.tail)
             else:
-                _wgrad_slow(p, "fwi", L, stream, t, None)
+                _wgrad_slow(p, "fwi", L if x_bound else None, stream, t, None)
         elif input_bias:  # a frozen weight's trainable bias
             d_b_ih = d_gx.sum(_BIAS_DIMS)
         if need[0]:
@@ -754,17 +762,20 @@ def _format_of(t: Tensor):
 
 
 def _wgrad_buffers(p: CellPlan, x: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
-    """The fused backward's gradient allocators (a buffer per step, each dense
-    in its tensor's layout, the input's as the forward saw it: the bound
-    launches were compiled for their strides; :func:`_step_backward`)."""
+    """At the first fused backward of a plan: its gradients' allocators (a
+    buffer per step, dense in the layout of the tensor as the forward saw it:
+    the bound launches were compiled for their strides), and the strides and
+    alignment of the input and weights it got, which the launches it binds
+    were compiled for (:func:`_step_backward`)."""
     dtype, device = p.compute, x.device
 
     def empty(shape, fmt):
         return functools.partial(_allocate, tuple(shape), dtype=dtype, device=device, memory_format=fmt)
 
-    p.empty_wih, p.empty_whh = empty(w_ih.shape, _format_of(w_ih)), empty(w_hh.shape, _format_of(w_hh))
+    p.empty_wih, p.empty_whh = empty(w_ih.shape, p.w_formats[0]), empty(w_hh.shape, p.w_formats[1])
     p.empty_bias = empty((3 * p.hidden,), torch.contiguous_format)
     p.empty_x = empty(x.shape, p.x_format)
+    p.bound_strides, p.x_aligned = tuple(map(_STRIDE, (x, w_ih, w_hh))), not x.data_ptr() & 15
 
 
 def _fused_forward(p: CellPlan, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh) -> Optional[Tensor]:
@@ -974,7 +985,8 @@ def cell_forward(module, x, hx):
         cast = None
         if _any_autocast():  # _autocast_dtype inline for CPU and CUDA: no frame
             dt = x.device.type
-            cast = (_get_autocast_dtype(dt) if _autocast_enabled(dt) else None) if dt in _CPU_CUDA else _autocast_dtype(dt)
+            cast = ((_get_autocast_dtype(dt) if _autocast_enabled(dt) else None) if dt in _CPU_CUDA
+                    else _autocast_dtype(dt))
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts[-1])
         key = (grad, cast, _settings.generation, _tuning.generation,
@@ -1155,7 +1167,8 @@ def sep_forward(module, x, hx):
         cast = None
         if _any_autocast():  # _autocast_dtype inline for CPU and CUDA: no frame
             dt = x.device.type
-            cast = (_get_autocast_dtype(dt) if _autocast_enabled(dt) else None) if dt in _CPU_CUDA else _autocast_dtype(dt)
+            cast = ((_get_autocast_dtype(dt) if _autocast_enabled(dt) else None) if dt in _CPU_CUDA
+                    else _autocast_dtype(dt))
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (hx is not None and hx.requires_grad) or True in facts1[-1] or True in facts2[-1])
         key = (grad, cast, _settings.generation, _tuning.generation,

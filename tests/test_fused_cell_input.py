@@ -22,6 +22,12 @@
   a saved-tensor hook that hands x (or every 4-D saved tensor) back in the
   other layout after the plan's first step, and with x without gradient (hx
   given or None).
+* Bound launches replayed on CPU (``replayed``: a plan binds its fused
+  launches to a stand-in that checks each replay's strides and alignment
+  against those it was bound with, then runs the interpreter): three training
+  steps whose saved-tensor hooks hand x and the weights back in another
+  layout or at another address than the step that bound them (a misaligned
+  or expanded x, channels_last) give the default path's gradients.
 * The HAS_X kernels compiled for sm_90 on this machine (a subprocess with a
   fake sm_90 target, as tests/test_fused_step.py does) use wgmma and spill
   nothing at RAFT's bfloat16 shape.
@@ -30,6 +36,9 @@
 from __future__ import annotations
 
 import contextlib
+
+import functools
+import inspect
 
 import pytest
 import torch
@@ -267,13 +276,28 @@ def _grads(fn, inputs, module):
     return [out.detach()] + [t.grad for t in inputs] + [p.grad for _, p in sorted(module.named_parameters())]
 
 
+def _fused_plans(module) -> int:
+    """How many fused plans (one per cell, per half of a separable cell) the module holds."""
+    plans = []
+    for p in module.__dict__.get("_cell_plans", {}).values():
+        plans += [p.first, p.second] if hasattr(p, "first") else [p]
+    return sum(p is not None and getattr(p, "path", None) == "fused" for p in plans)
+
+
+def _forward_steps(device, module, steps: int) -> int:
+    """The fused steps that went through ``fused_step.forward_step``: every
+    step on CPU (the interpreter compiles nothing, so nothing is bound), each
+    fused plan's first step on a GPU (later ones replay its bound launches)."""
+    return steps if device.type == "cpu" else _fused_plans(module)
+
+
 def _fused_equals_default(package_settings, launches, fn, inputs, module, runs):
     _set_mode(package_settings, "0")
     expected = _grads(fn, inputs, module)
     _set_mode(package_settings, "1")
     launches.clear()
     got = _grads(fn, inputs, module)
-    assert launches == [(True, True)] * runs
+    assert launches == [(True, True)] * _forward_steps(inputs[0].device, module, runs)
     for i, (g, e) in enumerate(zip(got, expected)):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=2e-5, msg=lambda m: f"result {i}: {m}")
 
@@ -600,7 +624,7 @@ def test_saved_tensor_hooks_change_the_layout(device, poisoned_plans, package_se
         got, ops = _step_recorded(module, (x, h), module, [True, True], hooks)
         _check_same(got, expected, names)
         assert _convolutions(ops) == []
-    assert launches == [(True, True)] * 2
+    assert launches == [(True, True)] * _forward_steps(device, module, 2)
     assert tuple(x.shape) in changed and (which == "x" or (15, 5, 3, 3) in changed)
 
 
@@ -624,6 +648,157 @@ def test_input_without_gradient(device, poisoned_plans, package_settings, launch
     assert _convolutions(fused_ops) == [] and torch.ops.aten.convolution_backward.default in default_ops
     assert launches == [(True, True)]
     assert bwd_launches == _per_half(reset_after, 5, 3, x_grad=False)
+
+
+# ----------------------------------------------------------------------------
+# Bound launches replayed on CPU
+# ----------------------------------------------------------------------------
+
+
+class _CheckedLaunch:
+    """What a plan binds a fused launch to, on CPU: a replay checks that its
+    tensors have the strides and 16-byte alignment the launch was bound with
+    (a compiled kernel's arguments after the tensors are frozen at binding,
+    and Triton specializes pointers on alignment), then runs the kernel under
+    the interpreter with those tensors and the frozen arguments."""
+
+    def __init__(self, record, tensors):
+        from convgru_triton import _plan
+
+        kernel, grid, positional, keywords, _ = record
+        call = {k: v for k, v in keywords.items() if k not in _plan._OPTIONS}
+        bound = inspect.signature(kernel.fn).bind(*positional, **call)
+        bound.apply_defaults()
+        self.kernel, self.grid, self.n = kernel, tuple(grid), len(tensors)
+        self.names = list(bound.arguments)
+        self.options = {k: v for k, v in keywords.items() if k in _plan._OPTIONS}
+        self.tail = tuple(bound.arguments.values())[self.n:]
+        # None: a pointer the kernel takes as a constexpr (gx with the cell's input inside)
+        self.facts = [None if t is None else (t.stride(), not t.data_ptr() & 15) for t in tensors]
+        self.function = self.metadata = None
+        self.go = functools.partial(self._run, *self.grid, *(1,) * (3 - len(self.grid)))
+        self.replays = 0
+
+    def __call__(self, stream, *tensors):
+        self._run(*self.grid, *(1,) * (3 - len(self.grid)), stream, None, None, None, None, None,
+                  *tensors, *self.tail)
+
+    def _run(self, *args):
+        tensors, tail = args[9:9 + self.n], args[9 + self.n:]
+        assert tail == self.tail
+        for i, (t, facts) in enumerate(zip(tensors, self.facts)):
+            where = f"{self.kernel.fn.__name__} tensor {self.names[i]}"
+            if facts is None:
+                assert t is None, where
+                continue
+            stride, aligned = facts
+            assert t.stride() == stride, f"{where}: strides {t.stride()}, bound with {stride}"
+            assert not (aligned and t.data_ptr() & 15), f"{where}: misaligned, bound aligned"
+        self.replays += 1
+        self.kernel[self.grid](**dict(zip(self.names, tensors + tail)), **self.options)
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """Cell plans bind their fused launches on CPU too (:class:`_CheckedLaunch`),
+    so that their later steps replay them as on a GPU; yields the bound launches."""
+    from convgru_triton import _plan
+
+    bound = []
+    build = _plan._build
+
+    def bindable(*args, **kwargs):
+        p = build(*args, **kwargs)
+        p.bindable = True
+        return p
+
+    def bind(record, tensors):
+        launch = _CheckedLaunch(record, tensors)
+        bound.append(launch)
+        return launch
+
+    monkeypatch.setattr(_plan, "_build", bindable)
+    monkeypatch.setattr(_plan, "_bind_record", bind)
+    return bound
+
+
+def _misaligned(t):
+    """``t``'s values at an address 4 bytes past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape).copy_(t)
+    assert out.data_ptr() & 15
+    return out
+
+
+def _clone_all(t):
+    return t.clone()
+
+
+def _dense(t):
+    return t.contiguous()
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+#: (x as given, the saved-tensor hooks' unpack per training step): a step
+#: without hooks, then one whose hooks hand x (and the rest) back otherwise.
+REPLAY_CASES = {
+    "plain": ("plain", (None, None, None)),
+    "channels_last-hooks": ("channels_last", (None, _dense, None)),
+    "misaligned-first-hooked": ("misaligned", (_clone_all, None, None)),
+    "expanded-hooks": ("expanded", (None, _dense, None)),
+    "channels_last-first-hooked": ("plain", (_channels_last, None, None)),
+}
+
+
+@pytest.mark.triton_kernels
+@pytest.mark.parametrize("cls", ["cell", pytest.param("sep", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c.endswith("first-hooked") else [pytest.mark.slow])
+                                  for c in REPLAY_CASES])
+def test_bound_launches_replayed(device, poisoned_plans, package_settings, replayed, cls, case):
+    """Three training steps of one call signature on the fused path with its
+    launches bound (on CPU through :class:`_CheckedLaunch`, which asserts that
+    every replay gets the strides and alignment it was bound with), some under
+    saved-tensor hooks that hand x and the weights back as fresh copies or in
+    another layout (a misaligned x bound at a hooked step, then replayed
+    without the hook; an expanded x made dense): every gradient equals the
+    default path's, and later steps replayed the bound launches."""
+    if device.type != "cpu":
+        pytest.skip("the CPU stand-in for bound launches (a GPU binds its own: the other tests there)")
+    given, unpacks = REPLAY_CASES[case]
+    torch.manual_seed(0)
+    module = (cg.ConvGRUCell2d(3, 5, (3, 3), backend="triton") if cls == "cell"
+              else cg.SepConvGRUCell2d(3, 5, kernel_size=5, backend="triton")).to(device)
+    x = _rand(device, torch.float32, 2, 3, 5, 7, seed=1)
+    if given == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif given == "misaligned":
+        x = _misaligned(x)
+    elif given == "expanded":
+        x = x[:1].expand(2, -1, -1, -1)
+    x.requires_grad_()  # x itself, not a copy: its layout and address are the case
+    h = _rand(device, torch.float32, 2, 5, 5, 7, seed=2).requires_grad_()
+    grad = _rand(device, torch.float32, 2, 5, 5, 7, seed=9)
+
+    def train_step(unpack):
+        for t in (x, h, *module.parameters()):
+            t.grad = None
+        hooks = (lambda t: t, unpack) if unpack else (None, None)
+        with torch.autograd.graph.saved_tensors_hooks(*hooks) if unpack else contextlib.nullcontext():
+            out = module(x, h)
+        out.backward(grad)
+        return [out.detach(), x.grad, h.grad] + [p.grad for _, p in sorted(module.named_parameters())]
+
+    results = {}
+    for mode in ("0", "1"):
+        _set_mode(package_settings, mode)
+        results[mode] = [train_step(unpack) for unpack in unpacks]
+    names = _names(module, (x, h))
+    for got, expected in zip(results["1"], results["0"]):
+        _check_same(got, expected, names)
+    assert replayed and sum(launch.replays for launch in replayed) > 0
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The fused ConvGRU step: hidden convolution and gate math in one pass,
-forward and backward (the backward's data gradient; section "Backward").
+forward and backward (the backward's data gradient, and the one-step cell's
+weight gradient; section "Backward").
 
 Kernels, launchers and the selection
 (:func:`use_fused`) live together in this file; the references they are
@@ -716,7 +717,7 @@ def forward_step(reset_after: bool, spec: ConvSpec, gx: Optional[Tensor], h: Ten
 # floor of 36 us at ~700 TFLOP/s, against 31 MB of compulsory reads (7 us at
 # 4.2 TB/s); the kernel re-reads dy once per tap and input-channel block
 # (through L2) and is not split over pixels: its programs are row tiles x taps x
-# channel blocks (240 for W_ih there), each walking all 17,112 pixels.
+# channel blocks (270 for W_ih there, 246 with work), each walking all 17,112 pixels.
 
 
 @triton.jit
@@ -826,12 +827,12 @@ def _conv_wgrad_kernel(
     the same order at every run. ``TWO_SOURCES``: rows ``o >= SPLIT`` read
     ``src2`` instead (the candidate rows W_hn, whose input is r * h, beside
     W_hrz's h: one launch for the whole W_hh); row tiles do not straddle
-    SPLIT. Grid: (row tiles x taps, C / BLOCK_C). The pixels are walked as
+    SPLIT. Grid: (row tiles x taps, cdiv(C + HAS_BIAS, BLOCK_C)). The pixels are walked as
     :func:`_pixels` tiles them: ``BLOCK_X == 0`` BLOCK_P consecutive pixels of
     the flattened (N, Y, X) grid (channels_last), else (BLOCK_P / BLOCK_X) x
     BLOCK_X patches of one sample, whose columns are visibly contiguous to the
     compiler (NCHW: at sm_90, bfloat16, RAFT's x, 232 registers per thread
-    with flat pixels, 142 with patches; Triton 3.9)."""
+    with flat pixels, 136-144 with patches; Triton 3.9, docs/codegen.md)."""
     pid = tl.program_id(0)
     tap = pid % (KH * KW)
     tile = pid // (KH * KW)
@@ -942,10 +943,14 @@ def _launch_wgrad(spec: ConvSpec, dy: Tensor, src: Tensor, d_w: Tensor, d_b: Opt
     """Launch :func:`_conv_wgrad_kernel`: ``d_w`` (O, C, kh, kw) = the weight
     gradient of the 'same' convolution of ``src`` (N, C, Y, X) whose output
     gradient is ``dy`` (N, O, Y, X), and ``d_b`` (O,) = ``dy`` summed over
-    batch and space (``None``: no bias). With ``src2``, rows ``split:`` of
-    ``d_w`` come from ``src2`` (N, C, Y, X) instead. Tiles from the registry
-    (``conv_wgrad``): rows BLOCK_M, columns BLOCK_N, pixels per reduction step
-    BLOCK_K."""
+    batch and space (``None``: no bias), a dense vector. With ``src2``, rows
+    ``split:`` of ``d_w`` come from ``src2`` (N, C, Y, X) instead. One dtype
+    for all; any strides otherwise. Tiles from the registry (``conv_wgrad``,
+    looked up by ``dy``'s element count): rows BLOCK_M, columns BLOCK_N,
+    pixels per reduction step BLOCK_K.
+
+    Raises:
+        ValueError: ``src2`` without ``split`` or the other way round."""
     batch, rows, height, width = dy.shape
     channels = src.shape[1]
     dtype = dy.dtype
