@@ -626,7 +626,7 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
     quiet = (enter is None or enter.__class__ is _HookChain and not enter.calls) and (
         leave is None or leave.__class__ is _HookChain and not leave.calls)
     four = (grad, h, gates, aux)
-    if tuple(map(_STRIDE, four)) != p.backward_strides or any(map(_LOW_BITS, map(_DATA_PTR, four))):
+    if tuple(map(_STRIDE, four)) != p.backward_strides or bytes(map(_LOW_BITS, map(_DATA_PTR, four))) != _ALIGNED4:
         grad, h, gates, aux = _conforming(p, grad, h, gates, aux)
     d_gx, d_h = p.empty3(), p.empty1()
     conv_backward, args = p.conv_backward, p.conv_args
@@ -642,10 +642,11 @@ def _step_backward(p: CellPlan, fused: bool, grad: Tensor, x: Tensor, h: Tensor,
         # gradients share their strides. (map: no Python call per tensor.)
         if p.empty_x is None:
             _wgrad_buffers(p, x, w_ih, w_hh)
-        strides = tuple(map(_STRIDE, (x, w_ih, w_hh)))
-        if strides[1:] != p.bound_strides[1:] or any(map(_LOW_BITS, map(_DATA_PTR, (w_ih, w_hh)))):
+        three = (x, w_ih, w_hh)
+        strides, low = tuple(map(_STRIDE, three)), bytes(map(_LOW_BITS, map(_DATA_PTR, three)))
+        if strides[1:] != p.bound_strides[1:] or low[1] or low[2]:
             w_ih, w_hh = map(_strided_copy, (w_ih, w_hh), p.bound_strides[1:])
-        x_bound = strides[0] == p.bound_strides[0] and not (p.x_aligned and x.data_ptr() & 15)
+        x_bound = strides[0] == p.bound_strides[0] and not (p.x_aligned and low[0])
     d_w = d_b = None
     if reset_after:
         d_gh = p.empty3()
@@ -958,6 +959,7 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 _LOW_BITS = (15).__and__
+_ALIGNED4 = bytes(4)  # four addresses' low bits, all 16-byte aligned
 
 
 def _weights_key(params, xs: tuple = ()) -> tuple:
