@@ -555,6 +555,18 @@ def _constexprs(spec: ConvSpec, dtype: torch.dtype, channels: int, has_bias: boo
     )
 
 
+def _pixel_tiles(t: Tensor, block_m: int) -> Tuple[int, int]:
+    """``(BLOCK_X, tiles)``: how the BLOCK_M-pixel tiles of ``t`` (N, C, Y, X)
+    are cut (see :func:`_pixels`): BLOCK_X 0, consecutive pixels, where the
+    channels are the contiguous axis (channels_last); else patches of whole
+    column runs, BLOCK_X columns wide."""
+    batch, channels, height, width = t.shape
+    if t.stride(1) == 1 and channels > 1:
+        return 0, triton.cdiv(batch * height * width, block_m)
+    block_x = max(8, min(block_m, triton.next_power_of_2(width)))
+    return block_x, batch * triton.cdiv(height, block_m // block_x) * triton.cdiv(width, block_x)
+
+
 def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple,
             inputs: Optional[Tuple[Tensor, Tensor]] = None, **extra) -> None:
     """Launch one fused kernel over the state ``h``'s pixels with the tile the
@@ -568,11 +580,7 @@ def _launch(kernel, spec: ConvSpec, h: Tensor, has_bias: bool, args: tuple,
     tile = _tuning.tile_config(_REGISTRY_NAMES[kernel.__name__], dtype, h.numel(), h.device)
     block_n, block_k = _blocks(hidden, hidden, tile)
     m = batch * height * width
-    if h.stride(1) == 1 and hidden > 1:  # channels_last state: flat pixel tiles
-        block_x, tiles = 0, triton.cdiv(m, tile.block_m)
-    else:  # columns contiguous: patches of whole column runs (see _pixels)
-        block_x = max(8, min(tile.block_m, triton.next_power_of_2(width)))
-        tiles = batch * triton.cdiv(height, tile.block_m // block_x) * triton.cdiv(width, block_x)
+    block_x, tiles = _pixel_tiles(h, tile.block_m)
     grid = (tiles, triton.cdiv(hidden, block_n))
     kw = _constexprs(spec, dtype, hidden, has_bias, block_n, block_k, tile)
     kw["BLOCK_X"] = block_x
@@ -919,11 +927,7 @@ def _launch_dgrad(kernel, spec: ConvSpec, d_h: Tensor, channels: int, pointers: 
     tile = _tuning.tile_config(_BWD_REGISTRY_NAMES[kernel.__name__], dtype, d_h.numel(), d_h.device)
     block_n, block_k = _blocks(hidden, channels, tile)
     m = batch * height * width
-    if d_h.stride(1) == 1 and hidden > 1:  # channels_last: flat pixel tiles (see _pixels)
-        block_x, tiles = 0, triton.cdiv(m, tile.block_m)
-    else:  # columns contiguous: patches of whole column runs
-        block_x = max(8, min(tile.block_m, triton.next_power_of_2(width)))
-        tiles = batch * triton.cdiv(height, tile.block_m // block_x) * triton.cdiv(width, block_x)
+    block_x, tiles = _pixel_tiles(d_h, tile.block_m)
     (_, pad_bottom), (_, pad_right) = spec.pad_per_dim
     grid = (tiles, triton.cdiv(hidden, block_n))
     positional = (*pointers, m, height * width, height, width, hidden, *strides)
@@ -964,10 +968,7 @@ def _launch_wgrad(spec: ConvSpec, dy: Tensor, src: Tensor, d_w: Tensor, d_b: Opt
     split = split if two else rows
     row_tiles = triton.cdiv(split, block_o) + (triton.cdiv(rows - split, block_o) if two else 0)
     kh, kw_ = spec.kernel_size
-    if dy.stride(1) == 1 and rows > 1:  # channels_last: flat pixel blocks
-        block_x = 0
-    else:  # columns contiguous: patches of whole column runs (as _pixels)
-        block_x = max(8, min(block_p, triton.next_power_of_2(width)))
+    block_x = _pixel_tiles(dy, block_p)[0]  # the pixel blocks the reduction walks
     # With a bias, one column more: the channel of ones (see the kernel).
     grid = (row_tiles * kh * kw_, triton.cdiv(channels + (d_b is not None), block_c))
     (pad_y, _), (pad_x, _) = spec.pad_per_dim
